@@ -1,0 +1,685 @@
+"""DeepSeek-V2/V3-architecture causal LM in plain PyTorch, readable top to bottom.
+
+Order: config + presets, RMSNorm, rotary embedding (incl. YaRN), Multi-head Latent Attention,
+dense MLP, expert banks, router, MoE layer, decoder block, model. A smoke run sits at the bottom.
+
+Shape legend: B batch, T sequence length, D hidden width, H attention heads, E routed experts,
+K experts per token, F expert intermediate width, V vocabulary, R low-rank (latent) width.
+Names carry their shape as a suffix (`x_BTD`) where it helps.
+
+The model knows nothing of federation or privacy. Expert dispatch goes through `kernels`
+(`route` and `expert_linear`) so the fast paths can be swapped in without touching this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import RoutingSpec, expert_linear, route
+from model.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a DeepSeek-V2/V3-style MoE LM (field names follow HF `config.json`)."""
+
+    vocab_size: int = 320
+    hidden_size: int = 64
+    intermediate_size: int = 128  # dense MLP width (first `first_k_dense_replace` layers)
+    moe_intermediate_size: int = 32  # width of one routed / shared expert
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    # Multi-head Latent Attention
+    q_lora_rank: int | None = 32  # None: full-rank q_proj (V2-Lite)
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    attention_bias: bool = False
+    # MoE
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 2
+    first_k_dense_replace: int = 1
+    moe_layer_freq: int = 1
+    n_group: int = 4
+    topk_group: int = 2
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    scoring_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    # "noaux_tc" (V3: sigmoid + correction bias, groups scored by top-2 sum),
+    # "group_limited_greedy" (V2: groups scored by max), "greedy" (no group limit)
+    topk_method: Literal["noaux_tc", "group_limited_greedy", "greedy"] = "noaux_tc"
+    # Aux-loss-free balancing: bias_e += gamma * sign(mean_load - load_e) after each step.
+    # 0 disables. (DeepSeek-V3 paper, sec. 2.1.2; not an HF field.)
+    bias_update_speed: float = 0.001
+    # Norms, positions, embeddings
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"type"/"rope_type": "yarn", "factor": ..., ...}
+    rope_interleave: bool = True
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    model_type: Literal["deepseek_v2", "deepseek_v3"] = "deepseek_v3"
+    # Not architectural: who uses the tokens.
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, what: str) -> None:
+            if not cond:
+                raise ModelError(f"ModelConfig: {what}")
+
+        need(self.hidden_act == "silu", f"hidden_act: expected 'silu', got {self.hidden_act!r}")
+        need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+        need(
+            self.scoring_func in ("sigmoid", "softmax"),
+            f"scoring_func: expected 'sigmoid' or 'softmax', got {self.scoring_func!r}",
+        )
+        need(
+            self.topk_method in ("noaux_tc", "group_limited_greedy", "greedy"),
+            f"topk_method: expected noaux_tc|group_limited_greedy|greedy, got {self.topk_method!r}",
+        )
+        need(self.num_hidden_layers >= 1, f"num_hidden_layers must be >= 1, got {self.num_hidden_layers}")
+        if self.has_moe:
+            need(
+                self.n_routed_experts % max(self.n_group, 1) == 0,
+                f"n_routed_experts={self.n_routed_experts} not divisible by n_group={self.n_group}",
+            )
+        self.routing_spec()  # validates top-k / group settings early
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def has_moe(self) -> bool:
+        return self.n_routed_experts > 0 and self.num_hidden_layers > self.first_k_dense_replace
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return (
+            self.n_routed_experts > 0
+            and layer_idx >= self.first_k_dense_replace
+            and layer_idx % self.moe_layer_freq == 0
+        )
+
+    @property
+    def uses_correction_bias(self) -> bool:
+        return self.topk_method == "noaux_tc"
+
+    def routing_spec(self) -> RoutingSpec | None:
+        if self.n_routed_experts <= 0:
+            return None
+        grouped = self.topk_method in ("noaux_tc", "group_limited_greedy")
+        return RoutingSpec(
+            n_experts=self.n_routed_experts,
+            top_k=self.num_experts_per_tok,
+            score_func=self.scoring_func,
+            n_group=self.n_group if grouped else 1,
+            topk_group=self.topk_group if grouped else 1,
+            group_score="top2_sum" if self.topk_method == "noaux_tc" else "max",
+            norm_topk_prob=self.norm_topk_prob,
+            routed_scaling_factor=self.routed_scaling_factor,
+        )
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ---- HF config.json ------------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
+        """Reads a DeepSeek-V2 or V3 HF config dict (hub or transformers-5 field names)."""
+        model_type = raw.get("model_type")
+        if model_type not in ("deepseek_v2", "deepseek_v3"):
+            raise ModelError(f"{source}: model_type: expected 'deepseek_v2' or 'deepseek_v3', got {model_type!r}")
+        is_v3 = model_type == "deepseek_v3"
+
+        # Rope: hub checkpoints write `rope_scaling` (+ top-level `rope_theta`);
+        # transformers 5 writes `rope_parameters` (with rope_theta and rope_type inside).
+        rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+        rope_theta = float(rope.pop("rope_theta", raw.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "yarn"):
+            raise ModelError(f"{source}: rope type: expected 'default' or 'yarn', got {rope_type!r}")
+        rope_scaling = None
+        if rope_type == "yarn":
+            rope_scaling = {k: v for k, v in rope.items() if k != "type"}
+            rope_scaling["rope_type"] = "yarn"
+            rope_scaling.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings", 4096))
+
+        if is_v3:
+            topk_method = raw.get("topk_method", "noaux_tc")
+            scoring = raw.get("scoring_func", "sigmoid")
+        else:
+            topk_method = raw.get("topk_method", "greedy")
+            scoring = raw.get("scoring_func", "softmax")
+        n_group = raw.get("n_group") or 1
+        topk_group = raw.get("topk_group") or 1
+
+        def eos(value: Any) -> int | None:
+            return value[0] if isinstance(value, list) and value else value
+
+        # V2's rotary is always the interleaved (complex) form; V3 says so explicitly.
+        rope_interleave = bool(raw.get("rope_interleave", True))
+        fields = dict(
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            moe_intermediate_size=raw.get("moe_intermediate_size", raw["intermediate_size"]),
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=raw["num_attention_heads"],
+            q_lora_rank=raw.get("q_lora_rank"),
+            kv_lora_rank=raw["kv_lora_rank"],
+            qk_nope_head_dim=raw["qk_nope_head_dim"],
+            qk_rope_head_dim=raw["qk_rope_head_dim"],
+            v_head_dim=raw["v_head_dim"],
+            attention_bias=bool(raw.get("attention_bias", False)),
+            n_routed_experts=raw.get("n_routed_experts") or 0,
+            n_shared_experts=raw.get("n_shared_experts") or 0,
+            num_experts_per_tok=raw.get("num_experts_per_tok") or 1,
+            first_k_dense_replace=raw.get("first_k_dense_replace", 0),
+            moe_layer_freq=raw.get("moe_layer_freq", 1),
+            n_group=n_group,
+            topk_group=topk_group,
+            norm_topk_prob=bool(raw.get("norm_topk_prob", is_v3)),
+            routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+            scoring_func=scoring,
+            topk_method=topk_method,
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=raw.get("max_position_embeddings", 4096),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            rope_interleave=rope_interleave,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            hidden_act=raw.get("hidden_act", "silu"),
+            model_type=model_type,
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_id=eos(raw.get("eos_token_id")),
+        )
+        try:
+            return cls(**fields)
+        except ModelError as err:
+            raise ModelError(f"{source}: {err}") from None
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ModelError(f"{path}: config file not found") from None
+        except json.JSONDecodeError as err:
+            raise ModelError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+        return cls.from_hf_dict(raw, source=str(path))
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """HF-style config.json (hub field names, readable by transformers and by us)."""
+        out: dict[str, Any] = {
+            "architectures": ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"],
+            "model_type": self.model_type,
+        }
+        for f in dataclasses.fields(self):
+            if f.name in ("model_type", "rope_scaling", "rope_theta", "bias_update_speed"):
+                continue
+            out[f.name] = getattr(self, f.name)
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope.update(self.rope_scaling)
+        out["rope_parameters"] = rope
+        out["num_key_value_heads"] = self.num_attention_heads
+        out["fedmoe_bias_update_speed"] = self.bias_update_speed
+        return out
+
+
+# Presets are data. Parameter counts (total / active per token) are printed by
+# `python -m model.deepseek`; the comments give them for the default vocab.
+PRESETS: dict[str, ModelConfig] = {
+    # ~0.26M params: CPU unit tests, seconds.
+    "tiny": ModelConfig(),
+    # ~5.8M params (~1.6M active): CPU demo, 3 private banks x 3 rounds in minutes on 2 cores.
+    "small": ModelConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        q_lora_rank=None,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=1.0,
+        max_position_embeddings=1024,
+    ),
+    # DeepSeek-V2-Lite layer sizes (~15.7B params, 2.4B active): GPU benchmarks only.
+    "v2-lite-shape": ModelConfig(
+        vocab_size=102400,
+        hidden_size=2048,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+        scoring_func="softmax",
+        topk_method="greedy",
+        max_position_embeddings=4096,
+        model_type="deepseek_v2",
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """Returns a named preset, optionally with fields replaced."""
+    if name not in PRESETS:
+        raise ModelError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32 so bf16 activations do not lose the small-variance tail.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [R/2] for the rotary dims and the cos/sin amplitude factor.
+
+    YaRN (Peng et al., 2023) blends interpolated and extrapolated frequencies with a linear ramp
+    between the correction dims of beta_fast/beta_slow rotations, as DeepSeek's checkpoints expect.
+    """
+    dim = config.qk_rope_head_dim
+    base = config.rope_theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    inv_freq = 1.0 / pos_freqs
+    rs = config.rope_scaling
+    if not rs:
+        return inv_freq, 1.0
+    factor = float(rs["factor"])
+    original_max = rs.get("original_max_position_embeddings", config.max_position_embeddings)
+    beta_fast = rs.get("beta_fast") or 32
+    beta_slow = rs.get("beta_slow") or 1
+
+    def correction_dim(n_rot: float) -> float:
+        return (dim * math.log(original_max / (n_rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation_weight = 1 - ramp
+    inv_freq = (inv_freq / factor) * (1 - extrapolation_weight) + inv_freq * extrapolation_weight
+    attention_factor = rs.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all = rs.get("mscale"), rs.get("mscale_all_dim")
+        if mscale and mscale_all:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+        else:
+            attention_factor = yarn_mscale(factor)
+    return inv_freq, float(attention_factor)
+
+
+def softmax_scale(config: ModelConfig) -> float:
+    scale = config.qk_head_dim**-0.5
+    rs = config.rope_scaling
+    if rs and rs.get("mscale_all_dim"):
+        # DeepSeek folds YaRN's temperature into the softmax scale (mscale^2).
+        scale *= yarn_mscale(float(rs["factor"]), float(rs["mscale_all_dim"])) ** 2
+    return scale
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        inv_freq, self.attention_factor = rope_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.interleave = config.rope_interleave
+
+    def forward(self, positions_T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        angles_TR = positions_T[:, None].float() * self.inv_freq[None, :]  # (T, R/2)
+        cos = (angles_TR.cos() * self.attention_factor).to(dtype)
+        sin = (angles_TR.sin() * self.attention_factor).to(dtype)
+        return cos, sin
+
+    def rotate(self, x: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
+        """x: (..., T, R). Interleaved layout pairs (x0,x1),(x2,x3)..; otherwise (x_i, x_{i+R/2}).
+
+        Both layouts return the rotated pairs as [evens' | odds'] halves: attention only uses
+        q.k dot products, which are invariant to a shared permutation of the rope dims.
+        """
+        if self.interleave:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+        else:
+            half = x.shape[-1] // 2
+            x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * cos_TR - x2 * sin_TR, x2 * cos_TR + x1 * sin_TR], dim=-1)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA (DeepSeek-V2): queries/keys/values decompressed from low-rank latents.
+
+    Computed in the "naive" form (latent -> per-head k, v): training needs the full k/v anyway,
+    and every projection stays an nn.Linear, which LoRA and the DP grad samplers can hook.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        D, H = config.hidden_size, config.num_attention_heads
+        bias = config.attention_bias
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * config.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, config.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, H * config.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, config.kv_lora_rank + config.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(config.kv_lora_rank, H * (config.qk_nope_head_dim + config.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * config.v_head_dim, D, bias=bias)
+        self.scale = softmax_scale(config)
+
+    def forward(self, x_BTD: torch.Tensor, rotary: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        H = self.n_heads
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x_BTD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        q_BHTQ = q.view(B, T, H, self.nope_dim + self.rope_dim).transpose(1, 2)
+        q_nope, q_rope = q_BHTQ.split([self.nope_dim, self.rope_dim], dim=-1)
+
+        kv_latent = self.kv_a_proj_with_mqa(x_BTD)
+        c_kv_BTR, k_rope_BTR = kv_latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(c_kv_BTR))
+        kv_BHTX = kv.view(B, T, H, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v_BHTV = kv_BHTX.split([self.nope_dim, self.v_dim], dim=-1)
+
+        q_rope = rotary.rotate(q_rope, cos, sin)
+        k_rope_B1TR = rotary.rotate(k_rope_BTR.unsqueeze(1), cos, sin)  # one rope key shared by all heads
+        q_BHTQ = torch.cat([q_nope, q_rope], dim=-1)
+        k_BHTQ = torch.cat([k_nope, k_rope_B1TR.expand(B, H, T, self.rope_dim)], dim=-1)
+        out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, is_causal=True, scale=self.scale)
+        return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, H * self.v_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: dense layers and the shared experts."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ExpertLinear(nn.Module):
+    """A bank of E linear maps stored stacked, weight [E, out, in] (HF / nn.Linear layout).
+
+    forward(x[B, S, in], expert_ids[B, S]) -> [B, S, out]: row (b, s) goes through expert
+    expert_ids[b, s]. The batch dimension survives (DP per-sample grads need it); dispatch
+    (sort by expert, grouped matmul, unsort) happens inside `kernels.expert_linear`.
+    """
+
+    def __init__(self, n_experts: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.n_experts, self.in_features, self.out_features = n_experts, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(n_experts, out_features, in_features))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x_BSI: torch.Tensor, expert_ids_BS: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSI.shape
+        y_NO = expert_linear(x_BSI.reshape(B * S, -1), expert_ids_BS.reshape(-1), self.weight)
+        return y_NO.view(B, S, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.n_experts}, in={self.in_features}, out={self.out_features}"
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts: fused gate|up bank [E, 2F, D] and down bank [E, D, F]."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.gate_up_proj = ExpertLinear(n_experts, dim, 2 * hidden)
+        self.down_proj = ExpertLinear(n_experts, hidden, dim)
+
+    def forward(self, x_BSD: torch.Tensor, expert_ids_BS: torch.Tensor) -> torch.Tensor:
+        h_BSX = self.gate_up_proj(x_BSD, expert_ids_BS)
+        gate, up = h_BSX.split(self.hidden, dim=-1)
+        return self.down_proj(F.silu(gate) * up, expert_ids_BS)
+
+
+class Router(nn.Module):
+    """Scores each token against every expert and picks top-k (see `kernels.routing`).
+
+    The weight is kept in fp32 and scores are computed in fp32: near-ties decide expert choice,
+    and replicas at different banks must agree on it. `e_score_correction_bias` (V3) shifts
+    selection only; `expert_load` accumulates how many (token, slot) pairs each expert got
+    since the last balancing update.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        spec = config.routing_spec()
+        assert spec is not None
+        self.spec = spec
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        nn.init.normal_(self.weight, std=0.02)
+        self.uses_bias = config.uses_correction_bias
+        if self.uses_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
+        self.register_buffer("expert_load", torch.zeros(config.n_routed_experts), persistent=False)
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, D = x_BTD.shape
+        logits_NE = F.linear(x_BTD.reshape(B * T, D).float(), self.weight.float())
+        bias = self.e_score_correction_bias if self.uses_bias else None
+        weights_NK, ids_NK, counts_E = route(logits_NE, bias, self.spec)
+        if self.training:
+            self.expert_load += counts_E.to(self.expert_load.dtype)
+        K = self.spec.top_k
+        return weights_NK.view(B, T, K), ids_NK.view(B, T, K)
+
+    @torch.no_grad()
+    def update_correction_bias(self, gamma: float) -> None:
+        """Aux-loss-free balancing step: push each expert's bias toward the mean load."""
+        if self.uses_bias and gamma > 0 and self.expert_load.sum() > 0:
+            load = self.expert_load
+            self.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+        self.expert_load.zero_()
+
+
+class MoE(nn.Module):
+    """Shared experts (every token) + routed experts (top-k per token), dropless."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.gate = Router(config)
+        self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        K = self.top_k
+        weights_BTK, ids_BTK = self.gate(x_BTD)
+        # One row per (token, slot): S = T*K rows per sample, batch dimension kept.
+        rows_BSD = x_BTD.unsqueeze(2).expand(B, T, K, D).reshape(B, T * K, D)
+        y_BSD = self.experts(rows_BSD, ids_BTK.reshape(B, T * K))
+        # Combine outside the expert bank: weighted sum over the K slots.
+        y_BTD = (y_BSD.view(B, T, K, D) * weights_BTK.unsqueeze(-1).to(y_BSD.dtype)).sum(dim=2)
+        if self.shared_experts is not None:
+            y_BTD = y_BTD + self.shared_experts(x_BTD)
+        return y_BTD
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MultiHeadLatentAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp: nn.Module = (
+            MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+        )
+
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rotary, cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class DeepseekForCausalLM(nn.Module):
+    """The causal LM. State-dict keys follow HF's (`model.layers.0.self_attn.kv_b_proj.weight`,
+    ...), except expert banks: `mlp.experts.gate_up_proj.weight` [E, 2F, D] (see model.checkpoint).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.rotary = RotaryEmbedding(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        """Returns logits (B, T, V)."""
+        B, T = input_ids_BT.shape
+        if T > self.config.max_position_embeddings:
+            raise ModelError(f"sequence length {T} > max_position_embeddings {self.config.max_position_embeddings}")
+        x = self.model.embed_tokens(input_ids_BT)
+        positions_T = torch.arange(T, device=input_ids_BT.device)
+        cos, sin = self.rotary(positions_T, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, self.rotary, cos, sin)
+        return self.lm_head(self.model.norm(x))
+
+    def routers(self) -> list[Router]:
+        return [m for m in self.modules() if isinstance(m, Router)]
+
+    @torch.no_grad()
+    def update_routing_bias(self, gamma: float | None = None) -> None:
+        """Aux-loss-free balancing for every MoE layer; call after each optimizer step."""
+        gamma = self.config.bias_update_speed if gamma is None else gamma
+        for router in self.routers():
+            router.update_correction_bias(gamma)
+
+    def expert_load(self) -> list[torch.Tensor]:
+        """Per MoE layer, (token, slot) pairs routed to each expert since the last bias update."""
+        return [router.expert_load.clone() for router in self.routers()]
+
+    def num_parameters(self, *, active: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        if not active:
+            return total
+        c = self.config
+        inactive_per_layer = (c.n_routed_experts - c.num_experts_per_tok) * 3 * c.hidden_size * c.moe_intermediate_size
+        n_moe = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+        return total - n_moe * inactive_per_layer
+
+
+def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy; targets of -100 (padding) are ignored.
+
+    reduction="per_sample" returns the mean loss of each sample (B,), what DP-SGD clips.
+    """
+    B, T, V = logits_BTV.shape
+    if reduction == "per_sample":
+        token_loss = F.cross_entropy(logits_BTV.float().reshape(B * T, V), targets_BT.reshape(-1), reduction="none")
+        mask = (targets_BT != -100).float()
+        return (token_loss.view(B, T) * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return F.cross_entropy(logits_BTV.float().reshape(B * T, V), targets_BT.reshape(-1), ignore_index=-100)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name, cfg in PRESETS.items():
+        if name == "v2-lite-shape":
+            with torch.device("meta"):
+                m = DeepseekForCausalLM(cfg)
+        else:
+            m = DeepseekForCausalLM(cfg)
+        logger.info("%-14s %8.2fM params, %8.2fM active", name, m.num_parameters() / 1e6, m.num_parameters(active=True) / 1e6)
+    m = DeepseekForCausalLM(preset("tiny"))
+    ids = torch.randint(0, m.config.vocab_size, (2, 16))
+    logger.info("tiny logits %s", tuple(m(ids).shape))
