@@ -178,10 +178,9 @@ def load_pretrained(
     config = config or ModelConfig.from_json_file(ckpt_dir / "config.json")
     files = checkpoint_files(ckpt_dir)
     tensors = hf_to_internal(read_safetensors(files), config)
-    model = DeepseekForCausalLM(config)
+    model = DeepseekForCausalLM(config).to(dtype)
+    keep_router_fp32(model)  # before loading, so fp32 router values are not rounded through dtype
     load_state_into(model, tensors, source=str(ckpt_dir))
-    model.to(dtype)
-    keep_router_fp32(model)
     logger.info("loaded %s (%d tensors from %d file(s))", ckpt_dir, len(tensors), len(files))
     return model
 
