@@ -434,7 +434,9 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(H * config.v_head_dim, D, bias=bias)
         self.scale = softmax_scale(config)
 
-    def forward(self, x_BTD: torch.Tensor, rotary: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_BTD: torch.Tensor, rotary: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         H = self.n_heads
         if hasattr(self, "q_proj"):
@@ -679,7 +681,9 @@ if __name__ == "__main__":
                 m = DeepseekForCausalLM(cfg)
         else:
             m = DeepseekForCausalLM(cfg)
-        logger.info("%-14s %8.2fM params, %8.2fM active", name, m.num_parameters() / 1e6, m.num_parameters(active=True) / 1e6)
+        logger.info(
+            "%-14s %8.2fM params, %8.2fM active", name, m.num_parameters() / 1e6, m.num_parameters(active=True) / 1e6
+        )
     m = DeepseekForCausalLM(preset("tiny"))
     ids = torch.randint(0, m.config.vocab_size, (2, 16))
     logger.info("tiny logits %s", tuple(m(ids).shape))

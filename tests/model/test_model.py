@@ -140,7 +140,9 @@ def test_checkpoint_errors_name_key_and_shapes(tmp_path):
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     cfg["moe_intermediate_size"] = 40
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"shape mismatch for model\.layers\.1\.mlp\..*checkpoint \(.*model expects"):
+    with pytest.raises(
+        CheckpointError, match=r"shape mismatch for model\.layers\.1\.mlp\..*checkpoint \(.*model expects"
+    ):
         load_pretrained(tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match="not found"):
         load_pretrained(tmp_path / "nope")

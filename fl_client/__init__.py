@@ -1,0 +1,1 @@
+"""One bank's side of fedmoe: its data, DP training and encrypted updates."""

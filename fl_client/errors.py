@@ -1,0 +1,5 @@
+"""The fl_client package's exception type."""
+
+
+class DataError(ValueError):
+    """Bad bank data or data arguments; the message names the file/line/field (or record), expected vs got."""
