@@ -1,17 +1,36 @@
-"""Expert-bank linear: each row is multiplied by the weight of the expert it was routed to.
+"""Expert-bank linear layers: each row is multiplied by the weight of the expert it was routed to.
 
 Math: y_n = x_n @ W[e_n]^T   for n = 0..N-1, with W stacked [E, O, I] (nn.Linear/HF layout).
-Implementation (reference): stable-sort rows by expert id, one matmul per contiguous expert
-segment, scatter rows back to their original order. No padding, no capacity: dropless.
+    expert_linear   y = x W[e]^T
+    expert_swiglu   h = x W_gu[e]^T (W_gu [E, 2F, D]: gate rows then up rows);  a = silu(h_:F) * h_F:
+    expert_mlp      y = expert_linear(expert_swiglu(x, W_gu), W_down)  (W_down [E, D, F])
+Gradients: dx_n = dy_n W[e_n];  dW[e] = sum_{n: e_n = e} dy_n^T x_n.
+Dropless, no capacity, no padded copies: rows are grouped by expert through a permutation
+(kernels/permute.py), multiplied per expert run, and scattered back to their original order.
 
-Legend: N rows (token x top-k slots), E experts, I input width, O output width.
+Backends (kernels/backend.py):
+    reference   stable sort, one matmul per expert segment, unsort (the spec; any dtype)
+    grouped_mm  the same through torch's grouped GEMM (autograd by torch)
+    triton      ScatterMoE-style kernels reading rows through the permutation
+                (kernels/expert_gemm_triton.py), backward by kernels as well; expert_mlp keeps
+                the intermediate in expert order and fuses SwiGLU into both GEMM epilogues.
+
+Legend: N rows (token x top-k slots), E experts, I input width, O output width, D model width,
+F expert hidden width.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from kernels.backend import Backend, choose_backend, grouped_mm_reason, triton_reason
 from kernels.errors import KernelError
+from kernels.permute import ExpertAlignment, align_by_expert
+
+# ---------------------------------------------------------------------------------------------
+# Reference (the spec)
+# ---------------------------------------------------------------------------------------------
 
 
 def sort_by_expert(expert_ids_N: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,38 +60,333 @@ def expert_linear_reference(x_NI: torch.Tensor, expert_ids_N: torch.Tensor, weig
     return y_NO
 
 
-def validate_expert_linear(x_NI: torch.Tensor, expert_ids_N: torch.Tensor, weight_EOI: torch.Tensor) -> None:
+def swiglu(h_N2F: torch.Tensor) -> torch.Tensor:
+    """a = silu(gate) * up for h = [gate | up] along the last dim."""
+    gate, up = h_N2F.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def swiglu_grad(h_N2F: torch.Tensor, grad_a_NF: torch.Tensor) -> torch.Tensor:
+    """dL/dh from dL/da for a = swiglu(h), computed in fp32 and returned in h's dtype."""
+    gate, up = h_N2F.float().chunk(2, dim=-1)
+    grad_a = grad_a_NF.float()
+    sig = torch.sigmoid(gate)
+    d_gate = grad_a * up * sig * (1.0 + gate * (1.0 - sig))
+    d_up = grad_a * gate * sig
+    return torch.cat([d_gate, d_up], dim=-1).to(h_N2F.dtype)
+
+
+def expert_swiglu_reference(x_ND: torch.Tensor, expert_ids_N: torch.Tensor, gate_up_E2FD: torch.Tensor) -> torch.Tensor:
+    return swiglu(expert_linear_reference(x_ND, expert_ids_N, gate_up_E2FD))
+
+
+def expert_mlp_reference(
+    x_ND: torch.Tensor, expert_ids_N: torch.Tensor, gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor
+) -> torch.Tensor:
+    return expert_linear_reference(expert_swiglu_reference(x_ND, expert_ids_N, gate_up_E2FD), expert_ids_N, down_EDF)
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped_mm path (torch's grouped GEMM; autograd by torch)
+# ---------------------------------------------------------------------------------------------
+
+
+def _grouped_mm_linear(x_NI: torch.Tensor, weight_EOI: torch.Tensor, align: ExpertAlignment) -> torch.Tensor:
+    if x_NI.shape[0] == 0:  # grouped_mm rejects empty operands
+        return x_NI.new_zeros(0, weight_EOI.shape[1])
+    offs_E = align.expert_offsets_E1[1:].to(torch.int32)
+    y_sorted_NO = F.grouped_mm(x_NI[align.order_N], weight_EOI.transpose(-2, -1), offs=offs_E)
+    # index_copy's backward hands grouped_mm a contiguous gradient (it rejects stride-0 ones).
+    return torch.empty_like(y_sorted_NO).index_copy(0, align.order_N, y_sorted_NO)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton path: autograd Functions whose forward and backward run the kernels
+# ---------------------------------------------------------------------------------------------
+
+
+class _ExpertLinearTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_NI, weight_EOI, order_N, expert_offsets_E1):
+        from kernels.expert_gemm_triton import grouped_matmul
+
+        ctx.save_for_backward(x_NI, weight_EOI, order_N, expert_offsets_E1)
+        return grouped_matmul(
+            x_NI, weight_EOI, order_N, expert_offsets_E1, trans_w=False, gather_a=True, scatter_c=True
+        )
+
+    @staticmethod
+    def backward(ctx, grad_y_NO):
+        from kernels.expert_gemm_triton import grouped_matmul, segment_outer
+
+        x_NI, weight_EOI, order_N, offsets_E1 = ctx.saved_tensors
+        grad_y_NO = grad_y_NO.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grouped_matmul(
+                grad_y_NO, weight_EOI, order_N, offsets_E1, trans_w=True, gather_a=True, scatter_c=True
+            )
+        if ctx.needs_input_grad[1]:
+            experts_E = torch.arange(weight_EOI.shape[0], device=x_NI.device)
+            grad_w = segment_outer(
+                grad_y_NO,
+                x_NI,
+                order_N,
+                offsets_E1,
+                experts_E,
+                n_slots=weight_EOI.shape[0],
+                gather_g=True,
+                gather_x=True,
+            )
+        return grad_x, grad_w, None, None
+
+
+class _ExpertSwiGLUTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, gate_up_E2FD, order_N, expert_offsets_E1):
+        from kernels.expert_gemm_triton import grouped_swiglu
+
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        act_NF, h_N2F = grouped_swiglu(
+            x_ND, gate_up_E2FD, order_N, expert_offsets_E1, gather_a=True, scatter_c=True, store_h=needs_grad
+        )
+        ctx.save_for_backward(x_ND, gate_up_E2FD, h_N2F, order_N, expert_offsets_E1)
+        return act_NF
+
+    @staticmethod
+    def backward(ctx, grad_act_NF):
+        from kernels.expert_gemm_triton import grouped_matmul, segment_outer
+
+        x_ND, gate_up_E2FD, h_N2F, order_N, offsets_E1 = ctx.saved_tensors
+        grad_h_N2F = swiglu_grad(h_N2F, grad_act_NF).contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grouped_matmul(
+                grad_h_N2F, gate_up_E2FD, order_N, offsets_E1, trans_w=True, gather_a=True, scatter_c=True
+            )
+        if ctx.needs_input_grad[1]:
+            n_experts = gate_up_E2FD.shape[0]
+            experts_E = torch.arange(n_experts, device=x_ND.device)
+            grad_w = segment_outer(
+                grad_h_N2F, x_ND, order_N, offsets_E1, experts_E, n_slots=n_experts, gather_g=True, gather_x=True
+            )
+        return grad_x, grad_w, None, None
+
+
+class _ExpertMLPTriton(torch.autograd.Function):
+    """gate_up + SwiGLU + down; the hidden rows stay in expert order between the GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x_ND, gate_up_E2FD, down_EDF, order_N, expert_offsets_E1):
+        from kernels.expert_gemm_triton import grouped_matmul, grouped_swiglu
+
+        needs_grad = any(ctx.needs_input_grad[:3])
+        act_sorted_NF, h_sorted_N2F = grouped_swiglu(
+            x_ND, gate_up_E2FD, order_N, expert_offsets_E1, gather_a=True, scatter_c=False, store_h=needs_grad
+        )
+        y_ND = grouped_matmul(
+            act_sorted_NF, down_EDF, order_N, expert_offsets_E1, trans_w=False, gather_a=False, scatter_c=True
+        )
+        ctx.save_for_backward(x_ND, gate_up_E2FD, down_EDF, act_sorted_NF, h_sorted_N2F, order_N, expert_offsets_E1)
+        return y_ND
+
+    @staticmethod
+    def backward(ctx, grad_y_ND):
+        from kernels.expert_gemm_triton import grouped_matmul, grouped_matmul_swiglu_grad, segment_outer
+
+        x_ND, gate_up_E2FD, down_EDF, act_sorted_NF, h_sorted_N2F, order_N, offsets_E1 = ctx.saved_tensors
+        grad_y_ND = grad_y_ND.contiguous()
+        n_experts = gate_up_E2FD.shape[0]
+        experts_E = torch.arange(n_experts, device=x_ND.device)
+        grad_x = grad_gate_up = grad_down = None
+        if ctx.needs_input_grad[2]:
+            grad_down = segment_outer(
+                grad_y_ND,
+                act_sorted_NF,
+                order_N,
+                offsets_E1,
+                experts_E,
+                n_slots=n_experts,
+                gather_g=True,
+                gather_x=False,
+            )
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_h_sorted_N2F = grouped_matmul_swiglu_grad(
+                grad_y_ND, down_EDF, h_sorted_N2F, order_N, offsets_E1, gather_a=True, scatter_c=False
+            )
+            if ctx.needs_input_grad[0]:
+                grad_x = grouped_matmul(
+                    grad_h_sorted_N2F, gate_up_E2FD, order_N, offsets_E1, trans_w=True, gather_a=False, scatter_c=True
+                )
+            if ctx.needs_input_grad[1]:
+                grad_gate_up = segment_outer(
+                    grad_h_sorted_N2F,
+                    x_ND,
+                    order_N,
+                    offsets_E1,
+                    experts_E,
+                    n_slots=n_experts,
+                    gather_g=False,
+                    gather_x=True,
+                )
+        return grad_x, grad_gate_up, grad_down, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and dispatch
+# ---------------------------------------------------------------------------------------------
+
+
+def validate_expert_linear(
+    x_NI: torch.Tensor, expert_ids_N: torch.Tensor, weight_EOI: torch.Tensor, op: str = "expert_linear"
+) -> None:
     if x_NI.dim() != 2:
-        raise KernelError(f"expert_linear: x must be 2-D [N, I], got shape {tuple(x_NI.shape)}")
+        raise KernelError(f"{op}: x must be 2-D [N, I], got shape {tuple(x_NI.shape)}")
     if weight_EOI.dim() != 3:
-        raise KernelError(f"expert_linear: weight must be 3-D [E, O, I], got shape {tuple(weight_EOI.shape)}")
+        raise KernelError(f"{op}: weight must be 3-D [E, O, I], got shape {tuple(weight_EOI.shape)}")
     if x_NI.shape[1] != weight_EOI.shape[2]:
         raise KernelError(
-            f"expert_linear: x has width {x_NI.shape[1]}, weight expects I={weight_EOI.shape[2]} "
+            f"{op}: x has width {x_NI.shape[1]}, weight expects I={weight_EOI.shape[2]} "
             f"(weight shape {tuple(weight_EOI.shape)})"
         )
     if expert_ids_N.shape != (x_NI.shape[0],) or expert_ids_N.dtype not in (torch.int32, torch.int64):
         raise KernelError(
-            f"expert_linear: expert_ids must be int [N={x_NI.shape[0]}], got {expert_ids_N.dtype} "
+            f"{op}: expert_ids must be int [N={x_NI.shape[0]}], got {expert_ids_N.dtype} "
             f"shape {tuple(expert_ids_N.shape)}"
         )
     if x_NI.dtype != weight_EOI.dtype:
-        raise KernelError(f"expert_linear: x dtype {x_NI.dtype} != weight dtype {weight_EOI.dtype}")
+        raise KernelError(f"{op}: x dtype {x_NI.dtype} != weight dtype {weight_EOI.dtype}")
 
 
-def expert_linear(x_NI: torch.Tensor, expert_ids_N: torch.Tensor, weight_EOI: torch.Tensor) -> torch.Tensor:
+def _choose(op: str, backend: str, tensors: list[torch.Tensor], widths: tuple[int, ...]) -> str:
+    return choose_backend(
+        op, backend, {"triton": triton_reason(*tensors), "grouped_mm": grouped_mm_reason(*tensors[:-1], widths=widths)}
+    )
+
+
+def _alignment(
+    op: str, alignment: ExpertAlignment | None, expert_ids_N: torch.Tensor, n_experts: int, backend: str
+) -> ExpertAlignment:
+    if alignment is None:
+        return align_by_expert(expert_ids_N, n_experts, backend="triton" if backend == "triton" else "reference")
+    alignment.check(op, expert_ids_N.shape[0], n_experts)
+    return alignment
+
+
+def expert_linear(
+    x_NI: torch.Tensor,
+    expert_ids_N: torch.Tensor,
+    weight_EOI: torch.Tensor,
+    *,
+    alignment: ExpertAlignment | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
     """Dispatcher: y[n] = x[n] @ weight[expert_ids[n]].T, differentiable in x and weight.
 
     Args:
         x_NI: rows to transform, [N, I].
         expert_ids_N: expert of each row, int64 [N], values in [0, E).
         weight_EOI: stacked expert weights, [E, O, I].
+        alignment: rows already grouped by `align_by_expert(expert_ids_N, E, ...)`, to share one
+            permutation between several GEMMs; built here when None (reference ignores it).
+        backend: "auto", "reference", "grouped_mm" or "triton" (see kernels.backend).
 
     Returns:
         y_NO in the original row order.
 
     Raises:
-        KernelError: on a shape, dtype or width mismatch.
+        KernelError: on a shape, dtype or width mismatch, an alignment built for other rows, or
+            an explicit backend that cannot run here.
     """
     validate_expert_linear(x_NI, expert_ids_N, weight_EOI)
-    return expert_linear_reference(x_NI, expert_ids_N, weight_EOI)
+    n_experts, width_out, width_in = weight_EOI.shape
+    chosen = _choose("expert_linear", backend, [x_NI, weight_EOI, expert_ids_N], (width_in, width_out))
+    if chosen == "reference":
+        return expert_linear_reference(x_NI, expert_ids_N, weight_EOI)
+    align = _alignment("expert_linear", alignment, expert_ids_N, n_experts, chosen)
+    if chosen == "grouped_mm":
+        return _grouped_mm_linear(x_NI, weight_EOI, align)
+    return _ExpertLinearTriton.apply(x_NI, weight_EOI, align.order_N, align.expert_offsets_E1)
+
+
+def _validate_gate_up(x_ND: torch.Tensor, expert_ids_N: torch.Tensor, gate_up_E2FD: torch.Tensor, op: str) -> None:
+    validate_expert_linear(x_ND, expert_ids_N, gate_up_E2FD, op)
+    if gate_up_E2FD.shape[1] % 2:
+        raise KernelError(f"{op}: gate_up weight must be [E, 2F, D] with an even 2F, got {tuple(gate_up_E2FD.shape)}")
+
+
+def expert_swiglu(
+    x_ND: torch.Tensor,
+    expert_ids_N: torch.Tensor,
+    gate_up_E2FD: torch.Tensor,
+    *,
+    alignment: ExpertAlignment | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Dispatcher: a[n] = silu(x[n] W_gate[e]^T) * (x[n] W_up[e]^T), gate/up GEMM and SwiGLU fused.
+
+    Args:
+        x_ND: rows, [N, D].
+        expert_ids_N: expert of each row, int [N].
+        gate_up_E2FD: stacked [gate; up] weights, [E, 2F, D] (gate rows first).
+        alignment: see `expert_linear`.
+        backend: "auto", "reference", "grouped_mm" (unfused) or "triton" (fused epilogue).
+
+    Returns:
+        a_NF in the original row order, differentiable in x and the weight.
+
+    Raises:
+        KernelError: as `expert_linear`, or an odd gate_up height.
+    """
+    _validate_gate_up(x_ND, expert_ids_N, gate_up_E2FD, "expert_swiglu")
+    n_experts, two_f, d = gate_up_E2FD.shape
+    chosen = _choose("expert_swiglu", backend, [x_ND, gate_up_E2FD, expert_ids_N], (d, two_f))
+    if chosen == "reference":
+        return expert_swiglu_reference(x_ND, expert_ids_N, gate_up_E2FD)
+    align = _alignment("expert_swiglu", alignment, expert_ids_N, n_experts, chosen)
+    if chosen == "grouped_mm":
+        return swiglu(_grouped_mm_linear(x_ND, gate_up_E2FD, align))
+    return _ExpertSwiGLUTriton.apply(x_ND, gate_up_E2FD, align.order_N, align.expert_offsets_E1)
+
+
+def expert_mlp(
+    x_ND: torch.Tensor,
+    expert_ids_N: torch.Tensor,
+    gate_up_E2FD: torch.Tensor,
+    down_EDF: torch.Tensor,
+    *,
+    alignment: ExpertAlignment | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Dispatcher: the routed expert MLP y[n] = swiglu(x[n] W_gu[e]^T) W_down[e]^T, one permutation.
+
+    Args:
+        x_ND: rows, [N, D] (tokens repeated per top-k slot).
+        expert_ids_N: expert of each row, int [N].
+        gate_up_E2FD: [E, 2F, D] gate rows then up rows.
+        down_EDF: [E, D, F].
+        alignment: see `expert_linear`.
+        backend: "auto", "reference", "grouped_mm" or "triton" (hidden rows stay in expert
+            order; SwiGLU fused into the first GEMM and its gradient into the down-proj dX GEMM).
+
+    Returns:
+        y_ND in the original row order (combine weights not applied), differentiable in x and
+        both weights.
+
+    Raises:
+        KernelError: on mismatched shapes/dtypes or an explicit backend that cannot run here.
+    """
+    _validate_gate_up(x_ND, expert_ids_N, gate_up_E2FD, "expert_mlp")
+    n_experts, two_f, d = gate_up_E2FD.shape
+    if down_EDF.shape != (n_experts, d, two_f // 2) or down_EDF.dtype != x_ND.dtype:
+        raise KernelError(
+            f"expert_mlp: down weight must be {x_ND.dtype} [E={n_experts}, D={d}, F={two_f // 2}], "
+            f"got {down_EDF.dtype} {tuple(down_EDF.shape)}"
+        )
+    chosen = _choose("expert_mlp", backend, [x_ND, gate_up_E2FD, down_EDF, expert_ids_N], (d, two_f, two_f // 2))
+    if chosen == "reference":
+        return expert_mlp_reference(x_ND, expert_ids_N, gate_up_E2FD, down_EDF)
+    align = _alignment("expert_mlp", alignment, expert_ids_N, n_experts, chosen)
+    if chosen == "grouped_mm":
+        return _grouped_mm_linear(swiglu(_grouped_mm_linear(x_ND, gate_up_E2FD, align)), down_EDF, align)
+    return _ExpertMLPTriton.apply(x_ND, gate_up_E2FD, down_EDF, align.order_N, align.expert_offsets_E1)

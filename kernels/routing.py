@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 
+from kernels.backend import Backend, choose_backend, triton_reason
 from kernels.errors import KernelError
 
 ScoreFunc = Literal["sigmoid", "softmax"]
@@ -52,6 +53,22 @@ class RoutingSpec:
             raise KernelError(f"RoutingSpec.top_k: expected 1..{eligible} eligible experts, got {self.top_k}")
 
 
+def router_scores(logits_TE: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
+    """s = sigmoid or softmax of the logits, in fp32 (differentiable)."""
+    logits_TE = logits_TE.float()
+    if spec.score_func == "sigmoid":
+        return logits_TE.sigmoid()
+    return logits_TE.softmax(dim=-1)
+
+
+def combine_weights(scores_TE: torch.Tensor, ids_TK: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
+    """w_tk = s_t,ids_tk (/ sum_k if norm_topk_prob) * routed_scaling_factor, differentiable in s."""
+    weights_TK = scores_TE.gather(1, ids_TK)
+    if spec.norm_topk_prob and spec.top_k > 1:
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights_TK * spec.routed_scaling_factor
+
+
 def route_reference(
     logits_TE: torch.Tensor, correction_bias_E: torch.Tensor | None, spec: RoutingSpec
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,11 +87,7 @@ def route_reference(
     T, E = logits_TE.shape
     if E != spec.n_experts:
         raise KernelError(f"route: logits have {E} experts, spec expects {spec.n_experts}")
-    logits_TE = logits_TE.float()
-    if spec.score_func == "sigmoid":
-        scores_TE = logits_TE.sigmoid()
-    else:
-        scores_TE = logits_TE.softmax(dim=-1)
+    scores_TE = router_scores(logits_TE, spec)
     with torch.no_grad():
         choice_TE = scores_TE.detach()
         if correction_bias_E is not None:
@@ -91,17 +104,70 @@ def route_reference(
             choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
         ids_TK = choice_TE.topk(spec.top_k, dim=-1).indices
         counts_E = torch.bincount(ids_TK.reshape(-1), minlength=E)
-    weights_TK = scores_TE.gather(1, ids_TK)
-    if spec.norm_topk_prob and spec.top_k > 1:
-        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-    weights_TK = weights_TK * spec.routed_scaling_factor
+    return combine_weights(scores_TE, ids_TK, spec), ids_TK, counts_E
+
+
+def _route_triton(
+    logits_TE: torch.Tensor, correction_bias_E: torch.Tensor | None, spec: RoutingSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from kernels.routing_triton import route_triton
+
+    weights_TK, ids_TK, counts_E = route_triton(
+        logits_TE,
+        correction_bias_E,
+        top_k=spec.top_k,
+        softmax=spec.score_func == "softmax",
+        n_group=spec.n_group,
+        topk_group=spec.topk_group,
+        group_top2=spec.group_score == "top2_sum",
+        normalize=spec.norm_topk_prob and spec.top_k > 1,
+        routed_scaling_factor=spec.routed_scaling_factor,
+    )
+    if torch.is_grad_enabled() and logits_TE.requires_grad:
+        # The kernel is forward-only: the K gathered weights are cheap to redo with autograd.
+        weights_TK = combine_weights(router_scores(logits_TE, spec), ids_TK, spec)
     return weights_TK, ids_TK, counts_E
 
 
+_MAX_TRITON_EXPERTS = 1024
+
+
 def route(
-    logits_TE: torch.Tensor, correction_bias_E: torch.Tensor | None, spec: RoutingSpec
+    logits_TE: torch.Tensor,
+    correction_bias_E: torch.Tensor | None,
+    spec: RoutingSpec,
+    *,
+    backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dispatcher for top-k routing; see `route_reference` for the contract."""
+    """Top-k routing dispatcher; see `route_reference` for the contract.
+
+    Args:
+        logits_TE: router logits [T, E], any float dtype.
+        correction_bias_E: selection-only bias [E] or None.
+        spec: routing hyper-parameters.
+        backend: "auto", "reference" or "triton" (see kernels.backend; "grouped_mm" runs the
+            reference, routing has no grouped GEMM).
+
+    Returns:
+        weights_TK fp32 (differentiable w.r.t. the logits), ids_TK int64, counts_E int64.
+
+    Raises:
+        KernelError: on a bad shape, an expert count that disagrees with `spec`, or an explicit
+            backend that cannot run here.
+    """
     if logits_TE.dim() != 2:
         raise KernelError(f"route: logits must be 2-D [T, E], got shape {tuple(logits_TE.shape)}")
+    if logits_TE.shape[1] != spec.n_experts:
+        raise KernelError(f"route: logits have {logits_TE.shape[1]} experts, spec expects {spec.n_experts}")
+    if correction_bias_E is not None and correction_bias_E.shape != (spec.n_experts,):
+        raise KernelError(
+            f"route: correction_bias must be [E={spec.n_experts}], got shape {tuple(correction_bias_E.shape)}"
+        )
+    tensors = [logits_TE] if correction_bias_E is None else [logits_TE, correction_bias_E]
+    triton_why = triton_reason(*tensors)
+    if triton_why is None and spec.n_experts > _MAX_TRITON_EXPERTS:
+        triton_why = f"{spec.n_experts} experts > {_MAX_TRITON_EXPERTS} (one expert row per register tile)"
+    chosen = choose_backend("route", backend, {"triton": triton_why})
+    if chosen == "triton":
+        return _route_triton(logits_TE, correction_bias_E, spec)
     return route_reference(logits_TE, correction_bias_E, spec)

@@ -1,0 +1,44 @@
+"""Mixed ghost clipping for `nn.Linear` (and LoRA-wrapped linears' own weights) under Opacus.
+
+Opacus' norm sampler for nn.Linear always takes the ghost form (two T x T Grams per sample).
+For a LoRA B factor (input width = rank) instantiating the [O, r] per-sample gradient is
+~T (r + O) / (r O) times cheaper, so the norm method follows the trainer's per-layer plan
+(`common.NORM_METHOD_ATTR`). A layer with no plan keeps Opacus' ghost behaviour, so registering
+this sampler changes nothing for other users of Opacus in the process.
+
+`LoRALinear` (an nn.Linear subclass: y = x W^T + b + adapter) gets nn.Linear's samplers for its
+own weight/bias, which only matters if its frozen base weight is ever made trainable.
+
+Legend: B samples, T positions per sample, I input width, O output width.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus.grad_sample import register_grad_sampler, register_norm_sampler
+from opacus.grad_sample.linear import compute_linear_grad_sample, compute_linear_norm_sample
+from torch import nn
+
+from fl_client.dp.samplers.common import norm_method_of, norms_from_grad_samples
+from model.lora import LoRALinear
+
+register_grad_sampler(LoRALinear)(compute_linear_grad_sample)
+
+
+@register_norm_sampler([nn.Linear, LoRALinear])
+def compute_linear_norm_sample_mixed(
+    layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradient norms [B] of a linear's weight (and bias): planned method, else ghost.
+
+    Args:
+        layer: nn.Linear (or LoRALinear).
+        activations: [x_B...I].
+        backprops: dL/dy [B, ..., O] (per-sample scaled by Opacus for a mean loss).
+
+    Returns:
+        {param: [B]} for each trainable parameter of the layer.
+    """
+    if norm_method_of(layer) == "instantiate":
+        return norms_from_grad_samples(compute_linear_grad_sample(layer, activations, backprops))
+    return compute_linear_norm_sample(layer, activations, backprops)

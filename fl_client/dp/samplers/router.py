@@ -1,0 +1,69 @@
+"""Per-sample gradients of the MoE router weight (`Router`) for Opacus.
+
+Layer: logits_t = W x_t (fp32, W [E, D]); top-k selection (no gradient) and combine weights
+w_tk = f(sigmoid/softmax(logits_t))[ids_tk] (differentiable). Per sample b:
+    G_b = sum_t (dL/dlogits_t) x_t^T                                                  [B, E, D]
+exactly like a linear layer on x.float(). Opacus' backward hook only hands us dL/dw (the
+router's first output; the ids are integers), so dL/dlogits is recovered by re-running the
+routing on the recomputed logits (deterministic: the same x, W and frozen correction bias give
+the same ids) and one vector-Jacobian product through the combine weights. The cost is one
+[N, D] x [D, E] matmul and a top-k, small next to the experts.
+
+The router's buffers (`e_score_correction_bias`, frozen during private training; `expert_load`,
+a counter the private trainer restores) do not enter the gradient.
+
+Legend: B samples, T tokens, D width, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample import register_grad_sampler, register_norm_sampler
+from torch import nn
+
+from fl_client.dp.samplers.common import norms_from_grad_samples
+from kernels import route
+from model.deepseek import Router
+
+
+def router_logit_grads(layer: Router, x_BTD: torch.Tensor, grad_weights_BTK: torch.Tensor) -> torch.Tensor:
+    """dL/dlogits [B, T, E] (fp32) from dL/d(combine weights) [B, T, K]."""
+    B, T, D = x_BTD.shape
+    bias = layer.e_score_correction_bias if layer.uses_bias else None
+    with torch.enable_grad():  # backward hooks run with grad mode off
+        logits_NE = F.linear(x_BTD.reshape(B * T, D).float(), layer.weight.detach().float()).requires_grad_(True)
+        weights_NK, _, _ = route(logits_NE, bias, layer.spec)
+        (grad_NE,) = torch.autograd.grad(weights_NK, logits_NE, grad_weights_BTK.reshape(B * T, -1).to(weights_NK.dtype))
+    return grad_NE.view(B, T, -1)
+
+
+@register_grad_sampler(Router)
+def compute_router_grad_sample(
+    layer: Router, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradient of the router weight.
+
+    Args:
+        layer: the Router.
+        activations: [x_BTD], the forward input.
+        backprops: dL/d(combine weights) [B, T, K] (per-sample scaled by Opacus for a mean loss).
+
+    Returns:
+        {layer.weight: [B, E, D]} in the weight's dtype when trainable, else {}.
+    """
+    if not layer.weight.requires_grad:
+        return {}
+    x_BTD = activations[0]
+    grad_BTE = router_logit_grads(layer, x_BTD, backprops)
+    grads = torch.einsum("bte,btd->bed", grad_BTE, x_BTD.float())
+    return {layer.weight: grads.to(layer.weight.dtype)}
+
+
+@register_norm_sampler(Router)
+def compute_router_norm_sample(
+    layer: Router, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradient norm [B] of the router weight, instantiated: E*D per sample is small
+    next to the ghost Grams' T^2 (E + D) for any training sequence length."""
+    return norms_from_grad_samples(compute_router_grad_sample(layer, activations, backprops))

@@ -1,0 +1,157 @@
+"""The bank <-> server message contents and their Flower RecordDict encoding.
+
+Defined on the client side because data flows model -> fl_client -> fl_server: the server
+imports these types, never the other way round. Ciphertext bundles travel as uint8 Arrays in
+an ArrayRecord (Flower chunks large arrays), everything else as ConfigRecord/MetricRecord.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fl_client.errors import ConfigError
+
+TRAIN_STATUS_OK = "ok"
+TRAIN_STATUS_REFUSED = "refused"  # the bank's own budget check said no: nothing trained
+
+
+def _bytes_record(blobs: dict[str, bytes]) -> ArrayRecord:
+    return ArrayRecord({key: Array(np.frombuffer(blob, dtype=np.uint8)) for key, blob in blobs.items()})
+
+
+def _record_bytes(record: ArrayRecord) -> dict[str, bytes]:
+    return {key: array.numpy().tobytes() for key, array in record.items()}
+
+
+def _aggregates_to_record(aggregates: dict[int, bytes]) -> ArrayRecord:
+    return _bytes_record({f"round-{r:04d}": blob for r, blob in aggregates.items()})
+
+
+def _aggregates_from_record(record: ArrayRecord | None) -> dict[int, bytes]:
+    if record is None:
+        return {}
+    return {int(key.split("-")[1]): blob for key, blob in _record_bytes(record).items()}
+
+
+def _require(content: RecordDict, key: str, kind: str) -> object:
+    if key not in content:
+        raise ConfigError(f"{kind} message: missing record {key!r}; has {sorted(content.keys())}")
+    return content[key]
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """Server -> bank, for both train and evaluate: the round and the aggregates to catch up on."""
+
+    job_id: str
+    round: int
+    key_id: str
+    key_epoch: int
+    aggregates: dict[int, bytes] = field(default_factory=dict)  # round -> encrypted sum bundle
+
+    def to_content(self) -> RecordDict:
+        return RecordDict(
+            {
+                "config": ConfigRecord(
+                    {"job-id": self.job_id, "round": self.round, "key-id": self.key_id, "key-epoch": self.key_epoch}
+                ),
+                "aggregates": _aggregates_to_record(self.aggregates),
+            }
+        )
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> RoundRequest:
+        cfg = _require(content, "config", "round request")
+        aggregates = content["aggregates"] if "aggregates" in content else None
+        return cls(
+            job_id=str(cfg["job-id"]),
+            round=int(cfg["round"]),
+            key_id=str(cfg["key-id"]),
+            key_epoch=int(cfg["key-epoch"]),
+            aggregates=_aggregates_from_record(aggregates),
+        )
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """Bank -> server after a train message."""
+
+    bank_id: str
+    round: int
+    status: str  # TRAIN_STATUS_OK or TRAIN_STATUS_REFUSED
+    applied_round: int
+    start_hash: str
+    bundle: bytes = b""
+    metrics: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+    ledger_entry: str = ""  # JSON of the bank's ledger entry for this round ("" if none)
+
+    def to_content(self) -> RecordDict:
+        info = ConfigRecord(
+            {
+                "bank-id": self.bank_id,
+                "round": self.round,
+                "status": self.status,
+                "applied-round": self.applied_round,
+                "start-hash": self.start_hash,
+                "reason": self.reason,
+                "ledger-entry": self.ledger_entry,
+            }
+        )
+        content = RecordDict({"bank": info, "metrics": MetricRecord(dict(self.metrics))})
+        if self.bundle:
+            content["update"] = _bytes_record({"bundle": self.bundle})
+        return content
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> TrainReply:
+        info = _require(content, "bank", "train reply")
+        metrics = content["metrics"] if "metrics" in content else {}
+        bundle = _record_bytes(content["update"]).get("bundle", b"") if "update" in content else b""
+        return cls(
+            bank_id=str(info["bank-id"]),
+            round=int(info["round"]),
+            status=str(info["status"]),
+            applied_round=int(info["applied-round"]),
+            start_hash=str(info["start-hash"]),
+            bundle=bundle,
+            metrics={k: float(v) for k, v in dict(metrics).items()},
+            reason=str(info["reason"]),
+            ledger_entry=str(info["ledger-entry"]),
+        )
+
+
+@dataclass(frozen=True)
+class EvalReply:
+    """Bank -> server after an evaluate message (plain eval loss: not covered by DP)."""
+
+    bank_id: str
+    round: int
+    applied_round: int
+    eval_loss: float
+    n_eval: int
+
+    def to_content(self) -> RecordDict:
+        return RecordDict(
+            {
+                "bank": ConfigRecord(
+                    {"bank-id": self.bank_id, "round": self.round, "applied-round": self.applied_round}
+                ),
+                "metrics": MetricRecord({"eval-loss": self.eval_loss, "n-eval": self.n_eval}),
+            }
+        )
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> EvalReply:
+        info = _require(content, "bank", "eval reply")
+        metrics = _require(content, "metrics", "eval reply")
+        return cls(
+            bank_id=str(info["bank-id"]),
+            round=int(info["round"]),
+            applied_round=int(info["applied-round"]),
+            eval_loss=float(metrics["eval-loss"]),
+            n_eval=int(metrics["n-eval"]),
+        )

@@ -1,0 +1,133 @@
+"""Deployment topology: the exact commands of every Flower process, for loopback and compose.
+
+One function, `service_commands`, says how each process starts; the loopback launcher
+(`fl_server.launch`) runs its output on 127.0.0.1 and `docker-compose.yml` must contain the same
+commands with the compose topology's hosts and paths (tests/fl_server/test_deploy.py checks it).
+
+Processes (flwr 1.42, `--isolation process`, so apps run in separate executors):
+    superlink        flower-superlink: Fleet, Control and Runtime APIs on one HTTP port
+    serverapp        flower-superexec attached to the SuperLink's Runtime API: runs our ServerApp
+    bank-<i>         flower-supernode for bank i, with its node-config (ids, paths, budget)
+    bank-<i>-apps    flower-superexec attached to that SuperNode's ClientAppIo API: runs ClientApps
+Runtime dependency installation stays off: banks have no internet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BankNode:
+    bank_id: str
+    partition_id: int
+    state_dir: str
+    key_path: str
+    data_path: str = ""
+    epsilon: float | None = None  # None: the job's default budget
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where processes listen and what each bank mounts; loopback and compose differ only here."""
+
+    banks: tuple[BankNode, ...]
+    superlink_host: str  # how others reach the SuperLink
+    superlink_bind: str  # where the SuperLink listens
+    superlink_port: int = 8000
+    supernode_hosts: tuple[str, ...] = ()  # how bank i's executor reaches its SuperNode
+    supernode_binds: tuple[str, ...] = ()
+    supernode_ports: tuple[int, ...] = ()
+    tls_dir: str = ""  # "" = insecure (loopback/dev); else ca.crt, server.pem, server.key inside
+
+    @property
+    def superlink_address(self) -> str:
+        return f"{self.superlink_host}:{self.superlink_port}"
+
+
+def loopback_topology(
+    n_banks: int, *, root: str, key_path: str, base_port: int = 8000, tls_dir: str = ""
+) -> Topology:
+    banks = tuple(
+        BankNode(bank_id=f"bank-{i}", partition_id=i, state_dir=f"{root}/banks/bank-{i}", key_path=key_path)
+        for i in range(n_banks)
+    )
+    return Topology(
+        banks=banks,
+        superlink_host="127.0.0.1",
+        superlink_bind="127.0.0.1",
+        superlink_port=base_port,
+        supernode_hosts=("127.0.0.1",) * n_banks,
+        supernode_binds=("127.0.0.1",) * n_banks,
+        supernode_ports=tuple(base_port + 100 + i for i in range(n_banks)),
+        tls_dir=tls_dir,
+    )
+
+
+def compose_topology(n_banks: int, *, tls: bool = False) -> Topology:
+    """Every bank in its own container with volumes /state, /keys (its secret only), /data."""
+    banks = tuple(
+        BankNode(bank_id=f"bank-{i}", partition_id=i, state_dir="/state", key_path="/keys/context.secret.ckks")
+        for i in range(n_banks)
+    )
+    return Topology(
+        banks=banks,
+        superlink_host="superlink",
+        superlink_bind="0.0.0.0",
+        supernode_hosts=tuple(f"bank-{i}" for i in range(n_banks)),
+        supernode_binds=("0.0.0.0",) * n_banks,
+        supernode_ports=(9094,) * n_banks,
+        tls_dir="/certs" if tls else "",
+    )
+
+
+def _node_config(bank: BankNode) -> str:
+    pairs = {
+        "bank-id": bank.bank_id,
+        "partition-id": bank.partition_id,
+        "state-dir": bank.state_dir,
+        "key-path": bank.key_path,
+    }
+    if bank.data_path:
+        pairs["data-path"] = bank.data_path
+    if bank.epsilon is not None:
+        pairs["epsilon"] = bank.epsilon
+    return " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in pairs.items())
+
+
+def service_commands(topo: Topology) -> dict[str, list[str]]:
+    """Service name -> argv of every process of the deployment, in start order."""
+    tls = topo.tls_dir
+    server_tls = (
+        ["--ssl-certfile", f"{tls}/server.pem", "--ssl-keyfile", f"{tls}/server.key", "--ssl-ca-certfile", f"{tls}/ca.crt"]
+        if tls
+        else ["--insecure"]
+    )
+    client_tls = ["--root-certificates", f"{tls}/ca.crt"] if tls else ["--insecure"]
+    commands: dict[str, list[str]] = {
+        "superlink": [
+            "flower-superlink",
+            *server_tls,
+            "--isolation", "process",
+            "--disable-runtime-dependency-installation",
+            "--host", topo.superlink_bind,
+            "--port", str(topo.superlink_port),
+        ],
+        "serverapp": ["flower-superexec", *client_tls, "--runtime-api-address", topo.superlink_address],
+    }
+    for i, bank in enumerate(topo.banks):
+        commands[bank.bank_id] = [
+            "flower-supernode",
+            *client_tls,
+            "--superlink", topo.superlink_address,
+            "--isolation", "process",
+            "--host", topo.supernode_binds[i],
+            "--port", str(topo.supernode_ports[i]),
+            "--node-config", _node_config(bank),
+        ]
+        commands[f"{bank.bank_id}-apps"] = [
+            "flower-superexec",
+            "--insecure",  # executor <-> its own SuperNode stays inside the bank (same host/pod)
+            "--runtime-api-address", f"{topo.supernode_hosts[i]}:{topo.supernode_ports[i]}",
+        ]
+    return commands

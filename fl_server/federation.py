@@ -1,0 +1,220 @@
+"""The federated job loop over a Flower Grid: plain logic, called by the ServerApp shell.
+
+Per round: pick the connected banks -> send each a train request with the encrypted aggregates
+it has not applied yet -> collect ciphertext bundles and plain metrics -> validate and add them
+with `crypto` (public context only) -> store the encrypted sum -> ask the banks to evaluate.
+Banks that fail, time out, refuse or send invalid ciphertexts are left out of the round with the
+reason recorded; the round counts when at least `min-banks` contributions were valid.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from flwr.app import Message, MessageType
+from flwr.serverapp import Grid
+from rich.console import Console
+from rich.table import Table
+
+from crypto import ExpectedHeader, aggregate, load_public_context
+from crypto.keys import PUBLIC_FILE
+from fl_client.bank import trainable_layout
+from fl_client.config import JobConfig
+from fl_client.messages import TRAIN_STATUS_OK, EvalReply, RoundRequest, TrainReply
+from fl_server.state import RoundRecord, ServerState, ServerStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Federation:
+    grid: Grid
+    job: JobConfig
+    console: Console
+
+    def __post_init__(self) -> None:
+        self.store = ServerStore(self.job)
+        self.state = self.store.load_or_init()
+        # The public context only: it can add ciphertexts and cannot decrypt (load refuses a secret one).
+        self.key = load_public_context(f"{self.job.key_dir}/{PUBLIC_FILE}")
+        self.layout_hash, self.n_elements = trainable_layout(self.job)
+        self.node_bank: dict[int, str] = {}
+
+    # ---- messaging ------------------------------------------------------------------------------
+    def wait_for_banks(self) -> list[int]:
+        deadline = time.monotonic() + self.job.round_timeout
+        nodes = list(self.grid.get_node_ids())
+        while len(nodes) < self.job.min_banks and time.monotonic() < deadline:
+            time.sleep(1.0)
+            nodes = list(self.grid.get_node_ids())
+        return nodes
+
+    def request(self, node_id: int, round_idx: int) -> RoundRequest:
+        bank = self.node_bank.get(node_id)
+        applied = self.state.applied.get(bank, 0) if bank else 0
+        return RoundRequest(
+            job_id=self.job.job_id,
+            round=round_idx,
+            key_id=self.key.key_id,
+            key_epoch=self.key.epoch,
+            aggregates=self.store.aggregates_after(self.state, applied),
+        )
+
+    def send(self, nodes: Iterable[int], round_idx: int, message_type: str) -> tuple[list[Message], set[int]]:
+        messages = [
+            Message(
+                content=self.request(node, round_idx).to_content(),
+                message_type=message_type,
+                dst_node_id=node,
+                group_id=f"{self.job.job_id}-r{round_idx}",
+            )
+            for node in nodes
+        ]
+        replies = list(self.grid.send_and_receive(messages, timeout=self.job.round_timeout))
+        answered = {reply.metadata.src_node_id for reply in replies}
+        return replies, {m.metadata.dst_node_id for m in messages} - answered
+
+    # ---- rounds ---------------------------------------------------------------------------------
+    def evaluate(self, nodes: list[int], round_idx: int) -> dict[str, float]:
+        replies, silent = self.send(nodes, round_idx, MessageType.EVALUATE)
+        losses: dict[str, float] = {}
+        for reply in replies:
+            if reply.has_error():
+                logger.warning("evaluate round %d: node %s failed: %s", round_idx, reply.metadata.src_node_id, reply.error.reason)
+                continue
+            ev = EvalReply.from_content(reply.content)
+            self.node_bank[reply.metadata.src_node_id] = ev.bank_id
+            self.state.applied[ev.bank_id] = ev.applied_round
+            losses[ev.bank_id] = ev.eval_loss
+        for node in silent:
+            logger.warning("evaluate round %d: node %s did not answer", round_idx, node)
+        return losses
+
+    def train_round(self, round_idx: int, nodes: list[int]) -> RoundRecord:
+        record = RoundRecord(round=round_idx)
+        started = time.perf_counter()
+        replies, silent = self.send(nodes, round_idx, MessageType.TRAIN)
+        record.seconds["round-trip"] = time.perf_counter() - started
+        for node in silent:
+            record.left_out[self.node_bank.get(node, f"node-{node}")] = "no reply within round-timeout"
+        bundles: dict[str, bytes] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                record.left_out[self.node_bank.get(node, f"node-{node}")] = f"client error: {reply.error.reason}"
+                continue
+            tr = TrainReply.from_content(reply.content)
+            self.node_bank[node] = tr.bank_id
+            self.state.applied[tr.bank_id] = tr.applied_round
+            if tr.status != TRAIN_STATUS_OK:
+                record.left_out[tr.bank_id] = f"{tr.status}: {tr.reason}"
+                continue
+            if not self.state.start_hash:
+                self.state.start_hash = tr.start_hash
+            if tr.start_hash != self.state.start_hash:
+                record.left_out[tr.bank_id] = (
+                    f"start model differs: hash {tr.start_hash[:12]}, job started from {self.state.start_hash[:12]}"
+                )
+                continue
+            if tr.bank_id in bundles:
+                record.left_out[f"{tr.bank_id} (node {node})"] = "duplicate contribution from the same bank"
+                continue
+            bundles[tr.bank_id] = tr.bundle
+            record.train_metrics[tr.bank_id] = tr.metrics
+
+        t_agg = time.perf_counter()
+        expected = ExpectedHeader(
+            key_id=self.key.key_id,
+            epoch=self.key.epoch,
+            round=round_idx,
+            layout_hash=self.layout_hash,
+            n_elements=self.n_elements,
+        )
+        result = aggregate(bundles, key=self.key, expected=expected)
+        record.seconds["aggregate"] = time.perf_counter() - t_agg
+        for rejected in result.rejected:
+            record.left_out[rejected.bank_id] = f"invalid ciphertext ({rejected.reason}): {rejected.message}"
+            record.train_metrics.pop(rejected.bank_id, None)
+        record.participants = sorted(result.accepted)
+        if len(result.accepted) >= self.job.min_banks and result.bundle is not None:
+            self.store.save_aggregate(round_idx, result.bundle)
+            record.aggregated = True
+        else:
+            record.left_out["(round)"] = (
+                f"only {len(result.accepted)} valid contribution(s), min-banks is {self.job.min_banks}: no aggregate"
+            )
+        return record
+
+    def run(self) -> ServerState:
+        state = self.state
+        if state.finished:
+            self.console.print(f"job {self.job.job_id!r} already finished ({state.end_reason}); nothing to do")
+            return state
+        if state.completed_round:
+            self.console.print(f"resuming job {self.job.job_id!r} after round {state.completed_round}")
+        nodes = self.wait_for_banks()
+        self.console.print(f"[bold]job {self.job.job_id}[/]: {len(nodes)} bank(s) connected, "
+                           f"{self.job.num_rounds} rounds, key {self.key.key_id[:12]} epoch {self.key.epoch}")
+        if self.job.evaluate and state.completed_round == 0 and not state.eval_round0:
+            state.eval_round0 = self.evaluate(nodes, 0)
+            self.store.save(state)
+        for round_idx in range(state.completed_round + 1, self.job.num_rounds + 1):
+            nodes = self.wait_for_banks()
+            if len(nodes) < self.job.min_banks:
+                state.end_reason = f"only {len(nodes)} bank(s) connected before round {round_idx}, min-banks {self.job.min_banks}"
+                break
+            started = time.perf_counter()
+            record = self.train_round(round_idx, nodes)
+            if self.job.evaluate and record.aggregated:
+                record.eval_loss = self.evaluate(nodes, round_idx)
+            record.seconds["round"] = time.perf_counter() - started
+            state.rounds.append(record)
+            state.completed_round = round_idx
+            self.store.save(state)  # after the aggregate: a restart resumes from here
+            self.print_round(record)
+        else:
+            state.end_reason = f"completed {self.job.num_rounds} rounds"
+        state.finished = True
+        self.store.save(state)
+        path = self.store.write_results(state, {"layout-hash": self.layout_hash, "n-elements": self.n_elements})
+        self.print_summary()
+        self.console.print(f"results: {path}")
+        return state
+
+    # ---- console ---------------------------------------------------------------------------------
+    def print_round(self, record: RoundRecord) -> None:
+        losses = ", ".join(f"{b}={v:.3f}" for b, v in sorted(record.eval_loss.items()))
+        self.console.print(
+            f"round {record.round}: {len(record.participants)} bank(s) aggregated"
+            f"{'' if record.aggregated else ' [red](no aggregate)[/]'}; eval loss {losses or '-'}; "
+            f"{record.seconds.get('round', 0):.1f}s"
+        )
+        for who, why in sorted(record.left_out.items()):
+            self.console.print(f"  [yellow]left out[/] {who}: {why}")
+
+    def print_summary(self) -> None:
+        state = self.state
+        banks = sorted({b for r in state.rounds for b in (*r.eval_loss, *r.train_metrics)} | set(state.eval_round0))
+        table = Table(title=f"fedmoe job {self.job.job_id}: eval loss per bank (round 0 = before training)")
+        table.add_column("round", justify="right")
+        for bank in banks:
+            table.add_column(bank, justify="right")
+        table.add_column("train s (max)", justify="right")
+        table.add_column("encrypt s (max)", justify="right")
+        table.add_column("transport+agg s", justify="right")
+        table.add_column("ε spent (max)", justify="right")
+        table.add_row("0", *[f"{state.eval_round0.get(b, float('nan')):.3f}" for b in banks], "", "", "", "")
+        for r in state.rounds:
+            train_s = max((m.get("seconds-train", 0.0) for m in r.train_metrics.values()), default=0.0)
+            enc_s = max((m.get("seconds-encrypt", 0.0) for m in r.train_metrics.values()), default=0.0)
+            eps = max((m.get("epsilon-total", 0.0) for m in r.train_metrics.values()), default=0.0)
+            transport = r.seconds.get("round-trip", 0.0) - train_s - enc_s + r.seconds.get("aggregate", 0.0)
+            table.add_row(
+                str(r.round),
+                *[f"{r.eval_loss[b]:.3f}" if b in r.eval_loss else "-" for b in banks],
+                f"{train_s:.1f}", f"{enc_s:.1f}", f"{transport:.1f}", f"{eps:.2f}",
+            )
+        self.console.print(table)

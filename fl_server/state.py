@@ -1,0 +1,95 @@
+"""The server's state dir: what it may keep (DESIGN.md): encrypted sums, participants, reasons.
+
+    <server-state-dir>/<job-id>/
+        job.json                 the run config of the job
+        state.json               completed round, per-bank applied round, per-round records
+        aggregates/round-NNNN.bundle   encrypted sum (and encrypted total weight) of round N
+        results.json             per-round table for people and tools
+
+Never a secret key, never a plaintext update. Every write is atomic, and state.json is written
+last, so a restarted server resumes from the last round whose aggregate is on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fl_client.config import JobConfig
+from fl_client.errors import ConfigError
+from fl_client.state import atomic_write_bytes, atomic_write_json, read_json
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    participants: list[str] = field(default_factory=list)  # banks whose ciphertext was added
+    left_out: dict[str, str] = field(default_factory=dict)  # bank or node -> reason
+    aggregated: bool = False
+    train_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    eval_loss: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ServerState:
+    job_id: str
+    completed_round: int = 0
+    start_hash: str = ""
+    applied: dict[str, int] = field(default_factory=dict)  # bank -> last aggregate it applied
+    rounds: list[RoundRecord] = field(default_factory=list)
+    eval_round0: dict[str, float] = field(default_factory=dict)
+    finished: bool = False
+    end_reason: str = ""
+
+
+class ServerStore:
+    def __init__(self, job: JobConfig) -> None:
+        self.job = job
+        self.root = Path(job.server_state_dir) / job.job_id
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "state.json"
+
+    def aggregate_file(self, round_idx: int) -> Path:
+        return self.root / "aggregates" / f"round-{round_idx:04d}.bundle"
+
+    def load_or_init(self) -> ServerState:
+        job_file = self.root / "job.json"
+        config = self.job.to_run_config()
+        if job_file.exists():
+            saved = read_json(job_file)
+            changed = sorted(k for k in config if k not in ("num-rounds", "round-timeout") and saved.get(k) != config[k])
+            if changed:
+                raise ConfigError(
+                    f"{job_file}: job {self.job.job_id!r} exists with a different config ({changed}); "
+                    "use a new job-id or remove the state dir"
+                )
+        else:
+            atomic_write_json(job_file, config)
+        if not self.state_file.exists():
+            return ServerState(job_id=self.job.job_id)
+        raw: dict[str, Any] = read_json(self.state_file)
+        raw["rounds"] = [RoundRecord(**r) for r in raw.get("rounds", [])]
+        return ServerState(**raw)
+
+    def save(self, state: ServerState) -> None:
+        atomic_write_json(self.state_file, asdict(state))
+
+    def save_aggregate(self, round_idx: int, bundle: bytes) -> None:
+        atomic_write_bytes(self.aggregate_file(round_idx), bundle)
+
+    def aggregates_after(self, state: ServerState, applied_round: int) -> dict[int, bytes]:
+        """Encrypted sums of the rounds after `applied_round` that produced one."""
+        out = {}
+        for record in state.rounds:
+            if record.aggregated and record.round > applied_round:
+                out[record.round] = self.aggregate_file(record.round).read_bytes()
+        return out
+
+    def write_results(self, state: ServerState, extra: dict[str, Any]) -> Path:
+        path = self.root / "results.json"
+        atomic_write_json(path, {"state": asdict(state), **extra})
+        return path
