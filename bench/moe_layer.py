@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from collections.abc import Callable
 
@@ -119,21 +120,19 @@ def dp_step(layer, spec, backend: str, grad_out, n_samples: int, max_norm: float
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: int) -> float:
+    """Median wall time of one call in ms (median: robust to a busy shared machine)."""
     for _ in range(warmup):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / reps
-    t0 = time.perf_counter()
+    samples = []
     for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
         fn()
-    return (time.perf_counter() - t0) * 1e3 / reps
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
 
 
 def main() -> None:

@@ -63,8 +63,8 @@ def aggregate(
     """Sum the valid bank updates of one round on ciphertexts; reject the others by name and reason.
 
     Every chunk of a contribution is hash-checked, deserialized and metadata-checked before any of
-    it is added, so a bad contribution never touches the sum. Adds are in place (`add_`): copying
-    a ciphertext per add was measured ~400x slower than the add itself.
+    it is added, so a bad contribution never touches the sum. Adds are in place (`add_`): `.copy()`
+    of a ciphertext was measured ~400x slower than the add itself (~40 ms vs ~0.1 ms per chunk).
 
     Duplicates: the first contribution of a bank (input order) that passes every check counts; a
     later one from the same bank id, or one whose chunks are byte-identical to an accepted one's

@@ -39,6 +39,7 @@ class Topology:
     supernode_binds: tuple[str, ...] = ()
     supernode_ports: tuple[int, ...] = ()
     tls_dir: str = ""  # "" = insecure (loopback/dev); else ca.crt, server.pem, server.key inside
+    superlink_database: str = ""  # SQLite file: runs and node registrations survive a restart
 
     @property
     def superlink_address(self) -> str:
@@ -61,6 +62,7 @@ def loopback_topology(
         supernode_binds=("127.0.0.1",) * n_banks,
         supernode_ports=tuple(base_port + 100 + i for i in range(n_banks)),
         tls_dir=tls_dir,
+        superlink_database=f"{root}/superlink.db",
     )
 
 
@@ -78,6 +80,7 @@ def compose_topology(n_banks: int, *, tls: bool = False) -> Topology:
         supernode_binds=("0.0.0.0",) * n_banks,
         supernode_ports=(9094,) * n_banks,
         tls_dir="/certs" if tls else "",
+        superlink_database="/state/superlink.db",
     )
 
 
@@ -110,6 +113,7 @@ def service_commands(topo: Topology) -> dict[str, list[str]]:
             *server_tls,
             "--isolation", "process",
             "--disable-runtime-dependency-installation",
+            "--database", topo.superlink_database,
             "--host", topo.superlink_bind,
             "--port", str(topo.superlink_port),
         ],

@@ -42,6 +42,7 @@ class Federation:
         self.key = load_public_context(f"{self.job.key_dir}/{PUBLIC_FILE}")
         self.layout_hash, self.n_elements = trainable_layout(self.job)
         self.node_bank: dict[int, str] = {}
+        self.reply_node: dict[int, int] = {}  # id(reply) -> node it came from (set by send)
 
     # ---- messaging ------------------------------------------------------------------------------
     def wait_for_banks(self) -> list[int]:
@@ -74,19 +75,24 @@ class Federation:
             for node in nodes
         ]
         replies = list(self.grid.send_and_receive(messages, timeout=self.job.round_timeout))
-        answered = {reply.metadata.src_node_id for reply in replies}
-        return replies, {m.metadata.dst_node_id for m in messages} - answered
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set by the push
+        # Error replies made by the SuperLink (e.g. "node unavailable") come from the SuperLink,
+        # not the bank: find the bank's node through the message they answer.
+        self.reply_node = {id(r): node_of.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies}
+        answered = set(self.reply_node.values())
+        return replies, set(node_of.values()) - answered
 
     # ---- rounds ---------------------------------------------------------------------------------
     def evaluate(self, nodes: list[int], round_idx: int) -> dict[str, float]:
         replies, silent = self.send(nodes, round_idx, MessageType.EVALUATE)
         losses: dict[str, float] = {}
         for reply in replies:
+            node = self.reply_node[id(reply)]
             if reply.has_error():
-                logger.warning("evaluate round %d: node %s failed: %s", round_idx, reply.metadata.src_node_id, reply.error.reason)
+                logger.warning("evaluate round %d: node %s failed: %s", round_idx, node, reply.error.reason)
                 continue
             ev = EvalReply.from_content(reply.content)
-            self.node_bank[reply.metadata.src_node_id] = ev.bank_id
+            self.node_bank[node] = ev.bank_id
             self.state.applied[ev.bank_id] = ev.applied_round
             losses[ev.bank_id] = ev.eval_loss
         for node in silent:
@@ -102,7 +108,7 @@ class Federation:
             record.left_out[self.node_bank.get(node, f"node-{node}")] = "no reply within round-timeout"
         bundles: dict[str, bytes] = {}
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = self.reply_node[id(reply)]
             if reply.has_error():
                 record.left_out[self.node_bank.get(node, f"node-{node}")] = f"client error: {reply.error.reason}"
                 continue
@@ -139,6 +145,10 @@ class Federation:
             record.left_out[rejected.bank_id] = f"invalid ciphertext ({rejected.reason}): {rejected.message}"
             record.train_metrics.pop(rejected.bank_id, None)
         record.participants = sorted(result.accepted)
+        for label in self.state.seen:  # banks (or unnamed nodes) of earlier rounds that are gone now
+            if label not in record.participants and label not in record.left_out:
+                record.left_out[label] = "not connected"
+        self.state.seen = sorted({*self.state.seen, *record.participants, *record.left_out} - {"(round)"})
         if len(result.accepted) >= self.job.min_banks and result.bundle is not None:
             self.store.save_aggregate(round_idx, result.bundle)
             record.aggregated = True
@@ -168,10 +178,10 @@ class Federation:
                 break
             started = time.perf_counter()
             record = self.train_round(round_idx, nodes)
+            state.rounds.append(record)  # before evaluating: its aggregate goes out with the request
             if self.job.evaluate and record.aggregated:
                 record.eval_loss = self.evaluate(nodes, round_idx)
             record.seconds["round"] = time.perf_counter() - started
-            state.rounds.append(record)
             state.completed_round = round_idx
             self.store.save(state)  # after the aggregate: a restart resumes from here
             self.print_round(record)

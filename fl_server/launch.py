@@ -75,15 +75,20 @@ class Deployment:
         return process
 
     def start(self) -> None:
-        commands = service_commands(self.topology)
+        for name in service_commands(self.topology):
+            self.restart(name)
+
+    def restart(self, name: str) -> subprocess.Popen:
+        """(Re)starts one service with its deployment command and waits until it listens."""
         topo = self.topology
-        for name, argv in commands.items():
-            process = self.start_service(name, argv)
-            if name == "superlink":
-                wait_for_port(topo.superlink_host, topo.superlink_port, 60, process)
-            elif name in {b.bank_id for b in topo.banks}:
-                i = [b.bank_id for b in topo.banks].index(name)
-                wait_for_port(topo.supernode_hosts[i], topo.supernode_ports[i], 60, process)
+        process = self.start_service(name, service_commands(topo)[name])
+        bank_ids = [b.bank_id for b in topo.banks]
+        if name == "superlink":
+            wait_for_port(topo.superlink_host, topo.superlink_port, 60, process)
+        elif name in bank_ids:
+            i = bank_ids.index(name)
+            wait_for_port(topo.supernode_hosts[i], topo.supernode_ports[i], 60, process)
+        return process
 
     def kill(self, name: str) -> None:
         """Ends one service (tests use it to drop a bank or the ServerApp executor mid-job)."""
@@ -111,9 +116,12 @@ class Deployment:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
 
-    def flwr_run(self, run_config: dict[str, object], *, timeout: float | None = None) -> subprocess.CompletedProcess:
+    def flwr_run(
+        self, run_config: dict[str, object], *, timeout: float | None = None, stream: bool = True
+    ) -> subprocess.CompletedProcess:
+        """Submits the job; with `stream` it also prints the ServerApp's output until the run ends."""
         overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
-        argv = [str(_venv_bin() / "flwr"), "run", str(REPO_ROOT), CONNECTION, "--stream"]
+        argv = [str(_venv_bin() / "flwr"), "run", str(REPO_ROOT), CONNECTION, *(["--stream"] if stream else [])]
         if overrides:
             argv += ["--run-config", overrides]
         return subprocess.run(argv, cwd=REPO_ROOT, env=self.env, timeout=timeout, check=False)
@@ -179,7 +187,7 @@ def parse_run_config(text: str) -> dict[str, object]:
     import tomllib
 
     out: dict[str, object] = {}
-    for pair in shlex.split(text):
+    for pair in shlex.split(text, posix=False):  # keeps quotes: values are TOML
         key, _, value = pair.partition("=")
         out[key] = tomllib.loads(f"v = {value}")["v"]
     return out

@@ -38,6 +38,7 @@ class ServerState:
     completed_round: int = 0
     start_hash: str = ""
     applied: dict[str, int] = field(default_factory=dict)  # bank -> last aggregate it applied
+    seen: list[str] = field(default_factory=list)  # every bank (or unnamed node) met so far
     rounds: list[RoundRecord] = field(default_factory=list)
     eval_round0: dict[str, float] = field(default_factory=dict)
     finished: bool = False

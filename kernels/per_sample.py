@@ -165,7 +165,8 @@ def _norm2_triton(
     seg_norm2_S[inst_ids] = segment_outer_norm2(
         grad_NO, x_NI, align.order_N, align.segment_offsets_S1, inst_ids, gather_g=True, gather_x=True
     )
-    return _per_sample_sum(seg_norm2_S, align)
+    # The ghost sum is a square norm in exact arithmetic; rounding may leave a -0-ish residue.
+    return _per_sample_sum(seg_norm2_S.clamp(min=0), align)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ Math (per token t, experts e = 0..E-1):
     w_tk   = s_t,ids_tk   (bias-free!)  -> / sum_k (if norm_topk_prob)  -> * routed_scaling_factor
 The bias only changes *which* experts are chosen, never the combine weights.
 
+Backends: reference (below; the spec) and triton (kernels/routing_triton.py: one fused forward
+kernel; the dispatcher recomputes the K gathered weights with torch when logits need a gradient).
+
 Legend: T tokens, E experts, K experts per token.
 """
 

@@ -12,6 +12,7 @@ Everything here is a pure function of plain numbers, so a ledger can re-verify a
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -101,11 +102,13 @@ def sample_rate_for(cfg: DPConfig, n_samples: int) -> float:
     return cfg.expected_batch_size / n_samples
 
 
+@functools.lru_cache(maxsize=64)
 def noise_multiplier_for(cfg: DPConfig, n_samples: int) -> float:
     """Noise multiplier sigma so that `planned_rounds * local_steps` steps at q spend target_epsilon.
 
     Opacus' binary search over sigma (`get_noise_multiplier`): the returned sigma's plan epsilon
-    is at most target_epsilon and within CALIBRATION_TOLERANCE of it.
+    is at most target_epsilon and within CALIBRATION_TOLERANCE of it. A pure function of its
+    arguments (cached: a PRV search takes about a second).
 
     Args:
         cfg: the bank's DP config (budget, plan, batch, accountant).

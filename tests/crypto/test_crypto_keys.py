@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -17,7 +19,9 @@ import crypto.keys
 from crypto import (
     CkksParams,
     CryptoError,
+    ExpectedHeader,
     KeyFiles,
+    aggregate,
     decrypt_mean,
     encrypt_update,
     key_id,
@@ -162,6 +166,26 @@ def test_cli_runs_as_module(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         check=False,
+        cwd=Path(crypto.keys.__file__).resolve().parents[1],  # repo root, as `make test` runs it
     )
     assert proc.returncode == 0, proc.stderr
     assert "key id:" in proc.stdout
+
+
+def test_logs_carry_ids_not_key_material(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="crypto"):
+        files = keygen(tmp_path)
+        secret = load_secret_context(files.secret_path)
+        public = load_public_context(files.public_path)
+        bundle = encrypt_update(
+            np.ones(8, np.float32), weight=3.0, key=public, round=1, layout_hash=LAYOUT, bank_id="b"
+        )
+        expected = ExpectedHeader(public.key_id, public.epoch, 1, LAYOUT, 8)
+        result = aggregate({"b": bundle, "c": b"junk"}, key=public, expected=expected)
+        decrypt_mean(result.bundle, secret)
+    assert files.info.key_id in caplog.text and "rejected bank 'c'" in caplog.text
+    payload = files.secret_path.read_bytes()[-4096:]  # inside the serialized keys
+    for probe in (payload[:24], payload[-24:]):
+        assert repr(probe)[2:-1] not in caplog.text
+        assert base64.b64encode(probe).decode()[:24] not in caplog.text
+        assert probe.hex() not in caplog.text

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from crypto_helpers import LAYOUT, ROUND, expected_for, make_updates
 
-from crypto import CryptoError, decrypt_bundle, decrypt_mean, encrypt_update, parse_bundle
+from crypto import CryptoError, decrypt_bundle, decrypt_mean, encrypt_update, load_secret_context, parse_bundle
 from crypto.packing import n_chunks_for
 
 SLOTS = 4096  # N/2 at the default N=8192
@@ -96,8 +96,6 @@ def test_encrypt_rejects_bad_ids(public_key) -> None:
 
 
 def test_decrypt_checks_key_and_expectations(secret_key, public_key, other_key_files) -> None:
-    from crypto import load_secret_context
-
     bundle = encrypt_update(
         np.ones(3, np.float32), weight=1.0, key=public_key, round=ROUND, layout_hash=LAYOUT, bank_id="b"
     )

@@ -1,0 +1,178 @@
+"""Per-sample gradients and norms of every trainable fedmoe layer vs a microbatch loop (float64)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+from test_dp_helpers import reference_per_sample_grads, tiny_model, token_batch, total_norms, trainable
+
+from fl_client.dp import DPConfig, DPError, check_model, plan_norm_methods
+from fl_client.dp.samplers.common import NORM_METHOD_ATTR, ghost_is_cheaper
+from fl_client.dp.samplers.expert import expert_grad_norm2_reference, expert_grad_sample_reference
+from model.deepseek import DeepseekForCausalLM, lm_loss, preset
+from model.lora import configure_trainable
+
+MODES = ["lora", "router+experts", "full"]
+ROUTINGS = {
+    "v3-group-limited": {},  # tiny preset: sigmoid, noaux_tc, n_group=4, topk_group=2
+    "v2-group-greedy": dict(scoring_func="softmax", topk_method="group_limited_greedy", n_group=4, topk_group=2),
+}
+B, T = 5, 12
+
+
+# ---------------------------------------------------------------------------------------------
+# The expert-bank ops against per-token outer products
+# ---------------------------------------------------------------------------------------------
+
+
+def outer_product_loop(x, g, ids, sample_ids, n_samples, n_experts):
+    out = torch.zeros(n_samples, n_experts, g.shape[1], x.shape[1], dtype=x.dtype)
+    for n in range(x.shape[0]):
+        out[sample_ids[n], ids[n]] += torch.outer(g[n], x[n])
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n_samples=st.integers(1, 4),
+    rows=st.integers(1, 9),
+    n_experts=st.integers(1, 6),
+    width_in=st.integers(1, 7),
+    width_out=st.integers(1, 7),
+    seed=st.integers(0, 2**16),
+)
+def test_expert_grad_sample_and_ghost_norm_match_outer_products(n_samples, rows, n_experts, width_in, width_out, seed):
+    gen = torch.Generator().manual_seed(seed)
+    N = n_samples * rows
+    x = torch.randn(N, width_in, generator=gen, dtype=torch.float64)
+    g = torch.randn(N, width_out, generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, n_experts, (N,), generator=gen)  # some experts get no rows
+    sample_ids = torch.arange(n_samples).repeat_interleave(rows)
+    expected = outer_product_loop(x, g, ids, sample_ids, n_samples, n_experts)
+    got = expert_grad_sample_reference(x, g, ids, sample_ids, n_samples, n_experts)
+    assert got.shape == (n_samples, n_experts, width_out, width_in)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    norm2 = expert_grad_norm2_reference(x, g, ids, sample_ids, n_samples, n_experts)
+    torch.testing.assert_close(norm2, expected.reshape(n_samples, -1).pow(2).sum(1), rtol=1e-10, atol=1e-12)
+
+
+def test_expert_ops_on_empty_input():
+    x, g = torch.zeros(0, 3), torch.zeros(0, 2)
+    ids = sample_ids = torch.zeros(0, dtype=torch.long)
+    assert expert_grad_sample_reference(x, g, ids, sample_ids, 0, 4).shape == (0, 4, 2, 3)
+    assert expert_grad_norm2_reference(x, g, ids, sample_ids, 0, 4).shape == (0,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole model: hooks (instantiated) and ghost / mixed (norms) vs the microbatch loop
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+@pytest.mark.parametrize("mode", MODES)
+def test_hooks_per_sample_grads_match_microbatch_loop(mode, routing):
+    model = tiny_model(mode, **ROUTINGS[routing])
+    inputs, targets = token_batch(B, T)
+    expected = reference_per_sample_grads(model, inputs, targets)
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            lm_loss(gsm(inputs), targets, reduction="per_sample").mean().backward()
+        params = trainable(model)
+        assert params.keys() == expected.keys()
+        for name, p in params.items():
+            assert p.grad_sample.shape == (B, *p.shape), name  # samples, never tokens
+            err = (p.grad_sample - expected[name]).abs().max().item()
+            assert err < 1e-6, f"{name}: max abs error {err:.3g}"
+    finally:
+        gsm.cleanup()
+
+
+@pytest.mark.parametrize("plan_kind", ["ghost", "mixed", "alternating"])
+@pytest.mark.parametrize("mode", MODES)
+def test_fast_clipping_norms_match_microbatch_loop(mode, plan_kind):
+    model = tiny_model(mode)
+    inputs, targets = token_batch(B, T, seed=1)
+    expected = reference_per_sample_grads(model, inputs, targets)
+    plan = plan_norm_methods(model, mode="ghost" if plan_kind == "ghost" else "mixed", seq_len=T)
+    if plan_kind == "alternating":  # both norm methods on every layer kind, whatever the cost rule says
+        plan = {name: ("ghost", "instantiate")[i % 2] for i, name in enumerate(plan)}
+    modules = dict(model.named_modules())
+    for name, method in plan.items():
+        setattr(modules[name], NORM_METHOD_ATTR, method)
+    gsm = GradSampleModuleFastGradientClipping(
+        model, batch_first=True, loss_reduction="mean", strict=False, max_grad_norm=1.0, use_ghost_clipping=True
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            lm_loss(gsm(inputs), targets, reduction="per_sample").mean().backward()  # the norm pass
+        for name, p in trainable(model).items():
+            ref = expected[name].reshape(B, -1).norm(dim=1)
+            got = p._norm_sample
+            assert got.shape == (B,), name
+            rel = ((got - ref).abs() / ref.clamp(min=1e-30)).max().item()
+            assert rel < 1e-6, f"{name}: max rel error {rel:.3g}"
+        total = gsm.get_norm_sample()
+        ref_total = total_norms(expected)
+        assert ((total - ref_total).abs() / ref_total).max().item() < 1e-6
+    finally:
+        gsm.cleanup()
+        for module in model.modules():
+            module.__dict__.pop(NORM_METHOD_ATTR, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model checks and the mixed plan
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ghost_rule_on_small_preset_shapes():
+    cfg = preset("small")
+    rows = 128 * cfg.num_experts_per_tok
+    E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    assert ghost_is_cheaper(rows_per_sample=rows, n_experts=E, in_features=D, out_features=2 * F)  # gate_up
+    assert ghost_is_cheaper(rows_per_sample=rows, n_experts=E, in_features=F, out_features=D)  # down
+    assert not ghost_is_cheaper(rows_per_sample=rows, n_experts=E, in_features=8, out_features=D)  # LoRA B
+    assert not ghost_is_cheaper(rows_per_sample=128, n_experts=1, in_features=8, out_features=D)  # LoRA B linear
+    assert not ghost_is_cheaper(rows_per_sample=4096, n_experts=1, in_features=D, out_features=cfg.vocab_size)
+
+
+def test_plan_is_per_layer_and_empty_for_hooks():
+    model = tiny_model("full")
+    assert plan_norm_methods(model, mode="hooks", seq_len=T) == {}
+    ghost = plan_norm_methods(model, mode="ghost", seq_len=T)
+    assert set(ghost.values()) == {"ghost"} and "model.layers.1.mlp.experts.gate_up_proj" in ghost
+    assert "model.layers.1.mlp.gate.weight" not in ghost  # the router always instantiates
+
+
+def test_check_model_refuses_layers_without_a_sampler():
+    model = DeepseekForCausalLM(preset("tiny"))
+    configure_trainable(model, "router+experts")
+    model.model.layers[0].extra = torch.nn.Bilinear(2, 2, 2)
+    cfg = DPConfig(target_epsilon=1.0, delta=1e-5, bank_id="bank-a")
+    with pytest.raises(DPError, match=r"bank 'bank-a': layer model\.layers\.0\.extra \(Bilinear\).*supported: \[.*ExpertLinear"):
+        check_model(model, cfg)
+
+
+def test_check_model_refuses_nested_trainable_layers():
+    model = DeepseekForCausalLM(preset("tiny"))
+    configure_trainable(model, "lora")
+    expert_bank = model.model.layers[1].mlp.experts.gate_up_proj
+    expert_bank.weight.requires_grad_(True)  # base bank and its lora_B both trainable
+    with pytest.raises(DPError, match=r"sublayers \['lora_B'\]"):
+        check_model(model, DPConfig(target_epsilon=1.0, delta=1e-5))
+
+
+def test_check_model_refuses_tied_weights_under_ghost_clipping():
+    model = DeepseekForCausalLM(preset("tiny", tie_word_embeddings=True))
+    configure_trainable(model, "full")
+    with pytest.raises(DPError, match="tied"):
+        check_model(model, DPConfig(target_epsilon=1.0, delta=1e-5, grad_sample_mode="ghost"))
+    check_model(model, DPConfig(target_epsilon=1.0, delta=1e-5, grad_sample_mode="hooks"))
