@@ -7,9 +7,12 @@ Modes (DPConfig.grad_sample_mode):
             DPLossFastGradientClipping (Opacus' fast gradient clipping): backward 1 computes
             per-sample gradient *norms* only (ghost form for expert banks and linears), backward 2
             computes sum_b c_b grad(loss_b) with c_b = min(1, C / ||g_b||).
-    mixed   as ghost, but each expert bank / linear takes the ghost norm or instantiates its
-            per-sample gradient, whichever is cheaper for its shape (`ghost_is_cheaper`).
-Router and RMSNorm always instantiate (E*D or D numbers per sample); nn.Embedding uses Opacus'.
+    mixed   book-keeping (fl_client/dp/bookkeeping.py) + DPOptimizerFastGradientClipping: ONE
+            backward pass for the layers' output gradients; each expert bank / linear takes the
+            ghost norm or instantiates its per-sample gradient, whichever is cheaper for its shape
+            (`ghost_is_cheaper`); p.grad = sum_b c_b G_b built per layer without a second pass.
+Router and RMSNorm always instantiate (E*D or D numbers per sample); nn.Embedding uses Opacus'
+ghost norm. All three share the registered samplers and give the same clipped sum.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
 from fl_client.dp import samplers  # noqa: F401  (registers our samplers with Opacus)
+from fl_client.dp.bookkeeping import BookKeepingClipper
 from fl_client.dp.config import DPConfig
 from fl_client.dp.errors import DPError
 from fl_client.dp.rng import secure_gaussian_like
@@ -168,7 +172,7 @@ class PerSampleLMLoss:
 class PrivateModel:
     """A model under Opacus for one round: grad-sample wrapper, DP optimizer, loss wrapper."""
 
-    module: nn.Module
+    module: nn.Module | BookKeepingClipper
     optimizer: DPOptimizer
     mode: str
     criterion: DPLossFastGradientClipping | None
@@ -178,6 +182,10 @@ class PrivateModel:
     def backward(self, inputs_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
         """Forward + backward of one physical batch; returns the per-sample losses [B] (detached)."""
         logits = self.module(inputs_BT)
+        if isinstance(self.module, BookKeepingClipper):
+            per_sample_B = lm_loss(logits, targets_BT, reduction="per_sample")
+            self.module.clip_backward(per_sample_B)  # p.grad = sum_b c_b grad(loss_b)
+            return per_sample_B.detach()
         if self.criterion is None:
             per_sample_B = lm_loss(logits, targets_BT, reduction="per_sample")
             per_sample_B.mean().backward()  # Opacus rescales backprops by B: per-sample grads of loss_b
@@ -189,7 +197,7 @@ class PrivateModel:
     def prepare_empty_batch(self) -> None:
         """An empty Poisson batch: zero contributions, so the step adds noise only."""
         for p in self.optimizer.params:
-            if self.criterion is None:
+            if self.mode == "hooks":
                 p.grad_sample = p.new_zeros((0, *p.shape))
             else:
                 p.grad = torch.zeros_like(p)
@@ -252,18 +260,21 @@ def make_private(
     )
     # strict=False: Opacus' strict check refuses any trainable layer with buffers; check_model
     # has already allowed exactly the router's (frozen bias, restored load counter).
+    fast_cls = SecureDPOptimizerFastGradientClipping if cfg.secure_mode else DPOptimizerFastGradientClipping
+    criterion = None
     if cfg.grad_sample_mode == "hooks":
         gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
         opt_cls = SecureDPOptimizer if cfg.secure_mode else DPOptimizer
         optimizer = opt_cls(_base_optimizer(params, cfg), **common)
-        criterion = None
+    elif cfg.grad_sample_mode == "mixed":
+        gsm = BookKeepingClipper(model, clip_norm=cfg.clip_norm)
+        optimizer = fast_cls(_base_optimizer(params, cfg), **common)
     else:
         gsm = GradSampleModuleFastGradientClipping(
             model, batch_first=True, loss_reduction="mean", strict=False, max_grad_norm=cfg.clip_norm,
             use_ghost_clipping=True,
         )
-        opt_cls = SecureDPOptimizerFastGradientClipping if cfg.secure_mode else DPOptimizerFastGradientClipping
-        optimizer = opt_cls(_base_optimizer(params, cfg), **common)
+        optimizer = fast_cls(_base_optimizer(params, cfg), **common)
         criterion = DPLossFastGradientClipping(gsm, optimizer, PerSampleLMLoss(), loss_reduction="mean")
     if plan:
         logger.info("bank %s: per-sample norm plan %s", cfg.bank_id, plan)

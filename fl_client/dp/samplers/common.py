@@ -1,9 +1,15 @@
-"""What the samplers share: the per-layer norm method (ghost vs instantiate) and its cost rule.
+"""What the samplers share: the per-layer norm method, its cost rule, the clipped-sum registry.
 
 Opacus keys its sampler registries by layer class, so a choice that differs between two layers
 of one class (mixed ghost clipping) has to travel with the layer instance: the trainer sets
 `NORM_METHOD_ATTR` on each trainable layer from `plan_norm_methods` and removes it afterwards.
 A layer without the attribute gets the cost rule (experts) or Opacus' own behaviour (nn.Linear).
+
+Clipped-sum samplers (book-keeping, used by grad_sample_mode="mixed"): given a layer's inputs,
+its per-sample output gradients and the clip factors c_b, return sum_b c_b G_b for each of its
+parameters *without* instantiating G_b -- for a layer linear in its weight that is the ordinary
+weight gradient with every sample's output gradient scaled by c_b. Opacus has no such registry;
+`CLIPPED_SUM_SAMPLERS` is ours, keyed by layer class like Opacus' two.
 
 Legend: B samples, S rows per sample through the layer (tokens, or tokens x top-k slots for an
 expert bank), E experts (1 for a plain linear), I input width, O output width.
@@ -12,6 +18,8 @@ expert bank), E experts (1 for a plain linear), I input width, O output width.
 from __future__ import annotations
 
 from typing import Literal
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -48,3 +56,32 @@ def ghost_is_cheaper(*, rows_per_sample: int, n_experts: int, in_features: int, 
 def norms_from_grad_samples(grad_samples: dict[nn.Parameter, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample L2 norms [B] of instantiated per-sample gradients [B, ...]."""
     return {p: gs.reshape(gs.shape[0], -1).norm(2, dim=-1) for p, gs in grad_samples.items()}
+
+
+ClippedSumSampler = Callable[[nn.Module, list[torch.Tensor], torch.Tensor, torch.Tensor], dict[nn.Parameter, torch.Tensor]]
+CLIPPED_SUM_SAMPLERS: dict[type[nn.Module], ClippedSumSampler] = {}
+
+
+def register_clipped_sum_sampler(
+    *layer_classes: type[nn.Module], force: bool = False
+) -> Callable[[ClippedSumSampler], ClippedSumSampler]:
+    """Decorator: `fn(layer, activations, backprops_per_sample, clip_factors_B) -> {param: sum_b c_b G_b}`.
+
+    Raises:
+        ValueError: a class already has one and force is False (names the registered function).
+    """
+
+    def decorator(fn: ClippedSumSampler) -> ClippedSumSampler:
+        for cls in layer_classes:
+            if cls in CLIPPED_SUM_SAMPLERS and not force:
+                held = CLIPPED_SUM_SAMPLERS[cls].__qualname__
+                raise ValueError(f"clipped-sum sampler for {cls.__name__}: already registered ({held}); pass force=True")
+            CLIPPED_SUM_SAMPLERS[cls] = fn
+        return fn
+
+    return decorator
+
+
+def scale_per_sample(backprops_B: torch.Tensor, clip_factors_B: torch.Tensor) -> torch.Tensor:
+    """backprops [B, ...] with sample b multiplied by c_b."""
+    return backprops_B * clip_factors_B.to(backprops_B.dtype).view(-1, *([1] * (backprops_B.dim() - 1)))

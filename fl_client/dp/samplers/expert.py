@@ -3,6 +3,7 @@
 Layer: y_bs = W[e_bs] x_bs for rows s of sample b (tokens x top-k slots), W [E, O, I].
     per-sample gradient   G_b[e] = sum_{s: e_bs = e} g_bs x_bs^T               [B, E, O, I]
     its squared norm      ||G_b||^2 = sum_e sum_{s, s' in (b, e)} <x_s, x_s'> <g_s, g_s'>   [B]
+    the clipped sum       sum_b c_b G_b = weight gradient with g_bs scaled by c_b       [E, O, I]
 Rows are grouped into (sample, expert) segments by one stable sort of key = b*E + e; a segment
 is one matmul (G = g_seg^T x_seg) or one pair of Gram matrices (ghost norm), never per-token
 outer products. The segments are padded to the longest one so each op is a single batched
@@ -23,7 +24,12 @@ import torch
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from torch import nn
 
-from fl_client.dp.samplers.common import ghost_is_cheaper, norm_method_of, norms_from_grad_samples
+from fl_client.dp.samplers.common import (
+    ghost_is_cheaper,
+    norm_method_of,
+    norms_from_grad_samples,
+    register_clipped_sum_sampler,
+)
 from model.deepseek import ExpertLinear
 from model.lora import LoRAExpertLinear
 
@@ -80,9 +86,25 @@ def expert_grad_norm2_reference(
     return (gram_x * gram_g).sum(dim=(1, 2)).view(n_samples, n_experts).sum(dim=1).clamp(min=0)
 
 
+def expert_weight_grad_clipped_reference(
+    x_NI: torch.Tensor,
+    grad_NO: torch.Tensor,
+    expert_ids_N: torch.Tensor,
+    sample_ids_N: torch.Tensor,
+    clip_factor_B: torch.Tensor,
+    n_experts: int,
+) -> torch.Tensor:
+    """sum_b c_b G_b = sum_n c_{sample(n)} grad_n x_n^T per expert, [E, O, I], never per sample."""
+    scaled_NO = grad_NO * clip_factor_B.to(grad_NO.dtype)[sample_ids_N].unsqueeze(1)
+    no_samples_N = torch.zeros_like(sample_ids_N)
+    x_pad, g_pad = _padded_segments(x_NI, scaled_NO, expert_ids_N, no_samples_N, n_experts, n_experts)
+    return torch.bmm(g_pad.transpose(1, 2), x_pad)
+
+
 # The single call site for each op: swap in the kernels' dispatchers here.
 expert_grad_sample = expert_grad_sample_reference
 expert_grad_norm2 = expert_grad_norm2_reference
+expert_weight_grad_clipped = expert_weight_grad_clipped_reference
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,3 +165,20 @@ def compute_expert_linear_norm_sample(
         return {layer.weight: norm2.sqrt()}
     grads = expert_grad_sample(x_NI, grad_NO, ids_N, sample_ids_N, B, layer.n_experts)
     return norms_from_grad_samples({layer.weight: grads})
+
+
+@register_clipped_sum_sampler(ExpertLinear, LoRAExpertLinear)
+def compute_expert_linear_clipped_sum(
+    layer: ExpertLinear, activations: list[torch.Tensor], backprops: torch.Tensor, clip_factors: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """sum_b c_b G_b of an expert bank's weight, [E, O, I] (book-keeping: no per-sample tensor).
+
+    Args:
+        layer, activations, backprops: as for the grad sampler (backprops per sample, unscaled).
+        clip_factors: c_b [B].
+    """
+    if not layer.weight.requires_grad:
+        return {}
+    x_NI, grad_NO, ids_N, sample_ids_N, _, _ = _rows(layer, activations, backprops)
+    grad = expert_weight_grad_clipped(x_NI, grad_NO, ids_N, sample_ids_N, clip_factors, layer.n_experts)
+    return {layer.weight: grad.to(layer.weight.dtype)}
