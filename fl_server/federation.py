@@ -106,7 +106,7 @@ class Federation:
         record.seconds["round-trip"] = time.perf_counter() - started
         for node in silent:
             record.left_out[self.node_bank.get(node, f"node-{node}")] = "no reply within round-timeout"
-        bundles: dict[str, bytes] = {}
+        bundles: list[tuple[str, bytes]] = []
         for reply in replies:
             node = self.reply_node[id(reply)]
             if reply.has_error():
@@ -125,11 +125,8 @@ class Federation:
                     f"start model differs: hash {tr.start_hash[:12]}, job started from {self.state.start_hash[:12]}"
                 )
                 continue
-            if tr.bank_id in bundles:
-                record.left_out[f"{tr.bank_id} (node {node})"] = "duplicate contribution from the same bank"
-                continue
-            bundles[tr.bank_id] = tr.bundle
-            record.train_metrics[tr.bank_id] = tr.metrics
+            bundles.append((tr.bank_id, tr.bundle))  # pairs: crypto rejects a second one per bank
+            record.train_metrics.setdefault(tr.bank_id, tr.metrics)
 
         t_agg = time.perf_counter()
         expected = ExpectedHeader(
@@ -142,8 +139,10 @@ class Federation:
         result = aggregate(bundles, key=self.key, expected=expected)
         record.seconds["aggregate"] = time.perf_counter() - t_agg
         for rejected in result.rejected:
-            record.left_out[rejected.bank_id] = f"invalid ciphertext ({rejected.reason}): {rejected.message}"
-            record.train_metrics.pop(rejected.bank_id, None)
+            label = rejected.bank_id if rejected.bank_id not in result.accepted else f"{rejected.bank_id} (2nd)"
+            record.left_out[label] = f"invalid ciphertext ({rejected.reason}): {rejected.message}"
+            if rejected.bank_id not in result.accepted:
+                record.train_metrics.pop(rejected.bank_id, None)
         record.participants = sorted(result.accepted)
         for label in self.state.seen:  # banks (or unnamed nodes) of earlier rounds that are gone now
             if label not in record.participants and label not in record.left_out:
