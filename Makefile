@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 RUNS   := runs
 
-.PHONY: venv test demo lint format clean
+.PHONY: venv test demo local-demo federation lint format clean
 
 # torch==2.13.0 first: it is the CPU wheel; any other torch spec would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -19,7 +19,20 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# 3 banks on 127.0.0.1 (real SuperLink/SuperNodes), small preset, FFA-LoRA, DP eps=8 per bank,
+# CKKS on, 3 rounds. A fresh job each time: the previous demo's folder is moved aside.
+DEMO_ROOT := $(RUNS)/demo
 demo: $(STAMP)
+	@if [ -d $(DEMO_ROOT) ]; then rm -rf $(DEMO_ROOT).prev && mv $(DEMO_ROOT) $(DEMO_ROOT).prev; fi
+	$(BIN)/python -m fl_server.launch --banks 3 --root $(DEMO_ROOT) \
+		--run-config 'job-id="demo" num-rounds=3 model-preset="small" train-mode="lora" epsilon=8.0'
+
+# The loopback deployment with the pyproject job config (override with RUN_CONFIG='k=v ...').
+federation: $(STAMP)
+	$(BIN)/python -m fl_server.launch --banks 3 --root $(RUNS)/federation --run-config '$(RUN_CONFIG)'
+
+# One bank, no federation, no DP: fine-tune the small preset and report eval loss before/after.
+local-demo: $(STAMP)
 	$(BIN)/python -m fl_client.local --preset small --bank 0 --out $(RUNS)/local-demo
 
 lint: $(STAMP)
