@@ -28,7 +28,6 @@ import torch
 
 from crypto import CkksKey, ExpectedHeader, decrypt_mean, encrypt_update, load_secret_context
 from fl_client.config import BankConfig, JobConfig
-from fl_client.dp import AccountantState, BudgetExceeded, DPConfig, train_private_round
 from fl_client.data import (
     PackedData,
     generate_bank_corpus,
@@ -37,6 +36,7 @@ from fl_client.data import (
     pack_records,
     train_eval_split,
 )
+from fl_client.dp import AccountantState, BudgetExceeded, DPConfig, HistoryEntry, train_private_round
 from fl_client.errors import ConfigError
 from fl_client.messages import TRAIN_STATUS_OK, TRAIN_STATUS_REFUSED, EvalReply, RoundRequest, TrainReply
 from fl_client.state import atomic_save_tensors, atomic_write_json, load_tensors, read_json
@@ -90,7 +90,8 @@ def load_bank_data(job: JobConfig, bank: BankConfig, vocab_size: int) -> BankDat
         profiles = make_bank_profiles(job.synthetic_banks, seed=job.seed)
         if not 0 <= bank.partition_id < len(profiles):
             raise ConfigError(
-                f"node config of {bank.bank_id}: 'partition-id' expected 0..{len(profiles) - 1}, got {bank.partition_id}"
+                f"node config of {bank.bank_id}: 'partition-id' expected 0..{len(profiles) - 1} "
+                f"(synthetic-banks={job.synthetic_banks}), got {bank.partition_id}"
             )
         profile = profiles[bank.partition_id]
         records = generate_bank_corpus(profile, job.records_per_bank, seed=job.seed)
@@ -203,7 +204,7 @@ def dp_config(job: JobConfig, bank: BankConfig) -> DPConfig:
         target_epsilon=bank.epsilon,
         delta=bank.delta,
         clip_norm=job.clip_norm,
-        planned_rounds=job.num_rounds,
+        planned_rounds=bank.planned_rounds or job.num_rounds,
         local_steps=job.local_steps,
         expected_batch_size=job.batch_size,
         physical_batch_size=job.batch_size,
@@ -261,8 +262,12 @@ def handle_train(job: JobConfig, config: BankConfig, request: RoundRequest) -> T
             )
         # Privacy spent is recorded before anything derived from the data leaves the bank.
         report.accountant_state.save(bank.state_dir / "accountant.json")
+        # What one more identical round would bring epsilon to: the server stops selecting a bank
+        # whose next round cannot fit (the bank would refuse it anyway).
+        next_entry = HistoryEntry(report.sigma, report.q, report.steps)
         metrics.update(
             {
+                "epsilon-next": report.accountant_state.appended(next_entry).epsilon(),
                 "train-loss": report.mean_loss,
                 "epsilon-round": report.epsilon_spent_this_round,
                 "epsilon-total": report.epsilon_total,

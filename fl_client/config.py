@@ -131,6 +131,7 @@ class BankConfig:
     partition_id: int = 0
     epsilon: float = 8.0
     delta: float = 1e-5
+    planned_rounds: int = 0  # rounds the bank calibrates its noise for; 0 = the job's num-rounds
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], job: JobConfig) -> BankConfig:
@@ -142,14 +143,19 @@ class BankConfig:
         try:
             partition = int(raw.get("partition-id", 0))
         except (TypeError, ValueError):
-            raise ConfigError(f"node config: 'partition-id' expected an integer, got {raw.get('partition-id')!r}") from None
+            raise ConfigError(
+                f"node config: 'partition-id' expected an integer, got {raw.get('partition-id')!r}"
+            ) from None
         bank_id = str(raw.get("bank-id") or f"bank-{partition}")
         data_path = raw.get("data-path") or None
         try:
             epsilon = float(raw.get("epsilon", job.epsilon))
             delta = float(raw.get("delta", job.delta))
+            planned_rounds = int(raw.get("planned-rounds", 0))
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"node config of {bank_id}: epsilon/delta must be numbers ({err})") from None
+            raise ConfigError(
+                f"node config of {bank_id}: epsilon/delta/planned-rounds must be numbers ({err})"
+            ) from None
         if epsilon <= 0:
             raise ConfigError(f"node config of {bank_id}: 'epsilon' expected > 0, got {epsilon}")
         return cls(
@@ -160,4 +166,5 @@ class BankConfig:
             partition_id=partition,
             epsilon=epsilon,
             delta=delta,
+            planned_rounds=planned_rounds,
         )

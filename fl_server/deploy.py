@@ -46,9 +46,7 @@ class Topology:
         return f"{self.superlink_host}:{self.superlink_port}"
 
 
-def loopback_topology(
-    n_banks: int, *, root: str, key_path: str, base_port: int = 8000, tls_dir: str = ""
-) -> Topology:
+def loopback_topology(n_banks: int, *, root: str, key_path: str, base_port: int = 8000, tls_dir: str = "") -> Topology:
     banks = tuple(
         BankNode(bank_id=f"bank-{i}", partition_id=i, state_dir=f"{root}/banks/bank-{i}", key_path=key_path)
         for i in range(n_banks)
@@ -102,7 +100,14 @@ def service_commands(topo: Topology) -> dict[str, list[str]]:
     """Service name -> argv of every process of the deployment, in start order."""
     tls = topo.tls_dir
     server_tls = (
-        ["--ssl-certfile", f"{tls}/server.pem", "--ssl-keyfile", f"{tls}/server.key", "--ssl-ca-certfile", f"{tls}/ca.crt"]
+        [
+            "--ssl-certfile",
+            f"{tls}/server.pem",
+            "--ssl-keyfile",
+            f"{tls}/server.key",
+            "--ssl-ca-certfile",
+            f"{tls}/ca.crt",
+        ]
         if tls
         else ["--insecure"]
     )
@@ -111,11 +116,15 @@ def service_commands(topo: Topology) -> dict[str, list[str]]:
         "superlink": [
             "flower-superlink",
             *server_tls,
-            "--isolation", "process",
+            "--isolation",
+            "process",
             "--disable-runtime-dependency-installation",
-            "--database", topo.superlink_database,
-            "--host", topo.superlink_bind,
-            "--port", str(topo.superlink_port),
+            "--database",
+            topo.superlink_database,
+            "--host",
+            topo.superlink_bind,
+            "--port",
+            str(topo.superlink_port),
         ],
         "serverapp": ["flower-superexec", *client_tls, "--runtime-api-address", topo.superlink_address],
     }
@@ -123,16 +132,22 @@ def service_commands(topo: Topology) -> dict[str, list[str]]:
         commands[bank.bank_id] = [
             "flower-supernode",
             *client_tls,
-            "--superlink", topo.superlink_address,
-            "--isolation", "process",
-            "--host", topo.supernode_binds[i],
-            "--port", str(topo.supernode_ports[i]),
-            "--node-config", _node_config(bank),
+            "--superlink",
+            topo.superlink_address,
+            "--isolation",
+            "process",
+            "--host",
+            topo.supernode_binds[i],
+            "--port",
+            str(topo.supernode_ports[i]),
+            "--node-config",
+            _node_config(bank),
         ]
         commands[f"{bank.bank_id}-apps"] = [
             "flower-superexec",
             "--insecure",  # executor <-> its own SuperNode stays inside the bank (same host/pod)
-            "--runtime-api-address", f"{topo.supernode_hosts[i]}:{topo.supernode_ports[i]}",
+            "--runtime-api-address",
+            f"{topo.supernode_hosts[i]}:{topo.supernode_ports[i]}",
         ]
     return commands
 

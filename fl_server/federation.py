@@ -101,6 +101,14 @@ class Federation:
 
     def train_round(self, round_idx: int, nodes: list[int]) -> RoundRecord:
         record = RoundRecord(round=round_idx)
+        selected = []
+        for node in nodes:  # the server stops selecting banks whose budget is spent
+            bank = self.node_bank.get(node)
+            if bank in self.state.exhausted:
+                record.left_out[bank] = f"not selected: {self.state.exhausted[bank]}"
+            else:
+                selected.append(node)
+        nodes = selected
         started = time.perf_counter()
         replies, silent = self.send(nodes, round_idx, MessageType.TRAIN)
         record.seconds["round-trip"] = time.perf_counter() - started
@@ -117,7 +125,13 @@ class Federation:
             self.state.applied[tr.bank_id] = tr.applied_round
             if tr.status != TRAIN_STATUS_OK:
                 record.left_out[tr.bank_id] = f"{tr.status}: {tr.reason}"
+                self.state.exhausted[tr.bank_id] = f"refused round {round_idx}: {tr.reason}"
                 continue
+            eps_next, budget = tr.metrics.get("epsilon-next"), tr.metrics.get("epsilon-budget")
+            if eps_next is not None and budget is not None and eps_next > budget:
+                self.state.exhausted[tr.bank_id] = (
+                    f"budget exhausted after round {round_idx}: next round would reach ε={eps_next:.3f} > {budget:g}"
+                )
             if not self.state.start_hash:
                 self.state.start_hash = tr.start_hash
             if tr.start_hash != self.state.start_hash:
@@ -165,15 +179,26 @@ class Federation:
         if state.completed_round:
             self.console.print(f"resuming job {self.job.job_id!r} after round {state.completed_round}")
         nodes = self.wait_for_banks()
-        self.console.print(f"[bold]job {self.job.job_id}[/]: {len(nodes)} bank(s) connected, "
-                           f"{self.job.num_rounds} rounds, key {self.key.key_id[:12]} epoch {self.key.epoch}")
+        self.console.print(
+            f"[bold]job {self.job.job_id}[/]: {len(nodes)} bank(s) connected, "
+            f"{self.job.num_rounds} rounds, key {self.key.key_id[:12]} epoch {self.key.epoch}"
+        )
         if self.job.evaluate and state.completed_round == 0 and not state.eval_round0:
             state.eval_round0 = self.evaluate(nodes, 0)
             self.store.save(state)
         for round_idx in range(state.completed_round + 1, self.job.num_rounds + 1):
             nodes = self.wait_for_banks()
             if len(nodes) < self.job.min_banks:
-                state.end_reason = f"only {len(nodes)} bank(s) connected before round {round_idx}, min-banks {self.job.min_banks}"
+                state.end_reason = (
+                    f"only {len(nodes)} bank(s) connected before round {round_idx}, min-banks {self.job.min_banks}"
+                )
+                break
+            selectable = [n for n in nodes if self.node_bank.get(n) not in state.exhausted]
+            if len(selectable) < self.job.min_banks:
+                state.end_reason = (
+                    f"job ended before round {round_idx}: {len(selectable)} bank(s) with privacy budget left, "
+                    f"min-banks {self.job.min_banks} (exhausted: {', '.join(sorted(state.exhausted))})"
+                )
                 break
             started = time.perf_counter()
             record = self.train_round(round_idx, nodes)
@@ -224,6 +249,9 @@ class Federation:
             table.add_row(
                 str(r.round),
                 *[f"{r.eval_loss[b]:.3f}" if b in r.eval_loss else "-" for b in banks],
-                f"{train_s:.1f}", f"{enc_s:.1f}", f"{transport:.1f}", f"{eps:.2f}",
+                f"{train_s:.1f}",
+                f"{enc_s:.1f}",
+                f"{transport:.1f}",
+                f"{eps:.2f}",
             )
         self.console.print(table)

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--banks", type=int, default=3)
     p.add_argument("--root", type=Path, default=Path("runs/federation"))
     p.add_argument("--port", type=int, default=8000, help="SuperLink port; SuperNodes use port+100+i")
-    p.add_argument("--run-config", default="", help="overrides, e.g. \"num-rounds=2 local-steps=10\"")
+    p.add_argument("--run-config", default="", help='overrides, e.g. "num-rounds=2 local-steps=10"')
     args = p.parse_args(argv)
     run_config = {**job_paths(args.root), **parse_run_config(args.run_config)}
     print(f"starting loopback federation: 1 SuperLink + {args.banks} SuperNodes on 127.0.0.1 (logs: {args.root}/logs)")

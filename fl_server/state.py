@@ -39,6 +39,7 @@ class ServerState:
     start_hash: str = ""
     applied: dict[str, int] = field(default_factory=dict)  # bank -> last aggregate it applied
     seen: list[str] = field(default_factory=list)  # every bank (or unnamed node) met so far
+    exhausted: dict[str, str] = field(default_factory=dict)  # bank -> why it is no longer selected
     rounds: list[RoundRecord] = field(default_factory=list)
     eval_round0: dict[str, float] = field(default_factory=dict)
     finished: bool = False
@@ -62,7 +63,9 @@ class ServerStore:
         config = self.job.to_run_config()
         if job_file.exists():
             saved = read_json(job_file)
-            changed = sorted(k for k in config if k not in ("num-rounds", "round-timeout") and saved.get(k) != config[k])
+            changed = sorted(
+                k for k in config if k not in ("num-rounds", "round-timeout") and saved.get(k) != config[k]
+            )
             if changed:
                 raise ConfigError(
                     f"{job_file}: job {self.job.job_id!r} exists with a different config ({changed}); "

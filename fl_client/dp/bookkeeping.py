@@ -95,8 +95,11 @@ class BookKeepingClipper:
             raise DPError(f"layers {twice} ran more than once in one forward; book-keeping expects once")
         outputs = [r.output for r in records]
         grads = torch.autograd.grad(per_sample_loss_B.sum(), outputs, allow_unused=True)
-        n = per_sample_loss_B.shape[0]
-        norm2_B = torch.zeros(n, dtype=torch.float64, device=per_sample_loss_B.device)
+        with torch.no_grad():
+            return self._clip(records, grads, per_sample_loss_B.shape[0], per_sample_loss_B.device)
+
+    def _clip(self, records: list[_Record], grads: tuple, n: int, device: torch.device) -> torch.Tensor:
+        norm2_B = torch.zeros(n, dtype=torch.float64, device=device)
         finish: list[tuple[nn.Module, _Record, torch.Tensor, dict[nn.Parameter, torch.Tensor] | None]] = []
         modules = {name: module for module, name in self.layers.items()}
         for record, grad in zip(records, grads):

@@ -13,7 +13,11 @@ from test_dp_helpers import reference_per_sample_grads, tiny_model, token_batch,
 
 from fl_client.dp import DPConfig, DPError, check_model, plan_norm_methods
 from fl_client.dp.samplers.common import NORM_METHOD_ATTR, ghost_is_cheaper
-from fl_client.dp.samplers.expert import expert_grad_norm2_reference, expert_grad_sample_reference
+from fl_client.dp.samplers.expert import (
+    expert_grad_norm2_reference,
+    expert_grad_sample_reference,
+    expert_weight_grad_clipped_reference,
+)
 from model.deepseek import DeepseekForCausalLM, lm_loss, preset
 from model.lora import configure_trainable
 
@@ -46,7 +50,7 @@ def outer_product_loop(x, g, ids, sample_ids, n_samples, n_experts):
     width_out=st.integers(1, 7),
     seed=st.integers(0, 2**16),
 )
-def test_expert_grad_sample_and_ghost_norm_match_outer_products(n_samples, rows, n_experts, width_in, width_out, seed):
+def test_expert_ops_match_outer_products(n_samples, rows, n_experts, width_in, width_out, seed):
     gen = torch.Generator().manual_seed(seed)
     N = n_samples * rows
     x = torch.randn(N, width_in, generator=gen, dtype=torch.float64)
@@ -59,6 +63,9 @@ def test_expert_grad_sample_and_ghost_norm_match_outer_products(n_samples, rows,
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
     norm2 = expert_grad_norm2_reference(x, g, ids, sample_ids, n_samples, n_experts)
     torch.testing.assert_close(norm2, expected.reshape(n_samples, -1).pow(2).sum(1), rtol=1e-10, atol=1e-12)
+    factors = torch.rand(n_samples, generator=gen, dtype=torch.float64)
+    clipped = expert_weight_grad_clipped_reference(x, g, ids, sample_ids, factors, n_experts)
+    torch.testing.assert_close(clipped, torch.einsum("b,b...->...", factors, expected), rtol=0, atol=1e-12)
 
 
 def test_expert_ops_on_empty_input():
@@ -66,6 +73,7 @@ def test_expert_ops_on_empty_input():
     ids = sample_ids = torch.zeros(0, dtype=torch.long)
     assert expert_grad_sample_reference(x, g, ids, sample_ids, 0, 4).shape == (0, 4, 2, 3)
     assert expert_grad_norm2_reference(x, g, ids, sample_ids, 0, 4).shape == (0,)
+    assert expert_weight_grad_clipped_reference(x, g, ids, sample_ids, torch.zeros(0), 4).abs().sum() == 0
 
 
 # ---------------------------------------------------------------------------------------------

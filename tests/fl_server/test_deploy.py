@@ -15,8 +15,16 @@ REPO = Path(__file__).resolve().parents[2]
 FILES = {"docker-compose.yml": False, "docker-compose.tls.yml": True}
 # Flags whose values are deployment data (hosts, ports, paths); everything else must be identical.
 VALUE_FLAGS = {
-    "--host", "--port", "--superlink", "--runtime-api-address", "--database", "--node-config",
-    "--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile", "--root-certificates",
+    "--host",
+    "--port",
+    "--superlink",
+    "--runtime-api-address",
+    "--database",
+    "--node-config",
+    "--ssl-certfile",
+    "--ssl-keyfile",
+    "--ssl-ca-certfile",
+    "--root-certificates",
 }
 
 

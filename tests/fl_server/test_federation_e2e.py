@@ -156,7 +156,9 @@ def test_bank_killed_mid_round_and_server_restart_resume(tmp_path):
 
         # Kill bank-2's SuperNode and executor once its round-1 train message has arrived.
         bank2_log = deployment.log_dir / "bank-2.log"
-        wait_for(lambda: "Receiving: train message" in bank2_log.read_text(errors="replace"), 240, "bank-2 train message")
+        wait_for(
+            lambda: "Receiving: train message" in bank2_log.read_text(errors="replace"), 240, "bank-2 train message"
+        )
         deployment.kill("bank-2-apps")
         deployment.kill("bank-2")
 

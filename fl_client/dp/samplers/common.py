@@ -17,9 +17,8 @@ expert bank), E experts (1 for a plain linear), I input width, O output width.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn

@@ -6,8 +6,9 @@ Layer: y_bs = W[e_bs] x_bs for rows s of sample b (tokens x top-k slots), W [E, 
     the clipped sum       sum_b c_b G_b = weight gradient with g_bs scaled by c_b       [E, O, I]
 Rows are grouped into (sample, expert) segments by one stable sort of key = b*E + e; a segment
 is one matmul (G = g_seg^T x_seg) or one pair of Gram matrices (ghost norm), never per-token
-outer products. The segments are padded to the longest one so each op is a single batched
-matmul over B*E segments (padding rows are zero and add nothing).
+outer products. Segments are ranked by length and zero-padded per bucket of similar lengths, so
+each op is a few batched matmuls (padding rows are zero and add nothing). The clipped sum needs
+no segments at all: one matmul per expert over its rows, each row's g scaled by its sample's c_b.
 
 Opacus calls a sampler with `activations` = the layer's forward inputs as a list ([x, expert_ids]
 here: ExpertLinear.forward takes both) and `backprops` = dL/dy, already multiplied by the batch
@@ -19,6 +20,8 @@ L longest segment.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
@@ -38,23 +41,38 @@ from model.lora import LoRAExpertLinear
 # ---------------------------------------------------------------------------------------------
 
 
-def _padded_segments(
-    x_NI: torch.Tensor, grad_NO: torch.Tensor, expert_ids_N: torch.Tensor, sample_ids_N: torch.Tensor, n_segments: int,
-    n_experts: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows grouped by (sample, expert) segment, zero-padded: x [B*E, L, I], g [B*E, L, O]."""
-    key_N = sample_ids_N * n_experts + expert_ids_N
-    order_N = torch.argsort(key_N, stable=True)
-    counts = torch.bincount(key_N, minlength=n_segments)
-    longest = int(counts.max()) if key_N.numel() else 0
-    key_sorted_N = key_N[order_N]
-    starts = torch.cumsum(counts, 0) - counts
-    pos_N = torch.arange(key_N.numel(), device=key_N.device) - starts[key_sorted_N]
-    x_pad = x_NI.new_zeros(n_segments, longest, x_NI.shape[1])
-    g_pad = grad_NO.new_zeros(n_segments, longest, grad_NO.shape[1])
-    x_pad[key_sorted_N, pos_N] = x_NI[order_N]
-    g_pad[key_sorted_N, pos_N] = grad_NO[order_N]
-    return x_pad, g_pad
+def _segment_buckets(
+    x_NI: torch.Tensor, grad_NO: torch.Tensor, key_N: torch.Tensor, n_segments: int, n_buckets: int = 4
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Rows grouped into segments by key, zero-padded per bucket of similar-length segments.
+
+    Padding every segment to the longest one costs (longest / mean)^2 in Gram work once routing is
+    skewed; ranking segments by length and padding each of `n_buckets` groups to its own longest
+    keeps the waste small. Yields (segment ids [k], x [k, L, I], g [k, L, O]) for non-empty segments.
+    """
+    counts_S = torch.bincount(key_N, minlength=n_segments)
+    by_len_S = torch.argsort(counts_S, descending=True, stable=True)  # segment ids, longest first
+    rank_S = torch.empty_like(by_len_S)
+    rank_S[by_len_S] = torch.arange(n_segments, device=key_N.device)
+    row_rank_N = rank_S[key_N]
+    order_N = torch.argsort(row_rank_N, stable=True)  # rows by segment rank: buckets are row ranges
+    rank_sorted_N = row_rank_N[order_N]
+    len_sorted_S = counts_S[by_len_S]
+    start_S = torch.cumsum(len_sorted_S, 0) - len_sorted_S
+    pos_N = torch.arange(key_N.numel(), device=key_N.device) - start_S[rank_sorted_N]
+    x_sorted, g_sorted = x_NI[order_N], grad_NO[order_N]
+    n_live = int((len_sorted_S > 0).sum())
+    lengths, starts = len_sorted_S.tolist(), start_S.tolist()
+    chunk = max(1, -(-n_live // n_buckets))
+    for lo in range(0, n_live, chunk):
+        hi = min(lo + chunk, n_live)
+        r0, r1 = starts[lo], starts[hi - 1] + lengths[hi - 1]
+        x_pad = x_NI.new_zeros(hi - lo, lengths[lo], x_NI.shape[1])
+        g_pad = grad_NO.new_zeros(hi - lo, lengths[lo], grad_NO.shape[1])
+        slot, pos = rank_sorted_N[r0:r1] - lo, pos_N[r0:r1]
+        x_pad[slot, pos] = x_sorted[r0:r1]
+        g_pad[slot, pos] = g_sorted[r0:r1]
+        yield by_len_S[lo:hi], x_pad, g_pad
 
 
 def expert_grad_sample_reference(
@@ -66,9 +84,11 @@ def expert_grad_sample_reference(
     n_experts: int,
 ) -> torch.Tensor:
     """Per-sample expert-bank gradients G[b, e] = sum_{n: sample b, expert e} grad_n x_n^T, [B, E, O, I]."""
-    x_pad, g_pad = _padded_segments(x_NI, grad_NO, expert_ids_N, sample_ids_N, n_samples * n_experts, n_experts)
-    grads = torch.bmm(g_pad.transpose(1, 2), x_pad)  # (B*E, O, I)
-    return grads.view(n_samples, n_experts, grad_NO.shape[1], x_NI.shape[1])
+    n_seg = n_samples * n_experts
+    out = grad_NO.new_zeros(n_seg, grad_NO.shape[1], x_NI.shape[1])
+    for segs, x_pad, g_pad in _segment_buckets(x_NI, grad_NO, sample_ids_N * n_experts + expert_ids_N, n_seg):
+        out[segs] = torch.bmm(g_pad.transpose(1, 2), x_pad)  # (k, O, I): one matmul per segment
+    return out.view(n_samples, n_experts, grad_NO.shape[1], x_NI.shape[1])
 
 
 def expert_grad_norm2_reference(
@@ -80,10 +100,13 @@ def expert_grad_norm2_reference(
     n_experts: int,
 ) -> torch.Tensor:
     """Squared per-sample gradient norms [B] by the ghost form, without instantiating G."""
-    x_pad, g_pad = _padded_segments(x_NI, grad_NO, expert_ids_N, sample_ids_N, n_samples * n_experts, n_experts)
-    gram_x = torch.bmm(x_pad, x_pad.transpose(1, 2))  # (B*E, L, L) <x_s, x_s'>
-    gram_g = torch.bmm(g_pad, g_pad.transpose(1, 2))  # (B*E, L, L) <g_s, g_s'>
-    return (gram_x * gram_g).sum(dim=(1, 2)).view(n_samples, n_experts).sum(dim=1).clamp(min=0)
+    norm2_B = grad_NO.new_zeros(n_samples)
+    key_N = sample_ids_N * n_experts + expert_ids_N
+    for segs, x_pad, g_pad in _segment_buckets(x_NI, grad_NO, key_N, n_samples * n_experts):
+        gram_x = torch.bmm(x_pad, x_pad.transpose(1, 2))  # (k, L, L) <x_s, x_s'>
+        gram_g = torch.bmm(g_pad, g_pad.transpose(1, 2))  # (k, L, L) <g_s, g_s'>
+        norm2_B.index_add_(0, segs // n_experts, (gram_x * gram_g).sum(dim=(1, 2)))
+    return norm2_B.clamp(min=0)
 
 
 def expert_weight_grad_clipped_reference(
@@ -96,9 +119,14 @@ def expert_weight_grad_clipped_reference(
 ) -> torch.Tensor:
     """sum_b c_b G_b = sum_n c_{sample(n)} grad_n x_n^T per expert, [E, O, I], never per sample."""
     scaled_NO = grad_NO * clip_factor_B.to(grad_NO.dtype)[sample_ids_N].unsqueeze(1)
-    no_samples_N = torch.zeros_like(sample_ids_N)
-    x_pad, g_pad = _padded_segments(x_NI, scaled_NO, expert_ids_N, no_samples_N, n_experts, n_experts)
-    return torch.bmm(g_pad.transpose(1, 2), x_pad)
+    order_N = torch.argsort(expert_ids_N, stable=True)
+    counts = torch.bincount(expert_ids_N, minlength=n_experts).tolist()
+    out = grad_NO.new_zeros(n_experts, grad_NO.shape[1], x_NI.shape[1])
+    x_parts, g_parts = x_NI[order_N].split(counts), scaled_NO[order_N].split(counts)
+    for e, (x_e, g_e) in enumerate(zip(x_parts, g_parts)):
+        if counts[e]:
+            torch.mm(g_e.t(), x_e, out=out[e])
+    return out
 
 
 # The single call site for each op: swap in the kernels' dispatchers here.
