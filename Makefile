@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 RUNS   := runs
 
-.PHONY: venv test demo local-demo federation lint format clean
+.PHONY: venv test demo local-demo federation simulation lint format clean
 
 # torch==2.13.0 first: it is the CPU wheel; any other torch spec would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -30,6 +30,10 @@ demo: $(STAMP)
 # The loopback deployment with the pyproject job config (override with RUN_CONFIG='k=v ...').
 federation: $(STAMP)
 	$(BIN)/python -m fl_server.launch --banks 3 --root $(RUNS)/federation --run-config '$(RUN_CONFIG)'
+
+# The same job with the banks simulated inside the SuperLink (Ray backend).
+simulation: $(STAMP)
+	$(BIN)/python -m fl_server.launch --simulation --banks 3 --root $(RUNS)/simulation --run-config '$(RUN_CONFIG)'
 
 # One bank, no federation, no DP: fine-tune the small preset and report eval loss before/after.
 local-demo: $(STAMP)

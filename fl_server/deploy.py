@@ -152,6 +152,15 @@ def service_commands(topo: Topology) -> dict[str, list[str]]:
     return commands
 
 
+def simulation_command(topo: Topology) -> list[str]:
+    """A SuperLink that simulates the banks itself (Ray backend): `flwr run ... --federation-config
+    "num-supernodes=N"`. Same flags as the deployment's SuperLink, plus --simulation and the
+    default subprocess isolation (it runs the ServerApp and the simulated ClientApps itself)."""
+    argv = service_commands(topo)["superlink"]
+    i = argv.index("--isolation")
+    return [argv[0], "--simulation", *argv[1:i], *argv[i + 2 :]]
+
+
 # ---- docker-compose ---------------------------------------------------------------------------
 IMAGE = "fedmoe:latest"
 COMPOSE_RUN_CONFIG = 'key-dir="/keys" server-state-dir="/state/server"'

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crypto.keys import PUBLIC_FILE, SECRET_FILE, keygen
-from fl_server.deploy import Topology, loopback_topology, service_commands
+from fl_server.deploy import Topology, loopback_topology, service_commands, simulation_command
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONNECTION = "fedmoe-loopback"
@@ -54,6 +54,7 @@ class Deployment:
     root: Path
     env: dict[str, str]
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    simulated_banks: int = 0  # > 0: the SuperLink simulates this many banks (no SuperNodes)
 
     @property
     def log_dir(self) -> Path:
@@ -74,7 +75,11 @@ class Deployment:
         self.processes[name] = process
         return process
 
-    def start(self) -> None:
+    def start(self, *, simulation: bool = False) -> None:
+        if simulation:
+            process = self.start_service("superlink", simulation_command(self.topology))
+            wait_for_port(self.topology.superlink_host, self.topology.superlink_port, 60, process)
+            return
         for name in service_commands(self.topology):
             self.restart(name)
 
@@ -124,6 +129,8 @@ class Deployment:
         argv = [str(_venv_bin() / "flwr"), "run", str(REPO_ROOT), CONNECTION, *(["--stream"] if stream else [])]
         if overrides:
             argv += ["--run-config", overrides]
+        if self.simulated_banks:
+            argv += ["--federation-config", f"num-supernodes={self.simulated_banks}"]
         return subprocess.run(argv, cwd=REPO_ROOT, env=self.env, timeout=timeout, check=False)
 
 
@@ -159,15 +166,15 @@ def ensure_keys(key_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def loopback(n_banks: int, root: Path, *, base_port: int = 8000) -> Iterator[Deployment]:
-    """Starts the loopback deployment and always stops it on exit."""
+def loopback(n_banks: int, root: Path, *, base_port: int = 8000, simulation: bool = False) -> Iterator[Deployment]:
+    """Starts the loopback deployment (or a simulation SuperLink) and always stops it on exit."""
     root = root.resolve()
     key_dir = root / "keys"
     ensure_keys(key_dir)
     topo = loopback_topology(n_banks, root=str(root), key_path=str(key_dir / SECRET_FILE), base_port=base_port)
-    deployment = Deployment(topo, root, flwr_env(root, topo.superlink_address))
+    deployment = Deployment(topo, root, flwr_env(root, topo.superlink_address), simulated_banks=n_banks * simulation)
     try:
-        deployment.start()
+        deployment.start(simulation=simulation)
         yield deployment
     finally:
         deployment.stop()
@@ -199,11 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", type=Path, default=Path("runs/federation"))
     p.add_argument("--port", type=int, default=8000, help="SuperLink port; SuperNodes use port+100+i")
     p.add_argument("--run-config", default="", help='overrides, e.g. "num-rounds=2 local-steps=10"')
+    p.add_argument("--simulation", action="store_true", help="simulate the banks in the SuperLink (Ray)")
     args = p.parse_args(argv)
     run_config = {**job_paths(args.root), **parse_run_config(args.run_config)}
-    print(f"starting loopback federation: 1 SuperLink + {args.banks} SuperNodes on 127.0.0.1 (logs: {args.root}/logs)")
+    what = "simulated banks" if args.simulation else "SuperNodes"
+    print(f"starting loopback federation: 1 SuperLink + {args.banks} {what} on 127.0.0.1 (logs: {args.root}/logs)")
     print(f"public context for the server: {args.root / 'keys' / PUBLIC_FILE}")
-    with loopback(args.banks, args.root, base_port=args.port) as deployment:
+    with loopback(args.banks, args.root, base_port=args.port, simulation=args.simulation) as deployment:
         result = deployment.flwr_run(run_config)
     print("all federation processes stopped")
     return result.returncode
