@@ -8,6 +8,7 @@ dataclasses here, validated once at entry. Code below takes typed fields, never 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -132,6 +133,7 @@ class BankConfig:
     epsilon: float = 8.0
     delta: float = 1e-5
     planned_rounds: int = 0  # rounds the bank calibrates its noise for; 0 = the job's num-rounds
+    torch_threads: int = 0  # intra-op threads for this bank's ClientApps; 0 = torch's default
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], job: JobConfig) -> BankConfig:
@@ -152,6 +154,9 @@ class BankConfig:
             epsilon = float(raw.get("epsilon", job.epsilon))
             delta = float(raw.get("delta", job.delta))
             planned_rounds = int(raw.get("planned-rounds", 0))
+            torch_threads = int(raw.get("torch-threads", 0))
+            if "torch-threads" not in raw and "num-partitions" in raw:  # simulation: banks share the host
+                torch_threads = max(1, (os.cpu_count() or 1) // max(1, int(raw["num-partitions"])))
         except (TypeError, ValueError) as err:
             raise ConfigError(
                 f"node config of {bank_id}: epsilon/delta/planned-rounds must be numbers ({err})"
@@ -167,4 +172,5 @@ class BankConfig:
             epsilon=epsilon,
             delta=delta,
             planned_rounds=planned_rounds,
+            torch_threads=torch_threads,
         )

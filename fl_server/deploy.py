@@ -14,6 +14,7 @@ Runtime dependency installation stays off: banks have no internet.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -25,6 +26,7 @@ class BankNode:
     key_path: str
     data_path: str = ""
     epsilon: float | None = None  # None: the job's default budget
+    torch_threads: int = 0  # > 0 when banks share a host (loopback): cores per bank
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,15 @@ class Topology:
 
 
 def loopback_topology(n_banks: int, *, root: str, key_path: str, base_port: int = 8000, tls_dir: str = "") -> Topology:
+    threads = max(1, (os.cpu_count() or 1) // n_banks)  # the banks share this host's cores
     banks = tuple(
-        BankNode(bank_id=f"bank-{i}", partition_id=i, state_dir=f"{root}/banks/bank-{i}", key_path=key_path)
+        BankNode(
+            bank_id=f"bank-{i}",
+            partition_id=i,
+            state_dir=f"{root}/banks/bank-{i}",
+            key_path=key_path,
+            torch_threads=threads,
+        )
         for i in range(n_banks)
     )
     return Topology(
@@ -93,6 +102,8 @@ def _node_config(bank: BankNode) -> str:
         pairs["data-path"] = bank.data_path
     if bank.epsilon is not None:
         pairs["epsilon"] = bank.epsilon
+    if bank.torch_threads:
+        pairs["torch-threads"] = bank.torch_threads
     return " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in pairs.items())
 
 

@@ -189,11 +189,12 @@ def train_private_round(
     sigma = noise_multiplier_for(cfg, n)
     budget = check_budget(cfg, state, HistoryEntry(sigma, q, cfg.local_steps))
 
+    device = next(p for p in model.parameters() if p.requires_grad).device
     if cfg.secure_mode:
         sample_gen = noise_gen = None
     else:
         sample_gen = torch.Generator().manual_seed(seed)
-        noise_gen = torch.Generator(device=inputs.device).manual_seed(seed + 1_000_003)
+        noise_gen = torch.Generator(device=device).manual_seed(seed + 1_000_003)
     frozen = _router_buffers(model)
     was_training = model.training
     model.train()
@@ -222,7 +223,7 @@ def train_private_round(
                         private.prepare_empty_batch()
                         empty += 1
                     else:
-                        losses = private.backward(inputs[idx], targets[idx])
+                        losses = private.backward(inputs[idx].to(device), targets[idx].to(device))
                         loss_sum += float(losses.sum())
                         loss_count += losses.numel()
                     private.optimizer.step()

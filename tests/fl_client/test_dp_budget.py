@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_dp_helpers import packed, tiny_model
+from test_dp_helpers import packed, single_thread, tiny_model  # noqa: F401  (single_thread: autouse fixture)
 
 from fl_client.dp import (
     AccountantState,
@@ -75,12 +75,15 @@ def test_bank_with_epsilon_1_refuses_the_round_past_its_budget():
     assert state.to_json() == before_state
 
 
-def test_round_trains_only_the_trainable_view_and_leaves_routing_state_alone():
+@pytest.mark.parametrize("grad_sample_mode", ["hooks", "ghost", "mixed"])
+def test_round_trains_only_the_trainable_view_and_leaves_routing_state_alone(grad_sample_mode):
     model = tiny_model("router+experts", dtype=torch.float32)
     view = TrainableView(model)
     trained_before = view.flatten()
     frozen_before = {k: v for k, v in snapshot(model).items() if k not in view.params}
-    cfg = config(target_epsilon=8.0, planned_rounds=1, expected_batch_size=8, physical_batch_size=3)
+    cfg = config(
+        target_epsilon=8.0, planned_rounds=1, expected_batch_size=8, physical_batch_size=3, grad_sample_mode=grad_sample_mode
+    )
     report = train_private_round(model, packed(N, L), cfg, AccountantState.fresh(cfg), seed=0)
     assert not torch.equal(view.flatten(), trained_before)
     frozen_after = {k: v for k, v in snapshot(model).items() if k not in view.params}

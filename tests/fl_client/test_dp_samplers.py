@@ -9,9 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
-from test_dp_helpers import reference_per_sample_grads, tiny_model, token_batch, total_norms, trainable
+from test_dp_helpers import reference_per_sample_grads, single_thread, tiny_model, token_batch, total_norms, trainable  # noqa: F401  (single_thread: autouse fixture)
 
 from fl_client.dp import DPConfig, DPError, check_model, plan_norm_methods
+from fl_client.dp.bookkeeping import BookKeepingClipper
 from fl_client.dp.samplers.common import NORM_METHOD_ATTR, ghost_is_cheaper
 from fl_client.dp.samplers.expert import (
     expert_grad_norm2_reference,
@@ -132,6 +133,32 @@ def test_fast_clipping_norms_match_microbatch_loop(mode, plan_kind):
         assert ((total - ref_total).abs() / ref_total).max().item() < 1e-6
     finally:
         gsm.cleanup()
+        for module in model.modules():
+            module.__dict__.pop(NORM_METHOD_ATTR, None)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_book_keeping_norms_and_clipped_sum_match_microbatch_loop(mode):
+    model = tiny_model(mode)
+    inputs, targets = token_batch(B, T, seed=4)
+    expected = reference_per_sample_grads(model, inputs, targets)
+    plan = plan_norm_methods(model, mode="mixed", seq_len=T)
+    plan = {name: ("ghost", "instantiate")[i % 2] for i, name in enumerate(plan)}
+    modules = dict(model.named_modules())
+    for name, method in plan.items():
+        setattr(modules[name], NORM_METHOD_ATTR, method)
+    ref_norms = total_norms(expected)
+    clip = float(ref_norms.median())
+    clipper = BookKeepingClipper(model, clip_norm=clip)
+    try:
+        norms = clipper.clip_backward(lm_loss(clipper(inputs), targets, reduction="per_sample"))
+        assert ((norms - ref_norms).abs() / ref_norms).max().item() < 1e-6
+        factors = (clip / (ref_norms + 1e-6)).clamp(max=1.0)
+        for name, p in trainable(model).items():
+            clipped_sum = torch.einsum("b,b...->...", factors, expected[name])
+            assert (p.grad - clipped_sum).abs().max().item() < 1e-6, name
+    finally:
+        clipper.cleanup()
         for module in model.modules():
             module.__dict__.pop(NORM_METHOD_ATTR, None)
 
