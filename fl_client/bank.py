@@ -19,6 +19,7 @@ own local result is never kept, so every bank applies exactly the same aggregate
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,7 @@ from fl_client.data import (
 )
 from fl_client.dp import AccountantState, BudgetExceeded, DPConfig, HistoryEntry, train_private_round
 from fl_client.errors import ConfigError
+from fl_client.ledger import Ledger, accountant_state_from_ledger, round_entry, skipped_rounds, utc_now
 from fl_client.messages import TRAIN_STATUS_OK, TRAIN_STATUS_REFUSED, EvalReply, RoundRequest, TrainReply
 from fl_client.state import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from fl_client.train import TrainConfig, evaluate, train_local
@@ -244,14 +246,38 @@ def handle_train(job: JobConfig, config: BankConfig, request: RoundRequest) -> T
     global_flat = bank.view.flatten()
     started = time.perf_counter()
     metrics: dict[str, float] = {}
+    ledger_entry = ""
     if job.dp:
         cfg = dp_config(job, config)
         accountant = load_accountant(bank.state_dir, cfg)
+        ledger = Ledger(bank.state_dir / "ledger.jsonl")
+        from_ledger = accountant_state_from_ledger(ledger.entries(), cfg)
+        if from_ledger is not None and len(from_ledger.history) > len(accountant.history):
+            accountant = from_ledger  # a crash between ledger append and accountant save: trust the ledger
+        n_samples = len(data.train)
+        for skipped in skipped_rounds(ledger.entries(), request.round):  # rounds it never heard of
+            ledger.append(
+                round_entry(
+                    job_id=job.job_id,
+                    bank_id=config.bank_id,
+                    round=skipped,
+                    status="skipped",
+                    report=None,
+                    cfg=cfg,
+                    n_samples=n_samples,
+                    budget_epsilon=cfg.target_epsilon,
+                    state=accountant,
+                    reason="the bank was not asked to train in this round",
+                )
+            )
         seed = None if job.secure_mode else round_seed(job, config.bank_id, request.round)
+        started_at = utc_now()
         try:
             report = train_private_round(bank.model, data.train, cfg, accountant, seed=seed)
         except BudgetExceeded as err:
-            bank.save()  # the aggregates it applied; nothing trained, nothing spent
+            # Nothing trained, nothing spent: model, accountant and ledger stay as they were;
+            # the refusal reaches the server's ledger mirror through the reply.
+            bank.save()  # (only the aggregates it applied)
             return TrainReply(
                 bank_id=config.bank_id,
                 round=request.round,
@@ -260,14 +286,30 @@ def handle_train(job: JobConfig, config: BankConfig, request: RoundRequest) -> T
                 start_hash=bank.state.start_hash,
                 reason=str(err),
             )
-        # Privacy spent is recorded before anything derived from the data leaves the bank.
-        report.accountant_state.save(bank.state_dir / "accountant.json")
         # What one more identical round would bring epsilon to: the server stops selecting a bank
         # whose next round cannot fit (the bank would refuse it anyway).
-        next_entry = HistoryEntry(report.sigma, report.q, report.steps)
+        epsilon_next = report.accountant_state.appended(HistoryEntry(report.sigma, report.q, report.steps)).epsilon()
+        # Privacy spent is recorded (ledger, then accountant) before anything derived from the
+        # data leaves the bank: a crash can over-count, never under-count.
+        stored = ledger.append(
+            round_entry(
+                job_id=job.job_id,
+                bank_id=config.bank_id,
+                round=request.round,
+                status="trained",
+                report=report,
+                cfg=cfg,
+                n_samples=n_samples,
+                budget_epsilon=cfg.target_epsilon,
+                epsilon_next_round=epsilon_next,
+                started_at=started_at,
+            )
+        )
+        ledger_entry = json.dumps(stored)
+        report.accountant_state.save(bank.state_dir / "accountant.json")
         metrics.update(
             {
-                "epsilon-next": report.accountant_state.appended(next_entry).epsilon(),
+                "epsilon-next": epsilon_next,
                 "train-loss": report.mean_loss,
                 "epsilon-round": report.epsilon_spent_this_round,
                 "epsilon-total": report.epsilon_total,
@@ -307,6 +349,7 @@ def handle_train(job: JobConfig, config: BankConfig, request: RoundRequest) -> T
         start_hash=bank.state.start_hash,
         bundle=bundle,
         metrics=metrics,
+        ledger_entry=ledger_entry,
     )
 
 

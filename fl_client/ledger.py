@@ -97,6 +97,7 @@ VERSIONED_PACKAGES: dict[str, str] = {
     "tenseal": "tenseal",
     "fedmoe": "fedmoe",
 }
+logger = logging.getLogger(__name__)
 _SAFE_BANK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -328,7 +329,8 @@ class Ledger:
         with self._locked():
             data, parsed = self._read()
             stored = dict(entry)
-            stored.setdefault("written_at", utc_now())
+            if stored.get("written_at") is None:
+                stored["written_at"] = utc_now()
             stored["seq"] = parsed.report.n_entries + 1
             stored["prev_hash"] = parsed.report.last_hash
             stored["hash"] = entry_hash(stored)
@@ -430,13 +432,18 @@ def _drop_rdp_convergence_warnings(record: logging.LogRecord) -> bool:
     return "failed to converge" not in str(record.msg)
 
 
-def epsilon_tolerance(reference: float, *, accountant: str, rel_tol: float = 0.01) -> float:
-    """How far a recorded epsilon may sit from an independent recomputation `reference`.
+def epsilon_tolerance(reference: float, *, accountant: str, rel_tol: float = 0.01) -> tuple[float, float]:
+    """How far (below, above) a recorded epsilon may sit from an independent recomputation.
 
-    1% relative; PRV values are upper bounds within `PRV_EPS_ERROR` (absolute) of the truth,
-    so that much is added for them.
+    1% of `reference` either way. PRV values are upper bounds within `PRV_EPS_ERROR` (absolute)
+    above the truth, and PLD (pessimistic) is within ~1e-4 of it, so a PRV value may also sit
+    up to PRV_EPS_ERROR *above* the PLD; never more than 1% below it (under-reporting).
+
+    Returns:
+        (below, above): recorded - reference must lie in [-below, above].
     """
-    return rel_tol * abs(reference) + (PRV_EPS_ERROR if accountant == "prv" else 0.0) + 1e-9
+    slack = rel_tol * abs(reference) + 1e-9
+    return slack, slack + (PRV_EPS_ERROR if accountant == "prv" else 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,10 +560,13 @@ def round_entry(
         epsilon = epsilon_before = state.epsilon()
         if epsilon_next_round is None and planned is not None:
             epsilon_next_round = next_round_epsilon(state, planned)
-    if cfg.accountant == "prv":
-        eps_prv = epsilon
-    else:
-        eps_prv = epsilon_for_history(history, delta=cfg.delta, mechanism="prv")
+    eps_prv: float | None = epsilon
+    if cfg.accountant != "prv":
+        try:  # a secondary number for an RDP bank: never fail the round over it
+            eps_prv = epsilon_for_history(history, delta=cfg.delta, mechanism="prv")
+        except (ValueError, ArithmeticError, RuntimeError) as err:
+            logger.warning("%s: PRV epsilon not computed (%s); recording null", where, err)
+            eps_prv = None
     return {
         "schema": BANK_SCHEMA,
         "job_id": job_id,
@@ -586,7 +596,7 @@ def round_entry(
         "epsilon": float(epsilon),
         "epsilon_before": float(epsilon_before),
         "epsilon_spent_this_round": float(epsilon - epsilon_before),
-        "epsilon_prv": float(eps_prv),
+        "epsilon_prv": None if eps_prv is None else float(eps_prv),
         "epsilon_pld": epsilon_pld(history, delta=cfg.delta),
         "epsilon_next_round": None if epsilon_next_round is None else float(epsilon_next_round),
         "budget_epsilon": float(budget_epsilon),
@@ -619,6 +629,10 @@ def check_bank_entry(
     missing = [k for k in CHAIN_FIELDS if k not in entry]
     if missing:
         raise LedgerError(f"{where}: missing chain field(s) {missing} (not an appended ledger entry)")
+    if isinstance(entry["seq"], bool) or not isinstance(entry["seq"], int) or entry["seq"] < 1:
+        raise LedgerError(f"{where}: field 'seq' expected an integer >= 1, got {entry['seq']!r}")
+    if not isinstance(entry["prev_hash"], str) or not isinstance(entry["hash"], str):
+        raise LedgerError(f"{where}: fields 'prev_hash' and 'hash' expected hex strings")
     recomputed = entry_hash(entry)
     if entry["hash"] != recomputed:
         raise LedgerError(f"{where}: field 'hash' expected {recomputed[:16]}..., got {str(entry['hash'])[:16]}...")
@@ -698,6 +712,27 @@ def latest_bank_entry(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any] | 
         if isinstance(inner, dict) and inner.get("schema") == BANK_SCHEMA:
             return dict(inner)
     return None
+
+
+def accountant_state_from_ledger(entries: Sequence[Mapping[str, Any]], cfg: DPConfig) -> AccountantState | None:
+    """The accountant state the bank's ledger implies (its last entry's history), or None if empty.
+
+    The ledger is appended *before* accountant.json is saved, so after a crash between the two
+    the ledger is the longer (and right) one: load the bank's state from here when they differ.
+
+    Raises:
+        LedgerError: the last entry was written under another accountant or delta than `cfg`.
+    """
+    if not entries:
+        return None
+    last = entries[-1]
+    if (last.get("accountant"), last.get("delta")) != (cfg.accountant, cfg.delta):
+        raise LedgerError(
+            f"ledger entry seq {last.get('seq')}: accountant/delta expected {(cfg.accountant, cfg.delta)} "
+            f"(bank {cfg.bank_id!r}'s DP config), got {(last.get('accountant'), last.get('delta'))}"
+        )
+    history = tuple(HistoryEntry(float(s), float(q), int(n)) for s, q, n in last["history"])
+    return AccountantState(mechanism=cfg.accountant, delta=float(cfg.delta), history=history)
 
 
 def skipped_rounds(entries: Sequence[Mapping[str, Any]], upcoming_round: int) -> list[int]:

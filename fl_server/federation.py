@@ -23,6 +23,7 @@ from crypto import ExpectedHeader, aggregate, load_public_context
 from crypto.keys import PUBLIC_FILE
 from fl_client.bank import trainable_layout
 from fl_client.config import JobConfig
+from fl_client.ledger import Ledger, LedgerError, bank_exhausted, check_bank_entry, mirror_entry, mirror_path
 from fl_client.messages import TRAIN_STATUS_OK, EvalReply, RoundRequest, TrainReply
 from fl_server.state import RoundRecord, ServerState, ServerStore
 
@@ -115,6 +116,7 @@ class Federation:
         for node in silent:
             record.left_out[self.node_bank.get(node, f"node-{node}")] = "no reply within round-timeout"
         bundles: list[tuple[str, bytes]] = []
+        ledger_entries: dict[str, dict] = {}
         for reply in replies:
             node = self.reply_node[id(reply)]
             if reply.has_error():
@@ -127,11 +129,20 @@ class Federation:
                 record.left_out[tr.bank_id] = f"{tr.status}: {tr.reason}"
                 self.state.exhausted[tr.bank_id] = f"refused round {round_idx}: {tr.reason}"
                 continue
-            eps_next, budget = tr.metrics.get("epsilon-next"), tr.metrics.get("epsilon-budget")
-            if eps_next is not None and budget is not None and eps_next > budget:
-                self.state.exhausted[tr.bank_id] = (
-                    f"budget exhausted after round {round_idx}: next round would reach ε={eps_next:.3f} > {budget:g}"
-                )
+            if self.job.dp:
+                try:  # the bank's hash-chained ledger entry for this round, mirrored below
+                    entry = check_bank_entry(
+                        tr.ledger_entry, bank_id=tr.bank_id, round=round_idx, job_id=self.job.job_id
+                    )
+                except LedgerError as err:
+                    record.left_out[tr.bank_id] = f"invalid ledger entry: {err}"
+                    continue
+                ledger_entries[tr.bank_id] = entry
+                if bank_exhausted(entry):
+                    self.state.exhausted[tr.bank_id] = (
+                        f"budget exhausted after round {round_idx}: next round would reach "
+                        f"ε={entry['epsilon_next_round']:.3f} > {entry['budget_epsilon']:g}"
+                    )
             if not self.state.start_hash:
                 self.state.start_hash = tr.start_hash
             if tr.start_hash != self.state.start_hash:
@@ -169,7 +180,31 @@ class Federation:
             record.left_out["(round)"] = (
                 f"only {len(result.accepted)} valid contribution(s), min-banks is {self.job.min_banks}: no aggregate"
             )
+        if self.job.dp:
+            self.mirror_ledgers(record, ledger_entries)
         return record
+
+    def mirror_ledgers(self, record: RoundRecord, entries: dict[str, dict]) -> None:
+        """Appends this round to the server's per-bank ledger mirrors (the bank entries verbatim)."""
+        mirror_dir = self.store.root / "ledger-mirror"
+        outcomes = {bank: ("received", "") for bank in record.participants}
+        for label, why in record.left_out.items():
+            if label == "(round)" or " " in label:  # "(round)" and a bank's 2nd contribution
+                continue
+            skipped = why.startswith(("not selected", "not connected"))
+            outcomes[label] = ("skipped" if skipped else "dropped", why)
+        for bank, (status, why) in sorted(outcomes.items()):
+            mirror = Ledger(mirror_path(mirror_dir, bank))
+            mirror.append(
+                mirror_entry(
+                    job_id=self.job.job_id,
+                    bank_id=bank,
+                    round=record.round,
+                    server_status=status,
+                    bank_entry=entries.get(bank),
+                    reason=why,
+                )
+            )
 
     def run(self) -> ServerState:
         state = self.state

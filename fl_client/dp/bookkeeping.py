@@ -48,7 +48,10 @@ class _Record:
 
 def _uses_ghost(module: nn.Module) -> bool:
     """Ghost norm + clipped sum for planned-ghost layers and embeddings; instantiate the rest."""
-    if type(module) not in CLIPPED_SUM_SAMPLERS or type(module) not in GradSampleHooksFastGradientClipping.NORM_SAMPLERS:
+    if (
+        type(module) not in CLIPPED_SUM_SAMPLERS
+        or type(module) not in GradSampleHooksFastGradientClipping.NORM_SAMPLERS
+    ):
         return False
     if isinstance(module, nn.Embedding):
         return True  # Opacus' embedding norm sampler; a [B, V, D] per-sample table is never cheaper
@@ -102,7 +105,7 @@ class BookKeepingClipper:
         norm2_B = torch.zeros(n, dtype=torch.float64, device=device)
         finish: list[tuple[nn.Module, _Record, torch.Tensor, dict[nn.Parameter, torch.Tensor] | None]] = []
         modules = {name: module for module, name in self.layers.items()}
-        for record, grad in zip(records, grads):
+        for record, grad in zip(records, grads, strict=True):
             module = modules[record.name]
             backprops = grad if grad is not None else torch.zeros_like(record.output)
             if _uses_ghost(module):

@@ -27,6 +27,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from fl_client.dp import samplers  # noqa: F401  (registers our samplers with Opacus)
 from fl_client.dp.bookkeeping import BookKeepingClipper
@@ -34,6 +35,7 @@ from fl_client.dp.config import DPConfig
 from fl_client.dp.errors import DPError
 from fl_client.dp.rng import secure_gaussian_like
 from fl_client.dp.samplers.common import NORM_METHOD_ATTR, NormMethod, ghost_is_cheaper
+from fl_client.dp.samplers.router import ROUTER_IDS_ATTR, stash_router_ids
 from model.deepseek import ExpertLinear, Router, lm_loss
 from model.errors import ModelError
 from model.trainable import TrainableView
@@ -44,6 +46,7 @@ logger = logging.getLogger(__name__)
 # during private training and its load counter is restored after it (see trainer).
 _BUFFERS_ALLOWED = (Router,)
 _OPACUS_MODULE_ATTRS = ("activations", "max_batch_len", "autograd_grad_sample_hooks")
+_OUR_MODULE_ATTRS = (NORM_METHOD_ATTR, ROUTER_IDS_ATTR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,7 +80,9 @@ def check_model(model: nn.Module, cfg: DPConfig) -> None:
             continue
         where = f"bank {bank!r}: layer {name or '<root>'} ({type(module).__name__})"
         if type(module) not in GradSampleHooks.GRAD_SAMPLERS:
-            raise DPError(f"{where} has trainable parameters but no per-sample gradient sampler; supported: {supported}")
+            raise DPError(
+                f"{where} has trainable parameters but no per-sample gradient sampler; supported: {supported}"
+            )
         nested = [n for n, child in module.named_modules() if child is not module and _direct_trainable(child)]
         if nested:
             raise DPError(f"{where} is trainable and so are its sublayers {nested}; expected one trainable level")
@@ -178,6 +183,7 @@ class PrivateModel:
     criterion: DPLossFastGradientClipping | None
     plan: dict[str, NormMethod] = field(default_factory=dict)
     _model: nn.Module | None = None
+    _handles: list[RemovableHandle] = field(default_factory=list)
 
     def backward(self, inputs_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
         """Forward + backward of one physical batch; returns the per-sample losses [B] (detached)."""
@@ -205,10 +211,13 @@ class PrivateModel:
     def close(self) -> None:
         """Removes every hook and attribute Opacus or the plan added; leaves grads None."""
         self.module.cleanup()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         model = self._model
         assert model is not None
         for module in model.modules():
-            for attr in (*_OPACUS_MODULE_ATTRS, NORM_METHOD_ATTR):
+            for attr in (*_OPACUS_MODULE_ATTRS, *_OUR_MODULE_ATTRS):
                 if attr in module.__dict__:
                     delattr(module, attr)
         for p in model.parameters():
@@ -271,11 +280,15 @@ def make_private(
         optimizer = fast_cls(_base_optimizer(params, cfg), **common)
     else:
         gsm = GradSampleModuleFastGradientClipping(
-            model, batch_first=True, loss_reduction="mean", strict=False, max_grad_norm=cfg.clip_norm,
+            model,
+            batch_first=True,
+            loss_reduction="mean",
+            strict=False,
+            max_grad_norm=cfg.clip_norm,
             use_ghost_clipping=True,
         )
         optimizer = fast_cls(_base_optimizer(params, cfg), **common)
         criterion = DPLossFastGradientClipping(gsm, optimizer, PerSampleLMLoss(), loss_reduction="mean")
     if plan:
         logger.info("bank %s: per-sample norm plan %s", cfg.bank_id, plan)
-    return PrivateModel(gsm, optimizer, cfg.grad_sample_mode, criterion, plan, model)
+    return PrivateModel(gsm, optimizer, cfg.grad_sample_mode, criterion, plan, model, stash_router_ids(model))

@@ -118,7 +118,8 @@ def check_data(data: PrivateData, cfg: DPConfig) -> tuple[torch.Tensor, torch.Te
     inputs, targets = data.inputs, data.targets
     if inputs.dim() != 2 or inputs.shape != targets.shape:
         raise DPError(
-            f"bank {bank!r}: data inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)}: expected equal [n, L]"
+            f"bank {bank!r}: data inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)}: "
+            "expected equal [n, L]"
         )
     unit_ids = list(data.unit_ids)
     if len(unit_ids) != inputs.shape[0]:
@@ -261,7 +262,14 @@ def train_private_round(
     )
     logger.info(
         "bank %s: private round done: %d steps, sigma=%.3f, q=%.4f, epsilon %.3f -> %.3f of %.3f (%s, %.1fs)",
-        cfg.bank_id, cfg.local_steps, sigma, q, budget.epsilon_before, budget.epsilon_after, cfg.target_epsilon,
-        cfg.grad_sample_mode, seconds,
+        cfg.bank_id,
+        cfg.local_steps,
+        sigma,
+        q,
+        budget.epsilon_before,
+        budget.epsilon_after,
+        cfg.target_epsilon,
+        cfg.grad_sample_mode,
+        seconds,
     )
     return report

@@ -57,7 +57,7 @@ from scipy import stats
 from torch.utils.data import DataLoader
 
 from fl_client.data import generate_bank_corpus, make_bank_profiles, pack_records
-from fl_client.dp import AccountantState, DPConfig, make_private, sample_rate_for, train_private_round
+from fl_client.dp import AccountantState, DPConfig, DPError, make_private, sample_rate_for, train_private_round
 from fl_client.dp.rng import PoissonBatchSampler
 from fl_client.dp.trainer import check_data
 from model.deepseek import DeepseekForCausalLM, lm_loss, preset
@@ -218,6 +218,10 @@ class CanaryAuditConfig:
                 f"CanaryAuditConfig.k_plus/k_minus: expected >= 0 with 0 < k_plus + k_minus <= canaries="
                 f"{self.canaries}, got {k_plus}, {k_minus}"
             )
+        try:
+            self.dp_config()
+        except DPError as err:
+            raise AuditError(f"CanaryAuditConfig: {err}") from None
         if self.noise_multiplier_override is not None and not self.noise_multiplier_override >= 0:
             raise AuditError(
                 "CanaryAuditConfig.noise_multiplier_override: expected None or >= 0, "
@@ -419,8 +423,9 @@ def run_canary_audit(config: CanaryAuditConfig | None = None) -> CanaryAuditResu
         unit_ids += [f"canary-{i}" for i in torch.nonzero(included_M).flatten().tolist()]
         data = _Units(torch.cat(parts_in).contiguous(), torch.cat(parts_tg).contiguous(), unit_ids)
 
-        torch.manual_seed(config.seed)
-        model = DeepseekForCausalLM(preset("tiny", vocab_size=max(320, tokenizer.vocab_size + m)))
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+            torch.manual_seed(config.seed)
+            model = DeepseekForCausalLM(preset("tiny", vocab_size=max(320, tokenizer.vocab_size + m)))
         configure_trainable(model, "full")
         weight = model.model.embed_tokens.weight
         directions = _canary_directions(model, tokens_ML, markers_M)

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fl_server.audit.verify import AuditResult, BankSummary
@@ -32,6 +33,12 @@ def _rounds(rounds: tuple[int, ...]) -> str:
 def _label(bank: BankSummary, result: AuditResult) -> str:
     jobs = {b.job_id for b in result.banks}
     return bank.bank_id if len(jobs) <= 1 else f"{bank.bank_id} ({bank.job_id})"
+
+
+def _counts(result: AuditResult) -> str:
+    failed = sum(not e.passed for e in result.empirical)
+    text = f"{len(result.errors)} error(s), {len(result.warnings)} warning(s)"
+    return text + (f", {failed} empirical audit(s) failed" if failed else "")
 
 
 def render_table(result: AuditResult, console: Console) -> None:
@@ -73,23 +80,19 @@ def render_table(result: AuditResult, console: Console) -> None:
         files.add_column(name)
     for f in result.files:
         chain = "[green]ok[/]" if f.chain.ok else f"[red]broken at line {f.chain.first_bad_line}[/]"
-        files.add_row(str(f.path), f.kind, str(f.chain.n_entries), chain)
+        files.add_row(escape(str(f.path)), f.kind, str(f.chain.n_entries), chain)
     console.print(files)
-    if result.findings:
-        found = Table(title="findings", title_justify="left")
-        for name in ("severity", "where", "check", "what"):
-            found.add_column(name, overflow="fold")
-        for f in result.findings:
-            color = "red" if f.severity == "error" else "yellow"
-            found.add_row(f"[{color}]{f.severity}[/]", f.location, f.check, f.message)
-        console.print(found)
+    # Findings as whole lines (file:line never broken across rows: easy to grep and click).
+    for f in result.findings:
+        color = "red" if f.severity == "error" else "yellow"
+        console.print(
+            f"[{color}]{f.severity}[/] {escape(f.location)}: \\[{escape(f.check)}] {escape(f.message)}", soft_wrap=True
+        )
     for emp in result.empirical:
         color = "green" if emp.passed else "red"
-        console.print(f"[bold]empirical audit[/] [{color}]{emp.summary()}[/]")
-    verdict = (
-        "[bold green]AUDIT PASSED[/]" if result.ok else f"[bold red]AUDIT FAILED[/] ({len(result.errors)} error(s))"
-    )
-    console.print(f"{verdict}; {len(result.warnings)} warning(s)")
+        console.print(f"[bold]empirical audit[/] [{color}]{escape(emp.summary())}[/]", soft_wrap=True)
+    verdict = "[bold green]AUDIT PASSED[/]" if result.ok else "[bold red]AUDIT FAILED[/]"
+    console.print(f"{verdict}: {_counts(result)}")
 
 
 def _plot_epsilon(result: AuditResult, path: Path) -> None:
@@ -251,16 +254,13 @@ def write_html_report(result: AuditResult, out_dir: str | os.PathLike[str]) -> P
             ],
             rows,
         )
-    overall = (
-        '<p class="ok">AUDIT PASSED</p>'
-        if result.ok
-        else f'<p class="fail">AUDIT FAILED: {len(result.errors)} error(s)</p>'
-    )
+    verdict = "AUDIT PASSED" if result.ok else "AUDIT FAILED"
+    overall = f'<p class="{"ok" if result.ok else "fail"}">{verdict}: {esc(_counts(result))}</p>'
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>fedmoe privacy ledger audit</title>
 <style>{_STYLE}</style></head><body>
 <h1>fedmoe privacy ledger audit</h1>
-{overall}<p>{len(result.warnings)} warning(s). Epsilon recomputed from the recorded histories with
+{overall}<p>Epsilon recomputed from the recorded histories with
 dp_accounting (PLD, and RDP), independently of the values written; tolerance 1%
 (+0.01 for PRV values).</p>
 <h2>Banks</h2>

@@ -17,7 +17,8 @@ Checks, for every bank entry (in a bank ledger, or wrapped in a mirror line):
                 (+ PRV's documented eps_error of 0.01 for PRV values, which are upper bounds
                 within that of the truth).
     budget      a trained entry's epsilon is within the bank's budget.
-    sequence    one entry per round, rounds increasing; job, bank, accountant, delta constant.
+    sequence    rounds in order (a round recorded twice -- re-run after an interruption, both
+                spent -- is a warning); job, bank, accountant, delta constant.
     mirror      a mirror line's bank entry hashes correctly and names the same bank/round/job;
                 mirrored entries chain to each other.
     cross-check every entry the server mirrored is in the bank's ledger with the same hash
@@ -78,7 +79,7 @@ _BANK_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "history": ((list,), False),
     "epsilon": (_NUMBER, False),
     "epsilon_before": (_NUMBER, False),
-    "epsilon_prv": (_NUMBER, False),
+    "epsilon_prv": (_NUMBER, True),  # null when Opacus' PRV could not be computed (RDP banks)
     "epsilon_pld": (_NUMBER, False),
     "epsilon_next_round": (_NUMBER, True),
     "budget_epsilon": (_NUMBER, False),
@@ -318,9 +319,20 @@ def _check_entry(
             "subsampled-Gaussian accounting assumes Poisson sampling, so this epsilon does not hold",
             entry,
         )
+    mechanism = [entry["noise_multiplier"], entry["sample_rate"], entry["local_steps"]]
     this = None
-    if entry["noise_multiplier"] is not None:
-        this = [float(entry["noise_multiplier"]), float(entry["sample_rate"]), int(entry["local_steps"])]
+    if any(v is not None for v in mechanism):
+        if any(v is None for v in mechanism) or not _valid_history([mechanism]):
+            out.add(
+                "error",
+                "schema",
+                where,
+                f"fields '{p}noise_multiplier', 'sample_rate', 'local_steps': expected all null or sigma > 0, "
+                f"0 < q <= 1, steps >= 0; got {mechanism}",
+                entry,
+            )
+            return False
+        this = [float(mechanism[0]), float(mechanism[1]), int(mechanism[2])]
 
     # ---- history continuity -----------------------------------------------------------------
     if status == "trained":
@@ -383,14 +395,16 @@ def _check_entry(
                     f"field '{p}{name}': expected {prev[name]!r} as before, got {entry[name]!r}",
                     entry,
                 )
-        if entry["round"] <= prev["round"]:
+        if entry["round"] < prev["round"]:
             out.add(
                 "error",
                 "sequence",
                 where,
-                f"field '{p}round': expected > {prev['round']} (one entry per round, increasing), got {entry['round']}",
+                f"field '{p}round': expected >= {prev['round']} (rounds in order), got {entry['round']}",
                 entry,
             )
+        elif entry["round"] == prev["round"]:  # a round re-run after an interruption: both count
+            out.add("warning", "sequence", where, f"round {entry['round']} recorded again (re-run?)", entry)
         if entry["budget_epsilon"] != prev["budget_epsilon"]:
             out.add(
                 "warning",
@@ -410,39 +424,53 @@ def _check_entry(
                 entry,
             )
 
-    # ---- epsilon, recomputed independently ---------------------------------------------------
+    accountant = entry["accountant"]
+    if accountant not in ("prv", "rdp"):
+        out.add("error", "schema", where, f"field '{p}accountant': expected 'prv' or 'rdp', got {accountant!r}", entry)
+        return False
+    try:
+        return _check_epsilons(entry, where, this, rec, out)
+    except (ValueError, ArithmeticError, RuntimeError) as err:  # dp_accounting on absurd numbers
+        out.add("error", "epsilon", where, f"cannot recompute epsilon from field '{p}history': {err}", entry)
+        return False
+
+
+def _check_epsilons(
+    entry: Mapping[str, Any], where: _Where, this: list | None, rec: _Recompute, out: _Collector
+) -> bool:
+    """The epsilon and budget checks of one (well-formed) bank entry."""
+    p, status, history, delta = where.prefix, entry["status"], entry["history"], float(entry["delta"])
     accountant = entry["accountant"]
     pld = rec.pld(history, delta)
 
-    def compare(name: str, recorded: float, reference: float, method: str, tol: float) -> None:
-        if not abs(recorded - reference) <= tol:
+    def compare(name: str, recorded: float, reference: float, method: str, tol: tuple[float, float]) -> None:
+        below, above = tol
+        if not -below <= recorded - reference <= above:
             out.add(
                 "error",
                 "epsilon",
                 where,
                 f"field '{p}{name}': recorded {recorded:.6g}, recomputed {reference:.6g} by {method} from the recorded "
-                f"history ({_rel(recorded, reference)} apart, tolerance {tol:.3g})",
+                f"history ({_rel(recorded, reference)} {'below' if recorded < reference else 'above'}; allowed "
+                f"-{below:.3g} / +{above:.3g})",
                 entry,
             )
 
     compare(
         "epsilon_pld", float(entry["epsilon_pld"]), pld, "PLD (dp_accounting)", epsilon_tolerance(pld, accountant="pld")
     )
-    compare(
-        "epsilon_prv", float(entry["epsilon_prv"]), pld, "PLD (dp_accounting)", epsilon_tolerance(pld, accountant="prv")
-    )
+    if entry["epsilon_prv"] is not None:
+        prv = float(entry["epsilon_prv"])
+        compare("epsilon_prv", prv, pld, "PLD (dp_accounting)", epsilon_tolerance(pld, accountant="prv"))
     if accountant == "rdp":
         rdp = rec.rdp(history, delta)
         compare(
             "epsilon", float(entry["epsilon"]), rdp, "RDP (dp_accounting)", epsilon_tolerance(rdp, accountant="rdp")
         )
-    elif accountant == "prv":
+    else:
         compare(
             "epsilon", float(entry["epsilon"]), pld, "PLD (dp_accounting)", epsilon_tolerance(pld, accountant="prv")
         )
-    else:
-        out.add("error", "schema", where, f"field '{p}accountant': expected 'prv' or 'rdp', got {accountant!r}", entry)
-        return False
     before_history = history[:-1] if status == "trained" else history
     before_ref = rec.rdp(before_history, delta) if accountant == "rdp" else rec.pld(before_history, delta)
     compare(
@@ -574,12 +602,12 @@ def _audit_mirror_file(
         if not isinstance(rnd, int):
             out.add("error", "mirror", where, f"field 'round': expected an integer, got {rnd!r}", wrapper)
             continue
-        if prev_round is not None and rnd <= prev_round:
+        if prev_round is not None and rnd < prev_round:
             out.add(
                 "error",
                 "sequence",
                 where,
-                f"field 'round': expected > {prev_round} (one line per round), got {rnd}",
+                f"field 'round': expected >= {prev_round} (rounds in order), got {rnd}",
                 wrapper,
             )
         prev_round = rnd

@@ -24,7 +24,9 @@ N, L = 48, 8
 
 
 def config(**overrides) -> DPConfig:
+    """A small bank config; RDP (calibrates in ~0.2 s, PRV in ~1.5 s) unless a test is about PRV."""
     fields = dict(
+        accountant="rdp",
         target_epsilon=1.0,
         delta=1e-5,
         clip_norm=1.0,
@@ -54,7 +56,7 @@ def assert_same(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor])
 def test_bank_with_epsilon_1_refuses_the_round_past_its_budget():
     model = tiny_model("lora", dtype=torch.float32)
     data = packed(N, L)
-    cfg = config()
+    cfg = config(accountant="prv")
     state = AccountantState.fresh(cfg)
     reports = []
     for round_ in range(2):  # the planned rounds fit
@@ -66,10 +68,12 @@ def test_bank_with_epsilon_1_refuses_the_round_past_its_budget():
     assert 0.98 <= reports[-1].epsilon_total <= 1.0
     assert reports[-1].history == (HistoryEntry(reports[0].sigma, 6 / N, 2),) * 2
     # Re-verifiable from the plain history alone:
-    assert epsilon_for_history(reports[-1].history, delta=1e-5) == reports[-1].epsilon_total
+    assert epsilon_for_history(reports[-1].history, delta=1e-5, mechanism="prv") == reports[-1].epsilon_total
 
     before_model, before_state = snapshot(model), state.to_json()
-    with pytest.raises(BudgetExceeded, match=r"bank 'bank-a'.*would bring epsilon to 1\.\d+; budget target_epsilon=1\.0"):
+    with pytest.raises(
+        BudgetExceeded, match=r"bank 'bank-a'.*would bring epsilon to 1\.\d+; budget target_epsilon=1\.0"
+    ):
         train_private_round(model, data, cfg, state, seed=2)
     assert_same(before_model, snapshot(model))
     assert state.to_json() == before_state
@@ -82,7 +86,11 @@ def test_round_trains_only_the_trainable_view_and_leaves_routing_state_alone(gra
     trained_before = view.flatten()
     frozen_before = {k: v for k, v in snapshot(model).items() if k not in view.params}
     cfg = config(
-        target_epsilon=8.0, planned_rounds=1, expected_batch_size=8, physical_batch_size=3, grad_sample_mode=grad_sample_mode
+        target_epsilon=8.0,
+        planned_rounds=1,
+        expected_batch_size=8,
+        physical_batch_size=3,
+        grad_sample_mode=grad_sample_mode,
     )
     report = train_private_round(model, packed(N, L), cfg, AccountantState.fresh(cfg), seed=0)
     assert not torch.equal(view.flatten(), trained_before)
@@ -145,9 +153,9 @@ def test_state_from_another_delta_or_accountant_is_refused():
     model = tiny_model("lora", dtype=torch.float32)
     cfg = config()
     with pytest.raises(DPError, match="accountant state has delta=1e-06, the DP config says 1e-05"):
-        train_private_round(model, packed(N, L), cfg, AccountantState("prv", 1e-6), seed=0)
-    with pytest.raises(DPError, match="accountant state has accountant='rdp'"):
-        train_private_round(model, packed(N, L), cfg, AccountantState("rdp", 1e-5), seed=0)
+        train_private_round(model, packed(N, L), cfg, AccountantState("rdp", 1e-6), seed=0)
+    with pytest.raises(DPError, match="accountant state has accountant='prv', the DP config says 'rdp'"):
+        train_private_round(model, packed(N, L), cfg, AccountantState("prv", 1e-5), seed=0)
 
 
 def test_data_must_hold_one_privacy_unit_per_sample():
@@ -161,7 +169,9 @@ def test_data_must_hold_one_privacy_unit_per_sample():
     data.record_indices[3] = [3, 4]
     with pytest.raises(DPError, match="sample 3 holds 2.*mode='per_record'"):
         train_private_round(model, data, config(), AccountantState.fresh(config()), seed=0)
-    with pytest.raises(DPError, match=r"expected_batch_size=6 needs at least that many samples \(record units\), got 4"):
+    with pytest.raises(
+        DPError, match=r"expected_batch_size=6 needs at least that many samples \(record units\), got 4"
+    ):
         train_private_round(model, packed(4, L), config(), AccountantState.fresh(config()), seed=0)
 
 
@@ -191,9 +201,13 @@ def test_packed_data_from_fl_client_data_is_accepted():
     pack = dict(encode=encode, seq_len=L, eos_id=0, pad_id=0)
     per_customer = data_mod.pack_records(records, privacy_unit="customer", **pack)
     cfg = config(target_epsilon=5.0, planned_rounds=1, local_steps=1, privacy_unit="customer", expected_batch_size=4)
-    report = train_private_round(tiny_model("lora", dtype=torch.float32), per_customer, cfg, AccountantState.fresh(cfg), seed=0)
+    report = train_private_round(
+        tiny_model("lora", dtype=torch.float32), per_customer, cfg, AccountantState.fresh(cfg), seed=0
+    )
     assert report.n_samples == 10
     concat = data_mod.pack_records(records, privacy_unit="record", mode="concat", **{**pack, "seq_len": 64})
     assert any(len(m) > 1 for m in concat.record_indices)
     with pytest.raises(DPError, match="one record per sample"):
-        train_private_round(tiny_model("lora", dtype=torch.float32), concat, config(), AccountantState.fresh(config()), seed=0)
+        train_private_round(
+            tiny_model("lora", dtype=torch.float32), concat, config(), AccountantState.fresh(config()), seed=0
+        )

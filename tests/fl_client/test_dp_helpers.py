@@ -16,6 +16,7 @@ import torch
 from model.deepseek import DeepseekForCausalLM, lm_loss, preset
 from model.lora import LoraConfig, configure_trainable
 
+
 @pytest.fixture(autouse=True)
 def single_thread():
     """Tiny tensors: intra-op threads only add barrier waits, which on a busy 2-core CI box cost
@@ -27,7 +28,9 @@ def single_thread():
 
 
 # LoRA on every kind of target: attention projections, routed experts, shared experts, dense MLP.
-ALL_LORA = LoraConfig(rank=4, targets=("q_a_proj", "q_b_proj", "kv_b_proj", "o_proj", "experts", "shared_experts", "mlp"))
+ALL_LORA = LoraConfig(
+    rank=4, targets=("q_a_proj", "q_b_proj", "kv_b_proj", "o_proj", "experts", "shared_experts", "mlp")
+)
 
 
 def tiny_model(mode: str, *, seed: int = 0, dtype: torch.dtype = torch.float64, **overrides) -> DeepseekForCausalLM:
@@ -43,7 +46,9 @@ def tiny_model(mode: str, *, seed: int = 0, dtype: torch.dtype = torch.float64, 
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.05)
         for router in model.routers():
             if router.uses_bias:
-                router.e_score_correction_bias.copy_(torch.randn(router.e_score_correction_bias.shape, generator=gen) * 0.01)
+                router.e_score_correction_bias.copy_(
+                    torch.randn(router.e_score_correction_bias.shape, generator=gen) * 0.01
+                )
     return model.train()
 
 
@@ -62,7 +67,10 @@ def packed(n: int, seq_len: int, *, seed: int = 0) -> SimpleNamespace:
     """A stand-in for fl_client.data.PackedData: one unit (record) per sample."""
     inputs, targets = token_batch(n, seq_len, seed=seed)
     return SimpleNamespace(
-        inputs=inputs, targets=targets, unit_ids=[f"record-{i}" for i in range(n)], record_indices=[[i] for i in range(n)]
+        inputs=inputs,
+        targets=targets,
+        unit_ids=[f"record-{i}" for i in range(n)],
+        record_indices=[[i] for i in range(n)],
     )
 
 

@@ -14,11 +14,8 @@ from test_dp_helpers import reference_per_sample_grads, single_thread, tiny_mode
 from fl_client.dp import DPConfig, DPError, check_model, plan_norm_methods
 from fl_client.dp.bookkeeping import BookKeepingClipper
 from fl_client.dp.samplers.common import NORM_METHOD_ATTR, ghost_is_cheaper
-from fl_client.dp.samplers.expert import (
-    expert_grad_norm2_reference,
-    expert_grad_sample_reference,
-    expert_weight_grad_clipped_reference,
-)
+from fl_client.dp.samplers.expert import expert_grad_norm2_bucketed
+from kernels import expert_grad_sample, expert_weight_grad_clipped
 from model.deepseek import DeepseekForCausalLM, lm_loss, preset
 from model.lora import configure_trainable
 
@@ -31,7 +28,7 @@ B, T = 5, 12
 
 
 # ---------------------------------------------------------------------------------------------
-# The expert-bank ops against per-token outer products
+# The expert-bank ops the samplers call, against per-token outer products
 # ---------------------------------------------------------------------------------------------
 
 
@@ -59,22 +56,21 @@ def test_expert_ops_match_outer_products(n_samples, rows, n_experts, width_in, w
     ids = torch.randint(0, n_experts, (N,), generator=gen)  # some experts get no rows
     sample_ids = torch.arange(n_samples).repeat_interleave(rows)
     expected = outer_product_loop(x, g, ids, sample_ids, n_samples, n_experts)
-    got = expert_grad_sample_reference(x, g, ids, sample_ids, n_samples, n_experts)
+    got = expert_grad_sample(x, g, ids, sample_ids, n_samples, n_experts)
     assert got.shape == (n_samples, n_experts, width_out, width_in)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
-    norm2 = expert_grad_norm2_reference(x, g, ids, sample_ids, n_samples, n_experts)
+    norm2 = expert_grad_norm2_bucketed(x, g, ids, sample_ids, n_samples, n_experts)
     torch.testing.assert_close(norm2, expected.reshape(n_samples, -1).pow(2).sum(1), rtol=1e-10, atol=1e-12)
     factors = torch.rand(n_samples, generator=gen, dtype=torch.float64)
-    clipped = expert_weight_grad_clipped_reference(x, g, ids, sample_ids, factors, n_experts)
+    clipped = expert_weight_grad_clipped(x, g, ids, sample_ids, factors, n_experts)
     torch.testing.assert_close(clipped, torch.einsum("b,b...->...", factors, expected), rtol=0, atol=1e-12)
 
 
-def test_expert_ops_on_empty_input():
+def test_bucketed_ghost_norm_on_empty_input():
     x, g = torch.zeros(0, 3), torch.zeros(0, 2)
     ids = sample_ids = torch.zeros(0, dtype=torch.long)
-    assert expert_grad_sample_reference(x, g, ids, sample_ids, 0, 4).shape == (0, 4, 2, 3)
-    assert expert_grad_norm2_reference(x, g, ids, sample_ids, 0, 4).shape == (0,)
-    assert expert_weight_grad_clipped_reference(x, g, ids, sample_ids, torch.zeros(0), 4).abs().sum() == 0
+    assert expert_grad_norm2_bucketed(x, g, ids, sample_ids, 0, 4).shape == (0,)
+    assert expert_grad_norm2_bucketed(x, g, ids, sample_ids, 2, 4).abs().sum() == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +159,29 @@ def test_book_keeping_norms_and_clipped_sum_match_microbatch_loop(mode):
             module.__dict__.pop(NORM_METHOD_ATTR, None)
 
 
+@pytest.mark.parametrize("mode", ["lora", "router+experts"])
+def test_book_keeping_in_float32_runs_the_fast_paths_and_agrees(mode):
+    # float32 takes the kernels' grouped_mm paths and the bucketed ghost norm (float64 cannot).
+    inputs, targets = token_batch(B, T, seed=5)
+    expected = reference_per_sample_grads(tiny_model(mode), inputs, targets)
+    model = tiny_model(mode, dtype=torch.float32)
+    plan = plan_norm_methods(model, mode="mixed", seq_len=T)
+    modules = dict(model.named_modules())
+    for i, name in enumerate(plan):
+        setattr(modules[name], NORM_METHOD_ATTR, ("ghost", "instantiate")[i % 2])
+    ref_norms = total_norms(expected)
+    clipper = BookKeepingClipper(model, clip_norm=float(ref_norms.median()))
+    try:
+        norms = clipper.clip_backward(lm_loss(clipper(inputs), targets, reduction="per_sample"))
+        torch.testing.assert_close(norms, ref_norms, rtol=1e-4, atol=0)
+        factors = (float(ref_norms.median()) / (ref_norms + 1e-6)).clamp(max=1.0)
+        for name, p in trainable(model).items():
+            clipped_sum = torch.einsum("b,b...->...", factors, expected[name])
+            torch.testing.assert_close(p.grad.double(), clipped_sum, rtol=1e-3, atol=1e-5, msg=name)
+    finally:
+        clipper.cleanup()
+
+
 # ---------------------------------------------------------------------------------------------
 # Model checks and the mixed plan
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +211,9 @@ def test_check_model_refuses_layers_without_a_sampler():
     configure_trainable(model, "router+experts")
     model.model.layers[0].extra = torch.nn.Bilinear(2, 2, 2)
     cfg = DPConfig(target_epsilon=1.0, delta=1e-5, bank_id="bank-a")
-    with pytest.raises(DPError, match=r"bank 'bank-a': layer model\.layers\.0\.extra \(Bilinear\).*supported: \[.*ExpertLinear"):
+    with pytest.raises(
+        DPError, match=r"bank 'bank-a': layer model\.layers\.0\.extra \(Bilinear\).*supported: \[.*ExpertLinear"
+    ):
         check_model(model, cfg)
 
 

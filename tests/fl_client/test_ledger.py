@@ -16,6 +16,7 @@ from fl_client.ledger import (
     MIRROR_SCHEMA,
     Ledger,
     LedgerError,
+    accountant_state_from_ledger,
     bank_exhausted,
     canonical_json,
     entry_hash,
@@ -324,3 +325,13 @@ def test_skipped_rounds_between_the_last_entry_and_the_request():
     assert skipped_rounds([], 3) == []
     assert skipped_rounds([{"round": 1}, {"round": 2}], 3) == []
     assert skipped_rounds([{"round": 1}], 4) == [2, 3]
+
+
+def test_the_ledger_implies_the_accountant_state(bank_ledger):
+    path, _, state = bank_ledger
+    entries = Ledger(path).entries()
+    assert accountant_state_from_ledger(entries, config()) == state
+    assert accountant_state_from_ledger(entries[:1], config()).history == state.history[:1]
+    assert accountant_state_from_ledger([], config()) is None
+    with pytest.raises(LedgerError, match=r"seq 3: accountant/delta expected \('rdp', 1e-05\)"):
+        accountant_state_from_ledger(entries, config(accountant="rdp"))

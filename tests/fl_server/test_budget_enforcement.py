@@ -54,3 +54,12 @@ def test_exhausted_banks_are_dropped_then_job_ends(tmp_path):
     for record in state.rounds:
         for bank, metrics in record.train_metrics.items():
             assert metrics["epsilon-total"] <= 3.0 + 1e-9, (bank, metrics)
+    # the banks' ledgers verify, and the server's mirrors say who was received, dropped or skipped
+    from fl_client.ledger import verify_chain
+
+    mirror_dir = Path(job.server_state_dir) / "budget" / "ledger-mirror"
+    for bank in ("bank-0", "bank-1", "bank-2"):
+        assert verify_chain(Path(job.bank_state_root) / "budget" / bank / "ledger.jsonl").ok
+        assert verify_chain(mirror_dir / f"{bank}.jsonl").ok
+    bank2 = [json.loads(line) for line in (mirror_dir / "bank-2.jsonl").read_text().splitlines()]
+    assert [m["server_status"] for m in bank2] == ["received", "skipped"]

@@ -57,7 +57,9 @@ def norms_from_grad_samples(grad_samples: dict[nn.Parameter, torch.Tensor]) -> d
     return {p: gs.reshape(gs.shape[0], -1).norm(2, dim=-1) for p, gs in grad_samples.items()}
 
 
-ClippedSumSampler = Callable[[nn.Module, list[torch.Tensor], torch.Tensor, torch.Tensor], dict[nn.Parameter, torch.Tensor]]
+ClippedSumSampler = Callable[
+    [nn.Module, list[torch.Tensor], torch.Tensor, torch.Tensor], dict[nn.Parameter, torch.Tensor]
+]
 CLIPPED_SUM_SAMPLERS: dict[type[nn.Module], ClippedSumSampler] = {}
 
 
@@ -74,7 +76,9 @@ def register_clipped_sum_sampler(
         for cls in layer_classes:
             if cls in CLIPPED_SUM_SAMPLERS and not force:
                 held = CLIPPED_SUM_SAMPLERS[cls].__qualname__
-                raise ValueError(f"clipped-sum sampler for {cls.__name__}: already registered ({held}); pass force=True")
+                raise ValueError(
+                    f"clipped-sum sampler for {cls.__name__}: already registered ({held}); pass force=True"
+                )
             CLIPPED_SUM_SAMPLERS[cls] = fn
         return fn
 

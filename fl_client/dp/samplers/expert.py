@@ -4,11 +4,13 @@ Layer: y_bs = W[e_bs] x_bs for rows s of sample b (tokens x top-k slots), W [E, 
     per-sample gradient   G_b[e] = sum_{s: e_bs = e} g_bs x_bs^T               [B, E, O, I]
     its squared norm      ||G_b||^2 = sum_e sum_{s, s' in (b, e)} <x_s, x_s'> <g_s, g_s'>   [B]
     the clipped sum       sum_b c_b G_b = weight gradient with g_bs scaled by c_b       [E, O, I]
-Rows are grouped into (sample, expert) segments by one stable sort of key = b*E + e; a segment
-is one matmul (G = g_seg^T x_seg) or one pair of Gram matrices (ghost norm), never per-token
-outer products. Segments are ranked by length and zero-padded per bucket of similar lengths, so
-each op is a few batched matmuls (padding rows are zero and add nothing). The clipped sum needs
-no segments at all: one matmul per expert over its rows, each row's g scaled by its sample's c_b.
+Rows are grouped into (sample, expert) segments; a segment is one matmul (G = g_seg^T x_seg) or
+one pair of Gram matrices (ghost norm), never per-token outer products. The ops are the kernels'
+dispatchers (`kernels.expert_grad_sample`, `expert_grad_norm2`, `expert_weight_grad_clipped`:
+reference / grouped_mm / Triton), called from one place each below, except the ghost norm on
+CPU: the kernels' CPU paths instantiate every segment's O x I gradient, and for the widths where
+our plan asks for the ghost form the bucketed Gram version here is ~2.5x faster
+(`expert_grad_norm2_bucketed`; bench numbers in docs/privacy.md).
 
 Opacus calls a sampler with `activations` = the layer's forward inputs as a list ([x, expert_ids]
 here: ExpertLinear.forward takes both) and `backprops` = dL/dy, already multiplied by the batch
@@ -16,7 +18,7 @@ size when the loss was a mean. The expert ids ride along as the second activatio
 dimension of x_BSI is the sample dimension, so the sampler never sees tokens as samples.
 
 Legend: B samples, S rows per sample, N = B*S rows, E experts, I input width, O output width,
-L longest segment.
+L longest segment of a bucket.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from torch import nn
 
+import kernels
 from fl_client.dp.samplers.common import (
     ghost_is_cheaper,
     norm_method_of,
@@ -37,7 +40,7 @@ from model.deepseek import ExpertLinear
 from model.lora import LoRAExpertLinear
 
 # ---------------------------------------------------------------------------------------------
-# Plain-torch ops (the spec; kernels.expert_grad_sample / expert_grad_norm2 are their fast twins)
+# Ops
 # ---------------------------------------------------------------------------------------------
 
 
@@ -75,7 +78,7 @@ def _segment_buckets(
         yield by_len_S[lo:hi], x_pad, g_pad
 
 
-def expert_grad_sample_reference(
+def expert_grad_norm2_bucketed(
     x_NI: torch.Tensor,
     grad_NO: torch.Tensor,
     expert_ids_N: torch.Tensor,
@@ -83,23 +86,7 @@ def expert_grad_sample_reference(
     n_samples: int,
     n_experts: int,
 ) -> torch.Tensor:
-    """Per-sample expert-bank gradients G[b, e] = sum_{n: sample b, expert e} grad_n x_n^T, [B, E, O, I]."""
-    n_seg = n_samples * n_experts
-    out = grad_NO.new_zeros(n_seg, grad_NO.shape[1], x_NI.shape[1])
-    for segs, x_pad, g_pad in _segment_buckets(x_NI, grad_NO, sample_ids_N * n_experts + expert_ids_N, n_seg):
-        out[segs] = torch.bmm(g_pad.transpose(1, 2), x_pad)  # (k, O, I): one matmul per segment
-    return out.view(n_samples, n_experts, grad_NO.shape[1], x_NI.shape[1])
-
-
-def expert_grad_norm2_reference(
-    x_NI: torch.Tensor,
-    grad_NO: torch.Tensor,
-    expert_ids_N: torch.Tensor,
-    sample_ids_N: torch.Tensor,
-    n_samples: int,
-    n_experts: int,
-) -> torch.Tensor:
-    """Squared per-sample gradient norms [B] by the ghost form, without instantiating G."""
+    """Squared per-sample gradient norms [B] by the ghost form (segment Grams), any dtype/device."""
     norm2_B = grad_NO.new_zeros(n_samples)
     key_N = sample_ids_N * n_experts + expert_ids_N
     for segs, x_pad, g_pad in _segment_buckets(x_NI, grad_NO, key_N, n_samples * n_experts):
@@ -109,30 +96,19 @@ def expert_grad_norm2_reference(
     return norm2_B.clamp(min=0)
 
 
-def expert_weight_grad_clipped_reference(
-    x_NI: torch.Tensor,
-    grad_NO: torch.Tensor,
-    expert_ids_N: torch.Tensor,
-    sample_ids_N: torch.Tensor,
-    clip_factor_B: torch.Tensor,
-    n_experts: int,
-) -> torch.Tensor:
-    """sum_b c_b G_b = sum_n c_{sample(n)} grad_n x_n^T per expert, [E, O, I], never per sample."""
-    scaled_NO = grad_NO * clip_factor_B.to(grad_NO.dtype)[sample_ids_N].unsqueeze(1)
-    order_N = torch.argsort(expert_ids_N, stable=True)
-    counts = torch.bincount(expert_ids_N, minlength=n_experts).tolist()
-    out = grad_NO.new_zeros(n_experts, grad_NO.shape[1], x_NI.shape[1])
-    x_parts, g_parts = x_NI[order_N].split(counts), scaled_NO[order_N].split(counts)
-    for e, (x_e, g_e) in enumerate(zip(x_parts, g_parts)):
-        if counts[e]:
-            torch.mm(g_e.t(), x_e, out=out[e])
-    return out
+# The single call site of each op.
+def _ghost_norm2(x_NI, grad_NO, ids_N, sample_ids_N, n_samples: int, n_experts: int) -> torch.Tensor:
+    if x_NI.is_cuda:  # Triton: ghost or instantiating kernel per segment, whichever is cheaper
+        return kernels.expert_grad_norm2(x_NI, grad_NO, ids_N, sample_ids_N, n_samples, n_experts, method="auto")
+    return expert_grad_norm2_bucketed(x_NI, grad_NO, ids_N, sample_ids_N, n_samples, n_experts)
 
 
-# The single call site for each op: swap in the kernels' dispatchers here.
-expert_grad_sample = expert_grad_sample_reference
-expert_grad_norm2 = expert_grad_norm2_reference
-expert_weight_grad_clipped = expert_weight_grad_clipped_reference
+def _grad_sample(x_NI, grad_NO, ids_N, sample_ids_N, n_samples: int, n_experts: int) -> torch.Tensor:
+    return kernels.expert_grad_sample(x_NI, grad_NO, ids_N, sample_ids_N, n_samples, n_experts)
+
+
+def _clipped_sum(x_NI, grad_NO, ids_N, sample_ids_N, clip_factor_B, n_experts: int) -> torch.Tensor:
+    return kernels.expert_weight_grad_clipped(x_NI, grad_NO, ids_N, sample_ids_N, clip_factor_B, n_experts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +143,7 @@ def compute_expert_linear_grad_sample(
     if not layer.weight.requires_grad:
         return {}
     x_NI, grad_NO, ids_N, sample_ids_N, B, _ = _rows(layer, activations, backprops)
-    return {layer.weight: expert_grad_sample(x_NI, grad_NO, ids_N, sample_ids_N, B, layer.n_experts)}
+    return {layer.weight: _grad_sample(x_NI, grad_NO, ids_N, sample_ids_N, B, layer.n_experts)}
 
 
 @register_norm_sampler([ExpertLinear, LoRAExpertLinear])
@@ -189,9 +165,9 @@ def compute_expert_linear_norm_sample(
         )
         method = "ghost" if cheaper else "instantiate"
     if method == "ghost":
-        norm2 = expert_grad_norm2(x_NI, grad_NO, ids_N, sample_ids_N, B, layer.n_experts)
-        return {layer.weight: norm2.sqrt()}
-    grads = expert_grad_sample(x_NI, grad_NO, ids_N, sample_ids_N, B, layer.n_experts)
+        norm2 = _ghost_norm2(x_NI, grad_NO, ids_N, sample_ids_N, B, layer.n_experts)
+        return {layer.weight: norm2.sqrt().to(grad_NO.dtype)}  # Opacus stacks all layers' norms
+    grads = _grad_sample(x_NI, grad_NO, ids_N, sample_ids_N, B, layer.n_experts)
     return norms_from_grad_samples({layer.weight: grads})
 
 
@@ -208,5 +184,5 @@ def compute_expert_linear_clipped_sum(
     if not layer.weight.requires_grad:
         return {}
     x_NI, grad_NO, ids_N, sample_ids_N, _, _ = _rows(layer, activations, backprops)
-    grad = expert_weight_grad_clipped(x_NI, grad_NO, ids_N, sample_ids_N, clip_factors, layer.n_experts)
+    grad = _clipped_sum(x_NI, grad_NO, ids_N, sample_ids_N, clip_factors, layer.n_experts)
     return {layer.weight: grad.to(layer.weight.dtype)}

@@ -1,4 +1,4 @@
-"""Mixed ghost clipping for `nn.Linear` (and LoRA-wrapped linears' own weights) under Opacus.
+"""`nn.Linear` / `LoRALinear` norms (ghost or instantiated per layer) and linear/embedding clipped sums.
 
 Opacus' norm sampler for nn.Linear always takes the ghost form (two T x T Grams per sample).
 For a LoRA B factor (input width = rank) instantiating the [O, r] per-sample gradient is
