@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 RUNS   := runs
 
-.PHONY: venv test demo local-demo federation simulation lint format clean
+.PHONY: venv test demo audit local-demo federation simulation lint format clean
 
 # torch==2.13.0 first: it is the CPU wheel; any other torch spec would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -26,6 +26,13 @@ demo: $(STAMP)
 	@if [ -d $(DEMO_ROOT) ]; then rm -rf $(DEMO_ROOT).prev && mv $(DEMO_ROOT) $(DEMO_ROOT).prev; fi
 	$(BIN)/python -m fl_server.launch --banks 3 --root $(DEMO_ROOT) \
 		--run-config 'job-id="demo" num-rounds=3 model-preset="small" train-mode="lora" epsilon=8.0'
+	$(MAKE) --no-print-directory audit LEDGERS="$(DEMO_ROOT)/banks/*/ledger.jsonl $(DEMO_ROOT)/server/demo/ledger-mirror/*.jsonl"
+
+# Privacy audit: verify hash chains, recompute epsilon (PLD + RDP), table + HTML report with plots.
+LEDGERS ?= $(RUNS)/demo/banks/*/ledger.jsonl $(RUNS)/demo/server/demo/ledger-mirror/*.jsonl
+AUDIT_OUT ?= $(RUNS)/demo/audit
+audit: $(STAMP)
+	$(BIN)/python -m fl_server.audit --out $(AUDIT_OUT) $(LEDGERS)
 
 # The loopback deployment with the pyproject job config (override with RUN_CONFIG='k=v ...').
 federation: $(STAMP)

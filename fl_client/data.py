@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from fl_client.errors import DataError
+from fl_client.state import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -880,20 +880,8 @@ def load_text_file(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 def write_jsonl(records: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Write records as UTF-8 JSON lines, atomically (temp file, fsync, rename); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    return atomic_write_bytes(Path(path), lines.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from fl_client.dp.config import ACCOUNTANTS, DPConfig
 from fl_client.dp.errors import BudgetExceeded, DPError
+from fl_client.state import atomic_write_bytes
 
 STATE_VERSION = 1
 # PRV epsilon is an upper bound within eps_error of the truth; 0.01 is Opacus' default.
@@ -243,19 +243,7 @@ class AccountantState:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Writes the state atomically (temp file, fsync, rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json() + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_bytes(Path(path), (self.to_json() + "\n").encode("utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> AccountantState:

@@ -44,7 +44,7 @@ def config(**overrides) -> DPConfig:
         planned_rounds=2,
         local_steps=2,
         expected_batch_size=6,
-        physical_batch_size=6,
+        physical_batch_size=4,  # = test_dp_budget: the calibration (lru-cached) is shared
         bank_id="bank-a",
         lr=1e-2,
     )
