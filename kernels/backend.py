@@ -129,7 +129,13 @@ def choose_backend(op: str, backend: str, reasons: dict[str, str | None]) -> str
         requested = env_backend()
         source = f"{ENV_VAR}={requested}" if requested else "auto"
     if requested is None:
-        chosen = next(name for name in _AUTO_ORDER if name in reasons and reasons[name] is None)
+        # The interpreter is for tests that ask for Triton explicitly: auto never picks it (a test
+        # session that sets TRITON_INTERPRET must not slow every model in it down 100x).
+        chosen = next(
+            name
+            for name in _AUTO_ORDER
+            if name in reasons and reasons[name] is None and not (name == "triton" and triton_interpreting())
+        )
     elif requested == "grouped_mm" and "grouped_mm" not in reasons:
         chosen = "reference"
         source += "; this op has no grouped_mm path"

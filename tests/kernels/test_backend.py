@@ -14,6 +14,7 @@ BOTH_OK = {"triton": None, "grouped_mm": None}
 
 
 def test_auto_prefers_triton_then_grouped_mm_then_reference(monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as on a GPU box: Triton qualifies for auto
     monkeypatch.delenv(ENV_VAR, raising=False)
     assert choose_backend("op", "auto", BOTH_OK) == "triton"
     assert choose_backend("op", "auto", {"triton": "no", "grouped_mm": None}) == "grouped_mm"
@@ -21,6 +22,7 @@ def test_auto_prefers_triton_then_grouped_mm_then_reference(monkeypatch) -> None
 
 
 def test_env_forces_reference_at_call_time(monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as on a GPU box: Triton qualifies for auto
     monkeypatch.setenv(ENV_VAR, "reference")
     assert choose_backend("op", "auto", BOTH_OK) == "reference"
     monkeypatch.setenv(ENV_VAR, "auto")
@@ -55,6 +57,7 @@ def test_unknown_names_raise(monkeypatch) -> None:
 
 
 def test_choice_is_logged_once(monkeypatch, caplog) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as on a GPU box: Triton qualifies for auto
     monkeypatch.delenv(ENV_VAR, raising=False)
     with caplog.at_level(logging.INFO, logger="kernels.backend"):
         for _ in range(3):
