@@ -33,15 +33,19 @@ def _venv_bin() -> Path:
     return Path(sys.executable).parent
 
 
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
 def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"{process.args[0]} exited with code {process.returncode} before listening on {port}")
-        with socket.socket() as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex((host, port)) == 0:
-                return
+        if port_in_use(host, port):
+            return
         time.sleep(0.3)
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
 
@@ -86,13 +90,18 @@ class Deployment:
     def restart(self, name: str) -> subprocess.Popen:
         """(Re)starts one service with its deployment command and waits until it listens."""
         topo = self.topology
-        process = self.start_service(name, service_commands(topo)[name])
         bank_ids = [b.bank_id for b in topo.banks]
+        address = None
         if name == "superlink":
-            wait_for_port(topo.superlink_host, topo.superlink_port, 60, process)
+            address = (topo.superlink_host, topo.superlink_port)
         elif name in bank_ids:
             i = bank_ids.index(name)
-            wait_for_port(topo.supernode_hosts[i], topo.supernode_ports[i], 60, process)
+            address = (topo.supernode_hosts[i], topo.supernode_ports[i])
+        if address is not None and port_in_use(*address):
+            raise RuntimeError(f"{name}: port {address[1]} on {address[0]} is already in use; pick another --port")
+        process = self.start_service(name, service_commands(topo)[name])
+        if address is not None:
+            wait_for_port(*address, 60, process)
         return process
 
     def kill(self, name: str) -> None:
@@ -212,8 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     what = "simulated banks" if args.simulation else "SuperNodes"
     print(f"starting loopback federation: 1 SuperLink + {args.banks} {what} on 127.0.0.1 (logs: {args.root}/logs)")
     print(f"public context for the server: {args.root / 'keys' / PUBLIC_FILE}")
-    with loopback(args.banks, args.root, base_port=args.port, simulation=args.simulation) as deployment:
-        result = deployment.flwr_run(run_config)
+    try:
+        with loopback(args.banks, args.root, base_port=args.port, simulation=args.simulation) as deployment:
+            result = deployment.flwr_run(run_config)
+    except (RuntimeError, TimeoutError) as err:
+        print(f"error: {err} (logs: {args.root}/logs)", file=sys.stderr)
+        return 2
     print("all federation processes stopped")
     return result.returncode
 
