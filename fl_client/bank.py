@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from crypto import CkksKey, ExpectedHeader, decrypt_mean, encrypt_update, load_secret_context
 from fl_client.config import BankConfig, JobConfig
@@ -149,11 +150,16 @@ class Bank:
             saved = load_tensors(self.replica_file)
             flat = torch.cat([saved[spec.name].reshape(-1).float() for spec in self.view.specs])
             self.view.load_flat_(flat)
+            # The replica file is the commit point: the round it holds travels inside it, so a
+            # crash between the replica and state.json can never make an aggregate apply twice.
+            with safe_open(str(self.replica_file), framework="pt") as handle:
+                state.applied_round = int((handle.metadata() or {}).get("applied_round", state.applied_round))
         return state
 
     def save(self) -> None:
-        """Replica first, then state.json: a crash in between leaves a consistent older state."""
-        atomic_save_tensors(self.replica_file, dict(self.view.params))
+        """Replica (with its applied round) first, then state.json; each write is atomic."""
+        metadata = {"applied_round": str(self.state.applied_round), "job_id": self.job.job_id}
+        atomic_save_tensors(self.replica_file, dict(self.view.params), metadata=metadata)
         atomic_write_json(self.state_file, asdict(self.state))
 
     # ---- round steps ---------------------------------------------------------------------------
@@ -194,10 +200,13 @@ def round_seed(job: JobConfig, bank_id: str, round_idx: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def trainable_layout(job: JobConfig) -> tuple[str, int]:
-    """(layout hash, element count) of the job's trainable view: what every bundle must carry."""
+def trainable_layout(job: JobConfig) -> tuple[str, int, str]:
+    """(layout hash, element count, start value hash) of the job's trainable view.
+
+    Every bundle must carry the layout; every bank must start from the same values.
+    """
     view = TrainableView(build_model(job))
-    return view.layout_hash, view.numel
+    return view.layout_hash, view.numel, view.value_hash()
 
 
 def dp_config(job: JobConfig, bank: BankConfig) -> DPConfig:
@@ -242,6 +251,11 @@ def _open_bank(job: JobConfig, config: BankConfig, request: RoundRequest) -> tup
 def handle_train(job: JobConfig, config: BankConfig, request: RoundRequest) -> TrainReply:
     """One train message: catch up, check budget, train (DP-SGD), encrypt w * delta, persist."""
     bank, key = _open_bank(job, config, request)
+    if request.round <= bank.state.applied_round:
+        raise ConfigError(
+            f"bank {config.bank_id}: asked to train round {request.round}, but it already applied that "
+            f"round's aggregate (applied round {bank.state.applied_round}); the server's state is behind"
+        )
     data = load_bank_data(job, config, bank.model.config.vocab_size)
     global_flat = bank.view.flatten()
     started = time.perf_counter()

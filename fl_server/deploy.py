@@ -83,8 +83,11 @@ def compose_topology(n_banks: int, *, tls: bool = False) -> Topology:
         banks=banks,
         superlink_host="superlink",
         superlink_bind="0.0.0.0",
-        supernode_hosts=tuple(f"bank-{i}" for i in range(n_banks)),
-        supernode_binds=("0.0.0.0",) * n_banks,
+        # Each bank's executor shares its SuperNode's network namespace (network_mode
+        # "service:bank-i"), so ClientAppIo listens on loopback only: no other container can
+        # reach it and pose as the bank's executor.
+        supernode_hosts=("127.0.0.1",) * n_banks,
+        supernode_binds=("127.0.0.1",) * n_banks,
         supernode_ports=(9094,) * n_banks,
         tls_dir="/certs" if tls else "",
         superlink_database="/state/superlink.db",
@@ -156,7 +159,7 @@ def service_commands(topo: Topology) -> dict[str, list[str]]:
         ]
         commands[f"{bank.bank_id}-apps"] = [
             "flower-superexec",
-            "--insecure",  # executor <-> its own SuperNode stays inside the bank (same host/pod)
+            "--insecure",  # executor <-> its own SuperNode: loopback of one host / network namespace
             "--runtime-api-address",
             f"{topo.supernode_hosts[i]}:{topo.supernode_ports[i]}",
         ]
@@ -234,6 +237,7 @@ def compose_spec(n_banks: int = 3, *, tls: bool = False) -> dict:
         services[f"{name}-apps"] = {
             **base,
             "command": commands[f"{name}-apps"],
+            "network_mode": f"service:{name}",
             "depends_on": {
                 name: {"condition": "service_started"},
                 "keygen": {"condition": "service_completed_successfully"},

@@ -41,9 +41,15 @@ class Federation:
         self.state = self.store.load_or_init()
         # The public context only: it can add ciphertexts and cannot decrypt (load refuses a secret one).
         self.key = load_public_context(f"{self.job.key_dir}/{PUBLIC_FILE}")
-        self.layout_hash, self.n_elements = trainable_layout(self.job)
-        self.node_bank: dict[int, str] = {}
+        # The server builds the job's model itself: the layout every bundle must carry and the
+        # start values every bank must report (not "whichever bank answers first").
+        self.layout_hash, self.n_elements, self.start_hash = trainable_layout(self.job)
+        self.node_bank: dict[int, str] = {int(k): v for k, v in self.state.node_bank.items()}
         self.reply_node: dict[int, int] = {}  # id(reply) -> node it came from (set by send)
+
+    def save(self) -> None:
+        self.state.node_bank = {str(node): bank for node, bank in self.node_bank.items()}
+        self.store.save(self.state)
 
     # ---- messaging ------------------------------------------------------------------------------
     def wait_for_banks(self) -> list[int]:
@@ -143,11 +149,10 @@ class Federation:
                         f"budget exhausted after round {round_idx}: next round would reach "
                         f"ε={entry['epsilon_next_round']:.3f} > {entry['budget_epsilon']:g}"
                     )
-            if not self.state.start_hash:
-                self.state.start_hash = tr.start_hash
-            if tr.start_hash != self.state.start_hash:
+            self.state.start_hash = self.start_hash
+            if tr.start_hash != self.start_hash:
                 record.left_out[tr.bank_id] = (
-                    f"start model differs: hash {tr.start_hash[:12]}, job started from {self.state.start_hash[:12]}"
+                    f"start model differs: hash {tr.start_hash[:12]}, the job's model is {self.start_hash[:12]}"
                 )
                 continue
             bundles.append((tr.bank_id, tr.bundle))  # pairs: crypto rejects a second one per bank
@@ -220,14 +225,17 @@ class Federation:
         )
         if self.job.evaluate and state.completed_round == 0 and not state.eval_round0:
             state.eval_round0 = self.evaluate(nodes, 0)
-            self.store.save(state)
+            self.save()
         for round_idx in range(state.completed_round + 1, self.job.num_rounds + 1):
             nodes = self.wait_for_banks()
             if len(nodes) < self.job.min_banks:
                 state.end_reason = (
                     f"only {len(nodes)} bank(s) connected before round {round_idx}, min-banks {self.job.min_banks}"
                 )
-                break
+                # Not finished: a later run of the same job resumes once enough banks are back.
+                self.save()
+                self.console.print(f"[red]stopped[/]: {state.end_reason}; resubmit the job to resume")
+                return state
             selectable = [n for n in nodes if self.node_bank.get(n) not in state.exhausted]
             if len(selectable) < self.job.min_banks:
                 state.end_reason = (
@@ -238,16 +246,19 @@ class Federation:
             started = time.perf_counter()
             record = self.train_round(round_idx, nodes)
             state.rounds.append(record)  # before evaluating: its aggregate goes out with the request
+            state.completed_round = round_idx
+            # Saved before the aggregate reaches any bank (evaluate): a restart resumes after this
+            # round and never re-runs a round some banks have already applied.
+            self.save()
             if self.job.evaluate and record.aggregated:
                 record.eval_loss = self.evaluate(nodes, round_idx)
             record.seconds["round"] = time.perf_counter() - started
-            state.completed_round = round_idx
-            self.store.save(state)  # after the aggregate: a restart resumes from here
+            self.save()
             self.print_round(record)
         else:
             state.end_reason = f"completed {self.job.num_rounds} rounds"
         state.finished = True
-        self.store.save(state)
+        self.save()
         path = self.store.write_results(state, {"layout-hash": self.layout_hash, "n-elements": self.n_elements})
         self.print_summary()
         self.console.print(f"results: {path}")

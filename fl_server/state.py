@@ -40,6 +40,7 @@ class ServerState:
     applied: dict[str, int] = field(default_factory=dict)  # bank -> last aggregate it applied
     seen: list[str] = field(default_factory=list)  # every bank (or unnamed node) met so far
     exhausted: dict[str, str] = field(default_factory=dict)  # bank -> why it is no longer selected
+    node_bank: dict[str, str] = field(default_factory=dict)  # SuperNode id -> bank (ids survive restarts)
     rounds: list[RoundRecord] = field(default_factory=list)
     eval_round0: dict[str, float] = field(default_factory=dict)
     finished: bool = False
