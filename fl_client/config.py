@@ -163,6 +163,13 @@ class BankConfig:
             ) from None
         if epsilon <= 0:
             raise ConfigError(f"node config of {bank_id}: 'epsilon' expected > 0, got {epsilon}")
+        if not 0 < delta < 1:
+            raise ConfigError(f"node config of {bank_id}: 'delta' expected in (0, 1), got {delta}")
+        if planned_rounds < 0 or torch_threads < 0:
+            raise ConfigError(
+                f"node config of {bank_id}: 'planned-rounds'/'torch-threads' expected >= 0, "
+                f"got {planned_rounds}/{torch_threads}"
+            )
         return cls(
             bank_id=bank_id,
             state_dir=Path(raw.get("state-dir") or Path(job.bank_state_root) / job.job_id / bank_id),

@@ -59,6 +59,7 @@ class Deployment:
     env: dict[str, str]
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     simulated_banks: int = 0  # > 0: the SuperLink simulates this many banks (no SuperNodes)
+    logs: list = field(default_factory=list)  # open log files of the services
 
     @property
     def log_dir(self) -> Path:
@@ -66,7 +67,8 @@ class Deployment:
 
     def start_service(self, name: str, argv: list[str]) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.logs.append(log)
         exe = _venv_bin() / argv[0]
         process = subprocess.Popen(
             [str(exe) if exe.exists() else argv[0], *argv[1:]],
@@ -129,6 +131,9 @@ class Deployment:
         for process in self.processes.values():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
+        for log in self.logs:
+            log.close()
+        self.logs.clear()
 
     def flwr_run(
         self, run_config: dict[str, object], *, timeout: float | None = None, stream: bool = True

@@ -45,3 +45,11 @@ def test_node_config_defaults_and_errors(tmp_path):
         BankConfig.from_node_config({"bank-id": "b", "epsilon": -1}, job)
     with pytest.raises(ConfigError, match="node config of b: epsilon/delta"):
         BankConfig.from_node_config({"bank-id": "b", "delta": "tiny"}, job)
+
+
+def test_node_config_rejects_bad_delta_and_counts(tmp_path):
+    job = JobConfig(key_dir=str(tmp_path / "keys"))
+    with pytest.raises(ConfigError, match=r"'delta' expected in \(0, 1\), got 2.0"):
+        BankConfig.from_node_config({"bank-id": "b", "delta": 2}, job)
+    with pytest.raises(ConfigError, match="'planned-rounds'/'torch-threads' expected >= 0, got -1/0"):
+        BankConfig.from_node_config({"bank-id": "b", "planned-rounds": -1}, job)
