@@ -15,21 +15,19 @@ and every ciphertext header can name the key it was made with without revealing 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import stat
-import struct
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import tenseal as ts
 
+from crypto.envelope import open_envelope, pack_envelope
 from crypto.errors import CryptoError
+from protocol.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -265,10 +263,10 @@ def keygen(
     if check.is_private() or key_id(check) != info.key_id:
         raise CryptoError("keygen: internal check failed: the public payload is private or has another key id")
 
-    _atomic_write(paths[0], _envelope("secret", info, secret_payload), mode=0o600)
-    _atomic_write(paths[1], _envelope("public", info, public_payload), mode=0o600)
+    atomic_write_bytes(paths[0], _envelope("secret", info, secret_payload), mode=0o600)
+    atomic_write_bytes(paths[1], _envelope("public", info, public_payload), mode=0o600)
     meta = {"format": _KEY_FORMAT, **info.to_dict(), "files": {"secret": SECRET_FILE, "public": PUBLIC_FILE}}
-    _atomic_write(paths[2], (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode(), mode=0o644)
+    atomic_write_bytes(paths[2], (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode(), mode=0o644)
     log.info("keygen: key %s epoch %d written to %s", info.key_id, epoch, out)
     return KeyFiles(info=info, secret_path=paths[0], public_path=paths[1], info_path=paths[2])
 
@@ -316,8 +314,7 @@ def _envelope(kind: KeyKind, info: KeyInfo, payload: bytes) -> bytes:
         **info.to_dict(),
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
     }
-    hbytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    return _KEY_MAGIC + struct.pack(">I", len(hbytes)) + hbytes + payload
+    return pack_envelope(_KEY_MAGIC, header, payload)
 
 
 def _load(path: Path, kind: KeyKind) -> CkksKey:
@@ -361,40 +358,7 @@ def _load(path: Path, kind: KeyKind) -> CkksKey:
 
 
 def _open_envelope(path: Path, data: bytes) -> tuple[dict[str, Any], bytes]:
-    n_magic = len(_KEY_MAGIC)
-    if len(data) < n_magic + 4 or data[:n_magic] != _KEY_MAGIC:
-        raise CryptoError(f"{path}: not a fedmoe CKKS key file (magic expected {_KEY_MAGIC!r}, got {data[:n_magic]!r})")
-    (hlen,) = struct.unpack(">I", data[n_magic : n_magic + 4])
-    start = n_magic + 4
-    if start + hlen > len(data):
-        raise CryptoError(f"{path}: header length {hlen} runs past the end of the file ({len(data)} bytes)")
-    try:
-        header = json.loads(data[start : start + hlen])
-    except ValueError as e:
-        raise CryptoError(f"{path}: header is not JSON: {e}") from e
-    got = header.get("format") if isinstance(header, dict) else header
-    if got != _KEY_FORMAT:
-        raise CryptoError(f"{path}: key file format expected {_KEY_FORMAT}, got {got!r}")
-    return header, data[start + hlen :]
-
-
-def _atomic_write(path: Path, data: bytes, *, mode: int) -> None:
-    """Write via temp file + fsync + rename, so readers see the old file or the whole new one."""
-    # mkstemp creates the file 0600 from the start, so a secret is never briefly world-readable.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    header, payload = open_envelope(data, _KEY_MAGIC, what=f"{path} (a fedmoe CKKS key file)")
+    if header.get("format") != _KEY_FORMAT:
+        raise CryptoError(f"{path}: key file format expected {_KEY_FORMAT}, got {header.get('format')!r}")
+    return header, bytes(payload)

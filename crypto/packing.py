@@ -5,7 +5,7 @@ pre-scaled by its sample weight w, with w itself in the slot after the last elem
 bundles slot-wise, so the sum bundle holds [sum_k w_k delta_k..., sum_k w_k] and a bank recovers the
 weighted mean by one division (`decrypt_mean`). The server never sees w or delta.
 
-Bundle layout (bytes):
+Bundle layout (bytes; the framing is crypto/envelope.py's, shared with the key files):
   8-byte magic b"FMCKKSB1" | u32 big-endian header length | header JSON (UTF-8) | chunk 0 | chunk 1 | ...
 Chunk i is the TenSEAL serialization of one CKKSVector holding v[i*S:(i+1)*S], S = N/2 slots.
 The header carries the key id, epoch, round, element count, chunk count, slots per chunk, the layout
@@ -25,16 +25,15 @@ brings the error close to 1e-6). The upper bound is CkksParams.max_abs_value (2^
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
-import struct
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
 import tenseal as ts
 
+from crypto.envelope import canonical_json, open_envelope, pack_envelope
 from crypto.errors import CryptoError
 from crypto.keys import CkksKey
 
@@ -42,9 +41,6 @@ log = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = 1
 _BUNDLE_MAGIC = b"FMCKKSB1"
-# A header names <= one SHA-256 per 4096 values; 64 MiB covers > 10^9 values and stops a length
-# field from making us allocate gigabytes before the JSON is even parsed.
-_MAX_HEADER_BYTES = 64 << 20
 
 BundleKind = Literal["update", "sum"]
 
@@ -87,7 +83,7 @@ class BundleHeader:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return canonical_json(self.to_dict()).decode()
 
     @classmethod
     def from_dict(cls, d: Any) -> BundleHeader:
@@ -245,8 +241,7 @@ def encrypt_update(
 def pack_bundle(header: BundleHeader, chunks: list[bytes]) -> bytes:
     """Serialize a header and its chunk bytes (which must match the header's sizes and hashes)."""
     assert len(chunks) == header.n_chunks == len(header.chunk_sizes), "header/chunks out of sync"
-    hbytes = header.to_json().encode()
-    return b"".join([_BUNDLE_MAGIC, struct.pack(">I", len(hbytes)), hbytes, *chunks])
+    return pack_envelope(_BUNDLE_MAGIC, header.to_dict(), chunks)
 
 
 def parse_bundle(data: bytes) -> tuple[BundleHeader, list[bytes]]:
@@ -265,20 +260,7 @@ def parse_bundle(data: bytes) -> tuple[BundleHeader, list[bytes]]:
         CryptoError: reason "deserialize" for a malformed container, "chunk_count" when the chunk
             count disagrees with the element count or the chunk lists.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise CryptoError(f"bundle: expected bytes, got {type(data).__name__}", reason="deserialize")
-    data = bytes(data)
-    nm = len(_BUNDLE_MAGIC)
-    if len(data) < nm + 4 or data[:nm] != _BUNDLE_MAGIC:
-        raise CryptoError(f"bundle: magic expected {_BUNDLE_MAGIC!r}, got {data[:nm]!r}", reason="deserialize")
-    (hlen,) = struct.unpack(">I", data[nm : nm + 4])
-    start = nm + 4
-    if hlen > _MAX_HEADER_BYTES or start + hlen > len(data):
-        raise CryptoError(f"bundle: header length {hlen} is beyond the {len(data)}-byte bundle", reason="deserialize")
-    try:
-        raw = json.loads(data[start : start + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CryptoError(f"bundle: header is not UTF-8 JSON: {e}", reason="deserialize") from e
+    raw, payload = open_envelope(data, _BUNDLE_MAGIC, what="bundle", reason="deserialize")
     header = BundleHeader.from_dict(raw)
     if header.n_elements < 1 or header.slots_per_chunk < 1:
         raise CryptoError(
@@ -293,7 +275,6 @@ def parse_bundle(data: bytes) -> tuple[BundleHeader, list[bytes]]:
             f"{len(header.chunk_sizes)} sizes, {len(header.chunk_sha256)} hashes",
             reason="chunk_count",
         )
-    payload = memoryview(data)[start + hlen :]
     if any(s < 0 for s in header.chunk_sizes) or sum(header.chunk_sizes) != len(payload):
         raise CryptoError(
             f"bundle: payload is {len(payload)} bytes, the header's chunk sizes add up to "

@@ -16,6 +16,7 @@ import tenseal as ts
 from crypto_helpers import LAYOUT, path_mode
 
 import crypto.keys
+import protocol.files
 from crypto import (
     CkksParams,
     CryptoError,
@@ -118,7 +119,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest
     def boom(src: str, dst: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(crypto.keys.os, "replace", boom)
+    monkeypatch.setattr(protocol.files.os, "replace", boom)  # the one atomic-write helper
     with pytest.raises(OSError, match="disk full"):
         keygen(tmp_path)
     assert list(tmp_path.iterdir()) == []  # neither the key file nor its temp file
