@@ -14,6 +14,7 @@ The model knows nothing of federation or privacy. Expert dispatch goes through `
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import math
@@ -152,6 +153,23 @@ class ModelConfig:
             raise ModelError(f"{source}: model_type: expected 'deepseek_v2' or 'deepseek_v3', got {model_type!r}")
         is_v3 = model_type == "deepseek_v3"
 
+        required = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+        )
+        for name in required:
+            if raw.get(name) is None:
+                near = difflib.get_close_matches(name, [k for k in raw if k not in required], n=1, cutoff=0.8)
+                hint = f" (found {near[0]!r}: a typo?)" if near else ""
+                raise ModelError(f"{source}: missing required field {name!r}{hint}")
+
         # Rope: hub checkpoints write `rope_scaling` (+ top-level `rope_theta`);
         # transformers 5 writes `rope_parameters` (with rope_theta and rope_type inside).
         rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
@@ -240,10 +258,18 @@ class ModelConfig:
             if f.name in ("model_type", "rope_scaling", "rope_theta", "bias_update_speed"):
                 continue
             out[f.name] = getattr(self, f.name)
+        # transformers 5 reads `rope_parameters`; 4.x (and the hub's own configs) read
+        # `rope_scaling` with "type" plus a top-level `rope_theta`. Write both, so every reader
+        # from 4.57 on applies the same YaRN (5.x prefers `rope_scaling` when both are present).
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rope.update(self.rope_scaling)
         out["rope_parameters"] = rope
+        out["rope_theta"] = self.rope_theta
+        out["rope_scaling"] = None
+        if self.rope_scaling:
+            out["rope_scaling"] = {"type": "yarn", **self.rope_scaling, "rope_type": "yarn"}
+        out["num_nextn_predict_layers"] = 0  # MTP layers are not exported
         out["num_key_value_heads"] = self.num_attention_heads
         out["fedmoe_bias_update_speed"] = self.bias_update_speed
         return out
@@ -408,11 +434,60 @@ class RotaryEmbedding(nn.Module):
         return torch.cat([x1 * cos_TR - x2 * sin_TR, x2 * cos_TR + x1 * sin_TR], dim=-1)
 
 
+@dataclass
+class LayerKVCache:
+    """MLA's compressed cache for one layer: what DeepSeek caches instead of per-head k and v.
+
+    c_kv_BSR: the normalized kv latent (after kv_a_layernorm), [B, S_max, kv_lora_rank];
+    k_rope_BSR: the rotated rope key shared by all heads, [B, S_max, qk_rope_head_dim].
+    Per token that is kv_lora_rank + rope_dim values, against H * (nope + rope + v) uncompressed.
+    """
+
+    c_kv_BSR: torch.Tensor
+    k_rope_BSR: torch.Tensor
+
+
+class KVCache:
+    """Per-layer compressed caches plus the number of positions already filled.
+
+    Args:
+        config: the model's config.
+        batch_size: sequences decoded together (equal prompt lengths).
+        max_len: capacity in positions (prompt + new tokens); at most max_position_embeddings.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if max_len > config.max_position_embeddings:
+            raise ModelError(f"KVCache: max_len {max_len} > max_position_embeddings {config.max_position_embeddings}")
+        self.max_len = max_len
+        self.length = 0
+        self.layers = [
+            LayerKVCache(
+                torch.zeros(batch_size, max_len, config.kv_lora_rank, dtype=dtype, device=device),
+                torch.zeros(batch_size, max_len, config.qk_rope_head_dim, dtype=dtype, device=device),
+            )
+            for _ in range(config.num_hidden_layers)
+        ]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.c_kv_BSR, layer.k_rope_BSR))
+
+
 class MultiHeadLatentAttention(nn.Module):
     """MLA (DeepSeek-V2): queries/keys/values decompressed from low-rank latents.
 
     Computed in the "naive" form (latent -> per-head k, v): training needs the full k/v anyway,
-    and every projection stays an nn.Linear, which LoRA and the DP grad samplers can hook.
+    and every projection stays an nn.Linear, which LoRA and the DP grad samplers can hook. With a
+    KV cache, only the compressed latent and the rope key are stored; k and v of past positions
+    are decompressed from the cache through kv_b_proj at each step (same projections, same math).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -435,8 +510,15 @@ class MultiHeadLatentAttention(nn.Module):
         self.scale = softmax_scale(config)
 
     def forward(
-        self, x_BTD: torch.Tensor, rotary: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        x_BTD: torch.Tensor,
+        rotary: RotaryEmbedding,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerKVCache | None = None,
+        start: int = 0,
     ) -> torch.Tensor:
+        """x_BTD holds positions start..start+T; with a cache, positions < start come from it."""
         B, T, _ = x_BTD.shape
         H = self.n_heads
         if hasattr(self, "q_proj"):
@@ -448,15 +530,25 @@ class MultiHeadLatentAttention(nn.Module):
 
         kv_latent = self.kv_a_proj_with_mqa(x_BTD)
         c_kv_BTR, k_rope_BTR = kv_latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(c_kv_BTR))
-        kv_BHTX = kv.view(B, T, H, self.nope_dim + self.v_dim).transpose(1, 2)
-        k_nope, v_BHTV = kv_BHTX.split([self.nope_dim, self.v_dim], dim=-1)
-
+        c_kv_BTR = self.kv_a_layernorm(c_kv_BTR)
         q_rope = rotary.rotate(q_rope, cos, sin)
-        k_rope_B1TR = rotary.rotate(k_rope_BTR.unsqueeze(1), cos, sin)  # one rope key shared by all heads
+        k_rope_BTR = rotary.rotate(k_rope_BTR.unsqueeze(1), cos, sin).squeeze(1)  # one rope key for all heads
+        if cache is not None:  # store this step's latents, attend over everything cached so far
+            cache.c_kv_BSR[:, start : start + T] = c_kv_BTR
+            cache.k_rope_BSR[:, start : start + T] = k_rope_BTR
+            c_kv_BTR, k_rope_BTR = cache.c_kv_BSR[:, : start + T], cache.k_rope_BSR[:, : start + T]
+        S = c_kv_BTR.shape[1]  # key positions: start + T with a cache, T without
+
+        kv = self.kv_b_proj(c_kv_BTR)
+        kv_BHSX = kv.view(B, S, H, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v_BHSV = kv_BHSX.split([self.nope_dim, self.v_dim], dim=-1)
         q_BHTQ = torch.cat([q_nope, q_rope], dim=-1)
-        k_BHTQ = torch.cat([k_nope, k_rope_B1TR.expand(B, H, T, self.rope_dim)], dim=-1)
-        out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, is_causal=True, scale=self.scale)
+        k_BHSQ = torch.cat([k_nope, k_rope_BTR.unsqueeze(1).expand(B, H, S, self.rope_dim)], dim=-1)
+        if S == T:  # no past: plain causal mask
+            out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHSQ, v_BHSV, is_causal=True, scale=self.scale)
+        else:  # query t sits at position S - T + t and sees keys 0..S - T + t (bottom-right aligned)
+            mask_TS = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(diagonal=S - T)
+            out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHSQ, v_BHSV, attn_mask=mask_TS, scale=self.scale)
         return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
 
@@ -589,8 +681,16 @@ class Block(nn.Module):
             MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
         )
 
-    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rotary, cos, sin)
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: RotaryEmbedding,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerKVCache | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rotary, cos, sin, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -624,17 +724,43 @@ class DeepseekForCausalLM(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
-        """Returns logits (B, T, V)."""
+    def forward(self, input_ids_BT: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Returns logits (B, T, V).
+
+        With a `cache`, input_ids_BT are the next T tokens after the cache's `length` positions;
+        their compressed latents are appended and `cache.length` advances by T.
+        """
         B, T = input_ids_BT.shape
-        if T > self.config.max_position_embeddings:
-            raise ModelError(f"sequence length {T} > max_position_embeddings {self.config.max_position_embeddings}")
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.max_position_embeddings:
+            raise ModelError(
+                f"sequence length {start + T} > max_position_embeddings {self.config.max_position_embeddings}"
+            )
+        if cache is not None and start + T > cache.max_len:
+            raise ModelError(f"KVCache: {start + T} positions needed, capacity {cache.max_len}")
         x = self.model.embed_tokens(input_ids_BT)
-        positions_T = torch.arange(T, device=input_ids_BT.device)
+        positions_T = torch.arange(start, start + T, device=input_ids_BT.device)
         cos, sin = self.rotary(positions_T, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, self.rotary, cos, sin)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, self.rotary, cos, sin, cache.layers[i] if cache is not None else None, start)
+        if cache is not None:
+            cache.length = start + T
         return self.lm_head(self.model.norm(x))
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty compressed KV cache in the model's dtype and device."""
+        w = self.model.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len, dtype=w.dtype, device=w.device)
+
+    @torch.no_grad()
+    def init_non_persistent_buffers_(self, device: torch.device | str = "cpu") -> None:
+        """(Re)creates the buffers no checkpoint holds: rotary frequencies and expert-load counters.
+
+        For a model built on the meta device and filled tensor by tensor (model.checkpoint).
+        """
+        self.rotary.inv_freq = rope_frequencies(self.config)[0].to(device)
+        for router in self.routers():
+            router.expert_load = torch.zeros(self.config.n_routed_experts, device=device)
 
     def routers(self) -> list[Router]:
         return [m for m in self.modules() if isinstance(m, Router)]

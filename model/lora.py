@@ -110,7 +110,8 @@ def base_fingerprint(model: DeepseekForCausalLM) -> str:
             continue
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
-        h.update(p.detach().reshape(-1)[:256].float().cpu().numpy().tobytes())
+        if not p.is_meta:  # a meta model (layout only, e.g. at the server) has shapes and no values
+            h.update(p.detach().reshape(-1)[:256].float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -168,4 +169,58 @@ def configure_trainable(
         for module in model.modules():
             if isinstance(module, (Router, RoutedExperts)):
                 module.requires_grad_(True)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Merging: W + scaling * B @ A, for export (never silently dropped)
+# --------------------------------------------------------------------------------------------
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear | LoRAExpertLinear]:
+    """Name -> adapter-wrapped module, in module order (empty for a model without LoRA)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExpertLinear))}
+
+
+@torch.no_grad()
+def merged_weight(module: LoRALinear | LoRAExpertLinear) -> torch.Tensor:
+    """The base weight with the adapter folded in, computed in fp32, returned in the weight's dtype.
+
+    LoRALinear: W [out, in] + s * B [out, r] @ A [r, in]; LoRAExpertLinear: per expert,
+    W [E, out, in] + s * B [E, out, r] @ A [E, r, in].
+    """
+    a, b = module.lora_A.weight.float(), module.lora_B.weight.float()
+    delta = torch.bmm(b, a) if isinstance(module, LoRAExpertLinear) else b @ a
+    return (module.weight.float() + module.scaling * delta).to(module.weight.dtype)
+
+
+def merged_state_dict(model: DeepseekForCausalLM) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of the model with every adapter merged in; the model is unchanged."""
+    from model.checkpoint import base_state_dict
+
+    state = base_state_dict(model)
+    for name, module in lora_modules(model).items():
+        state[f"{name}.weight"] = merged_weight(module)
+    return state
+
+
+@torch.no_grad()
+def merge_and_unload(model: DeepseekForCausalLM) -> DeepseekForCausalLM:
+    """Folds every adapter into its base weight and puts the plain layer back (PEFT's namesake).
+
+    Returns the same model object, now without LoRA; its forward equals the adapted forward.
+    """
+    for name, module in lora_modules(model).items():
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        weight = merged_weight(module)
+        with torch.device("meta"):  # shells only; the real tensors are assigned below
+            if isinstance(module, LoRAExpertLinear):
+                plain: nn.Module = ExpertLinear(module.n_experts, module.in_features, module.out_features)
+            else:
+                plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        if isinstance(module, LoRALinear) and module.bias is not None:
+            plain.bias = module.bias
+        plain.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
+        setattr(parent, child_name, plain)
     return model
