@@ -567,11 +567,8 @@ def save_pretrained(
         CheckpointError: the model has LoRA adapters and merge_lora is False (writing the base
             weights alone would silently drop the fine-tuning), or a bad layout.
     """
-    from model.lora import lora_modules, merged_state_dict  # lora imports this module's neighbours
+    from model.lora import lora_modules, merged_state_dict
 
-    out_dir = Path(out_dir)
-    if layout not in ("per_expert", "fused"):
-        raise CheckpointError(f"save_pretrained: layout must be 'per_expert' or 'fused', got {layout!r}")
     adapters = lora_modules(model)
     if adapters and not merge_lora:
         raise CheckpointError(
@@ -580,9 +577,33 @@ def save_pretrained(
             "merge_lora=True to fold them in, or write the adapter alone with model.export.export_adapter"
         )
     state = merged_state_dict(model) if adapters else base_state_dict(model)
-    state = internal_to_hf(state, layout)
+    return write_checkpoint(
+        model.config,
+        state,
+        out_dir,
+        layout=layout,
+        dtype=dtype,
+        max_shard_bytes=max_shard_bytes,
+        extra_files=extra_files,
+    )
+
+
+def write_checkpoint(
+    config: ModelConfig,
+    state: dict[str, torch.Tensor],
+    out_dir: str | Path,
+    *,
+    layout: Literal["per_expert", "fused"] = "per_expert",
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+    extra_files: dict[str, Path] | None = None,
+) -> Path:
+    """Writes exactly `state` (our keys) as an HF folder; save_pretrained decides what state is."""
+    out_dir = Path(out_dir)
+    if layout not in ("per_expert", "fused"):
+        raise CheckpointError(f"save_pretrained: layout must be 'per_expert' or 'fused', got {layout!r}")
     tensors = {}
-    for key, tensor in state.items():
+    for key, tensor in internal_to_hf(state, layout).items():
         t = tensor.detach()
         if dtype is not None and t.is_floating_point() and not _is_router_tensor(key):
             t = t.to(dtype)
@@ -599,7 +620,7 @@ def save_pretrained(
         size += nbytes
 
     with atomic_folder(out_dir) as tmp:
-        atomic_write_json(tmp / "config.json", model.config.to_hf_dict())
+        atomic_write_json(tmp / "config.json", config.to_hf_dict())
         if len(shards) == 1:
             write_safetensors(tmp / SINGLE_FILE, shards[0])
         else:
