@@ -32,7 +32,7 @@ demo: $(STAMP)
 LEDGERS ?= $(RUNS)/demo/banks/*/ledger.jsonl $(RUNS)/demo/server/demo/ledger-mirror/*.jsonl
 AUDIT_OUT ?= $(RUNS)/demo/audit
 audit: $(STAMP)
-	$(BIN)/python -m fl_server.audit --out $(AUDIT_OUT) $(LEDGERS)
+	$(BIN)/python -m audit --out $(AUDIT_OUT) $(LEDGERS)
 
 # The loopback deployment with the pyproject job config (override with RUN_CONFIG='k=v ...').
 federation: $(STAMP)

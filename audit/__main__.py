@@ -1,4 +1,4 @@
-"""CLI: python -m fl_server.audit [--out DIR] [--empirical [--canaries M] [--epsilon E]] LEDGER...
+"""CLI: python -m audit [--out DIR] [--empirical [--canaries M] [--epsilon E]] LEDGER...
 
 Verifies every ledger (bank `ledger.jsonl` files and server `ledger-mirror/<bank>.jsonl` files),
 prints a table per bank, writes report.html + epsilon.png + noise.png into --out (default:
@@ -17,14 +17,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.logging import RichHandler
 
-from fl_server.audit.canary import AuditError, CanaryAuditConfig, run_canary_audit
-from fl_server.audit.report import render_table, write_html_report
-from fl_server.audit.verify import audit_ledgers
+from audit.canary import AuditError, CanaryAuditConfig, run_canary_audit
+from audit.report import render_table, write_html_report
+from audit.verify import audit_ledgers
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m fl_server.audit",
+        prog="python -m audit",
         description="Verify fedmoe privacy ledgers (hash chains, independent epsilon) and write an HTML report.",
     )
     parser.add_argument("ledgers", nargs="*", type=Path, metavar="LEDGER", help="bank ledgers and/or server mirrors")

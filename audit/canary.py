@@ -45,21 +45,17 @@ import contextlib
 import logging
 import math
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from opacus.utils.batch_memory_manager import BatchMemoryManager
 from scipy import stats
-from torch.utils.data import DataLoader
 
 from fl_client.data import generate_bank_corpus, make_bank_profiles, pack_records
-from fl_client.dp import AccountantState, DPConfig, DPError, make_private, sample_rate_for, train_private_round
-from fl_client.dp.rng import PoissonBatchSampler
-from fl_client.dp.trainer import check_data
+from fl_client.dp import AccountantState, DPConfig, DPError, sample_rate_for, train_private_round
+from fl_client.dp.trainer import check_data, run_dp_steps
 from model.deepseek import DeepseekForCausalLM, lm_loss, preset
 from model.lora import configure_trainable
 from model.tokenizer import ByteTokenizer
@@ -338,48 +334,6 @@ def _canary_directions(
     return directions / directions.norm(dim=1, keepdim=True).clamp(min=1e-30)
 
 
-def _train_round_fixed_noise_TEST_ONLY(
-    model: torch.nn.Module, data: _Units, cfg: DPConfig, *, noise_multiplier: float, seed: int
-) -> None:
-    """FAULT INJECTION, test-only: one round of `train_private_round` with sigma forced.
-
-    `train_private_round` always calibrates sigma from the budget (and its accountant refuses
-    sigma = 0), so a run "without noise" cannot go through it. This reproduces its loop with the
-    same pieces -- `check_data`, `make_private` (the same Opacus optimizer and clipping),
-    `PoissonBatchSampler`, `BatchMemoryManager`, noise-only empty steps -- and only the noise
-    multiplier differs. No accountant, no budget: never use it to train a bank.
-    """
-    inputs, targets = check_data(data, cfg)
-    n = inputs.shape[0]
-    q = sample_rate_for(cfg, n)
-    private = make_private(
-        model,
-        cfg,
-        noise_multiplier=noise_multiplier,
-        seq_len=inputs.shape[1],
-        generator=torch.Generator().manual_seed(seed + 1_000_003),
-    )
-    sampler = PoissonBatchSampler(n, q, cfg.local_steps, generator=torch.Generator().manual_seed(seed), secure=False)
-    loader = DataLoader(range(n), batch_sampler=sampler, collate_fn=lambda batch: torch.tensor(batch, dtype=torch.long))
-    model.train()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
-            with BatchMemoryManager(
-                data_loader=loader, max_physical_batch_size=cfg.physical_batch_size, optimizer=private.optimizer
-            ) as batches:
-                for idx in batches:
-                    if idx.numel() == 0:
-                        private.prepare_empty_batch()
-                    else:
-                        private.backward(inputs[idx], targets[idx])
-                    private.optimizer.step()
-                    private.optimizer.zero_grad(set_to_none=True)
-    finally:
-        private.close()
-    logger.warning("canary audit: FAULT INJECTED, trained with noise_multiplier=%g (test-only path)", noise_multiplier)
-
-
 def run_canary_audit(config: CanaryAuditConfig | None = None) -> CanaryAuditResult:
     """Runs the one-run canary audit of one private round and computes the epsilon lower bound.
 
@@ -437,8 +391,12 @@ def run_canary_audit(config: CanaryAuditConfig | None = None) -> CanaryAuditResu
             report = train_private_round(model, data, cfg, AccountantState.fresh(cfg), seed=config.seed)
             sigma, q, claimed = report.sigma, report.q, report.epsilon_total
         else:
+            # FAULT INJECTION (the audit's own test): the trainer's DP step loop at a forced sigma,
+            # which `train_private_round` never allows (it calibrates sigma from the budget).
             sigma, q, claimed = config.noise_multiplier_override, sample_rate_for(cfg, n), config.target_epsilon
-            _train_round_fixed_noise_TEST_ONLY(model, data, cfg, noise_multiplier=sigma, seed=config.seed)
+            inputs, targets = check_data(data, cfg)
+            run_dp_steps(model, inputs, targets, cfg, noise_multiplier=sigma, sample_rate=q, seed=config.seed)
+            logger.warning("canary audit: FAULT INJECTED, trained with noise_multiplier=%g", sigma)
         scores = ((rows_before - weight.detach()[markers_M].double()) * directions).sum(dim=1)
 
     included = included_M.numpy()

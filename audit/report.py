@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fl_server.audit.verify import AuditResult, BankSummary
+from audit.verify import AuditResult, BankSummary
 
 REPORT_FILE = "report.html"
 EPSILON_PLOT = "epsilon.png"

@@ -35,57 +35,26 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from fl_client.ledger import (
+from protocol.accounting import epsilon_pld, epsilon_rdp, epsilon_tolerance
+from protocol.ledger import (
     BANK_SCHEMA,
     MIRROR_SCHEMA,
     ROUND_STATUSES,
     SERVER_STATUSES,
     ChainReport,
     LedgerError,
+    bank_entry_fields,
     check_bank_entry,
-    epsilon_pld,
-    epsilon_rdp,
-    epsilon_tolerance,
+    is_json_type,
     read_verified,
 )
 
 if TYPE_CHECKING:
-    from fl_server.audit.canary import CanaryAuditResult
+    from audit.canary import CanaryAuditResult
 
 Severity = Literal["error", "warning"]
-REL_TOL = 0.01  # the issue's 1%
-
-_NUMBER = (int, float)
-# field -> (allowed types, None allowed)
-_BANK_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
-    "schema": ((str,), False),
-    "job_id": ((str,), False),
-    "bank_id": ((str,), False),
-    "round": ((int,), False),
-    "status": ((str,), False),
-    "reason": ((str,), False),
-    "noise_multiplier": (_NUMBER, True),
-    "sample_rate": (_NUMBER, True),
-    "local_steps": ((int,), True),
-    "steps_run": ((int,), False),
-    "clip_norm": (_NUMBER, False),
-    "expected_batch_size": ((int,), False),
-    "n_samples": ((int,), False),
-    "privacy_unit": ((str,), False),
-    "poisson_sampling": ((bool,), False),
-    "secure_mode": ((bool,), False),
-    "accountant": ((str,), False),
-    "delta": (_NUMBER, False),
-    "history": ((list,), False),
-    "epsilon": (_NUMBER, False),
-    "epsilon_before": (_NUMBER, False),
-    "epsilon_prv": (_NUMBER, True),  # null when Opacus' PRV could not be computed (RDP banks)
-    "epsilon_pld": (_NUMBER, False),
-    "epsilon_next_round": (_NUMBER, True),
-    "budget_epsilon": (_NUMBER, False),
-    "versions": ((dict,), False),
-    "written_at": ((str,), False),
-}
+# The bank entry schema, derived from the typed entry the bank's writer fills (protocol.ledger).
+_BANK_FIELDS = bank_entry_fields()
 
 
 @dataclass(frozen=True)
@@ -255,18 +224,12 @@ class _Collector:
         )
 
 
-def _is_type(value: Any, types: tuple[type, ...]) -> bool:
-    if isinstance(value, bool) and bool not in types:
-        return False
-    return isinstance(value, types)
-
-
 def _valid_history(history: Any) -> bool:
     return isinstance(history, list) and all(
         isinstance(e, list)
         and len(e) == 3
-        and all(_is_type(v, _NUMBER) for v in e[:2])
-        and _is_type(e[2], (int,))
+        and all(is_json_type(v, (int, float)) for v in e[:2])
+        and is_json_type(e[2], (int,))
         and math.isfinite(e[0])
         and e[0] > 0
         and 0 < e[1] <= 1
@@ -293,7 +256,7 @@ def _check_entry(
             bad.append(f"'{p}{name}' missing")
         elif entry[name] is None and nullable:
             continue
-        elif not _is_type(entry[name], types):
+        elif not is_json_type(entry[name], types):
             bad.append(f"'{p}{name}' expected {'/'.join(t.__name__ for t in types)}, got {entry[name]!r}")
     if bad:
         out.add("error", "schema", where, "; ".join(bad), entry)

@@ -9,8 +9,9 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fl_client.bank import handle_evaluate, handle_train
-from fl_client.config import BankConfig, JobConfig
-from fl_client.messages import RoundRequest
+from fl_client.config import BankConfig
+from protocol.config import JobConfig
+from protocol.messages import RoundRequest
 
 app = ClientApp()
 logging.getLogger("fl_client").setLevel(logging.INFO)

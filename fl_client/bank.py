@@ -7,18 +7,18 @@ between rounds lives in its state dir (DESIGN.md, "State on disk"):
     state.json             job id, layout hash, start hash, last applied round, rounds trained
     replica.safetensors    the trainable view of the global model after `applied_round`
     accountant.json        DP accountant history (only rounds this bank trained in)
-    ledger.jsonl           hash-chained privacy ledger (fl_client.ledger)
+    ledger.jsonl           hash-chained privacy ledger (protocol.ledger)
     deltas/round-NNNN.safetensors   plaintext deltas, only with keep-plaintext-deltas (tests)
 
-A round: check key and budget -> decrypt and apply the aggregates not yet applied -> train
-locally (DP-SGD) from the global view -> delta = local - global -> encrypt w * delta with the
-sample weight w in an extra slot -> reply. The replica stays at the global model: the bank's
-own local result is never kept, so every bank applies exactly the same aggregates.
+A train message, in three steps: catch up (check key, decrypt and apply the aggregates not yet
+applied) -> a private round (budget check, DP-SGD from the global view, ledger entry before
+anything leaves) -> encrypt w * delta with the sample weight w in an extra slot and reply. The
+replica stays at the global model: the bank's own local result is never kept, so every bank
+applies exactly the same aggregates.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -29,26 +29,19 @@ import torch
 from safetensors import safe_open
 
 from crypto import CkksKey, ExpectedHeader, decrypt_mean, encrypt_update, load_secret_context
-from fl_client.config import BankConfig, JobConfig
-from fl_client.data import (
-    PackedData,
-    generate_bank_corpus,
-    load_text_file,
-    make_bank_profiles,
-    pack_records,
-    train_eval_split,
-)
-from fl_client.dp import AccountantState, BudgetExceeded, DPConfig, HistoryEntry, train_private_round
-from fl_client.errors import ConfigError
-from fl_client.ledger import Ledger, accountant_state_from_ledger, round_entry, skipped_rounds, utc_now
-from fl_client.messages import TRAIN_STATUS_OK, TRAIN_STATUS_REFUSED, EvalReply, RoundRequest, TrainReply
-from fl_client.state import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from fl_client.config import BankConfig
+from fl_client.dp import AccountantState, BudgetExceeded, DPConfig, DPError, HistoryEntry, train_private_round
+from fl_client.dp.accountant import noise_multiplier_for, sample_rate_for
+from fl_client.ledger import accountant_state_from_ledger, round_entry
+from fl_client.state import atomic_save_tensors, load_tensors
+from fl_client.task import BankData, build_model, dp_config, load_bank_data, round_seed
 from fl_client.train import TrainConfig, evaluate, train_local
-from model.checkpoint import load_pretrained
-from model.deepseek import DeepseekForCausalLM, preset
-from model.lora import LoraConfig, configure_trainable
-from model.tokenizer import load_tokenizer
 from model.trainable import TrainableView
+from protocol.config import JobConfig
+from protocol.errors import ConfigError
+from protocol.files import atomic_write_json, read_json
+from protocol.ledger import Ledger, skipped_rounds, utc_now
+from protocol.messages import EvalReply, RoundRequest, TrainReply, TrainStatus
 
 logger = logging.getLogger(__name__)
 
@@ -61,55 +54,6 @@ class BankState:
     start_hash: str
     applied_round: int = 0
     rounds_trained: list[int] = field(default_factory=list)
-
-
-def build_model(job: JobConfig) -> DeepseekForCausalLM:
-    """The job's base model with its trainable view configured: identical at every bank."""
-    if job.base_checkpoint:
-        model = load_pretrained(job.base_checkpoint)
-    else:
-        torch.manual_seed(job.seed)  # seeded init: every bank builds the same weights
-        model = DeepseekForCausalLM(preset(job.model_preset))
-    lora = LoraConfig(rank=job.lora_rank, alpha=job.lora_alpha, seed=job.seed)
-    return configure_trainable(model, job.train_mode, lora)
-
-
-@dataclass
-class BankData:
-    train: PackedData  # one privacy unit (record or customer) per sample
-    held_out: PackedData
-    source: str
-
-
-def load_bank_data(job: JobConfig, bank: BankConfig, vocab_size: int) -> BankData:
-    """The bank's records -> packed train/eval samples (one record or customer per sample)."""
-    tokenizer = load_tokenizer(job.base_checkpoint or None)
-    if tokenizer.vocab_size > vocab_size:
-        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids, model vocab_size is {vocab_size}")
-    if bank.data_path is not None:
-        records = load_text_file(bank.data_path)
-        source = str(bank.data_path)
-    else:
-        profiles = make_bank_profiles(job.synthetic_banks, seed=job.seed)
-        if not 0 <= bank.partition_id < len(profiles):
-            raise ConfigError(
-                f"node config of {bank.bank_id}: 'partition-id' expected 0..{len(profiles) - 1} "
-                f"(synthetic-banks={job.synthetic_banks}), got {bank.partition_id}"
-            )
-        profile = profiles[bank.partition_id]
-        records = generate_bank_corpus(profile, job.records_per_bank, seed=job.seed)
-        source = f"synthetic {profile.bank_id} ({profile.locale})"
-    train, held_out = train_eval_split(
-        records, eval_fraction=job.eval_fraction, seed=job.seed, privacy_unit=job.privacy_unit
-    )
-    pack = dict(
-        encode=tokenizer.encode,
-        seq_len=job.seq_len,
-        eos_id=tokenizer.eos_id,
-        pad_id=tokenizer.pad_id,
-        privacy_unit=job.privacy_unit,
-    )
-    return BankData(pack_records(train, **pack), pack_records(held_out, **pack), source)
 
 
 class Bank:
@@ -193,43 +137,30 @@ class Bank:
         path = self.state_dir / "deltas" / f"round-{round_idx:04d}.safetensors"
         atomic_save_tensors(path, {"delta": delta, "weight": torch.tensor([weight], dtype=torch.float64)})
 
-
-def round_seed(job: JobConfig, bank_id: str, round_idx: int) -> int:
-    """Reproducible per-(job, bank, round) seed for simulations; secure_mode uses no seed at all."""
-    digest = hashlib.sha256(f"{job.job_id}|{job.seed}|{bank_id}|{round_idx}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
-
-def trainable_layout(job: JobConfig) -> tuple[str, int, str]:
-    """(layout hash, element count, start value hash) of the job's trainable view.
-
-    Every bundle must carry the layout; every bank must start from the same values.
-    """
-    view = TrainableView(build_model(job))
-    return view.layout_hash, view.numel, view.value_hash()
+    def reply(self, round_idx: int, status: TrainStatus, *, ledger: str = "", **fields) -> TrainReply:
+        return TrainReply(
+            bank_id=self.config.bank_id,
+            round=round_idx,
+            status=status,
+            applied_round=self.state.applied_round,
+            start_hash=self.state.start_hash,
+            ledger_entry=ledger,
+            **fields,
+        )
 
 
-def dp_config(job: JobConfig, bank: BankConfig) -> DPConfig:
-    """The bank's DP settings: its own budget (node config) + the job's training shape."""
-    return DPConfig(
-        target_epsilon=bank.epsilon,
-        delta=bank.delta,
-        clip_norm=job.clip_norm,
-        planned_rounds=bank.planned_rounds or job.num_rounds,
-        local_steps=job.local_steps,
-        expected_batch_size=job.batch_size,
-        physical_batch_size=job.batch_size,
-        accountant=job.accountant,
-        grad_sample_mode=job.grad_sample_mode,
-        privacy_unit=job.privacy_unit,
-        secure_mode=job.secure_mode,
-        lr=job.lr,
-        bank_id=bank.bank_id,
-    )
+@dataclass
+class RoundResult:
+    """What a bank's local round produced: metrics and its ledger entry, or why it refused."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    ledger_entry: str = ""  # JSON of the stored ledger entry ("" without DP)
+    refused: str = ""  # the reason, when the bank's own budget check said no
 
 
-def _open_bank(job: JobConfig, config: BankConfig, request: RoundRequest) -> tuple[Bank, CkksKey]:
-    """Checks the request, loads the bank and its key, and applies the pending aggregates."""
+# ---- step 1: catch up ------------------------------------------------------------------------------
+def open_bank(job: JobConfig, config: BankConfig, request: RoundRequest) -> tuple[Bank, CkksKey]:
+    """Checks the request and key, loads the bank, and applies the aggregates it has not applied."""
     if request.job_id != job.job_id:
         raise ConfigError(f"bank {config.bank_id}: message for job {request.job_id!r}, run config says {job.job_id!r}")
     key = load_secret_context(config.key_path)
@@ -248,9 +179,110 @@ def _open_bank(job: JobConfig, config: BankConfig, request: RoundRequest) -> tup
     return bank, key
 
 
+# ---- step 2: the private round -----------------------------------------------------------------------
+class BankLedger:
+    """The bank's ledger, read once per message, and the entries it appends for this bank."""
+
+    def __init__(self, bank: Bank, cfg: DPConfig, n_samples: int) -> None:
+        self.ledger = Ledger(bank.state_dir / "ledger.jsonl")
+        self.entries = self.ledger.entries()
+        self.job_id, self.cfg, self.n_samples = bank.job.job_id, cfg, n_samples
+
+    def accountant(self, state_dir: Path) -> AccountantState:
+        """The accountant; after a crash between ledger append and accountant save, the ledger wins."""
+        accountant = load_accountant(state_dir, self.cfg)
+        from_ledger = accountant_state_from_ledger(self.entries, self.cfg)
+        if from_ledger is not None and len(from_ledger.history) > len(accountant.history):
+            return from_ledger
+        return accountant
+
+    def append(self, round_idx: int, status: str, state: AccountantState, **details) -> dict:
+        entry = round_entry(
+            job_id=self.job_id,
+            bank_id=self.cfg.bank_id,
+            round=round_idx,
+            status=status,
+            cfg=self.cfg,
+            n_samples=self.n_samples,
+            budget_epsilon=self.cfg.target_epsilon,
+            state=state,
+            **({"report": None} | details),
+        )
+        return self.ledger.append(entry)
+
+    def record_skipped(self, upcoming_round: int, state: AccountantState) -> None:
+        for skipped in skipped_rounds(self.entries, upcoming_round):  # rounds it never heard of
+            self.append(skipped, "skipped", state, reason="the bank was not asked to train in this round")
+
+
+def planned_round(cfg: DPConfig, n_samples: int) -> HistoryEntry | None:
+    """The mechanism a refused round would have run (None when no noise can meet the budget)."""
+    try:
+        return HistoryEntry(noise_multiplier_for(cfg, n_samples), sample_rate_for(cfg, n_samples), cfg.local_steps)
+    except DPError:
+        return None
+
+
+def private_round(bank: Bank, data: BankData, round_idx: int) -> RoundResult:
+    """DP-SGD from the global view; the privacy spent is in the ledger before anything leaves."""
+    cfg = dp_config(bank.job, bank.config)
+    ledger = BankLedger(bank, cfg, len(data.train))
+    accountant = ledger.accountant(bank.state_dir)
+    ledger.record_skipped(round_idx, accountant)
+    seed = None if bank.job.secure_mode else round_seed(bank.job, bank.config.bank_id, round_idx)
+    started_at = utc_now()
+    try:
+        report = train_private_round(bank.model, data.train, cfg, accountant, seed=seed)
+    except BudgetExceeded as err:  # nothing trained, nothing spent; the refusal is on the record
+        planned = planned_round(cfg, len(data.train))
+        stored = ledger.append(round_idx, "refused", accountant, reason=str(err), planned=planned)
+        return RoundResult(ledger_entry=json.dumps(stored), refused=str(err))
+    # What one more identical round would bring epsilon to: the server stops selecting a bank
+    # whose next round cannot fit (the bank would refuse it anyway).
+    epsilon_next = report.accountant_state.appended(HistoryEntry(report.sigma, report.q, report.steps)).epsilon()
+    # Ledger first, then accountant: a crash can over-count, never under-count.
+    stored = ledger.append(
+        round_idx, "trained", None, report=report, epsilon_next_round=epsilon_next, started_at=started_at
+    )
+    report.accountant_state.save(bank.state_dir / "accountant.json")
+    metrics = {
+        "epsilon-next": epsilon_next,
+        "train-loss": report.mean_loss,
+        "epsilon-round": report.epsilon_spent_this_round,
+        "epsilon-total": report.epsilon_total,
+        "epsilon-budget": report.target_epsilon,
+        "sigma": report.sigma,
+        "sample-rate": report.q,
+        "steps": float(report.steps),
+    }
+    return RoundResult(metrics=metrics, ledger_entry=json.dumps(stored))
+
+
+# ---- step 3: encrypt and reply ----------------------------------------------------------------------
+def encrypt_and_reply(
+    bank: Bank, key: CkksKey, data: BankData, round_idx: int, global_flat: torch.Tensor, result: RoundResult
+) -> TrainReply:
+    """Encrypts w * delta (w = sample count, encrypted too), resets the replica, persists, replies."""
+    delta = bank.view.flatten() - global_flat
+    bank.view.load_flat_(global_flat)  # the replica stays at the global model
+    started = time.perf_counter()
+    weight = float(len(data.train))  # sample count: encrypted, so the server never learns it
+    bundle = encrypt_update(
+        delta.numpy(), weight=weight, key=key, round=round_idx, layout_hash=bank.view.layout_hash,
+        bank_id=bank.config.bank_id,
+    )  # fmt: skip
+    result.metrics["seconds-encrypt"] = time.perf_counter() - started
+    if bank.job.keep_plaintext_deltas:
+        bank.keep_delta(round_idx, delta, weight)
+    bank.state.rounds_trained.append(round_idx)
+    bank.save()
+    logger.info("bank %s round %d: %s", bank.config.bank_id, round_idx, result.metrics)
+    return bank.reply(round_idx, TrainStatus.OK, bundle=bundle, metrics=result.metrics, ledger=result.ledger_entry)
+
+
 def handle_train(job: JobConfig, config: BankConfig, request: RoundRequest) -> TrainReply:
-    """One train message: catch up, check budget, train (DP-SGD), encrypt w * delta, persist."""
-    bank, key = _open_bank(job, config, request)
+    """One train message: catch up, train privately (or refuse), encrypt w * delta, persist."""
+    bank, key = open_bank(job, config, request)
     if request.round <= bank.state.applied_round:
         raise ConfigError(
             f"bank {config.bank_id}: asked to train round {request.round}, but it already applied that "
@@ -259,117 +291,17 @@ def handle_train(job: JobConfig, config: BankConfig, request: RoundRequest) -> T
     data = load_bank_data(job, config, bank.model.config.vocab_size)
     global_flat = bank.view.flatten()
     started = time.perf_counter()
-    metrics: dict[str, float] = {}
-    ledger_entry = ""
-    if job.dp:
-        cfg = dp_config(job, config)
-        accountant = load_accountant(bank.state_dir, cfg)
-        ledger = Ledger(bank.state_dir / "ledger.jsonl")
-        from_ledger = accountant_state_from_ledger(ledger.entries(), cfg)
-        if from_ledger is not None and len(from_ledger.history) > len(accountant.history):
-            accountant = from_ledger  # a crash between ledger append and accountant save: trust the ledger
-        n_samples = len(data.train)
-        for skipped in skipped_rounds(ledger.entries(), request.round):  # rounds it never heard of
-            ledger.append(
-                round_entry(
-                    job_id=job.job_id,
-                    bank_id=config.bank_id,
-                    round=skipped,
-                    status="skipped",
-                    report=None,
-                    cfg=cfg,
-                    n_samples=n_samples,
-                    budget_epsilon=cfg.target_epsilon,
-                    state=accountant,
-                    reason="the bank was not asked to train in this round",
-                )
-            )
-        seed = None if job.secure_mode else round_seed(job, config.bank_id, request.round)
-        started_at = utc_now()
-        try:
-            report = train_private_round(bank.model, data.train, cfg, accountant, seed=seed)
-        except BudgetExceeded as err:
-            # Nothing trained, nothing spent: model, accountant and ledger stay as they were;
-            # the refusal reaches the server's ledger mirror through the reply.
-            bank.save()  # (only the aggregates it applied)
-            return TrainReply(
-                bank_id=config.bank_id,
-                round=request.round,
-                status=TRAIN_STATUS_REFUSED,
-                applied_round=bank.state.applied_round,
-                start_hash=bank.state.start_hash,
-                reason=str(err),
-            )
-        # What one more identical round would bring epsilon to: the server stops selecting a bank
-        # whose next round cannot fit (the bank would refuse it anyway).
-        epsilon_next = report.accountant_state.appended(HistoryEntry(report.sigma, report.q, report.steps)).epsilon()
-        # Privacy spent is recorded (ledger, then accountant) before anything derived from the
-        # data leaves the bank: a crash can over-count, never under-count.
-        stored = ledger.append(
-            round_entry(
-                job_id=job.job_id,
-                bank_id=config.bank_id,
-                round=request.round,
-                status="trained",
-                report=report,
-                cfg=cfg,
-                n_samples=n_samples,
-                budget_epsilon=cfg.target_epsilon,
-                epsilon_next_round=epsilon_next,
-                started_at=started_at,
-            )
-        )
-        ledger_entry = json.dumps(stored)
-        report.accountant_state.save(bank.state_dir / "accountant.json")
-        metrics.update(
-            {
-                "epsilon-next": epsilon_next,
-                "train-loss": report.mean_loss,
-                "epsilon-round": report.epsilon_spent_this_round,
-                "epsilon-total": report.epsilon_total,
-                "epsilon-budget": report.target_epsilon,
-                "sigma": report.sigma,
-                "sample-rate": report.q,
-                "steps": float(report.steps),
-            }
-        )
-    else:
-        metrics.update(bank.train_plain(data, request.round))
-    metrics["seconds-train"] = time.perf_counter() - started
-    delta = bank.view.flatten() - global_flat
-    bank.view.load_flat_(global_flat)  # the replica stays at the global model
-
-    started = time.perf_counter()
-    weight = float(len(data.train))  # sample count: encrypted, so the server never learns it
-    bundle = encrypt_update(
-        delta.numpy(),
-        weight=weight,
-        key=key,
-        round=request.round,
-        layout_hash=bank.view.layout_hash,
-        bank_id=config.bank_id,
-    )
-    metrics["seconds-encrypt"] = time.perf_counter() - started
-    if job.keep_plaintext_deltas:
-        bank.keep_delta(request.round, delta, weight)
-    bank.state.rounds_trained.append(request.round)
-    bank.save()
-    logger.info("bank %s round %d: %s", config.bank_id, request.round, metrics)
-    return TrainReply(
-        bank_id=config.bank_id,
-        round=request.round,
-        status=TRAIN_STATUS_OK,
-        applied_round=bank.state.applied_round,
-        start_hash=bank.state.start_hash,
-        bundle=bundle,
-        metrics=metrics,
-        ledger_entry=ledger_entry,
-    )
+    result = private_round(bank, data, request.round) if job.dp else RoundResult(bank.train_plain(data, request.round))
+    if result.refused:
+        bank.save()  # (only the aggregates it applied)
+        return bank.reply(request.round, TrainStatus.REFUSED, reason=result.refused, ledger=result.ledger_entry)
+    result.metrics["seconds-train"] = time.perf_counter() - started
+    return encrypt_and_reply(bank, key, data, request.round, global_flat, result)
 
 
 def handle_evaluate(job: JobConfig, config: BankConfig, request: RoundRequest) -> EvalReply:
     """One evaluate message: catch up on aggregates, report eval loss on held-out data."""
-    bank, _key = _open_bank(job, config, request)
+    bank, _key = open_bank(job, config, request)
     bank.save()
     data = load_bank_data(job, config, bank.model.config.vocab_size)
     return EvalReply(

@@ -1,9 +1,9 @@
-"""The fl_client package's exception type."""
+"""The fl_client package's exception types (ConfigError is shared with the server: protocol.errors)."""
+
+from protocol.errors import ConfigError
+
+__all__ = ["ConfigError", "DataError"]
 
 
 class DataError(ValueError):
     """Bad bank data or data arguments; the message names the file/line/field (or record), expected vs got."""
-
-
-class ConfigError(ValueError):
-    """A bad run-config or node-config value; the message names the key, expected vs got."""

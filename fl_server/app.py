@@ -8,8 +8,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
-from fl_client.config import JobConfig
+from fl_server.console import ConsoleReporter
 from fl_server.federation import Federation
+from protocol.config import JobConfig
 
 app = ServerApp()
 
@@ -18,4 +19,5 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     logging.getLogger("fl_server").setLevel(logging.INFO)
     job = JobConfig.from_run_config(context.run_config)
-    Federation(grid=grid, job=job, console=Console(force_terminal=False, width=120)).run()
+    reporter = ConsoleReporter(Console(force_terminal=False, width=120))
+    Federation(grid=grid, job=job, reporter=reporter).run()

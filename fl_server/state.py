@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fl_client.config import JobConfig
-from fl_client.errors import ConfigError
-from fl_client.state import atomic_write_bytes, atomic_write_json, read_json
+from protocol.config import JobConfig
+from protocol.errors import ConfigError
+from protocol.files import atomic_write_bytes, atomic_write_json, read_json
 
 
 @dataclass
@@ -26,7 +26,9 @@ class RoundRecord:
     round: int
     participants: list[str] = field(default_factory=list)  # banks whose ciphertext was added
     left_out: dict[str, str] = field(default_factory=dict)  # bank or node -> reason
+    outcomes: dict[str, str] = field(default_factory=dict)  # bank or node -> Outcome (typed, see federation)
     aggregated: bool = False
+    no_aggregate: str = ""  # why the round produced no aggregate ("" when it did)
     train_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     eval_loss: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)

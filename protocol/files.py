@@ -73,3 +73,26 @@ def atomic_write_with(path: Path, write: Callable[[Path], None], *, mode: int = 
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_file: Path, *, wait: bool = True) -> Iterator[bool]:
+    """An advisory exclusive lock (flock) on `lock_file`, held for the `with` block.
+
+    Yields True when held. With wait=False a lock held by someone else yields False at once
+    (the caller decides what to do) instead of blocking.
+    """
+    import fcntl  # POSIX only; imported here so the rest of the module stays portable
+
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+b") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

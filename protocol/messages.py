@@ -1,21 +1,26 @@
 """The bank <-> server message contents and their Flower RecordDict encoding.
 
-Defined on the client side because data flows model -> fl_client -> fl_server: the server
-imports these types, never the other way round. Ciphertext bundles travel as uint8 Arrays in
+Shared by the ServerApp and the ClientApp (neither imports the other). Ciphertext bundles travel as uint8 Arrays in
 an ArrayRecord (Flower chunks large arrays), everything else as ConfigRecord/MetricRecord.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fl_client.errors import ConfigError
+from protocol.errors import ConfigError
 
-TRAIN_STATUS_OK = "ok"
-TRAIN_STATUS_REFUSED = "refused"  # the bank's own budget check said no: nothing trained
+
+
+class TrainStatus(StrEnum):
+    """What a bank did with a train request."""
+
+    OK = "ok"  # trained; the reply carries its encrypted update
+    REFUSED = "refused"  # the bank's own policy or budget said no: nothing trained, nothing spent
 
 
 def _bytes_record(blobs: dict[str, bytes]) -> ArrayRecord:
@@ -81,7 +86,7 @@ class TrainReply:
 
     bank_id: str
     round: int
-    status: str  # TRAIN_STATUS_OK or TRAIN_STATUS_REFUSED
+    status: TrainStatus
     applied_round: int
     start_hash: str
     bundle: bytes = b""
@@ -94,7 +99,7 @@ class TrainReply:
             {
                 "bank-id": self.bank_id,
                 "round": self.round,
-                "status": self.status,
+                "status": str(self.status),
                 "applied-round": self.applied_round,
                 "start-hash": self.start_hash,
                 "reason": self.reason,
@@ -114,7 +119,7 @@ class TrainReply:
         return cls(
             bank_id=str(info["bank-id"]),
             round=int(info["round"]),
-            status=str(info["status"]),
+            status=TrainStatus(str(info["status"])),
             applied_round=int(info["applied-round"]),
             start_hash=str(info["start-hash"]),
             bundle=bundle,

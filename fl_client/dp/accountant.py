@@ -26,11 +26,10 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from fl_client.dp.config import ACCOUNTANTS, DPConfig
 from fl_client.dp.errors import BudgetExceeded, DPError
-from fl_client.state import atomic_write_bytes
+from protocol.accounting import PRV_EPS_ERROR
+from protocol.files import atomic_write_bytes
 
 STATE_VERSION = 1
-# PRV epsilon is an upper bound within eps_error of the truth; 0.01 is Opacus' default.
-PRV_EPS_ERROR = 0.01
 # Calibration stops when the plan's epsilon is within this of the target (always at or below it).
 CALIBRATION_TOLERANCE = 0.01
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fl_client.dp.errors import DPError
+from protocol.config import PRIVACY_UNITS
 
 AccountantName = Literal["prv", "rdp"]
 GradSampleMode = Literal["hooks", "ghost", "mixed"]
@@ -21,7 +22,6 @@ OptimizerName = Literal["sgd", "adamw"]
 
 ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp")
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "ghost", "mixed")
-PRIVACY_UNITS: tuple[str, ...] = ("record", "customer")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 
 

@@ -190,25 +190,88 @@ def train_private_round(
     sigma = noise_multiplier_for(cfg, n)
     budget = check_budget(cfg, state, HistoryEntry(sigma, q, cfg.local_steps))
 
+    steps = run_dp_steps(model, inputs, targets, cfg, noise_multiplier=sigma, sample_rate=q, seed=seed)
+
+    new_state = state.appended(budget.entry)
+    report = RoundPrivacyReport(
+        bank_id=cfg.bank_id,
+        epsilon_spent_this_round=budget.epsilon_after - budget.epsilon_before,
+        epsilon_total=budget.epsilon_after,
+        epsilon_before=budget.epsilon_before,
+        delta=cfg.delta,
+        accountant=cfg.accountant,
+        sigma=sigma,
+        q=q,
+        steps=cfg.local_steps,
+        history=new_state.history,
+        accountant_state=new_state,
+        target_epsilon=cfg.target_epsilon,
+        n_samples=n,
+        clip_norm=cfg.clip_norm,
+        mean_loss=steps.loss_sum / max(steps.loss_count, 1),
+        empty_batches=steps.empty_batches,
+        grad_sample_mode=cfg.grad_sample_mode,
+        norm_plan=steps.norm_plan,
+        seconds=steps.seconds,
+    )
+    logger.info(
+        "bank %s: private round done: %d steps, sigma=%.3f, q=%.4f, epsilon %.3f -> %.3f of %.3f (%s, %.1fs)",
+        cfg.bank_id,
+        cfg.local_steps,
+        sigma,
+        q,
+        budget.epsilon_before,
+        budget.epsilon_after,
+        cfg.target_epsilon,
+        cfg.grad_sample_mode,
+        steps.seconds,
+    )
+    return report
+
+
+@dataclass(frozen=True)
+class StepStats:
+    loss_sum: float
+    loss_count: int
+    empty_batches: int
+    norm_plan: dict[str, str]
+    seconds: float
+
+
+def run_dp_steps(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    cfg: DPConfig,
+    *,
+    noise_multiplier: float,
+    sample_rate: float,
+    seed: int | None,
+) -> StepStats:
+    """`cfg.local_steps` DP-SGD steps at a given noise multiplier: Poisson batches, clip, noise, step.
+
+    No accounting and no budget: `train_private_round` calibrates sigma and charges the
+    accountant around this; the canary audit calls it directly with an explicit sigma (a fault
+    injection that must never train a bank). seed=None draws sampling and noise from the OS CSPRNG.
+    """
+    n = inputs.shape[0]
     device = next(p for p in model.parameters() if p.requires_grad).device
-    if cfg.secure_mode:
-        sample_gen = noise_gen = None
-    else:
-        sample_gen = torch.Generator().manual_seed(seed)
-        noise_gen = torch.Generator(device=device).manual_seed(seed + 1_000_003)
+    secure = seed is None
+    sample_gen = None if secure else torch.Generator().manual_seed(seed)
+    noise_gen = None if secure else torch.Generator(device=device).manual_seed(seed + 1_000_003)
     frozen = _router_buffers(model)
     was_training = model.training
     model.train()
-    private = make_private(model, cfg, noise_multiplier=sigma, seq_len=inputs.shape[1], generator=noise_gen)
+    private = make_private(model, cfg, noise_multiplier=noise_multiplier, seq_len=inputs.shape[1], generator=noise_gen)
     steps_done = 0
 
     def count_step(optimizer: Any) -> None:
         nonlocal steps_done
-        assert optimizer.noise_multiplier == sigma
+        assert optimizer.noise_multiplier == noise_multiplier
         steps_done += 1
 
     private.optimizer.attach_step_hook(count_step)
-    sampler = PoissonBatchSampler(n, q, cfg.local_steps, generator=sample_gen, secure=cfg.secure_mode)
+    sampler = PoissonBatchSampler(n, sample_rate, cfg.local_steps, generator=sample_gen, secure=secure)
     loader = DataLoader(range(n), batch_sampler=sampler, collate_fn=_collate_indices)
     loss_sum, loss_count, empty = 0.0, 0, 0
     started = time.perf_counter()
@@ -236,40 +299,4 @@ def train_private_round(
             assert bias is None or torch.equal(router.e_score_correction_bias, bias), "routing bias moved"
             router.expert_load.copy_(load)
     assert steps_done == cfg.local_steps, (steps_done, cfg.local_steps)
-    seconds = time.perf_counter() - started
-
-    new_state = state.appended(budget.entry)
-    report = RoundPrivacyReport(
-        bank_id=cfg.bank_id,
-        epsilon_spent_this_round=budget.epsilon_after - budget.epsilon_before,
-        epsilon_total=budget.epsilon_after,
-        epsilon_before=budget.epsilon_before,
-        delta=cfg.delta,
-        accountant=cfg.accountant,
-        sigma=sigma,
-        q=q,
-        steps=cfg.local_steps,
-        history=new_state.history,
-        accountant_state=new_state,
-        target_epsilon=cfg.target_epsilon,
-        n_samples=n,
-        clip_norm=cfg.clip_norm,
-        mean_loss=loss_sum / max(loss_count, 1),
-        empty_batches=empty,
-        grad_sample_mode=cfg.grad_sample_mode,
-        norm_plan=dict(private.plan),
-        seconds=seconds,
-    )
-    logger.info(
-        "bank %s: private round done: %d steps, sigma=%.3f, q=%.4f, epsilon %.3f -> %.3f of %.3f (%s, %.1fs)",
-        cfg.bank_id,
-        cfg.local_steps,
-        sigma,
-        q,
-        budget.epsilon_before,
-        budget.epsilon_after,
-        cfg.target_epsilon,
-        cfg.grad_sample_mode,
-        seconds,
-    )
-    return report
+    return StepStats(loss_sum, loss_count, empty, dict(private.plan), time.perf_counter() - started)

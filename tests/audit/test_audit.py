@@ -14,23 +14,20 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from audit import audit_ledgers, render_table, write_html_report
+from audit.__main__ import main
 from fl_client.dp import AccountantState, BudgetExceeded, DPConfig, HistoryEntry, RoundPrivacyReport, check_budget
-from fl_client.ledger import (
-    CHAIN_FIELDS,
-    Ledger,
-    canonical_json,
-    entry_hash,
-    epsilon_pld,
-    epsilon_rdp,
-    mirror_entry,
-    mirror_path,
-    planned_round,
-    round_entry,
-)
-from fl_server.audit import audit_ledgers, render_table, write_html_report
-from fl_server.audit.__main__ import main
+from fl_client.dp.accountant import noise_multiplier_for, sample_rate_for
+from fl_client.ledger import round_entry
+from protocol.accounting import epsilon_pld, epsilon_rdp
+from protocol.ledger import CHAIN_FIELDS, Ledger, canonical_json, entry_hash, mirror_entry, mirror_path
 
 JOB, N = "job-7", 48
+
+
+def planned_round(cfg: DPConfig, n_samples: int) -> HistoryEntry:
+    """The history entry the bank's next round would add: (sigma, q, local_steps)."""
+    return HistoryEntry(noise_multiplier_for(cfg, n_samples), sample_rate_for(cfg, n_samples), cfg.local_steps)
 
 
 def dp_config(bank: str, **overrides) -> DPConfig:

@@ -4,36 +4,41 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
 from test_dp_helpers import packed, tiny_model
 
 from fl_client.dp import AccountantState, BudgetExceeded, DPConfig, train_private_round
-from fl_client.ledger import (
+from fl_client.dp.accountant import HistoryEntry, noise_multiplier_for, sample_rate_for
+from fl_client.ledger import accountant_state_from_ledger, round_entry
+from protocol.accounting import epsilon_pld, epsilon_rdp
+from protocol.ledger import (
     BANK_SCHEMA,
     GENESIS_HASH,
     MIRROR_SCHEMA,
     Ledger,
     LedgerError,
-    accountant_state_from_ledger,
     bank_exhausted,
     canonical_json,
     entry_hash,
-    epsilon_pld,
-    epsilon_rdp,
     latest_bank_entry,
     mirror_entry,
     mirror_path,
-    planned_round,
-    round_entry,
-    select_banks,
     skipped_rounds,
     verify_chain,
 )
 
 N, L = 48, 8
 JOB = "job-1"
+
+
+def planned_round(cfg: DPConfig, n_samples: int) -> HistoryEntry:
+    """The history entry the bank's next round would add: (sigma, q, local_steps)."""
+    return HistoryEntry(noise_multiplier_for(cfg, n_samples), sample_rate_for(cfg, n_samples), cfg.local_steps)
 
 
 def config(**overrides) -> DPConfig:
@@ -335,3 +340,54 @@ def test_the_ledger_implies_the_accountant_state(bank_ledger):
     assert accountant_state_from_ledger([], config()) is None
     with pytest.raises(LedgerError, match=r"seq 3: accountant/delta expected \('rdp', 1e-05\)"):
         accountant_state_from_ledger(entries, config(accountant="rdp"))
+
+
+# The budget-driven selection rule as a pure function (the server applies the same rule: bank_exhausted).
+@dataclass(frozen=True)
+class BankSelection:
+    """The server's choice for the next round.
+
+    Attributes:
+        selected: banks to send the round to (sorted).
+        exhausted: bank -> why it is no longer selected (budget).
+        end_job: fewer than min_banks can still train: the job ends.
+        reason: why the job ends ("" otherwise).
+    """
+
+    selected: list[str]
+    exhausted: dict[str, str]
+    end_job: bool
+    reason: str = ""
+
+
+def select_banks(latest: Mapping[str, Mapping[str, Any] | None], *, min_banks: int) -> BankSelection:
+    """Drops banks whose budget is exhausted; ends the job when fewer than `min_banks` remain.
+
+    Args:
+        latest: for every connected bank, its latest mirrored entry (bank entry or mirror line;
+            None for a bank that has not reported yet, which stays selectable).
+        min_banks: the job's min-banks.
+
+    Returns:
+        BankSelection; exhausted reasons read "budget exhausted after round R: ...".
+    """
+    selected, exhausted = [], {}
+    for bank in sorted(latest):
+        entry = latest[bank]
+        if bank_exhausted(entry):
+            inner = entry.get("bank_entry") if entry.get("schema") == MIRROR_SCHEMA else entry
+            nxt = inner.get("epsilon_next_round")
+            nxt_text = f"{nxt:.4f}" if isinstance(nxt, (int, float)) else "unknown"
+            exhausted[bank] = (
+                f"budget exhausted after round {inner.get('round')}: epsilon {inner.get('epsilon', 0.0):.4f}, "
+                f"one more round would reach {nxt_text} > budget {inner.get('budget_epsilon')}"
+            )
+        else:
+            selected.append(bank)
+    if len(selected) < min_banks:
+        reason = (
+            f"only {len(selected)} bank(s) within budget ({', '.join(selected) or 'none'}), min-banks {min_banks}"
+            + (f"; exhausted: {', '.join(sorted(exhausted))}" if exhausted else "")
+        )
+        return BankSelection(selected, exhausted, True, reason)
+    return BankSelection(selected, exhausted, False)

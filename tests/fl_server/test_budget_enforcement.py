@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 from local_grid import LocalGrid
-from rich.console import Console
 
 from crypto import keygen
-from fl_client.config import JobConfig
+from fl_server.console import SilentReporter
 from fl_server.federation import Federation
+from protocol.config import JobConfig
 
 
 @pytest.mark.slow
@@ -39,7 +39,7 @@ def test_exhausted_banks_are_dropped_then_job_ends(tmp_path):
     }
     grid = LocalGrid(nodes, run_config)
     job = JobConfig.from_run_config(run_config)
-    state = Federation(grid=grid, job=job, console=Console(file=open("/dev/null", "w"))).run()  # noqa: SIM115
+    state = Federation(grid=grid, job=job, reporter=SilentReporter()).run()
 
     assert [r.participants for r in state.rounds] == [["bank-0", "bank-1", "bank-2"], ["bank-0", "bank-1"]]
     assert "not selected: budget exhausted after round 1" in state.rounds[1].left_out["bank-2"]
@@ -55,7 +55,7 @@ def test_exhausted_banks_are_dropped_then_job_ends(tmp_path):
         for bank, metrics in record.train_metrics.items():
             assert metrics["epsilon-total"] <= 3.0 + 1e-9, (bank, metrics)
     # the banks' ledgers verify, and the server's mirrors say who was received, dropped or skipped
-    from fl_client.ledger import verify_chain
+    from protocol.ledger import verify_chain
 
     mirror_dir = Path(job.server_state_dir) / "budget" / "ledger-mirror"
     for bank in ("bank-0", "bank-1", "bank-2"):

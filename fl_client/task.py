@@ -1,0 +1,130 @@
+"""A bank's task code: the job's model, the bank's data, its DP settings, its round seed.
+
+One module used by the ClientApp (fl_client.bank), the local CLI and the canary audit, so all of
+them build the same model from the same job and read the same data the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fl_client.config import BankConfig
+from fl_client.data import (
+    PackedData,
+    generate_bank_corpus,
+    load_text_file,
+    make_bank_profiles,
+    pack_records,
+    train_eval_split,
+)
+from fl_client.dp import DPConfig
+from model.checkpoint import load_pretrained
+from model.deepseek import DeepseekForCausalLM, preset
+from model.lora import LoraConfig, configure_trainable
+from model.tokenizer import load_tokenizer
+from protocol.config import JobConfig
+from protocol.errors import ConfigError
+
+
+def checkpoint_fingerprint(folder: str | Path) -> str:
+    """SHA-256 over a checkpoint folder's files (names and contents, sorted): what a job pins."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"run config: 'base-checkpoint' expected a folder, got {str(folder)!r} (not found)")
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def build_model(job: JobConfig) -> DeepseekForCausalLM:
+    """The job's base model with its trainable view configured: identical at every bank.
+
+    A base checkpoint is checked against the job's pin (`base-checkpoint-sha256`) first, so a
+    bank never trains from a copy that differs from everyone else's.
+    """
+    if job.base_checkpoint:
+        if job.base_checkpoint_sha256:
+            found = checkpoint_fingerprint(job.base_checkpoint)
+            if found != job.base_checkpoint_sha256:
+                raise ConfigError(
+                    f"base checkpoint {job.base_checkpoint!r}: content hash {found[:16]}..., the job pins "
+                    f"'base-checkpoint-sha256' = {job.base_checkpoint_sha256[:16]}...; refusing to train from it"
+                )
+        model = load_pretrained(job.base_checkpoint)
+    else:
+        torch.manual_seed(job.seed)  # seeded init: every bank builds the same weights
+        model = DeepseekForCausalLM(preset(job.model_preset))
+    lora = LoraConfig(rank=job.lora_rank, alpha=job.lora_alpha, seed=job.seed)
+    return configure_trainable(model, job.train_mode, lora)
+
+
+@dataclass
+class BankData:
+    train: PackedData  # one privacy unit (record or customer) per sample
+    held_out: PackedData
+    source: str
+
+
+def load_bank_data(job: JobConfig, bank: BankConfig, vocab_size: int) -> BankData:
+    """The bank's records -> packed train/eval samples (one record or customer per sample)."""
+    tokenizer = load_tokenizer(job.base_checkpoint or None)
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids, model vocab_size is {vocab_size}")
+    if bank.data_path is not None:
+        records = load_text_file(bank.data_path)
+        source = str(bank.data_path)
+    else:
+        profiles = make_bank_profiles(job.synthetic_banks, seed=job.seed)
+        if not 0 <= bank.partition_id < len(profiles):
+            raise ConfigError(
+                f"node config of {bank.bank_id}: 'partition-id' expected 0..{len(profiles) - 1} "
+                f"(synthetic-banks={job.synthetic_banks}), got {bank.partition_id}"
+            )
+        profile = profiles[bank.partition_id]
+        records = generate_bank_corpus(profile, job.records_per_bank, seed=job.seed)
+        source = f"synthetic {profile.bank_id} ({profile.locale})"
+    train, held_out = train_eval_split(
+        records, eval_fraction=job.eval_fraction, seed=job.seed, privacy_unit=job.privacy_unit
+    )
+    pack = dict(
+        encode=tokenizer.encode,
+        seq_len=job.seq_len,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+        privacy_unit=job.privacy_unit,
+    )
+    return BankData(pack_records(train, **pack), pack_records(held_out, **pack), source)
+
+
+def dp_config(job: JobConfig, bank: BankConfig) -> DPConfig:
+    """The bank's DP settings: its own budget (node config) + the job's training shape."""
+    return DPConfig(
+        target_epsilon=bank.epsilon,
+        delta=bank.delta,
+        clip_norm=job.clip_norm,
+        planned_rounds=bank.planned_rounds or job.num_rounds,
+        local_steps=job.local_steps,
+        expected_batch_size=job.batch_size,
+        physical_batch_size=job.batch_size,
+        accountant=job.accountant,
+        grad_sample_mode=job.grad_sample_mode,
+        privacy_unit=job.privacy_unit,
+        secure_mode=job.secure_mode,
+        lr=job.lr,
+        bank_id=bank.bank_id,
+    )
+
+
+def round_seed(job: JobConfig, bank_id: str, round_idx: int) -> int:
+    """Reproducible per-(job, bank, round) seed for simulations; secure_mode uses no seed at all."""
+    digest = hashlib.sha256(f"{job.job_id}|{job.seed}|{bank_id}|{round_idx}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
