@@ -19,6 +19,16 @@ RejectReason = Literal[
     "bank_id",  # the bundle names another bank than the one the server received it from
     "duplicate",  # a second contribution from the same bank, or a replayed ciphertext
     "kind",  # not a bank update (e.g. an already aggregated sum sent back)
+    # secure aggregation (crypto/secagg) and identities (crypto/identity.py)
+    "unknown_bank",  # not a pinned consortium member, or not selected for this round
+    "signature",  # a signature does not verify under the sender's pinned identity key
+    "replay",  # a signed message bound to another job or round (e.g. last round's key advertisement)
+    "share",  # an encrypted Shamir share that does not decrypt, or whose dealer signature fails
+    "commitment",  # a reconstructed secret does not match its dealer's signed commitment
+    "dropped",  # the bank sent nothing at a stage (timeout, crash, refusal)
+    "too_few",  # fewer banks or shares than the threshold / min-banks: nothing is unmasked
+    "inconsistent",  # a request contradicts what the bank saw (e.g. both share kinds of one peer)
+    "malformed",  # a protocol message that does not parse or has wrong fields
 ]
 
 REJECT_REASONS: tuple[str, ...] = RejectReason.__args__  # type: ignore[attr-defined]
