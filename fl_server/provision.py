@@ -386,7 +386,7 @@ def _mkdir(path: Path) -> Path:
 
 
 # ---- operator: register bank keys ---------------------------------------------------------------
-def register(superlink: str, ca: str, keys_dir: Path) -> int:
+def register(superlink: str, ca: str, keys_dir: Path, *, flwr: str = "flwr") -> int:
     """Registers every `*.pub` in `keys_dir` that the SuperLink does not know yet (idempotent)."""
     home = Path(tempfile.mkdtemp(prefix="fedmoe-flwr-"))
     (home / "config.toml").write_text(
@@ -394,7 +394,7 @@ def register(superlink: str, ca: str, keys_dir: Path) -> int:
     )
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home)}
     listed = subprocess.run(
-        ["flwr", "supernode", "list", "fedmoe", "--format", "json"], capture_output=True, text=True, env=env
+        [flwr, "supernode", "list", "fedmoe", "--format", "json"], capture_output=True, text=True, env=env
     )
     known = listed.stdout
     failures = 0
@@ -404,7 +404,7 @@ def register(superlink: str, ca: str, keys_dir: Path) -> int:
             print(f"{pub.stem}: already registered")
             continue
         res = subprocess.run(
-            ["flwr", "supernode", "register", str(pub), "fedmoe", "--name", pub.stem, "--format", "json"],
+            [flwr, "supernode", "register", str(pub), "fedmoe", "--name", pub.stem, "--format", "json"],
             capture_output=True,
             text=True,
             env=env,

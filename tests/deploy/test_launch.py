@@ -1,0 +1,128 @@
+"""fl_server.launch: refuses what cannot work before starting anything, reports failed jobs with a
+non-zero exit and the failing component's error, stops every process on SIGTERM, logs without ANSI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fl_server.launch import LaunchError, check_run_config, job_defaults, main, parse_run_config
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = (
+    'model-preset="tiny" num-rounds=1 local-steps=2 records-per-bank=120 seq-len=32 batch-size=8 '
+    "evaluate=false dp=false"
+)
+
+
+def free_base_port() -> int:
+    import socket
+
+    for base in range(30000 + (os.getpid() % 40) * 300, 60000, 300):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", base)) != 0:
+                return base
+    raise RuntimeError("no free port")
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--banks", "0"], "min-banks"),
+        (["--banks", "1"], "min-banks=2"),
+        (["--banks", "2", "--run-config", "min-banks=3"], "min-banks=3"),
+        (["--banks", "2", "--run-config", "num-round=2"], "'num-round'"),
+        (["--banks", "2", "--run-config", 'num-rounds="two"'], "'num-rounds'"),
+        (["--banks", "2", "--data", "bank-0=/nonexistent/train.jsonl"], "is not a file"),
+        (["--banks", "2", "--data", "bank-7=/etc/hostname"], "no bank 'bank-7'"),
+    ],
+)
+def test_refused_up_front_with_the_reason(tmp_path, capsys, argv, needle):
+    code = main([*argv, "--root", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err, err
+    assert not (tmp_path / "r" / "logs").exists()  # nothing was started
+
+
+def test_run_config_key_errors_name_the_key():
+    defaults = job_defaults()
+    with pytest.raises(LaunchError, match="'local-step'.*local-steps"):
+        check_run_config(parse_run_config("local-step=3"), defaults)
+    with pytest.raises(LaunchError, match="'dp': expected bool"):
+        check_run_config(parse_run_config("dp=1"), defaults)
+    check_run_config(parse_run_config('lr=1 model-preset="tiny" dp=false'), defaults)  # int for float is fine
+
+
+def _tree_pids(marker: str) -> list[int]:
+    """PIDs of every process whose command line mentions `marker` (the test's own folder)."""
+    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out if int(p) != os.getpid()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _launch(root: Path, port: int, run_config: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fl_server.launch",
+            "--banks",
+            "2",
+            "--root",
+            str(root),
+            "--port",
+            str(port),
+            "--run-config",
+            run_config,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_process(tmp_path):
+    root = tmp_path / "fed"
+    launcher = _launch(root, free_base_port(), f'{TINY} job-id="term" num-rounds=50')
+    deadline = time.monotonic() + 180
+    run_log = root / "logs" / "flwr-run.log"
+    while time.monotonic() < deadline and "Successfully started run" not in (
+        run_log.read_text(errors="replace") if run_log.exists() else ""
+    ):
+        assert launcher.poll() is None, launcher.communicate()
+        time.sleep(0.5)
+    pids = _tree_pids(str(root))
+    assert len(pids) >= 6, pids  # superlink, serverapp, 2 x (supernode + executor), flwr run
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 128 + signal.SIGTERM, err
+    time.sleep(1)
+    left = [p for p in pids if _alive(p)] + [p for p in _tree_pids(str(root)) if _alive(p)]
+    assert not left, f"processes left after SIGTERM: {left}"
+    for log in (root / "logs").glob("*.log"):
+        assert b"\x1b[" not in log.read_bytes(), f"ANSI colour codes in {log}"
+
+
+@pytest.mark.slow
+def test_failed_job_exits_non_zero_with_the_servers_error(tmp_path):
+    root = tmp_path / "fed"
+    # valid key and type for Flower, but no such preset: the ServerApp raises while building the model
+    launcher = _launch(root, free_base_port(), f'{TINY} job-id="bad" model-preset="no-such-preset"')
+    out, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 1, out + err
+    assert "no-such-preset" in err or "ServerApp" in err, err
+    assert not [p for p in _tree_pids(str(root)) if _alive(p)]
