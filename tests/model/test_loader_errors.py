@@ -52,7 +52,8 @@ def test_expert_gate_proj_one_row_short(ckpt):
 
 
 def test_expert_down_proj_transposed(ckpt):
-    edit_tensors(ckpt, lambda t: t.update({f"{EXPERT}.down_proj.weight": t[f"{EXPERT}.down_proj.weight"].T.contiguous()}))
+    key = f"{EXPERT}.down_proj.weight"
+    edit_tensors(ckpt, lambda t: t.update({key: t[key].T.contiguous()}))
     with pytest.raises(
         CheckpointError,
         match=rf"{EXPERT}\.down_proj\.weight: checkpoint \(32, 64\), model expects \(64, 32\) \(transposed",
@@ -100,7 +101,8 @@ def test_missing_correction_bias_under_noaux_tc(ckpt):
     edit_tensors(ckpt, lambda t: t.pop("model.layers.1.mlp.gate.e_score_correction_bias"))
     with pytest.raises(
         CheckpointError,
-        match=r"missing key model\.layers\.1\.mlp\.gate\.e_score_correction_bias: config\.json has topk_method='noaux_tc'",
+        match=r"missing key model\.layers\.1\.mlp\.gate\.e_score_correction_bias: "
+        r"config\.json has topk_method='noaux_tc'",
     ):
         load_pretrained(ckpt)
 
