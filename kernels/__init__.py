@@ -7,18 +7,10 @@ FEDMOE_KERNELS=reference. See kernels/backend.py.
 
 from kernels.backend import BACKENDS, Backend, choose_backend, env_backend
 from kernels.errors import KernelError
-from kernels.expert_gemm import (
-    expert_linear,
-    expert_linear_reference,
-    expert_mlp,
-    expert_mlp_reference,
-    expert_swiglu,
-    expert_swiglu_reference,
-    swiglu,
-    swiglu_grad,
-)
+from kernels.expert_gemm import expert_linear, expert_linear_reference
 from kernels.per_sample import (
     expert_grad_norm2,
+    expert_grad_norm2_bucketed,
     expert_grad_norm2_reference,
     expert_grad_sample,
     expert_grad_sample_reference,
@@ -40,20 +32,15 @@ __all__ = [
     "combine_weights",
     "env_backend",
     "expert_grad_norm2",
+    "expert_grad_norm2_bucketed",
     "expert_grad_norm2_reference",
     "expert_grad_sample",
     "expert_grad_sample_reference",
     "expert_linear",
     "expert_linear_reference",
-    "expert_mlp",
-    "expert_mlp_reference",
-    "expert_swiglu",
-    "expert_swiglu_reference",
     "expert_weight_grad_clipped",
     "expert_weight_grad_clipped_reference",
     "route",
     "route_reference",
     "router_scores",
-    "swiglu",
-    "swiglu_grad",
 ]

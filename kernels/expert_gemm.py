@@ -1,9 +1,7 @@
 """Expert-bank linear layers: each row is multiplied by the weight of the expert it was routed to.
 
 Math: y_n = x_n @ W[e_n]^T   for n = 0..N-1, with W stacked [E, O, I] (nn.Linear/HF layout).
-    expert_linear   y = x W[e]^T
-    expert_swiglu   h = x W_gu[e]^T (W_gu [E, 2F, D]: gate rows then up rows);  a = silu(h_:F) * h_F:
-    expert_mlp      y = expert_linear(expert_swiglu(x, W_gu), W_down)  (W_down [E, D, F])
+The model's experts call it twice (gate|up bank, then down bank) and apply SwiGLU in PyTorch between.
 Gradients: dx_n = dy_n W[e_n];  dW[e] = sum_{n: e_n = e} dy_n^T x_n.
 Dropless, no capacity, no padded copies: rows are grouped by expert through a permutation
 (kernels/permute.py), multiplied per expert run, and scattered back to their original order.
@@ -12,11 +10,9 @@ Backends (kernels/backend.py):
     reference   stable sort, one matmul per expert segment, unsort (the spec; any dtype)
     grouped_mm  the same through torch's grouped GEMM (autograd by torch)
     triton      ScatterMoE-style kernels reading rows through the permutation
-                (kernels/expert_gemm_triton.py), backward by kernels as well; expert_mlp keeps
-                the intermediate in expert order and fuses SwiGLU into both GEMM epilogues.
+                (kernels/expert_gemm_triton.py), backward by kernels as well.
 
-Legend: N rows (token x top-k slots), E experts, I input width, O output width, D model width,
-F expert hidden width.
+Legend: N rows (token x top-k slots), E experts, I input width, O output width.
 """
 
 from __future__ import annotations
@@ -58,32 +54,6 @@ def expert_linear_reference(x_NI: torch.Tensor, expert_ids_N: torch.Tensor, weig
     y_NO = torch.empty_like(y_sorted_NO)
     y_NO = y_NO.index_copy(0, order_N, y_sorted_NO)
     return y_NO
-
-
-def swiglu(h_N2F: torch.Tensor) -> torch.Tensor:
-    """a = silu(gate) * up for h = [gate | up] along the last dim."""
-    gate, up = h_N2F.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def swiglu_grad(h_N2F: torch.Tensor, grad_a_NF: torch.Tensor) -> torch.Tensor:
-    """dL/dh from dL/da for a = swiglu(h), computed in fp32 and returned in h's dtype."""
-    gate, up = h_N2F.float().chunk(2, dim=-1)
-    grad_a = grad_a_NF.float()
-    sig = torch.sigmoid(gate)
-    d_gate = grad_a * up * sig * (1.0 + gate * (1.0 - sig))
-    d_up = grad_a * gate * sig
-    return torch.cat([d_gate, d_up], dim=-1).to(h_N2F.dtype)
-
-
-def expert_swiglu_reference(x_ND: torch.Tensor, expert_ids_N: torch.Tensor, gate_up_E2FD: torch.Tensor) -> torch.Tensor:
-    return swiglu(expert_linear_reference(x_ND, expert_ids_N, gate_up_E2FD))
-
-
-def expert_mlp_reference(
-    x_ND: torch.Tensor, expert_ids_N: torch.Tensor, gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor
-) -> torch.Tensor:
-    return expert_linear_reference(expert_swiglu_reference(x_ND, expert_ids_N, gate_up_E2FD), expert_ids_N, down_EDF)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,97 +109,6 @@ class _ExpertLinearTriton(torch.autograd.Function):
                 gather_x=True,
             )
         return grad_x, grad_w, None, None
-
-
-class _ExpertSwiGLUTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_ND, gate_up_E2FD, order_N, expert_offsets_E1):
-        from kernels.expert_gemm_triton import grouped_swiglu
-
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        act_NF, h_N2F = grouped_swiglu(
-            x_ND, gate_up_E2FD, order_N, expert_offsets_E1, gather_a=True, scatter_c=True, store_h=needs_grad
-        )
-        ctx.save_for_backward(x_ND, gate_up_E2FD, h_N2F, order_N, expert_offsets_E1)
-        return act_NF
-
-    @staticmethod
-    def backward(ctx, grad_act_NF):
-        from kernels.expert_gemm_triton import grouped_matmul, segment_outer
-
-        x_ND, gate_up_E2FD, h_N2F, order_N, offsets_E1 = ctx.saved_tensors
-        grad_h_N2F = swiglu_grad(h_N2F, grad_act_NF).contiguous()
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grouped_matmul(
-                grad_h_N2F, gate_up_E2FD, order_N, offsets_E1, trans_w=True, gather_a=True, scatter_c=True
-            )
-        if ctx.needs_input_grad[1]:
-            n_experts = gate_up_E2FD.shape[0]
-            experts_E = torch.arange(n_experts, device=x_ND.device)
-            grad_w = segment_outer(
-                grad_h_N2F, x_ND, order_N, offsets_E1, experts_E, n_slots=n_experts, gather_g=True, gather_x=True
-            )
-        return grad_x, grad_w, None, None
-
-
-class _ExpertMLPTriton(torch.autograd.Function):
-    """gate_up + SwiGLU + down; the hidden rows stay in expert order between the GEMMs."""
-
-    @staticmethod
-    def forward(ctx, x_ND, gate_up_E2FD, down_EDF, order_N, expert_offsets_E1):
-        from kernels.expert_gemm_triton import grouped_matmul, grouped_swiglu
-
-        needs_grad = any(ctx.needs_input_grad[:3])
-        act_sorted_NF, h_sorted_N2F = grouped_swiglu(
-            x_ND, gate_up_E2FD, order_N, expert_offsets_E1, gather_a=True, scatter_c=False, store_h=needs_grad
-        )
-        y_ND = grouped_matmul(
-            act_sorted_NF, down_EDF, order_N, expert_offsets_E1, trans_w=False, gather_a=False, scatter_c=True
-        )
-        ctx.save_for_backward(x_ND, gate_up_E2FD, down_EDF, act_sorted_NF, h_sorted_N2F, order_N, expert_offsets_E1)
-        return y_ND
-
-    @staticmethod
-    def backward(ctx, grad_y_ND):
-        from kernels.expert_gemm_triton import grouped_matmul, grouped_matmul_swiglu_grad, segment_outer
-
-        x_ND, gate_up_E2FD, down_EDF, act_sorted_NF, h_sorted_N2F, order_N, offsets_E1 = ctx.saved_tensors
-        grad_y_ND = grad_y_ND.contiguous()
-        n_experts = gate_up_E2FD.shape[0]
-        experts_E = torch.arange(n_experts, device=x_ND.device)
-        grad_x = grad_gate_up = grad_down = None
-        if ctx.needs_input_grad[2]:
-            grad_down = segment_outer(
-                grad_y_ND,
-                act_sorted_NF,
-                order_N,
-                offsets_E1,
-                experts_E,
-                n_slots=n_experts,
-                gather_g=True,
-                gather_x=False,
-            )
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_h_sorted_N2F = grouped_matmul_swiglu_grad(
-                grad_y_ND, down_EDF, h_sorted_N2F, order_N, offsets_E1, gather_a=True, scatter_c=False
-            )
-            if ctx.needs_input_grad[0]:
-                grad_x = grouped_matmul(
-                    grad_h_sorted_N2F, gate_up_E2FD, order_N, offsets_E1, trans_w=True, gather_a=False, scatter_c=True
-                )
-            if ctx.needs_input_grad[1]:
-                grad_gate_up = segment_outer(
-                    grad_h_sorted_N2F,
-                    x_ND,
-                    order_N,
-                    offsets_E1,
-                    experts_E,
-                    n_slots=n_experts,
-                    gather_g=False,
-                    gather_x=True,
-                )
-        return grad_x, grad_gate_up, grad_down, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,86 +186,3 @@ def expert_linear(
     if chosen == "grouped_mm":
         return _grouped_mm_linear(x_NI, weight_EOI, align)
     return _ExpertLinearTriton.apply(x_NI, weight_EOI, align.order_N, align.expert_offsets_E1)
-
-
-def _validate_gate_up(x_ND: torch.Tensor, expert_ids_N: torch.Tensor, gate_up_E2FD: torch.Tensor, op: str) -> None:
-    validate_expert_linear(x_ND, expert_ids_N, gate_up_E2FD, op)
-    if gate_up_E2FD.shape[1] % 2:
-        raise KernelError(f"{op}: gate_up weight must be [E, 2F, D] with an even 2F, got {tuple(gate_up_E2FD.shape)}")
-
-
-def expert_swiglu(
-    x_ND: torch.Tensor,
-    expert_ids_N: torch.Tensor,
-    gate_up_E2FD: torch.Tensor,
-    *,
-    alignment: ExpertAlignment | None = None,
-    backend: Backend = "auto",
-) -> torch.Tensor:
-    """Dispatcher: a[n] = silu(x[n] W_gate[e]^T) * (x[n] W_up[e]^T), gate/up GEMM and SwiGLU fused.
-
-    Args:
-        x_ND: rows, [N, D].
-        expert_ids_N: expert of each row, int [N].
-        gate_up_E2FD: stacked [gate; up] weights, [E, 2F, D] (gate rows first).
-        alignment: see `expert_linear`.
-        backend: "auto", "reference", "grouped_mm" (unfused) or "triton" (fused epilogue).
-
-    Returns:
-        a_NF in the original row order, differentiable in x and the weight.
-
-    Raises:
-        KernelError: as `expert_linear`, or an odd gate_up height.
-    """
-    _validate_gate_up(x_ND, expert_ids_N, gate_up_E2FD, "expert_swiglu")
-    n_experts, two_f, d = gate_up_E2FD.shape
-    chosen = _choose("expert_swiglu", backend, [x_ND, gate_up_E2FD, expert_ids_N], (d, two_f))
-    if chosen == "reference":
-        return expert_swiglu_reference(x_ND, expert_ids_N, gate_up_E2FD)
-    align = _alignment("expert_swiglu", alignment, expert_ids_N, n_experts, chosen)
-    if chosen == "grouped_mm":
-        return swiglu(_grouped_mm_linear(x_ND, gate_up_E2FD, align))
-    return _ExpertSwiGLUTriton.apply(x_ND, gate_up_E2FD, align.order_N, align.expert_offsets_E1)
-
-
-def expert_mlp(
-    x_ND: torch.Tensor,
-    expert_ids_N: torch.Tensor,
-    gate_up_E2FD: torch.Tensor,
-    down_EDF: torch.Tensor,
-    *,
-    alignment: ExpertAlignment | None = None,
-    backend: Backend = "auto",
-) -> torch.Tensor:
-    """Dispatcher: the routed expert MLP y[n] = swiglu(x[n] W_gu[e]^T) W_down[e]^T, one permutation.
-
-    Args:
-        x_ND: rows, [N, D] (tokens repeated per top-k slot).
-        expert_ids_N: expert of each row, int [N].
-        gate_up_E2FD: [E, 2F, D] gate rows then up rows.
-        down_EDF: [E, D, F].
-        alignment: see `expert_linear`.
-        backend: "auto", "reference", "grouped_mm" or "triton" (hidden rows stay in expert
-            order; SwiGLU fused into the first GEMM and its gradient into the down-proj dX GEMM).
-
-    Returns:
-        y_ND in the original row order (combine weights not applied), differentiable in x and
-        both weights.
-
-    Raises:
-        KernelError: on mismatched shapes/dtypes or an explicit backend that cannot run here.
-    """
-    _validate_gate_up(x_ND, expert_ids_N, gate_up_E2FD, "expert_mlp")
-    n_experts, two_f, d = gate_up_E2FD.shape
-    if down_EDF.shape != (n_experts, d, two_f // 2) or down_EDF.dtype != x_ND.dtype:
-        raise KernelError(
-            f"expert_mlp: down weight must be {x_ND.dtype} [E={n_experts}, D={d}, F={two_f // 2}], "
-            f"got {down_EDF.dtype} {tuple(down_EDF.shape)}"
-        )
-    chosen = _choose("expert_mlp", backend, [x_ND, gate_up_E2FD, down_EDF, expert_ids_N], (d, two_f, two_f // 2))
-    if chosen == "reference":
-        return expert_mlp_reference(x_ND, expert_ids_N, gate_up_E2FD, down_EDF)
-    align = _alignment("expert_mlp", alignment, expert_ids_N, n_experts, chosen)
-    if chosen == "grouped_mm":
-        return _grouped_mm_linear(swiglu(_grouped_mm_linear(x_ND, gate_up_E2FD, align)), down_EDF, align)
-    return _ExpertMLPTriton.apply(x_ND, gate_up_E2FD, down_EDF, align.order_N, align.expert_offsets_E1)

@@ -4,10 +4,6 @@ Ops (see kernels/expert_gemm.py for contracts and references). Rows are grouped 
 an `ExpertAlignment` (order: sorted position p -> row; expert e owns p in [off_e, off_e+1)):
     grouped matmul     C[r_c(p)] = A[r_a(p)] @ B_e             B_e = W[e]^T (forward) or W[e] (dX)
         r_a(p) = order[p] if GATHER_A else p;  r_c(p) = order[p] if SCATTER_C else p
-        EPILOGUE 1 (SwiGLU forward, W = gate_up [E, 2F, D]):
-            g = A W[e, :F]^T,  u = A W[e, F:]^T,  C = silu(g) * u,  H = [g, u] kept for backward
-        EPILOGUE 2 (SwiGLU backward fused into the down projection's dX, W = down [E, D, F]):
-            da = A W[e];  [g, u] = H;  C = [da * u * silu'(g),  da * silu(g)]   (= dH)
     segment outer      OUT[slot_s] = sum_{p in run s} scale_r(p) * G[r_g(p)]^T X[r_x(p)]
         runs = experts (dW), or (expert, sample) segments (per-sample grads); NORM2 writes the
         tile's sum of squares instead of the tile (per-sample norms, instantiated form)
@@ -46,21 +42,17 @@ _OUTER_CONFIGS = [
     triton.Config({"BLOCK_O": 64, "BLOCK_I": 64, "BLOCK_R": 32}, num_warps=4, num_stages=4),
 ]
 
-PLAIN, SWIGLU_FWD, SWIGLU_BWD = 0, 1, 2
-
 
 @triton.autotune(
     configs=autotune_configs(_GMM_CONFIGS, _GMM_INTERPRET),
-    key=["K", "J", "EPILOGUE", "GATHER_A", "SCATTER_C"],
+    key=["K", "J", "GATHER_A", "SCATTER_C"],
 )
 @triton.jit
 def _grouped_matmul_kernel(
-    # matrices: A rows [*, K]; W per expert read as B_e [K, J] through strides; C rows [*, J or 2J]
+    # matrices: A rows [*, K]; W per expert read as B_e [K, J] through strides; C rows [*, J]
     a_ptr,
     w_ptr,
     c_ptr,
-    # SwiGLU pre-activations H [*, 2J]: written (EPILOGUE 1, STORE_H) or read (EPILOGUE 2)
-    h_ptr,
     # grouping: order [N] (sorted position -> row), expert_offsets [E + 1]
     order_ptr,
     expert_offsets_ptr,
@@ -75,15 +67,11 @@ def _grouped_matmul_kernel(
     stride_wj,
     stride_cm,
     stride_cj,
-    stride_hm,
-    stride_hj,
     # meta
     N_EXPERTS: tl.constexpr,
     E_PAD: tl.constexpr,
     GATHER_A: tl.constexpr,
     SCATTER_C: tl.constexpr,
-    EPILOGUE: tl.constexpr,
-    STORE_H: tl.constexpr,
     PRECISION: tl.constexpr,
     # tile sizes
     BLOCK_M: tl.constexpr,
@@ -121,7 +109,6 @@ def _grouped_matmul_kernel(
     w_base = w_ptr + e.to(tl.int64) * stride_we
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + ks) < K
         a = tl.load(
@@ -132,30 +119,9 @@ def _grouped_matmul_kernel(
         b_offsets = (k0 + ks)[:, None] * stride_wk + cols[None, :] * stride_wj
         b_mask = k_ok[:, None] & col_ok[None, :]
         acc = tl.dot(a, tl.load(w_base + b_offsets, mask=b_mask, other=0.0), acc, input_precision=PRECISION)
-        if EPILOGUE == 1:  # the up half of gate_up sits J rows further down W[e]
-            b_up = tl.load(w_base + J * stride_wj + b_offsets, mask=b_mask, other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
 
-    out_mask = row_ok[:, None] & col_ok[None, :]
     c_offsets = c_rows[:, None] * stride_cm + cols[None, :] * stride_cj
-    if EPILOGUE == 0:
-        tl.store(c_ptr + c_offsets, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
-    elif EPILOGUE == 1:
-        act = acc * tl.sigmoid(acc) * acc_up
-        tl.store(c_ptr + c_offsets, act.to(c_ptr.dtype.element_ty), mask=out_mask)
-        if STORE_H:
-            h_offsets = c_rows[:, None] * stride_hm + cols[None, :] * stride_hj
-            tl.store(h_ptr + h_offsets, acc.to(h_ptr.dtype.element_ty), mask=out_mask)
-            tl.store(h_ptr + h_offsets + J * stride_hj, acc_up.to(h_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        h_offsets = c_rows[:, None] * stride_hm + cols[None, :] * stride_hj
-        gate = tl.load(h_ptr + h_offsets, mask=out_mask, other=0.0).to(tl.float32)
-        up = tl.load(h_ptr + h_offsets + J * stride_hj, mask=out_mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(gate)
-        d_gate = acc * up * sig * (1.0 + gate * (1.0 - sig))
-        d_up = acc * gate * sig
-        tl.store(c_ptr + c_offsets, d_gate.to(c_ptr.dtype.element_ty), mask=out_mask)
-        tl.store(c_ptr + c_offsets + J * stride_cj, d_up.to(c_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(c_ptr + c_offsets, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.autotune(
@@ -236,59 +202,6 @@ def _segment_outer_kernel(
         tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=o_ok[:, None] & i_ok[None, :])
 
 
-def _launch_grouped_matmul(
-    a: torch.Tensor,
-    w: torch.Tensor,
-    c: torch.Tensor,
-    h: torch.Tensor | None,
-    order_N: torch.Tensor,
-    expert_offsets_E1: torch.Tensor,
-    *,
-    k: int,
-    j: int,
-    trans_w: bool,
-    gather_a: bool,
-    scatter_c: bool,
-    epilogue: int,
-    store_h: bool,
-) -> None:
-    n_rows, n_experts = a.shape[0], w.shape[0]
-    if n_rows == 0:
-        return
-    # B_e[k, j] = W[e, j, k] (trans_w False: y = x W^T) or W[e, k, j] (trans_w True: dx = dy W)
-    stride_wk, stride_wj = (w.stride(1), w.stride(2)) if trans_w else (w.stride(2), w.stride(1))
-    h_strides = (h.stride(0), h.stride(1)) if h is not None else (0, 0)
-
-    def grid(meta: dict) -> tuple[int, int]:
-        return (triton.cdiv(n_rows, meta["BLOCK_M"]) + n_experts, triton.cdiv(j, meta["BLOCK_N"]))
-
-    _grouped_matmul_kernel[grid](
-        a,
-        w,
-        c,
-        h if h is not None else c,
-        order_N,
-        expert_offsets_E1,
-        k,
-        j,
-        a.stride(0),
-        a.stride(1),
-        w.stride(0),
-        stride_wk,
-        stride_wj,
-        c.stride(0),
-        c.stride(1),
-        *h_strides,
-        N_EXPERTS=n_experts,
-        E_PAD=next_pow2(n_experts),
-        GATHER_A=gather_a,
-        SCATTER_C=scatter_c,
-        EPILOGUE=epilogue,
-        STORE_H=store_h,
-        PRECISION=dot_precision(a.dtype),
-    )
-
-
 def grouped_matmul(
     a_MK: torch.Tensor,
     weight_EOI: torch.Tensor,
@@ -302,86 +215,38 @@ def grouped_matmul(
     """C = A @ W[e]^T (trans_w False, K = I) or A @ W[e] (trans_w True, K = O), rows by expert."""
     k, j = (weight_EOI.shape[1], weight_EOI.shape[2]) if trans_w else (weight_EOI.shape[2], weight_EOI.shape[1])
     c = torch.empty(a_MK.shape[0], j, dtype=a_MK.dtype, device=a_MK.device)
-    _launch_grouped_matmul(
+    n_rows, n_experts = a_MK.shape[0], weight_EOI.shape[0]
+    if n_rows == 0:
+        return c
+    # B_e[k, j] = W[e, j, k] (trans_w False: y = x W^T) or W[e, k, j] (trans_w True: dx = dy W)
+    w = weight_EOI
+    stride_wk, stride_wj = (w.stride(1), w.stride(2)) if trans_w else (w.stride(2), w.stride(1))
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(n_rows, meta["BLOCK_M"]) + n_experts, triton.cdiv(j, meta["BLOCK_N"]))
+
+    _grouped_matmul_kernel[grid](
         a_MK,
-        weight_EOI,
+        w,
         c,
-        None,
         order_N,
         expert_offsets_E1,
-        k=k,
-        j=j,
-        trans_w=trans_w,
-        gather_a=gather_a,
-        scatter_c=scatter_c,
-        epilogue=PLAIN,
-        store_h=False,
+        k,
+        j,
+        a_MK.stride(0),
+        a_MK.stride(1),
+        w.stride(0),
+        stride_wk,
+        stride_wj,
+        c.stride(0),
+        c.stride(1),
+        N_EXPERTS=n_experts,
+        E_PAD=next_pow2(n_experts),
+        GATHER_A=gather_a,
+        SCATTER_C=scatter_c,
+        PRECISION=dot_precision(a_MK.dtype),
     )
     return c
-
-
-def grouped_swiglu(
-    x_ND: torch.Tensor,
-    gate_up_E2FD: torch.Tensor,
-    order_N: torch.Tensor,
-    expert_offsets_E1: torch.Tensor,
-    *,
-    gather_a: bool,
-    scatter_c: bool,
-    store_h: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """a = silu(x W_gate^T) * (x W_up^T) per expert; also h = [gate, up] pre-activations if store_h."""
-    n_rows, (_, two_f, d) = x_ND.shape[0], gate_up_E2FD.shape
-    f = two_f // 2
-    act = torch.empty(n_rows, f, dtype=x_ND.dtype, device=x_ND.device)
-    h = torch.empty(n_rows, two_f, dtype=x_ND.dtype, device=x_ND.device) if store_h else None
-    _launch_grouped_matmul(
-        x_ND,
-        gate_up_E2FD,
-        act,
-        h,
-        order_N,
-        expert_offsets_E1,
-        k=d,
-        j=f,
-        trans_w=False,
-        gather_a=gather_a,
-        scatter_c=scatter_c,
-        epilogue=SWIGLU_FWD,
-        store_h=store_h,
-    )
-    return act, h
-
-
-def grouped_matmul_swiglu_grad(
-    grad_y_ND: torch.Tensor,
-    down_EDF: torch.Tensor,
-    h_N2F: torch.Tensor,
-    order_N: torch.Tensor,
-    expert_offsets_E1: torch.Tensor,
-    *,
-    gather_a: bool,
-    scatter_c: bool,
-) -> torch.Tensor:
-    """dh = SwiGLU'(h) applied to da = dy @ W_down[e]; h rows are laid out like the output rows."""
-    f = down_EDF.shape[2]
-    dh = torch.empty(grad_y_ND.shape[0], 2 * f, dtype=grad_y_ND.dtype, device=grad_y_ND.device)
-    _launch_grouped_matmul(
-        grad_y_ND,
-        down_EDF,
-        dh,
-        h_N2F,
-        order_N,
-        expert_offsets_E1,
-        k=down_EDF.shape[1],
-        j=f,
-        trans_w=True,
-        gather_a=gather_a,
-        scatter_c=scatter_c,
-        epilogue=SWIGLU_BWD,
-        store_h=False,
-    )
-    return dh
 
 
 def _launch_segment_outer(

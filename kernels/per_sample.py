@@ -15,8 +15,13 @@ does not depend on scheduling (deterministic on every backend).
 Backends (kernels/backend.py): reference (per-segment matmuls, any dtype; float64 for DP tests),
 grouped_mm (one grouped GEMM over the segments), triton (ghost or instantiating kernel chosen
 per segment by cost; kernels/per_sample_triton.py, kernels/expert_gemm_triton.py).
+Beside the dispatcher, `expert_grad_norm2_bucketed` takes the ghost form on any device with
+batched Grams of zero-padded segments: the CPU paths above instantiate every segment's O x I
+gradient, and where the DP plan asks for the ghost form this is ~2.5x faster on CPU
+(fl_client/dp/samplers/expert.py calls it there).
 
-Legend: N rows, B samples, E experts, I input width, O output width, S non-empty segments.
+Legend: N rows, B samples, E experts, I input width, O output width, S non-empty segments,
+L longest segment of a bucket.
 """
 
 from __future__ import annotations
@@ -109,6 +114,64 @@ def expert_weight_grad_clipped_reference(
     for e, _, rows in _segments(align):
         out[e] = scaled_NO[rows].t() @ x_NI[rows]
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Ghost norm by bucketed segment Grams (any device; the DP samplers' CPU path)
+# ---------------------------------------------------------------------------------------------
+
+
+def _segment_buckets(
+    x_NI: torch.Tensor, grad_NO: torch.Tensor, key_N: torch.Tensor, n_segments: int, n_buckets: int = 4
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Rows grouped into segments by key, zero-padded per bucket of similar-length segments.
+
+    Padding every segment to the longest one costs (longest / mean)^2 in Gram work once routing is
+    skewed; ranking segments by length and padding each of `n_buckets` groups to its own longest
+    keeps the waste small. Yields (segment ids [k], x [k, L, I], g [k, L, O]) for non-empty segments.
+    Here S counts every segment, empty or not.
+    """
+    counts_S = torch.bincount(key_N, minlength=n_segments)
+    by_len_S = torch.argsort(counts_S, descending=True, stable=True)  # segment ids, longest first
+    rank_S = torch.empty_like(by_len_S)
+    rank_S[by_len_S] = torch.arange(n_segments, device=key_N.device)
+    row_rank_N = rank_S[key_N]
+    order_N = torch.argsort(row_rank_N, stable=True)  # rows by segment rank: buckets are row ranges
+    rank_sorted_N = row_rank_N[order_N]
+    len_sorted_S = counts_S[by_len_S]
+    start_S = torch.cumsum(len_sorted_S, 0) - len_sorted_S
+    pos_N = torch.arange(key_N.numel(), device=key_N.device) - start_S[rank_sorted_N]
+    x_sorted, g_sorted = x_NI[order_N], grad_NO[order_N]
+    n_live = int((len_sorted_S > 0).sum())
+    lengths, starts = len_sorted_S.tolist(), start_S.tolist()
+    chunk = max(1, -(-n_live // n_buckets))
+    for lo in range(0, n_live, chunk):
+        hi = min(lo + chunk, n_live)
+        r0, r1 = starts[lo], starts[hi - 1] + lengths[hi - 1]
+        x_pad = x_NI.new_zeros(hi - lo, lengths[lo], x_NI.shape[1])
+        g_pad = grad_NO.new_zeros(hi - lo, lengths[lo], grad_NO.shape[1])
+        slot, pos = rank_sorted_N[r0:r1] - lo, pos_N[r0:r1]
+        x_pad[slot, pos] = x_sorted[r0:r1]
+        g_pad[slot, pos] = g_sorted[r0:r1]
+        yield by_len_S[lo:hi], x_pad, g_pad
+
+
+def expert_grad_norm2_bucketed(
+    x_NI: torch.Tensor,
+    grad_NO: torch.Tensor,
+    expert_ids_N: torch.Tensor,
+    sample_ids_N: torch.Tensor,
+    n_samples: int,
+    n_experts: int,
+) -> torch.Tensor:
+    """Squared per-sample gradient norms [B] by the ghost form (segment Grams), any dtype/device."""
+    norm2_B = grad_NO.new_zeros(n_samples)
+    key_N = sample_ids_N * n_experts + expert_ids_N
+    for segs, x_pad, g_pad in _segment_buckets(x_NI, grad_NO, key_N, n_samples * n_experts):
+        gram_x = torch.bmm(x_pad, x_pad.transpose(1, 2))  # (k, L, L) <x_s, x_s'>
+        gram_g = torch.bmm(g_pad, g_pad.transpose(1, 2))  # (k, L, L) <g_s, g_s'>
+        norm2_B.index_add_(0, segs // n_experts, (gram_x * gram_g).sum(dim=(1, 2)))
+    return norm2_B.clamp(min=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,14 +80,7 @@ def grads(output: torch.Tensor, inputs: list[torch.Tensor], grad_output: torch.T
     return list(torch.autograd.grad(output, inputs, grad_output))
 
 
-def brute_force_grad_sample(
-    x_NI: torch.Tensor,
-    grad_NO: torch.Tensor,
-    expert_ids_N: torch.Tensor,
-    sample_ids_N: torch.Tensor,
-    n_samples: int,
-    n_experts: int,
-) -> torch.Tensor:
+def brute_force_grad_sample(x_NI, grad_NO, expert_ids_N, sample_ids_N, n_samples: int, n_experts: int) -> torch.Tensor:
     """[B, E, O, I] per-sample weight grads by running backward once per sample (microbatch loop)."""
     weight = torch.zeros(n_experts, grad_NO.shape[1], x_NI.shape[1], dtype=x_NI.dtype, requires_grad=True)
     out = []

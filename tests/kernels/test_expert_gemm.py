@@ -1,5 +1,4 @@
-"""Expert GEMMs (linear, fused SwiGLU, MLP): Triton and grouped_mm vs the reference, forward and
-every gradient; dispatch errors."""
+"""Expert GEMMs: Triton and grouped_mm vs the reference, forward and every gradient; dispatch errors."""
 
 from __future__ import annotations
 
@@ -12,10 +11,6 @@ from kernels import (
     align_by_expert,
     expert_linear,
     expert_linear_reference,
-    expert_mlp,
-    expert_mlp_reference,
-    expert_swiglu,
-    expert_swiglu_reference,
 )
 from kernels.backend import grouped_mm_reason
 
@@ -26,8 +21,6 @@ LINEAR_CASES = [
     (50, 4, 19, 33, 0),  # non-power-of-two, unaligned widths (grouped_mm does not qualify)
     (0, 3, 8, 4, None),  # no rows at all
 ]
-# (rows, experts, model width D, hidden width F, empty expert)
-MLP_CASES = [(37, 5, 20, 12, 2), (1, 3, 8, 4, None), (45, 4, 19, 10, 0)]
 
 
 def _magnitude(t: torch.Tensor) -> float:
@@ -68,15 +61,6 @@ def _linear_inputs(case, dtype, device, grad_x=True, grad_w=True):
     return x, expert_ids, weight
 
 
-def _mlp_inputs(case, dtype, device):
-    n_rows, n_experts, d, f, empty = case
-    expert_ids, _ = routed_rows(n_rows, n_experts, empty_expert=empty, device=device)
-    x = randn(n_rows, d, dtype=dtype, device=device, seed=1, grad=True)
-    gate_up = randn(n_experts, 2 * f, d, dtype=dtype, device=device, seed=2, grad=True)
-    down = randn(n_experts, d, f, dtype=dtype, device=device, seed=3, grad=True)
-    return x, expert_ids, gate_up, down
-
-
 # --- Triton ------------------------------------------------------------------------------------
 
 
@@ -102,32 +86,6 @@ def test_linear_triton_partial_grads(grad_x: bool, grad_w: bool) -> None:
         lambda x_, w_: expert_linear_reference(x_, ids, w_),
         [x, weight],
         torch.float32,
-    )
-
-
-@needs_triton
-@pytest.mark.parametrize("case", MLP_CASES)
-@pytest.mark.parametrize("dtype", TRITON_DTYPES)
-def test_swiglu_triton(case, dtype) -> None:
-    x, ids, gate_up, _ = _mlp_inputs(case, dtype, TRITON_DEVICE)
-    _check(
-        lambda x_, w_: expert_swiglu(x_, ids, w_, backend="triton"),
-        lambda x_, w_: expert_swiglu_reference(x_, ids, w_),
-        [x, gate_up],
-        dtype,
-    )
-
-
-@needs_triton
-@pytest.mark.parametrize("case", MLP_CASES)
-@pytest.mark.parametrize("dtype", TRITON_DTYPES)
-def test_mlp_triton(case, dtype) -> None:
-    x, ids, gate_up, down = _mlp_inputs(case, dtype, TRITON_DEVICE)
-    _check(
-        lambda x_, gu, dn: expert_mlp(x_, ids, gu, dn, backend="triton"),
-        lambda x_, gu, dn: expert_mlp_reference(x_, ids, gu, dn),
-        [x, gate_up, down],
-        dtype,
     )
 
 
@@ -160,23 +118,6 @@ def test_linear_grouped_mm(case, dtype) -> None:
     )
 
 
-@pytest.mark.parametrize("case", MLP_CASES[:2])
-def test_swiglu_and_mlp_grouped_mm(case) -> None:
-    x, ids, gate_up, down = _mlp_inputs(case, torch.float32, "cpu")
-    _check(
-        lambda x_, w_: expert_swiglu(x_, ids, w_, backend="grouped_mm"),
-        lambda x_, w_: expert_swiglu_reference(x_, ids, w_),
-        [x, gate_up],
-        torch.float32,
-    )
-    _check(
-        lambda x_, gu, dn: expert_mlp(x_, ids, gu, dn, backend="grouped_mm"),
-        lambda x_, gu, dn: expert_mlp_reference(x_, ids, gu, dn),
-        [x, gate_up, down],
-        torch.float32,
-    )
-
-
 # --- dispatch ----------------------------------------------------------------------------------
 
 
@@ -197,10 +138,6 @@ def test_validation_messages() -> None:
         expert_linear(x, ids[:3], weight)
     with pytest.raises(KernelError, match="dtype"):
         expert_linear(x, ids, weight.double())
-    with pytest.raises(KernelError, match="even 2F"):
-        expert_swiglu(x, ids, weight[:, :11])
-    with pytest.raises(KernelError, match="down weight"):
-        expert_mlp(x, ids, weight, weight)
     align = align_by_expert(ids[:10], weight.shape[0])
     with pytest.raises(KernelError, match="alignment built for N=10"):
         expert_linear(x, ids, weight, alignment=align, backend="grouped_mm")
@@ -223,12 +160,12 @@ def test_env_forces_reference_through_the_dispatcher(monkeypatch) -> None:
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_mlp_triton_compiled_medium(dtype) -> None:
+def test_linear_triton_compiled_medium(dtype) -> None:
     """Compiled kernels (all autotune configs) on a shape with many tiles per expert."""
-    x, ids, gate_up, down = _mlp_inputs((2000, 8, 256, 96, 3), dtype, "cuda")
+    x, ids, weight = _linear_inputs((2000, 8, 256, 96, 3), dtype, "cuda")
     _check(
-        lambda x_, gu, dn: expert_mlp(x_, ids, gu, dn, backend="triton"),
-        lambda x_, gu, dn: expert_mlp_reference(x_, ids, gu, dn),
-        [x, gate_up, down],
+        lambda x_, w_: expert_linear(x_, ids, w_, backend="triton"),
+        lambda x_, w_: expert_linear_reference(x_, ids, w_),
+        [x, weight],
         dtype,
     )

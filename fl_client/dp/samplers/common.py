@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
+from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from torch import nn
 
 NormMethod = Literal["ghost", "instantiate"]
@@ -55,6 +56,27 @@ def ghost_is_cheaper(*, rows_per_sample: int, n_experts: int, in_features: int, 
 def norms_from_grad_samples(grad_samples: dict[nn.Parameter, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample L2 norms [B] of instantiated per-sample gradients [B, ...]."""
     return {p: gs.reshape(gs.shape[0], -1).norm(2, dim=-1) for p, gs in grad_samples.items()}
+
+
+GradSampler = Callable[[nn.Module, list[torch.Tensor], torch.Tensor], dict[nn.Parameter, torch.Tensor]]
+
+
+def register_instantiating_samplers(*layer_classes: type[nn.Module]) -> Callable[[GradSampler], GradSampler]:
+    """Decorator: `fn` becomes the Opacus grad sampler of `layer_classes`, and the norms of the
+    per-sample gradients it returns their norm sampler (for layers whose gradient is small)."""
+
+    def decorator(fn: GradSampler) -> GradSampler:
+        def norm_sampler(
+            layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
+        ) -> dict[nn.Parameter, torch.Tensor]:
+            return norms_from_grad_samples(fn(layer, activations, backprops))
+
+        norm_sampler.__qualname__ = f"{fn.__qualname__}.norms"
+        register_grad_sampler(list(layer_classes))(fn)
+        register_norm_sampler(list(layer_classes))(norm_sampler)
+        return fn
+
+    return decorator
 
 
 ClippedSumSampler = Callable[

@@ -8,9 +8,9 @@ Rows are grouped into (sample, expert) segments; a segment is one matmul (G = g_
 one pair of Gram matrices (ghost norm), never per-token outer products. The ops are the kernels'
 dispatchers (`kernels.expert_grad_sample`, `expert_grad_norm2`, `expert_weight_grad_clipped`:
 reference / grouped_mm / Triton), called from one place each below, except the ghost norm on
-CPU: the kernels' CPU paths instantiate every segment's O x I gradient, and for the widths where
-our plan asks for the ghost form the bucketed Gram version here is ~2.5x faster
-(`expert_grad_norm2_bucketed`; bench numbers in docs/privacy.md).
+CPU: the dispatcher's CPU paths instantiate every segment's O x I gradient, and for the widths
+where our plan asks for the ghost form the bucketed Gram version is ~2.5x faster
+(`kernels.per_sample.expert_grad_norm2_bucketed`; bench numbers in docs/privacy.md).
 
 Opacus calls a sampler with `activations` = the layer's forward inputs as a list ([x, expert_ids]
 here: ExpertLinear.forward takes both) and `backprops` = dL/dy, already multiplied by the batch
@@ -23,8 +23,6 @@ L longest segment of a bucket.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from torch import nn
@@ -36,64 +34,13 @@ from fl_client.dp.samplers.common import (
     norms_from_grad_samples,
     register_clipped_sum_sampler,
 )
+from kernels.per_sample import expert_grad_norm2_bucketed
 from model.deepseek import ExpertLinear
 from model.lora import LoRAExpertLinear
 
 # ---------------------------------------------------------------------------------------------
 # Ops
 # ---------------------------------------------------------------------------------------------
-
-
-def _segment_buckets(
-    x_NI: torch.Tensor, grad_NO: torch.Tensor, key_N: torch.Tensor, n_segments: int, n_buckets: int = 4
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Rows grouped into segments by key, zero-padded per bucket of similar-length segments.
-
-    Padding every segment to the longest one costs (longest / mean)^2 in Gram work once routing is
-    skewed; ranking segments by length and padding each of `n_buckets` groups to its own longest
-    keeps the waste small. Yields (segment ids [k], x [k, L, I], g [k, L, O]) for non-empty segments.
-    """
-    counts_S = torch.bincount(key_N, minlength=n_segments)
-    by_len_S = torch.argsort(counts_S, descending=True, stable=True)  # segment ids, longest first
-    rank_S = torch.empty_like(by_len_S)
-    rank_S[by_len_S] = torch.arange(n_segments, device=key_N.device)
-    row_rank_N = rank_S[key_N]
-    order_N = torch.argsort(row_rank_N, stable=True)  # rows by segment rank: buckets are row ranges
-    rank_sorted_N = row_rank_N[order_N]
-    len_sorted_S = counts_S[by_len_S]
-    start_S = torch.cumsum(len_sorted_S, 0) - len_sorted_S
-    pos_N = torch.arange(key_N.numel(), device=key_N.device) - start_S[rank_sorted_N]
-    x_sorted, g_sorted = x_NI[order_N], grad_NO[order_N]
-    n_live = int((len_sorted_S > 0).sum())
-    lengths, starts = len_sorted_S.tolist(), start_S.tolist()
-    chunk = max(1, -(-n_live // n_buckets))
-    for lo in range(0, n_live, chunk):
-        hi = min(lo + chunk, n_live)
-        r0, r1 = starts[lo], starts[hi - 1] + lengths[hi - 1]
-        x_pad = x_NI.new_zeros(hi - lo, lengths[lo], x_NI.shape[1])
-        g_pad = grad_NO.new_zeros(hi - lo, lengths[lo], grad_NO.shape[1])
-        slot, pos = rank_sorted_N[r0:r1] - lo, pos_N[r0:r1]
-        x_pad[slot, pos] = x_sorted[r0:r1]
-        g_pad[slot, pos] = g_sorted[r0:r1]
-        yield by_len_S[lo:hi], x_pad, g_pad
-
-
-def expert_grad_norm2_bucketed(
-    x_NI: torch.Tensor,
-    grad_NO: torch.Tensor,
-    expert_ids_N: torch.Tensor,
-    sample_ids_N: torch.Tensor,
-    n_samples: int,
-    n_experts: int,
-) -> torch.Tensor:
-    """Squared per-sample gradient norms [B] by the ghost form (segment Grams), any dtype/device."""
-    norm2_B = grad_NO.new_zeros(n_samples)
-    key_N = sample_ids_N * n_experts + expert_ids_N
-    for segs, x_pad, g_pad in _segment_buckets(x_NI, grad_NO, key_N, n_samples * n_experts):
-        gram_x = torch.bmm(x_pad, x_pad.transpose(1, 2))  # (k, L, L) <x_s, x_s'>
-        gram_g = torch.bmm(g_pad, g_pad.transpose(1, 2))  # (k, L, L) <g_s, g_s'>
-        norm2_B.index_add_(0, segs // n_experts, (gram_x * gram_g).sum(dim=(1, 2)))
-    return norm2_B.clamp(min=0)
 
 
 # The single call site of each op.

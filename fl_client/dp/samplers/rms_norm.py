@@ -11,14 +11,13 @@ Legend: B samples, D normalized width.
 from __future__ import annotations
 
 import torch
-from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from torch import nn
 
-from fl_client.dp.samplers.common import norms_from_grad_samples
+from fl_client.dp.samplers.common import register_instantiating_samplers
 from model.deepseek import RMSNorm
 
 
-@register_grad_sampler(RMSNorm)
+@register_instantiating_samplers(RMSNorm)  # norms: instantiated (D numbers per sample)
 def compute_rms_norm_grad_sample(
     layer: RMSNorm, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
@@ -39,11 +38,3 @@ def compute_rms_norm_grad_sample(
     normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + layer.eps)).to(x.dtype)  # as in forward
     prod = (backprops * normed.to(backprops.dtype)).reshape(x.shape[0], -1, x.shape[-1])
     return {layer.weight: prod.sum(dim=1).to(layer.weight.dtype)}
-
-
-@register_norm_sampler(RMSNorm)
-def compute_rms_norm_norm_sample(
-    layer: RMSNorm, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-sample gradient norm [B], instantiated (D numbers per sample)."""
-    return norms_from_grad_samples(compute_rms_norm_grad_sample(layer, activations, backprops))

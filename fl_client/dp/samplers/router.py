@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from fl_client.dp.samplers.common import norms_from_grad_samples
+from fl_client.dp.samplers.common import register_instantiating_samplers
 from kernels import combine_weights, route, router_scores
 from model.deepseek import Router
 
@@ -63,7 +62,9 @@ def router_logit_grads(layer: Router, x_BTD: torch.Tensor, grad_weights_BTK: tor
     return grad_NE.view(B, T, -1)
 
 
-@register_grad_sampler(Router)
+# Norms instantiated: E*D per sample is small next to the ghost Grams' T^2 (E + D) for any
+# training sequence length.
+@register_instantiating_samplers(Router)
 def compute_router_grad_sample(
     layer: Router, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
@@ -83,12 +84,3 @@ def compute_router_grad_sample(
     grad_BTE = router_logit_grads(layer, x_BTD, backprops)
     grads = torch.einsum("bte,btd->bed", grad_BTE, x_BTD.float())
     return {layer.weight: grads.to(layer.weight.dtype)}
-
-
-@register_norm_sampler(Router)
-def compute_router_norm_sample(
-    layer: Router, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-sample gradient norm [B] of the router weight, instantiated: E*D per sample is small
-    next to the ghost Grams' T^2 (E + D) for any training sequence length."""
-    return norms_from_grad_samples(compute_router_grad_sample(layer, activations, backprops))
