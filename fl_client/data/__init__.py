@@ -10,46 +10,27 @@ Four steps, in the order a bank uses them:
 3. `pack_records` (packing.py): token ids -> fixed-length samples. What one sample holds decides
    what DP-SGD protects: one record (record-level DP) or all of one customer's rows
    (customer-level DP).
+
+The corpus tables (templates, merchant categories, locale styles) are in fl_client.data.tables.
 """
 
-from fl_client.data.checks import PRIVACY_UNITS, PrivacyUnit
+from fl_client.data.checks import PrivacyUnit
 from fl_client.data.files import SUPPORTED_SUFFIXES, load_text_file, write_jsonl
 from fl_client.data.packing import IGNORE_INDEX, PACK_MODES, PackedData, PackMode, pack_records
 from fl_client.data.split import train_eval_split
 from fl_client.data.synthetic import BankProfile, generate_bank_corpus, make_bank_profiles
-from fl_client.data.tables import (
-    BANK_LOCALES,
-    BANK_NAME_PATTERNS,
-    FRAUD_CATEGORIES,
-    KINDS,
-    LOCALE_STYLES,
-    MERCHANT_CATEGORIES,
-    MIXED_TEMPLATES,
-    SEGMENT_AMOUNT_SCALE,
-    TEMPLATES,
-    Kind,
-    LocaleStyle,
-    MerchantCategory,
-)
+from fl_client.data.tables import BANK_LOCALES, KINDS, LOCALE_STYLES
+from protocol.config import PRIVACY_UNITS
 
 __all__ = [
     "BANK_LOCALES",
-    "BANK_NAME_PATTERNS",
-    "FRAUD_CATEGORIES",
     "IGNORE_INDEX",
     "KINDS",
     "LOCALE_STYLES",
-    "MERCHANT_CATEGORIES",
-    "MIXED_TEMPLATES",
     "PACK_MODES",
     "PRIVACY_UNITS",
-    "SEGMENT_AMOUNT_SCALE",
     "SUPPORTED_SUFFIXES",
-    "TEMPLATES",
     "BankProfile",
-    "Kind",
-    "LocaleStyle",
-    "MerchantCategory",
     "PackMode",
     "PackedData",
     "PrivacyUnit",

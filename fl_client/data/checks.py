@@ -10,8 +10,7 @@ from typing import Any, Literal
 
 from fl_client.errors import DataError
 
-PrivacyUnit = Literal["record", "customer"]
-PRIVACY_UNITS: tuple[str, ...] = ("record", "customer")
+PrivacyUnit = Literal["record", "customer"]  # one of protocol.config.PRIVACY_UNITS
 
 
 def json_type(value: object) -> str:

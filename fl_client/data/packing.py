@@ -17,8 +17,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from fl_client.data.checks import PRIVACY_UNITS, PrivacyUnit, check_choice, check_text, customer_ids, short
+from fl_client.data.checks import PrivacyUnit, check_choice, check_text, customer_ids, short
 from fl_client.errors import DataError
+from protocol.config import PRIVACY_UNITS
 
 logger = logging.getLogger(__name__)
 

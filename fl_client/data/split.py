@@ -7,8 +7,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from fl_client.data.checks import PRIVACY_UNITS, PrivacyUnit, check_choice, customer_ids
+from fl_client.data.checks import PrivacyUnit, check_choice, customer_ids
 from fl_client.errors import DataError
+from protocol.config import PRIVACY_UNITS
 
 logger = logging.getLogger(__name__)
 

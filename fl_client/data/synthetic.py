@@ -327,12 +327,8 @@ class _Bank:
     template_w: dict[str, list[float]]  # kind -> weights of MIXED_TEMPLATES[kind]
 
 
-def _make_bank(
-    profile: BankProfile, fake: Any, rng: random.Random, *, n_records: int, start_date: date, n_days: int
-) -> _Bank:
-    style = LOCALE_STYLES[profile.locale]
-    symbol = fake.currency_symbol(profile.currency)
-    foreign_codes = sorted({s.currency for s in LOCALE_STYLES.values()} - {profile.currency})
+def _make_merchants(fake: Any) -> dict[str, list[_Merchant]]:
+    """The bank's merchants: _MERCHANTS_PER_CATEGORY per category, all from Faker."""
     merchants: dict[str, list[_Merchant]] = {}
     for category in MERCHANT_CATEGORIES:
         merchants[category] = []
@@ -340,18 +336,25 @@ def _make_bank(
             name = fake.company()
             descriptor = name.upper()[:22].rstrip(" ,.-&")
             merchants[category].append(_Merchant(name, descriptor, fake.city().upper(), fake.domain_name(), category))
+    return merchants
+
+
+def _make_bank(
+    profile: BankProfile, fake: Any, rng: random.Random, *, n_records: int, start_date: date, n_days: int
+) -> _Bank:
+    # Keyword arguments are evaluated in order: Faker and rng draws happen as written.
+    style = LOCALE_STYLES[profile.locale]
     n_customers = max(1, math.ceil(n_records / profile.records_per_customer))
-    customers = [_make_customer(fake, rng, profile, i, style, start_date) for i in range(n_customers)]
     days = [start_date + timedelta(days=d) for d in range(n_days)]
     weights = dict(profile.template_mix)
     return _Bank(
         profile=profile,
         style=style,
         fake=fake,
-        symbol=symbol,
-        foreign_codes=foreign_codes,
-        merchants=merchants,
-        customers=customers,
+        symbol=fake.currency_symbol(profile.currency),
+        foreign_codes=sorted({s.currency for s in LOCALE_STYLES.values()} - {profile.currency}),
+        merchants=_make_merchants(fake),
+        customers=[_make_customer(fake, rng, profile, i, style, start_date) for i in range(n_customers)],
         dates=[day.strftime(style.date_fmt) for day in days],
         months=[day.month for day in days],
         template_w={kind: [weights.get(t, 0.0) for t in names] for kind, names in MIXED_TEMPLATES.items()},
