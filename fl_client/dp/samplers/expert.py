@@ -17,8 +17,7 @@ here: ExpertLinear.forward takes both) and `backprops` = dL/dy, already multipli
 size when the loss was a mean. The expert ids ride along as the second activation, and the batch
 dimension of x_BSI is the sample dimension, so the sampler never sees tokens as samples.
 
-Legend: B samples, S rows per sample, N = B*S rows, E experts, I input width, O output width,
-L longest segment of a bucket.
+Legend: B samples, S rows per sample, N = B*S rows, E experts, I input width, O output width.
 """
 
 from __future__ import annotations
