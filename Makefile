@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 RUNS   := runs
 
-.PHONY: venv test demo audit local-demo federation simulation lint format clean
+.PHONY: venv test demo audit local-demo federation simulation lint format clean provision compose-test
 
 # torch==2.13.0 first: it is the CPU wheel; any other torch spec would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -56,3 +56,13 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(RUNS) .pytest_cache
+
+# Per-site startup kits (server + one per bank: compose file, own certificates/keys only, node-config,
+# README) and the release every bank pins; the one-host docker-compose.yml reads its secrets from here.
+provision: $(STAMP)
+	$(BIN)/python -m fl_server.provision --out deploy/kits --banks 3 --app .
+
+# The compose federation for real (Docker): build, 2-round tiny job with TLS + SuperNode auth, a bank
+# killed and restarted mid-job, an unapproved app refused, teardown. About 10-15 min on 2 cores.
+compose-test: $(STAMP)
+	deploy/compose_test.sh

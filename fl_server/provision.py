@@ -273,7 +273,7 @@ def provision(
 ) -> dict[str, Path]:
     """Writes the CA, the server kit and one kit per bank under `out`; returns site -> folder."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / ".gitignore").write_text("*\n")
+    (out / ".gitignore").write_text("*\n!.gitignore\n")
     ca_key, ca_cert = make_ca(out / "ca")
     ca_pem = (out / "ca" / "ca.crt").read_bytes()
     superlink = f"{superlink_names[0]}:{port}"

@@ -1,4 +1,5 @@
-"""docker-compose files: valid for docker-compose, in sync with the loopback launcher, keys well placed."""
+"""docker-compose.yml: valid for docker-compose, current, in sync with the loopback launcher and the
+kits, hardened (TLS, SuperNode auth, non-root, healthchecks, restart, telemetry off, secrets per service)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fl_server.deploy import compose_topology, loopback_topology, render_compose, service_commands
+from fl_server.deploy import FLOWER_ENV, compose_topology, loopback_topology, render_compose, service_commands
 
 REPO = Path(__file__).resolve().parents[2]
-FILES = {"docker-compose.yml": False, "docker-compose.tls.yml": True}
 # Flags whose values are deployment data (hosts, ports, paths); everything else must be identical.
 VALUE_FLAGS = {
     "--host",
@@ -25,10 +25,13 @@ VALUE_FLAGS = {
     "--ssl-keyfile",
     "--ssl-ca-certfile",
     "--root-certificates",
+    "--auth-supernode-private-key",
+    "--superexec-auth-secret-file",
+    "--health-server-address",
 }
 
 
-def compose_config(name: str) -> dict:
+def compose_config(name: str = "docker-compose.yml") -> dict:
     """What docker-compose itself makes of the file (fails the test if it rejects it)."""
     if shutil.which("docker-compose") is None:
         pytest.skip("docker-compose (Debian package) is not installed; .ci/run installs it")
@@ -39,48 +42,107 @@ def compose_config(name: str) -> dict:
     return yaml.safe_load(out.stdout)
 
 
+def raw() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
 def shape(argv: list[str]) -> list[str]:
     return [("<value>" if i and argv[i - 1] in VALUE_FLAGS else arg) for i, arg in enumerate(argv)]
 
 
-@pytest.mark.parametrize("name,tls", FILES.items())
-def test_compose_file_is_valid_and_current(name, tls):
-    config = compose_config(name)
-    assert (REPO / name).read_text() == render_compose(3, tls=tls), f"{name} is stale: regenerate it"
-    commands = service_commands(compose_topology(3, tls=tls))
+def test_compose_file_is_valid_and_current():
+    config = compose_config()
+    assert (REPO / "docker-compose.yml").read_text() == render_compose(3), "docker-compose.yml is stale: regenerate it"
+    commands = service_commands(compose_topology(3))
     for service, argv in commands.items():
         assert config["services"][service]["command"] == argv, service
+    assert not (REPO / "docker-compose.tls.yml").exists()  # TLS is the only compose variant
 
 
-@pytest.mark.parametrize("tls", [False, True])
-def test_compose_and_loopback_run_the_same_commands(tls):
-    compose = service_commands(compose_topology(3, tls=tls))
-    loopback = service_commands(loopback_topology(3, root="/r", key_path="/r/keys/k", tls_dir="/c" if tls else ""))
+def test_compose_and_loopback_run_the_same_commands():
+    compose = service_commands(compose_topology(3))
+    loopback = service_commands(loopback_topology(3, root="/r", key_path="/r/keys/k", tls_dir="/c", auth_dir="/a"))
     assert list(compose) == list(loopback)
     for service in compose:
         assert shape(compose[service]) == shape(loopback[service]), service
-    # the values that differ are only addresses and paths, and node ids match
     assert "--disable-runtime-dependency-installation" in compose["superlink"]
     for i in range(3):
-        assert f"bank-id='bank-{i}' partition-id={i}" in compose[f"bank-{i}"][-1]
+        assert (
+            f"bank-id='bank-{i}' partition-id={i}"
+            in compose[f"bank-{i}"][compose[f"bank-{i}"].index("--node-config") + 1]
+        )
+
+
+def test_every_compose_deployment_authenticates_supernodes():
+    services = raw()["services"]
+    assert "--enable-supernode-auth" in services["superlink"]["command"]
+    assert "--insecure" not in services["superlink"]["command"]
+    for i in range(3):
+        cmd = services[f"bank-{i}"]["command"]
+        assert "--auth-supernode-private-key" in cmd and "--root-certificates" in cmd
+    # the SuperLink is published on the operator's loopback only
+    assert all(p.startswith("127.0.0.1:") for p in services["superlink"]["ports"])
+
+
+def test_secrets_reach_only_the_service_that_owns_them():
+    spec = raw()
+    services, secrets = spec["services"], spec["secrets"]
+
+    def mounted(service: str) -> set[str]:
+        return {s["source"] for s in services[service].get("secrets", [])}
+
+    assert mounted("superlink") == {"ca-cert", "superlink-cert", "superlink-key", "server-exec-secret"}
+    assert mounted("serverapp") == {"ca-cert", "server-exec-secret"}
+    for i in range(3):
+        assert mounted(f"bank-{i}") == {"ca-cert", f"bank-{i}-node-key", f"bank-{i}-exec-secret"}
+        assert mounted(f"bank-{i}-apps") == {f"bank-{i}-exec-secret"}
+        assert secrets[f"bank-{i}-node-key"]["file"].endswith(f"kits/bank-{i}/secrets/node.key")
+    assert "ca.key" not in yaml.safe_dump(spec)  # the CA's private key is in no deployment
 
 
 def test_secret_key_only_reaches_bank_executors():
-    services = compose_config("docker-compose.yml")["services"]
+    services = raw()["services"]
 
     def volumes(service: str) -> set[str]:
-        out = set()
-        for v in services[service].get("volumes", []):
-            out.add(v["source"] if isinstance(v, dict) else v.split(":")[0])
-        return out
+        return {v.split(":")[0] for v in services[service].get("volumes", [])}
 
     keygen = " ".join(services["keygen"]["command"])
     assert keygen.count("context.secret.ckks /out/bank-") == 3
-    assert "context.secret.ckks /out/server" not in keygen and "install -m 600" in keygen
+    assert "context.secret.ckks /out/server" not in keygen and "-m 600" in keygen
     assert "/ceremony" in services["keygen"]["tmpfs"][0]
     assert not any("bank-" in v and "keys" in v for v in volumes("serverapp") | volumes("superlink"))
     for i in range(3):
         mine = volumes(f"bank-{i}-apps")
-        assert f"fedmoe_bank-{i}-keys" in mine or f"bank-{i}-keys" in mine
+        assert f"bank-{i}-keys" in mine
         assert not any(f"bank-{j}-keys" in v for v in mine for j in range(3) if j != i)
-        assert "server-keys" not in " ".join(mine)
+        assert "server-keys" not in mine
+        assert not any("keys" in v for v in volumes(f"bank-{i}"))  # the SuperNode never sees the key
+
+
+def test_hardening():
+    services = raw()["services"]
+    long_running = [s for s in services if s not in ("keygen", "register")]
+    for name in long_running:
+        svc = services[name]
+        assert svc["user"] == "10001:10001", name
+        assert svc["restart"] == "unless-stopped", name
+        assert "healthcheck" in svc, name
+        assert svc["environment"]["FLWR_TELEMETRY_ENABLED"] == "0", name
+        assert "network_mode" not in svc, name  # no executor stranded in a dead namespace
+    for i in range(3):
+        apps = services[f"bank-{i}-apps"]
+        assert apps["networks"] == [f"bank-{i}-net"]  # the executor's only network is the bank's own
+        assert apps["depends_on"][f"bank-{i}"]["condition"] == "service_healthy"
+        assert f"bank-{i}:" in " ".join(apps["command"])  # finds its SuperNode by name after a restart
+    assert raw()["networks"]["bank-0-net"]["internal"] is True
+    assert FLOWER_ENV["FLWR_TELEMETRY_ENABLED"] == "0"
+
+
+def test_dockerignore_keeps_secrets_and_state_out_of_the_build():
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    assert lines[lines.index("**")] == "**"  # deny by default, then allow sources by name
+    for pattern in ("**/*.ckks", "**/*.key", "**/*.pem", "**/*secret*"):
+        assert pattern in lines
+    assert not any(line.startswith("!") and (".venv" in line or "runs" in line or "kits" in line) for line in lines)
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    assert "ARG TORCH_INDEX_URL" in dockerfile and "USER 10001" in dockerfile

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# make compose-test: the one-host compose federation for real, on a fresh Debian machine.
+#   installs Docker/debootstrap if missing (apt), starts dockerd if none runs, builds the base and
+#   fedmoe images, provisions kits (TLS, SuperNode keys, released app pinned by every bank), brings
+#   up docker-compose.yml, runs a 2-round `tiny` job, kills and restarts bank-1's SuperNode
+#   mid-job, checks the job finishes and an unapproved app is refused, tears everything down, and
+#   prints the wall time, the image size and what the server printed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+OUT=runs/compose-test
+PROJECT=fedmoe-ct
+PY=.venv/bin/python
+mkdir -p "$OUT"
+log() { echo "[compose-test $(( $(date +%s) - START ))s] $*"; }
+
+# ---- Docker ------------------------------------------------------------------------------------
+if ! command -v dockerd >/dev/null || ! command -v docker-compose >/dev/null || ! command -v debootstrap >/dev/null; then
+  log "installing docker.io docker-compose debootstrap (apt)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose debootstrap >/dev/null
+fi
+if ! docker info >/dev/null 2>&1; then
+  log "starting dockerd (no bridge/iptables: this machine's kernel setup; user-defined networks still work)"
+  nohup dockerd --storage-driver overlay2 --iptables=false --ip-forward=false --ip-masq=false --bridge=none \
+    > "$OUT/dockerd.log" 2>&1 &
+  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+fi
+docker info >/dev/null
+
+# ---- images ------------------------------------------------------------------------------------
+deploy/base_image.sh fedmoe-base:bookworm
+cp /usr/local/share/ca-certificates/*.crt deploy/build-ca/ 2>/dev/null || true  # TLS-intercepting proxy CAs
+FIND_LINKS=""
+WHEELS="$(pip config list 2>/dev/null | sed -n "s/.*find-links='\(.*\)'/\1/p" | head -1)"
+if [[ -n "$WHEELS" && -d "$WHEELS" ]]; then  # the local torch CPU wheel, served to the build
+  WPORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  (cd "$WHEELS" && exec python3 -m http.server "$WPORT" --bind 127.0.0.1 >/dev/null 2>&1) &
+  WHEEL_PID=$!
+  FIND_LINKS="http://127.0.0.1:$WPORT/"
+  sleep 1
+fi
+cleanup() {
+  docker-compose -p "$PROJECT" down -v --remove-orphans >/dev/null 2>&1 || true
+  [[ -n "${WHEEL_PID:-}" ]] && kill "$WHEEL_PID" 2>/dev/null || true
+}
+trap cleanup EXIT
+log "building fedmoe:latest"
+docker build -q --network host -f deploy/Dockerfile -t fedmoe:latest \
+  --build-arg BASE_IMAGE=fedmoe-base:bookworm \
+  ${FIND_LINKS:+--build-arg PIP_FIND_LINKS=$FIND_LINKS --build-arg TORCH_INDEX_URL=https://pypi.org/simple} \
+  . > "$OUT/build.log"
+IMAGE_SIZE=$(docker image inspect -f '{{.Size}}' fedmoe:latest)
+
+# ---- kits and the federation ---------------------------------------------------------------------
+log "provisioning deploy/kits (CA, SuperLink cert, bank keys, released app pinned by every bank)"
+find deploy/kits -mindepth 1 -maxdepth 1 ! -name .gitignore -exec rm -rf {} +
+$PY -m fl_server.provision --out deploy/kits --banks 3 --app . > "$OUT/provision.log"
+APP=deploy/kits/release/app
+DIGEST=$(cut -d' ' -f1 deploy/kits/release/app.sha256)
+PORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+export FEDMOE_PORT=$PORT
+docker-compose -p "$PROJECT" down -v --remove-orphans >/dev/null 2>&1 || true
+log "docker-compose up (SuperLink on 127.0.0.1:$PORT)"
+docker-compose -p "$PROJECT" up -d 2>&1 | tail -3
+for _ in $(seq 90); do
+  healthy=$(docker-compose -p "$PROJECT" ps | grep -c "(healthy)" || true)
+  [[ "$healthy" -ge 8 ]] && break; sleep 2
+done
+docker-compose -p "$PROJECT" ps
+
+export FLWR_HOME="$PWD/$OUT/flwr-home"
+mkdir -p "$FLWR_HOME"
+cat > "$FLWR_HOME/config.toml" <<TOML
+[superlink]
+default = "compose"
+
+[superlink.compose]
+address = "127.0.0.1:$PORT"
+root-certificates = "$PWD/deploy/kits/server/secrets/ca.crt"
+TOML
+export FLWR_TELEMETRY_ENABLED=0
+JOB='key-dir="/keys" server-state-dir="/state/server" job-id="ct" num-rounds=2 model-preset="tiny" local-steps=3 records-per-bank=240 seq-len=48 batch-size=16 min-banks=2 round-timeout=240.0'
+RUN=$(.venv/bin/flwr run "$APP" compose --run-config "$JOB" --format json | $PY -c 'import json,sys; print(json.load(sys.stdin)["run-id"])')
+log "submitted run $RUN (app sha256 ${DIGEST:0:16}, pinned by every bank)"
+
+# Kill bank-1's SuperNode once its executor has started round 1, then bring it back.
+for _ in $(seq 150); do
+  docker-compose -p "$PROJECT" logs bank-1 2>/dev/null | grep -q "Receiving: train message" && break; sleep 2
+done
+log "killing bank-1 (SuperNode container) mid-round"
+docker-compose -p "$PROJECT" kill bank-1 >/dev/null 2>&1
+sleep 5
+docker-compose -p "$PROJECT" start bank-1 >/dev/null 2>&1
+log "bank-1 restarted"
+
+STATUS=""
+for _ in $(seq 300); do
+  STATUS=$(.venv/bin/flwr list compose --run-id "$RUN" --format json 2>/dev/null | $PY -c 'import json,sys; print(json.load(sys.stdin)["runs"][0]["status"])' 2>/dev/null || true)
+  [[ "$STATUS" == finished* ]] && break; sleep 3
+done
+log "run $RUN: $STATUS"
+.venv/bin/flwr log "$RUN" compose --show > "$OUT/server-output.log" 2>&1 || true
+docker run --rm -v "${PROJECT}_server-state:/s:ro" fedmoe:latest cat /s/server/ct/state.json > "$OUT/state.json" || true
+
+# An app bundle the banks did not approve: refused at every bank before any of its code runs.
+EVIL="$OUT/unapproved-app"; rm -rf "$EVIL"; cp -r "$APP" "$EVIL"; echo "# tampered" >> "$EVIL/fl_client/app.py"
+RUN2=$(.venv/bin/flwr run "$EVIL" compose --run-config "$JOB job-id=\"ct-evil\" num-rounds=1" --format json | $PY -c 'import json,sys; print(json.load(sys.stdin)["run-id"])')
+REFUSED=0
+for _ in $(seq 60); do
+  REFUSED=$(docker-compose -p "$PROJECT" logs bank-0-apps bank-1-apps bank-2-apps 2>/dev/null | grep -c "is not approved by this bank" || true)
+  [[ "$REFUSED" -ge 1 ]] && break; sleep 2
+done
+.venv/bin/flwr stop "$RUN2" compose >/dev/null 2>&1 || true
+docker-compose -p "$PROJECT" logs --no-color > "$OUT/compose.log" 2>&1 || true
+
+# ---- verdict -----------------------------------------------------------------------------------
+set +e
+$PY - "$OUT/state.json" "$STATUS" "$REFUSED" <<'PYEOF'
+import json, sys
+path, status, refused = sys.argv[1], sys.argv[2], int(sys.argv[3] or 0)
+state = json.load(open(path))
+ok = status == "finished:completed" and state.get("finished") and state.get("completed_round") == 2
+for r in state.get("rounds", []):
+    print(f"round {r['round']}: participants {r['participants']} left out {r.get('left_out')}")
+rejoined = any("bank-1" in r["participants"] for r in state.get("rounds", [])[1:])
+print(f"bank-1 rejoined after restart: {rejoined}; unapproved app refused by {refused} bank log line(s)")
+sys.exit(0 if ok and rejoined and refused >= 1 else 1)
+PYEOF
+VERDICT=$?
+set -e
+echo "----- what the server printed (flwr log $RUN) -----"
+grep -v "^\s*$" "$OUT/server-output.log" | tail -40
+echo "---------------------------------------------------"
+log "image fedmoe:latest: $(( IMAGE_SIZE / 1000000 )) MB; wall time $(( $(date +%s) - START )) s; verdict $([[ $VERDICT == 0 ]] && echo PASS || echo FAIL)"
+exit $VERDICT
