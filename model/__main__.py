@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from model.deepseek import DeepseekForCausalLM, preset
@@ -172,7 +173,7 @@ def _generate(args: argparse.Namespace, console: Console) -> None:
             new = result.tokens_BN[0].tolist()
             if tokenizer.eos_id in new:
                 new = new[: new.index(tokenizer.eos_id)]
-            console.print(f"[bold]{prompt}[/]{tokenizer.decode(new)}", highlight=False, markup=True)
+            console.print(f"[bold]{escape(prompt)}[/]{escape(tokenizer.decode(new))}", highlight=False)
             console.print(
                 f"[dim]{result.new_tokens} tokens in {result.seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s "
                 f"decode, prefill {result.prefill_seconds * 1000:.0f} ms ({result.prompt_len} tokens), "
@@ -232,12 +233,12 @@ def _evaluate(args: argparse.Namespace, console: Console) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console()
+    console = Console(soft_wrap=True)  # generated text and paths are never re-wrapped
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         {"export": _export, "generate": _generate, "evaluate": _evaluate}[args.command](args, console)
     except ModelError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         return 2
     return 0
 
