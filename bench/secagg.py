@@ -6,10 +6,11 @@ torch is missing). For each bank count (default 3, 5, 10, 15) it runs one full r
   bank_s:   per bank, median over banks: keys (X25519 key pairs, signature), shares (verify
             advertisements, Shamir-deal, AES-GCM-encrypt; decrypt and check received shares),
             masking (quantize + self mask + K-1 pairwise PRG masks), encryption (BFV, public key),
-            unmask (checks, release shares), decrypt (open the sum: decrypt + dequantize)
+            unmask (check and sign the survivor view, check the consents, release shares),
+            decrypt (open the sum: decrypt + dequantize)
   server_s: validate (parse, hash and deserialize masked inputs), adds (ciphertext sums),
             unmasking (Shamir reconstruction, residual masks, one plaintext add, serialization)
-  bytes_sent_per_bank: advertisement + share reply + masked input + unmask reply
+  bytes_sent_per_bank: advertisement + share reply + masked input + consent + unmask reply
   bytes_per_float: the masked-input bundle over the update length
   ckks: the shared-key CKKS path on the same updates (crypto.encrypt_update / aggregate / decrypt_mean)
 Timings are single runs on a shared box (loadavg is reported); 2 cores here.
@@ -99,7 +100,8 @@ def run_secagg(k: int, n: int, ids, pins, pk, sk, updates, weights) -> dict:
     inputs = stage({b: banks[b].masked_input(q, updates[b], weights[b], pk) for b, q in reqs.items()})
     bundle_bytes = len(inputs[participants[0]])
     reqs = server.receive_masked_inputs(inputs)
-    agg = server.receive_unmask(stage({b: banks[b].unmask(q) for b, q in reqs.items()}))
+    orders = server.receive_consents(stage({b: banks[b].consent(q) for b, q in reqs.items()}))
+    agg = server.receive_unmask(stage({b: banks[b].unmask(q) for b, q in orders.items()}))
     t = time.perf_counter()
     mean, total = open_aggregate(agg, setup=setup, key=sk, pins=pins)
     decrypt_s = time.perf_counter() - t

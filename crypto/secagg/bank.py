@@ -8,8 +8,12 @@ the bank's typed reply (one Flower message exchange each):
                                                                  self-mask seed, encrypted per holder
   masked_input(MaskedInputRequest, delta, w, key) -> MaskedInput quantize [w*delta, w], add self and
                                                                  pairwise masks mod t, BFV-encrypt
-  unmask(UnmaskRequest)                    -> UnmaskReply        self-mask shares of survivors,
-                                                                 mask-key shares of dropped banks
+  consent(UnmaskRequest)                   -> UnmaskConsent      signs the one survivor/dropped view
+                                                                 it accepts (consistency check)
+  unmask(UnmaskOrder)                      -> UnmaskReply        with a quorum of consents on that
+                                                                 view: self-mask shares of
+                                                                 survivors, mask-key shares of
+                                                                 dropped banks
 and, once the server has the sum, `open_aggregate` decrypts and dequantizes it.
 
 Flower starts a new ClientApp process per message, so the per-round secrets survive between stages
@@ -17,7 +21,8 @@ through `state_dict()` / `from_state()` (JSON with secrets in it: store it 0600 
 dir, e.g. protocol.files.atomic_write_json(path, state, mode=0o600), and delete it after the round).
 
 Never released, whatever the server asks: both shares of one peer in one round, its own mask-key
-share, any share before the bank saw t survivors with signed receipts.
+share, any share before the bank saw t survivors with signed receipts and a quorum of banks'
+signatures on the same survivor/dropped view.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from crypto.secagg.bfv import BfvKey, encrypt_residues
 from crypto.secagg.bfv_secret import decrypt_residues
 from crypto.secagg.common import (
     check_setup,
+    consent_quorum,
     pair_context,
     pair_mask,
     pair_seed,
@@ -61,6 +67,8 @@ from crypto.secagg.messages import (
     SecureAggregate,
     ShareKeysReply,
     ShareKeysRequest,
+    UnmaskConsent,
+    UnmaskOrder,
     UnmaskReply,
     UnmaskRequest,
     self_mask_commitment,
@@ -328,21 +336,21 @@ class BankSecAgg:
     # -------------------------------------------------------------------------------------------
     # stage 3
 
-    def unmask(self, request: UnmaskRequest) -> UnmaskReply:
-        """Release self-mask shares of survivors and mask-key shares of dropped banks, after checks.
+    def consent(self, request: UnmaskRequest) -> UnmaskConsent:
+        """Check the server's survivor/dropped view and sign it; this bank signs one view per round.
 
-        Refuses (CryptoError, nothing released) when the request overlaps survivors and dropped,
-        names banks outside the stage-1 senders, leaves this bank out of the survivors, shows fewer
-        than max(t, min_banks) survivors or an unsigned survivor, or differs from an earlier unmask
-        request of the round (so no peer ever gets both shares released).
+        Refuses (CryptoError, nothing signed) when the view overlaps survivors and dropped, names
+        banks outside the stage-1 senders, leaves this bank out of the survivors, shows fewer than
+        max(t, min_banks) survivors or a survivor without a valid signed receipt, disagrees with this
+        bank on who masked with whom, or differs from a view it already signed.
         """
         setup = self._setup()
-        self._check_round(request.job_id, request.round, "unmask")
-        digest = hashlib.sha256(request.signed_bytes()).digest()
-        if self.stage == "unmasked":
-            if digest != self.unmask_digest:
+        self._check_round(request.job_id, request.round, "consent")
+        view = request.view_sha256()
+        if self.stage in ("consented", "unmasked"):
+            if view != self.unmask_digest:
                 raise CryptoError(
-                    f"unmask(bank {self.bank_id!r}): a second, different unmask request this round; refused",
+                    f"consent(bank {self.bank_id!r}): a second, different unmask view this round; refused",
                     reason="inconsistent",
                 )
         else:
@@ -351,29 +359,71 @@ class BankSecAgg:
         survivors, dropped = set(request.survivors), set(request.dropped)
         if survivors & dropped:
             raise CryptoError(
-                f"unmask: banks {sorted(survivors & dropped)} are both survivors and dropped; a bank never "
+                f"consent: banks {sorted(survivors & dropped)} are both survivors and dropped; a bank never "
                 f"releases both shares of one peer",
                 reason="inconsistent",
             )
+        if list(request.survivors) != sorted(survivors) or list(request.dropped) != sorted(dropped):
+            raise CryptoError("consent: survivors and dropped must be sorted and distinct", reason="inconsistent")
         if not (survivors | dropped) <= set(self.senders) or self.bank_id not in survivors:
-            raise CryptoError("unmask: survivor/dropped sets do not match the stage-1 senders", reason="inconsistent")
+            raise CryptoError("consent: survivor/dropped sets do not match the stage-1 senders", reason="inconsistent")
         need = max(setup.threshold, setup.min_banks, self.min_banks)
         if len(survivors) < need:
-            raise SecAggAbort(f"unmask: {len(survivors)} survivors, need {need}; nothing released", reason="too_few")
+            raise SecAggAbort(f"consent: {len(survivors)} survivors, need {need}; nothing released", reason="too_few")
         receipts = {r.bank_id: r for r in request.receipts}
         if set(receipts) != survivors or len(receipts) != len(request.receipts):
-            raise CryptoError("unmask: exactly one receipt per survivor expected", reason="inconsistent")
+            raise CryptoError("consent: exactly one receipt per survivor expected", reason="inconsistent")
         for r in receipts.values():
             verify_receipt(r, setup, self.pins)
             if r.bank_id in self._neighbours() and (self.bank_id in r.masked_with) != (r.bank_id in self.masked_with):
                 raise CryptoError(
-                    f"unmask: survivor {r.bank_id!r} and this bank disagree on masking with each other",
+                    f"consent: survivor {r.bank_id!r} and this bank disagree on masking with each other",
                     reason="inconsistent",
                 )
+        unsigned = UnmaskConsent(
+            bank_id=self.bank_id, job_id=setup.job_id, round=setup.round, view_sha256=view, signature=b""
+        )
+        if self.stage == "masked":
+            self.stage, self.unmask_digest = "consented", view
+        self.timings["unmask"] = time.perf_counter() - started
+        return _with_signature(unsigned, self.identity.sign(unsigned.signed_bytes()))
+
+    def unmask(self, order: UnmaskOrder) -> UnmaskReply:
+        """Release self-mask shares of survivors and mask-key shares of dropped banks.
+
+        Only for the view this bank consented to, and only with at least `consent_quorum` distinct
+        survivors' valid consents on it; a retry of the same order gets the same shares.
+
+        Raises:
+            CryptoError: reason "inconsistent" (another view), "too_few" (not enough consents),
+                "signature" (a consent that does not verify).
+        """
+        setup = self._setup()
+        request = order.request
+        self._check_round(request.job_id, request.round, "unmask")
+        if self.stage not in ("consented", "unmasked") or request.view_sha256() != self.unmask_digest:
+            raise CryptoError(
+                f"unmask(bank {self.bank_id!r}): not the view this bank consented to", reason="inconsistent"
+            )
+        started = time.perf_counter()
+        survivors, dropped = set(request.survivors), set(request.dropped)
+        signers = set()
+        for c in order.consents:
+            if c.bank_id not in survivors or c.view_sha256 != self.unmask_digest:
+                raise CryptoError(f"unmask: consent of {c.bank_id!r} is not for this view", reason="inconsistent")
+            self.pins.verify(c.bank_id, c.signed_bytes(), c.signature)
+            if (c.job_id, c.round) != (setup.job_id, setup.round):
+                raise CryptoError(f"unmask: consent of {c.bank_id!r} for another round", reason="replay")
+            signers.add(c.bank_id)
+        quorum = consent_quorum(setup, self.colluding)
+        if len(signers) < quorum:
+            raise SecAggAbort(
+                f"unmask: {len(signers)} banks consented to this view, need {quorum}; nothing released",
+                reason="too_few",
+            )
         for peer, kind in [(s, "self_mask") for s in survivors] + [(d, "mask_key") for d in dropped]:
             if self.released.get(peer, kind) != kind:
                 raise CryptoError(f"unmask: both shares of {peer!r} requested; refused", reason="inconsistent")
-
         shares = []
         for peer in sorted(survivors | dropped):
             held = self.held.get(peer)
@@ -385,8 +435,8 @@ class BankSecAgg:
             shares.append(
                 RevealedShare(dealer=peer, holder=self.bank_id, kind=kind, x=held.x, y=y, dealer_signature=sig)
             )
-        self.stage, self.unmask_digest = "unmasked", digest
-        self.timings["unmask"] = time.perf_counter() - started
+        self.stage = "unmasked"
+        self.timings["unmask"] = self.timings.get("unmask", 0.0) + time.perf_counter() - started
         return UnmaskReply(bank_id=self.bank_id, job_id=setup.job_id, round=setup.round, shares=tuple(shares))
 
     # -------------------------------------------------------------------------------------------

@@ -53,6 +53,16 @@ def check_setup(setup: RoundSetup, bank_id: str, pins: ConsortiumPins, *, min_ba
     return holders
 
 
+def consent_quorum(setup: RoundSetup, colluding: int = 1) -> int:
+    """Consents on one unmask view needed before any share is released.
+
+    Two different views each with q signatures need 2(q - c) honest signers out of n - c (honest
+    banks sign one view), impossible when q > (n + c) / 2. With everyone neighbouring everyone this
+    is the threshold t itself; with k-regular neighbourhoods it can be larger than t.
+    """
+    return max(setup.threshold, min_secure_threshold(len(setup.participants), colluding))
+
+
 def pair_context(setup_job: str, round: int, a: str, b: str) -> dict[str, Any]:
     lo, hi = sorted((a, b))
     return {"job_id": setup_job, "round": round, "pair": [lo, hi]}

@@ -4,7 +4,9 @@
   0 setup/advert   RoundSetup                KeyAdvertisement   (signed, bound to job + round)
   1 share keys     ShareKeysRequest          ShareKeysReply     (shares AES-GCM-encrypted to each peer)
   2 masked input   MaskedInputRequest        MaskedInput        (BFV bundle + signed Receipt)
-  3 unmask         UnmaskRequest             UnmaskReply        (one kind of share per peer)
+  3 consistency    UnmaskRequest             UnmaskConsent      (signs the survivor/dropped view)
+  4 unmask         UnmaskOrder               UnmaskReply        (>= quorum consents on that view;
+                                                                 one kind of share per peer)
   result           SecureAggregate           -                  (BFV sum with residual masks removed)
 
 Every message is a frozen dataclass with `to_bytes()` / `from_bytes()` (a crypto/envelope.py frame:
@@ -31,7 +33,7 @@ M = TypeVar("M", bound="Message")
 _MSG_MAGIC = b"FMSECAG1"
 
 ShareKind = Literal["self_mask", "mask_key"]
-Stage = Literal["setup", "advertise", "share_keys", "masked_input", "unmask", "aggregate"]
+Stage = Literal["setup", "advertise", "share_keys", "masked_input", "consistency", "unmask", "aggregate"]
 
 
 class Message:
@@ -263,7 +265,7 @@ class MaskedInput(Message):
 
 
 # ------------------------------------------------------------------------------------------------
-# stage 3
+# stage 3: consistency check (Bonawitz et al.'s ConsistencyCheck round)
 
 
 @dataclass(frozen=True)
@@ -276,6 +278,46 @@ class UnmaskRequest(Message):
     survivors: tuple[str, ...]
     dropped: tuple[str, ...]
     receipts: tuple[Receipt, ...]
+
+    def view_sha256(self) -> bytes:
+        """Digest of the (job, round, survivors, dropped) view that banks sign in their consent."""
+        view = {
+            "type": "secagg/unmask_view",
+            "job_id": self.job_id,
+            "round": self.round,
+            "survivors": list(self.survivors),
+            "dropped": list(self.dropped),
+        }
+        return hashlib.sha256(canonical_json(view)).digest()
+
+
+@dataclass(frozen=True)
+class UnmaskConsent(Message):
+    """A bank's signature on the one survivor/dropped view it accepts this round (it signs no other).
+
+    Without it a server could tell some banks that bank v dropped (to get v's mask key) and others
+    that it survived (to get its self mask); a quorum of signatures on one view rules that out.
+    """
+
+    TYPE: ClassVar[str] = "secagg/unmask_consent"
+    bank_id: str
+    job_id: str
+    round: int
+    view_sha256: bytes
+    signature: bytes
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 4
+
+
+@dataclass(frozen=True)
+class UnmaskOrder(Message):
+    """The view plus at least `consent_quorum` banks' signed consents to exactly that view."""
+
+    TYPE: ClassVar[str] = "secagg/unmask_order"
+    request: UnmaskRequest
+    consents: tuple[UnmaskConsent, ...]
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ the next stage's request per bank:
   receive_advertisements({bank: KeyAdvertisement})     -> {bank: ShareKeysRequest}
   receive_shares({bank: ShareKeysReply})               -> {bank: MaskedInputRequest}
   receive_masked_inputs({bank: MaskedInput})           -> {bank: UnmaskRequest}   (adds ciphertexts)
+  receive_consents({bank: UnmaskConsent})              -> {bank: UnmaskOrder}     (consistency check)
   receive_unmask({bank: UnmaskReply})                  -> SecureAggregate         (removes masks)
 Any stage raises SecAggAbort (reason "too_few", "commitment") when the round cannot complete;
 `exclusions` lists every bank left out, with the stage and a typed reason.
@@ -34,7 +35,15 @@ import tenseal as ts
 from crypto.errors import CryptoError
 from crypto.identity import ConsortiumPins
 from crypto.secagg.bfv import BfvKey, load_bfv_chunks, parse_bfv_bundle, serialize_sum
-from crypto.secagg.common import check_setup, pair_mask, pair_seed, self_mask, verify_advertisement, verify_receipt
+from crypto.secagg.common import (
+    check_setup,
+    consent_quorum,
+    pair_mask,
+    pair_seed,
+    self_mask,
+    verify_advertisement,
+    verify_receipt,
+)
 from crypto.secagg.messages import (
     EncryptedShare,
     Exclusion,
@@ -50,6 +59,8 @@ from crypto.secagg.messages import (
     ShareKeysReply,
     ShareKeysRequest,
     Stage,
+    UnmaskConsent,
+    UnmaskOrder,
     UnmaskReply,
     UnmaskRequest,
     self_mask_commitment,
@@ -80,6 +91,8 @@ class ServerSecAgg:
         self.receipts: dict[str, Receipt] = {}
         self.survivors: tuple[str, ...] = ()
         self.dropped: tuple[str, ...] = ()
+        self.request: UnmaskRequest | None = None
+        self.consenting: tuple[str, ...] = ()
         self._sum: list[ts.BFVVector] | None = None
         self._stage: Stage = "advertise"
 
@@ -227,15 +240,41 @@ class ServerSecAgg:
         self._sum = acc
         self.timings["validate_inputs"] = t_add - started
         self.timings["adds"] = time.perf_counter() - t_add
-        self._stage = "unmask"
-        request = UnmaskRequest(
+        self._stage = "consistency"
+        self.request = UnmaskRequest(
             job_id=self.setup.job_id,
             round=self.setup.round,
             survivors=self.survivors,
             dropped=self.dropped,
             receipts=tuple(self.receipts[b] for b in self.survivors),
         )
-        return dict.fromkeys(self.survivors, request)
+        return dict.fromkeys(self.survivors, self.request)
+
+    def receive_consents(self, consents: Mapping[str, UnmaskConsent | bytes]) -> dict[str, UnmaskOrder]:
+        """Collect the survivors' signatures on the unmask view; send the order to those who signed."""
+        self._enter("consistency")
+        view = self.request.view_sha256()
+        valid = []
+        for bank in self.survivors:
+            c = self._parse(bank, consents, UnmaskConsent, "consistency", in_sum=True)
+            if c is None:
+                continue
+            try:
+                if c.bank_id != bank or c.view_sha256 != view:
+                    raise CryptoError("consent names another bank or another view", reason="inconsistent")
+                self._check_round(c.job_id, c.round)
+                self.pins.verify(bank, c.signed_bytes(), c.signature)
+            except CryptoError as e:
+                self._exclude(bank, "consistency", e, in_sum=True)
+                continue
+            valid.append(c)
+        quorum = consent_quorum(self.setup)
+        if len(valid) < quorum:
+            raise self._abort(f"consistency: {len(valid)} consents on the unmask view, need {quorum}", "too_few")
+        self.consenting = tuple(c.bank_id for c in valid)
+        self._stage = "unmask"
+        order = UnmaskOrder(request=self.request, consents=tuple(valid))
+        return dict.fromkeys(self.consenting, order)
 
     def receive_unmask(self, replies: Mapping[str, UnmaskReply | bytes]) -> SecureAggregate:
         """Reconstruct survivors' self-mask seeds and dropped banks' mask keys, remove their masks from the sum.
@@ -250,8 +289,8 @@ class ServerSecAgg:
         want = {b: "self_mask" for b in self.survivors} | {b: "mask_key" for b in self.dropped}
         shares: dict[str, dict[int, bytes]] = {b: {} for b in want}
         responders = 0
-        for bank in self.survivors:
-            reply = self._parse(bank, replies, UnmaskReply, "unmask")
+        for bank in self.consenting:
+            reply = self._parse(bank, replies, UnmaskReply, "unmask", in_sum=True)
             if reply is None:
                 continue
             try:
@@ -376,9 +415,10 @@ class ServerSecAgg:
                 raise CryptoError(f"share of {s.dealer!r}: dealer signature fails", reason="share") from e
         return list(reply.shares)
 
-    def _parse(self, bank: str, replies: Mapping[str, M | bytes], cls: type[M], stage: Stage) -> M | None:
+    def _parse(
+        self, bank: str, replies: Mapping[str, M | bytes], cls: type[M], stage: Stage, *, in_sum: bool = False
+    ) -> M | None:
         if bank not in replies:
-            in_sum = stage == "unmask"
             self._exclude(bank, stage, CryptoError(f"no {cls.__name__} received", reason="dropped"), in_sum=in_sum)
             return None
         msg = replies[bank]
@@ -386,10 +426,10 @@ class ServerSecAgg:
             try:
                 return cls.from_bytes(bytes(msg))
             except CryptoError as e:
-                self._exclude(bank, stage, e, in_sum=stage == "unmask")
+                self._exclude(bank, stage, e, in_sum=in_sum)
                 return None
         if not isinstance(msg, cls):
-            self._exclude(bank, stage, CryptoError(f"expected {cls.__name__}", reason="malformed"))
+            self._exclude(bank, stage, CryptoError(f"expected {cls.__name__}", reason="malformed"), in_sum=in_sum)
             return None
         return msg
 

@@ -67,6 +67,7 @@ def run_round(
     *,
     drop_before_shares: tuple[str, ...] = (),
     drop_before_input: tuple[str, ...] = (),
+    drop_before_consent: tuple[str, ...] = (),
     drop_before_unmask: tuple[str, ...] = (),
     hooks: dict[str, Hook] | None = None,
 ) -> SecureAggregate:
@@ -90,6 +91,8 @@ def run_round(
     }
     reqs = r.server.receive_masked_inputs(deliver("masked_input", replies))
     r.seen["unmask_requests"] = {b: q.to_bytes() for b, q in reqs.items()}
-    replies = {b: r.banks[b].unmask(q) for b, q in reqs.items() if b not in drop_before_unmask}
+    replies = {b: r.banks[b].consent(q) for b, q in reqs.items() if b not in drop_before_consent}
+    orders = r.server.receive_consents(deliver("consistency", replies))
+    replies = {b: r.banks[b].unmask(q) for b, q in orders.items() if b not in drop_before_unmask}
     r.aggregate = SecureAggregate.from_bytes(r.server.receive_unmask(deliver("unmask", replies)).to_bytes())
     return r.aggregate

@@ -15,12 +15,14 @@ from secagg_helpers import JOB, make_updates, run_round, start_round, weighted_m
 from crypto.errors import CryptoError
 from crypto.secagg.bank import BankSecAgg, open_aggregate
 from crypto.secagg.bfv_secret import decrypt_residues
-from crypto.secagg.common import pair_mask, pair_seed, self_mask
+from crypto.secagg.common import consent_quorum, pair_mask, pair_seed, self_mask
 from crypto.secagg.messages import (
     EncryptedShare,
     KeyAdvertisement,
     MaskedInput,
     ShareKeysReply,
+    UnmaskConsent,
+    UnmaskOrder,
     UnmaskReply,
 )
 from crypto.secagg.params import default_threshold, dequantize, min_secure_threshold, sub_mod
@@ -119,8 +121,8 @@ def test_bank_refuses_unmask_with_fewer_than_t_survivors(identities, bfv_public)
         receipts=tuple(x for x in honest.receipts if x.bank_id in ("bank0", "bank1")),
     )
     with pytest.raises(CryptoError) as e:
-        r.banks["bank0"].unmask(few)
-    assert e.value.reason == "too_few" and r.banks["bank0"].released == {}
+        r.banks["bank0"].consent(few)
+    assert e.value.reason == "too_few" and r.banks["bank0"].stage == "masked"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,9 +214,14 @@ def test_inconsistent_dealer_fails_the_commitment(identities, bfv_public) -> Non
     reqs = r.server.receive_masked_inputs(
         {b: r.banks[b].masked_input(q, updates[b], weights[b], bfv_public) for b, q in reqs.items()}
     )
+    orders = r.server.receive_consents({b: r.banks[b].consent(q) for b, q in reqs.items()})
     with pytest.raises(CryptoError) as e:
-        r.server.receive_unmask({b: r.banks[b].unmask(q) for b, q in reqs.items()})
+        r.server.receive_unmask({b: r.banks[b].unmask(q) for b, q in orders.items()})
     assert e.value.reason == "commitment" and "bank1" in str(e.value)
+
+
+def _consents(r, request, banks) -> tuple:
+    return tuple(r.banks[b].consent(request) for b in banks)
 
 
 def test_bank_never_releases_both_shares_of_a_peer(identities, bfv_public) -> None:
@@ -225,23 +232,59 @@ def test_bank_never_releases_both_shares_of_a_peer(identities, bfv_public) -> No
     # A lying server claims bank4 dropped (to get its mask key) while also asking for its self mask.
     both = dataclasses.replace(honest, dropped=("bank4",))
     with pytest.raises(CryptoError, match="both") as e:
-        r.banks["bank0"].unmask(both)
-    assert e.value.reason == "inconsistent"
-    assert r.banks["bank0"].released == {}  # nothing left the bank
-    # Asked first for bank4's self mask, then (second request) for its mask key: refused.
-    r.banks["bank0"].unmask(honest)
+        r.banks["bank0"].consent(both)
+    assert e.value.reason == "inconsistent" and r.banks["bank0"].stage == "masked"
+    # bank0 signs the honest view; a second view (bank4 dropped after all) is refused ...
     claims_dropped = dataclasses.replace(
         honest,
         survivors=tuple(b for b in honest.survivors if b != "bank4"),
         dropped=("bank4",),
         receipts=tuple(x for x in honest.receipts if x.bank_id != "bank4"),
     )
+    order = UnmaskOrder(request=honest, consents=_consents(r, honest, ["bank0", "bank1", "bank2", "bank3"]))
     with pytest.raises(CryptoError, match="second") as e:
-        r.banks["bank0"].unmask(claims_dropped)
+        r.banks["bank0"].consent(claims_dropped)
     assert e.value.reason == "inconsistent"
+    # ... and so is an order for it.
+    bad = UnmaskOrder(request=claims_dropped, consents=())
+    with pytest.raises(CryptoError, match="consented to") as e:
+        r.banks["bank0"].unmask(bad)
+    assert r.banks["bank0"].released == {}
+    reply = r.banks["bank0"].unmask(order)
     assert r.banks["bank0"].released["bank4"] == "self_mask"
-    # The same request again is answered again (a retry), with the same shares.
-    assert r.banks["bank0"].unmask(honest).shares
+    assert r.banks["bank0"].unmask(order) == reply  # a retry gets the same shares
+
+
+def test_split_view_attack_gets_no_quorum(identities, bfv_public) -> None:
+    """The server tells bank0 that bank3 dropped (to collect bank3's mask key) and tells bank1..2 that
+    bank3 survived (to collect its self mask). With bank2 colluding, neither view gets a quorum of
+    honest consents large enough to unlock both (n = 5, t = quorum = 4)."""
+    ids, pins = identities
+    r = start_round(ids[:5], pins, bfv_public, N)
+    updates, weights = make_updates(list(r.banks), N)
+    honest = _through_masked_input(r, updates, weights, bfv_public)["bank0"]
+    assert consent_quorum(r.setup) == 4
+    view_b = dataclasses.replace(
+        honest,
+        survivors=tuple(b for b in honest.survivors if b != "bank3"),
+        dropped=("bank3",),
+        receipts=tuple(x for x in honest.receipts if x.bank_id != "bank3"),
+    )
+    # view A (bank3 survived): bank1, bank3, bank4 sign it, the colluder bank2 too -> 4
+    sig_a = _consents(r, honest, ["bank1", "bank3", "bank4", "bank2"])
+    # view B (bank3 dropped): bank0 and the colluder only -> 2 (bank1, 3, 4 already signed view A)
+    unsigned = UnmaskConsent(bank_id="bank2", job_id=JOB, round=1, view_sha256=view_b.view_sha256(), signature=b"")
+    colluder = dataclasses.replace(unsigned, signature=ids[2].sign(unsigned.signed_bytes()))
+    sig_b = (r.banks["bank0"].consent(view_b), colluder)
+    with pytest.raises(CryptoError):
+        r.banks["bank1"].consent(view_b)
+    with pytest.raises(CryptoError) as e:
+        r.banks["bank0"].unmask(UnmaskOrder(request=view_b, consents=sig_b))
+    assert e.value.reason == "too_few" and r.banks["bank0"].released == {}
+    with pytest.raises(CryptoError) as e:  # consents on the other view do not count
+        r.banks["bank0"].unmask(UnmaskOrder(request=view_b, consents=sig_b + sig_a))
+    assert e.value.reason == "inconsistent" and r.banks["bank0"].released == {}
+    assert r.banks["bank1"].unmask(UnmaskOrder(request=honest, consents=sig_a)).shares
 
 
 def test_unsigned_survivor_is_refused(identities, bfv_public) -> None:
@@ -257,7 +300,7 @@ def test_unsigned_survivor_is_refused(identities, bfv_public) -> None:
         receipts=(*honest.receipts, dataclasses.replace(honest.receipts[0], bank_id="bank3")),
     )
     with pytest.raises(CryptoError) as e:
-        r.banks["bank0"].unmask(forged)
+        r.banks["bank0"].consent(forged)
     assert e.value.reason == "signature"
 
 
@@ -311,7 +354,8 @@ def test_state_survives_a_process_per_stage(identities, bfv_public, bfv_secret) 
     reqs = r.server.receive_masked_inputs(
         {b: reload(b).masked_input(q, updates[b], weights[b], bfv_public).to_bytes() for b, q in reqs.items()}
     )
-    r.aggregate = r.server.receive_unmask({b: reload(b).unmask(q).to_bytes() for b, q in reqs.items()})
+    orders = r.server.receive_consents({b: reload(b).consent(q).to_bytes() for b, q in reqs.items()})
+    r.aggregate = r.server.receive_unmask({b: reload(b).unmask(q).to_bytes() for b, q in orders.items()})
     _check_sum(r, updates, weights, list(r.banks), bfv_secret, pins)
 
 
