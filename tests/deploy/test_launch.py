@@ -17,7 +17,7 @@ from fl_server.launch import LaunchError, check_run_config, job_defaults, main, 
 REPO = Path(__file__).resolve().parents[2]
 TINY = (
     'model-preset="tiny" num-rounds=1 local-steps=2 records-per-bank=120 seq-len=32 batch-size=8 '
-    "evaluate=false dp=false"
+    "evaluate=false dp=false min-banks=2"
 )
 
 
@@ -35,12 +35,12 @@ def free_base_port() -> int:
     "argv,needle",
     [
         (["--banks", "0"], "min-banks"),
-        (["--banks", "1"], "min-banks=2"),
+        (["--banks", "1", "--run-config", "min-banks=2"], "min-banks=2"),
         (["--banks", "2", "--run-config", "min-banks=3"], "min-banks=3"),
         (["--banks", "2", "--run-config", "num-round=2"], "'num-round'"),
         (["--banks", "2", "--run-config", 'num-rounds="two"'], "'num-rounds'"),
-        (["--banks", "2", "--data", "bank-0=/nonexistent/train.jsonl"], "is not a file"),
-        (["--banks", "2", "--data", "bank-7=/etc/hostname"], "no bank 'bank-7'"),
+        (["--banks", "2", "--run-config", "min-banks=2", "--data", "bank-0=/no/train.jsonl"], "is not a file"),
+        (["--banks", "2", "--run-config", "min-banks=2", "--data", "bank-7=/etc/hostname"], "no bank 'bank-7'"),
     ],
 )
 def test_refused_up_front_with_the_reason(tmp_path, capsys, argv, needle):
@@ -63,6 +63,24 @@ def _tree_pids(marker: str) -> list[int]:
     """PIDs of every process whose command line mentions `marker` (the test's own folder)."""
     out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out if int(p) != os.getpid()]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children, their children, ...), from /proc."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    out, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        frontier += kids
+    return out
 
 
 def _alive(pid: int) -> bool:
@@ -105,8 +123,8 @@ def test_sigterm_stops_every_process(tmp_path):
     ):
         assert launcher.poll() is None, launcher.communicate()
         time.sleep(0.5)
-    pids = _tree_pids(str(root))
-    assert len(pids) >= 6, pids  # superlink, serverapp, 2 x (supernode + executor), flwr run
+    pids = _descendants(launcher.pid)
+    assert len(pids) >= 6, pids  # superlink, serverapp, 2 x (supernode + executor), flwr run, apps
     launcher.send_signal(signal.SIGTERM)
     _, err = launcher.communicate(timeout=60)
     assert launcher.returncode == 128 + signal.SIGTERM, err
