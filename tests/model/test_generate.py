@@ -197,9 +197,12 @@ def test_cli_export_generate_evaluate(tmp_path, capsys):
 
     (tmp_path / "eval.txt").write_text("Überweisung an Café Müller, 12,50 EUR\n" * 20)
     ev = ["evaluate", str(tmp_path / "out" / "merged"), "--data", str(tmp_path / "eval.txt"), "--seq-len", "64"]
-    assert main([*ev, "--out", str(tmp_path / "ppl.json")]) == 0
+    assert main([*ev, "--out", str(tmp_path / "ppl.json"), "--trace-experts", str(tmp_path / "etrace")]) == 0
     report = json.loads((tmp_path / "ppl.json").read_text())
     assert report["tokens"] > 500 and math.isclose(report["perplexity"], math.exp(report["loss"]))
+    summary = json.loads((tmp_path / "etrace" / "expert_summary.json").read_text())
+    assert summary["tokens"] == report["tokens"]  # every scored input position went through the routers
+    assert "perplexity" in capsys.readouterr().out
 
     # Bad input: one line naming the file, exit 2.
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "typo"}\n')
