@@ -3,6 +3,10 @@
 Works on flat float32 numpy vectors plus a layout hash string; knows nothing of Flower or torch.
 Banks: `load_secret_context` -> `encrypt_update` / `decrypt_mean`.
 Server: `load_public_context` -> `aggregate` (adds ciphertexts; cannot decrypt).
+
+Secure aggregation (mask, then BFV-encrypt; the server plus one bank cannot read another bank's
+update) lives in `crypto.secagg` (docs/secagg.md); bank identities (Ed25519, pinned public keys)
+in `crypto.identity`. Neither is re-exported here, so the server can import its side alone.
 """
 
 from crypto.aggregate import AggregateResult, aggregate
