@@ -1,6 +1,9 @@
-"""CLI: `python -m crypto keygen --out DIR` runs the key ceremony for one federation job.
+"""CLI for key ceremonies. Prints ids, public keys and paths, never secret key material.
 
-Prints the key id and file paths, never key material.
+python -m crypto keygen --out DIR                    CKKS shared-key ceremony (one job)
+python -m crypto bfv-keygen --out DIR                BFV key for secure aggregation (one host)
+python -m crypto identity --out FILE --bank-id ID    a bank's Ed25519 identity (prints the public key)
+python -m crypto pins --out FILE ID=HEX [ID=HEX ...] the consortium pins file from public keys
 """
 
 from __future__ import annotations
@@ -43,8 +46,21 @@ def main(argv: list[str] | None = None) -> int:
         help="log2 of the CKKS scale, >= 30 (default: %(default)s)",
     )
     kg.add_argument("--force", action="store_true", help="replace key files already in --out")
+    bk = sub.add_parser("bfv-keygen", help="create a job's BFV key files for secure aggregation")
+    bk.add_argument("--out", required=True, help="directory for context.secret.bfv, context.public.bfv")
+    bk.add_argument("--scale-bits", type=int, default=20, help="fixed-point scale 2^bits (default: %(default)s)")
+    bk.add_argument("--force", action="store_true", help="replace key files already in --out")
+    idp = sub.add_parser("identity", help="create a bank's Ed25519 identity key (mode 0600)")
+    idp.add_argument("--out", required=True, help="identity file to write")
+    idp.add_argument("--bank-id", required=True, help="the bank's id in the consortium")
+    idp.add_argument("--force", action="store_true", help="replace an existing identity file")
+    pp = sub.add_parser("pins", help="write the consortium pins file from bank=public-key-hex pairs")
+    pp.add_argument("--out", required=True, help="pins file to write (public, 0644)")
+    pp.add_argument("pairs", nargs="+", help="BANK_ID=PUBLIC_KEY_HEX, one per bank")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command != "keygen":
+        return _secagg_command(args)
 
     try:
         params = CkksParams(
@@ -62,6 +78,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"secret:  {files.secret_path}  (mode 0600; mount on every bank, never on the server, never in git)")
     print(f"public:  {files.public_path}  (mount on the server)")
     print(f"info:    {files.info_path}")
+    return 0
+
+
+def _secagg_command(args: argparse.Namespace) -> int:
+    # Imported here: `keygen` must keep working where only the CKKS path is used.
+    from crypto.identity import ConsortiumPins, generate_identity, write_pins
+    from crypto.secagg.bfv_secret import bfv_keygen
+    from crypto.secagg.params import SecAggParams
+
+    try:
+        if args.command == "bfv-keygen":
+            files = bfv_keygen(args.out, SecAggParams(scale_bits=args.scale_bits), overwrite=args.force)
+            print(f"key id:  {files.key_id}")
+            print(f"secret:  {files.secret_path}  (mode 0600; every bank, never the server, never git)")
+            print(f"public:  {files.public_path}  (the server)")
+        elif args.command == "identity":
+            ident = generate_identity(args.out, args.bank_id, overwrite=args.force)
+            print(f"{ident.bank_id}={ident.public_key.hex()}")
+        else:
+            keys = {}
+            for pair in args.pairs:
+                bank, sep, hexkey = pair.partition("=")
+                if not sep:
+                    raise CryptoError(f"pins: expected BANK_ID=PUBLIC_KEY_HEX, got {pair!r}")
+                keys[bank] = bytes.fromhex(hexkey)
+            path = write_pins(args.out, ConsortiumPins(keys))
+            print(f"pins:    {path}  ({len(keys)} banks)")
+    except (CryptoError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -75,3 +75,22 @@ def test_pins_file_round_trip(tmp_path: Path) -> None:
         load_pins(path)
     with pytest.raises(TypeError):
         pins.keys["bank9"] = b"\0" * 32  # type: ignore[index]  # pins are read-only
+
+
+def test_cli_identity_pins_and_bfv_keygen(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from crypto.__main__ import main as cli_main
+    from crypto.secagg.bfv import load_bfv_public
+
+    lines = []
+    for bank in ("bank-a", "bank-b"):
+        assert cli_main(["identity", "--out", str(tmp_path / f"{bank}.id"), "--bank-id", bank]) == 0
+        lines.append(capsys.readouterr().out.strip())
+    assert path_mode(tmp_path / "bank-a.id") == 0o600
+    assert cli_main(["pins", "--out", str(tmp_path / "pins.json"), *lines]) == 0
+    pins = load_pins(tmp_path / "pins.json")
+    assert pins.keys["bank-a"] == load_identity(tmp_path / "bank-a.id").public_key
+    assert cli_main(["pins", "--out", str(tmp_path / "p2.json"), "bank-a"]) == 1
+    assert cli_main(["bfv-keygen", "--out", str(tmp_path / "bfv")]) == 0
+    out = capsys.readouterr().out
+    assert load_bfv_public(tmp_path / "bfv" / "context.public.bfv").key_id in out
+    assert path_mode(tmp_path / "bfv" / "context.secret.bfv") == 0o600
