@@ -337,6 +337,7 @@ class ServerSecAgg:
                         # In s's input the pair's mask went in with + if s < dealer, else with -.
                         residual = add_mod(residual, m, t) if s < dealer else sub_mod(residual, m, t)
             if not ok:
+                self._exclude(dealer, "unmask", CryptoError(f"dealt inconsistent {kind} shares", reason="commitment"))
                 raise self._abort(
                     f"the {kind} reconstructed for {dealer!r} does not match its signed advertisement "
                     f"(the dealer dealt inconsistent shares)",

@@ -218,6 +218,7 @@ def test_inconsistent_dealer_fails_the_commitment(identities, bfv_public) -> Non
     with pytest.raises(CryptoError) as e:
         r.server.receive_unmask({b: r.banks[b].unmask(q) for b, q in orders.items()})
     assert e.value.reason == "commitment" and "bank1" in str(e.value)
+    assert [(x.bank_id, x.reason) for x in e.value.exclusions] == [("bank1", "commitment")]
 
 
 def _consents(r, request, banks) -> tuple:
