@@ -251,7 +251,9 @@ class CanaryAuditResult:
     """The outcome: the empirical epsilon lower bound next to the claimed epsilon.
 
     `passed` is False when the lower bound exceeds the claim: the run leaked more than its
-    accountant says (a bug in clipping, noise, sampling or accounting).
+    accountant says (a bug in clipping, noise, sampling or accounting). With m canaries and r
+    guesses even a perfect attack certifies at most `max_certifiable_epsilon`; a claim above it
+    cannot be refuted by this audit, so it is "not testable" (never a PASS).
     """
 
     canaries: int
@@ -271,16 +273,29 @@ class CanaryAuditResult:
     n_samples: int
     fault_injected: bool
     seconds: float
+    max_certifiable_epsilon: float = math.inf
+
+    @property
+    def testable(self) -> bool:
+        return self.claimed_epsilon < self.max_certifiable_epsilon
 
     @property
     def passed(self) -> bool:
-        return self.epsilon_lower_bound <= self.claimed_epsilon
+        return self.testable and self.epsilon_lower_bound <= self.claimed_epsilon
+
+    @property
+    def verdict(self) -> str:
+        if self.epsilon_lower_bound > self.claimed_epsilon:
+            return "FAIL"
+        return "PASS" if self.testable else "NOT TESTABLE"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed}
+        return {**asdict(self), "passed": self.passed, "testable": self.testable, "verdict": self.verdict}
 
     def summary(self) -> str:
-        verdict = "PASS" if self.passed else "FAIL"
+        verdict = self.verdict
+        if not self.testable:
+            verdict += f" (m={self.canaries} canaries certify at most epsilon {self.max_certifiable_epsilon:.2f})"
         return (
             f"{verdict}: epsilon lower bound {self.epsilon_lower_bound:.3f} ({self.confidence:.0%} confidence) vs "
             f"claimed {self.claimed_epsilon:.3f} at delta={self.delta:g}; {self.correct}/{self.guesses} guesses "
@@ -420,6 +435,10 @@ def run_canary_audit(config: CanaryAuditConfig | None = None) -> CanaryAuditResu
         n_samples=n,
         fault_injected=config.noise_multiplier_override is not None,
         seconds=time.perf_counter() - started,
+        # a perfect attacker: every guess right. Above this, the audit cannot refute a claim.
+        max_certifiable_epsilon=epsilon_lower_bound(
+            m=m, r=k_plus + k_minus, v=k_plus + k_minus, delta=config.delta, confidence=config.confidence
+        ),
     )
     logger.info("canary audit: %s", result.summary())
     return result

@@ -44,7 +44,7 @@ from protocol.ledger import (
     ChainReport,
     LedgerError,
     bank_entry_fields,
-    check_bank_entry,
+    check_commitment,
     is_json_type,
     read_verified,
 )
@@ -282,6 +282,7 @@ def _check_entry(
             "subsampled-Gaussian accounting assumes Poisson sampling, so this epsilon does not hold",
             entry,
         )
+    _check_privacy_flags(entry, where, out)
     mechanism = [entry["noise_multiplier"], entry["sample_rate"], entry["local_steps"]]
     this = None
     if any(v is not None for v in mechanism):
@@ -349,7 +350,8 @@ def _check_entry(
                 "different entr(ies)",
                 entry,
             )
-        for name in ("job_id", "bank_id", "accountant", "delta"):
+        same_job = entry["job_id"] == prev["job_id"]  # a new job on the same data may read the curve elsewhere
+        for name in ("bank_id", "dataset_fingerprint", *(("accountant", "delta") if same_job else ())):
             if entry[name] != prev[name]:
                 out.add(
                     "error",
@@ -358,7 +360,7 @@ def _check_entry(
                     f"field '{p}{name}': expected {prev[name]!r} as before, got {entry[name]!r}",
                     entry,
                 )
-        if entry["round"] < prev["round"]:
+        if same_job and entry["round"] < prev["round"]:
             out.add(
                 "error",
                 "sequence",
@@ -366,7 +368,7 @@ def _check_entry(
                 f"field '{p}round': expected >= {prev['round']} (rounds in order), got {entry['round']}",
                 entry,
             )
-        elif entry["round"] == prev["round"]:  # a round re-run after an interruption: both count
+        elif same_job and entry["round"] == prev["round"]:  # a round re-run after an interruption: both count
             out.add("warning", "sequence", where, f"round {entry['round']} recorded again (re-run?)", entry)
         if entry["budget_epsilon"] != prev["budget_epsilon"]:
             out.add(
@@ -396,6 +398,40 @@ def _check_entry(
     except (ValueError, ArithmeticError, RuntimeError) as err:  # dp_accounting on absurd numbers
         out.add("error", "epsilon", where, f"cannot recompute epsilon from field '{p}history': {err}", entry)
         return False
+
+
+def _check_privacy_flags(entry: Mapping[str, Any], where: _Where, out: _Collector) -> None:
+    """Failing findings for settings under which the recorded epsilon does not protect anyone."""
+    p = where.prefix
+    if entry["noise_source"] == "seeded":
+        out.add(
+            "error",
+            "seeded-noise",
+            where,
+            f"field '{p}noise_source' is 'seeded': sampling and noise were seeded from job values, so anyone "
+            "holding the update can reproduce it (epsilon is infinite in practice). What to do: set "
+            "seeded-noise = false in the bank's policy; treat this dataset's releases as non-private",
+            entry,
+        )
+    if entry["status"] == "non-private":
+        out.add(
+            "error",
+            "non-private",
+            where,
+            f"round {entry['round']} trained without DP (the bank's policy had allow-no-dp = true). What to do: "
+            "set allow-no-dp = false; this dataset's model updates of that round are not protected",
+            entry,
+        )
+    n = entry["n_samples"]
+    if n > 0 and entry["delta"] > 1.0 / n:
+        out.add(
+            "error",
+            "delta",
+            where,
+            f"field '{p}delta' = {entry['delta']:g} > 1/n = {1.0 / n:.3g}: at this delta the mechanism may "
+            "release a whole record outright. What to do: lower max-delta in the bank's policy",
+            entry,
+        )
 
 
 def _check_epsilons(
@@ -507,17 +543,11 @@ def _audit_bank_file(
     first_ids = None
     for line, entry in enumerate(entries, start=1):
         where = _Where(path, line)
-        ids = (entry.get("job_id"), entry.get("bank_id"))
+        ids = entry.get("bank_id")  # one ledger per bank and dataset; the jobs on it follow each other
         if first_ids is None:
             first_ids = ids
         elif ids != first_ids:
-            out.add(
-                "error",
-                "sequence",
-                where,
-                f"(job_id, bank_id): expected {first_ids} like line 1 (one bank ledger per bank and job), got {ids}",
-                entry,
-            )
+            out.add("error", "sequence", where, f"bank_id: expected {first_ids!r} like line 1, got {ids!r}", entry)
         if _check_entry(entry, where, prev, rec, out):
             prev = entry
             key = (str(entry["job_id"]), str(entry["bank_id"]))
@@ -530,93 +560,62 @@ def _audit_bank_file(
 def _audit_mirror_file(
     path: Path, entries: list[dict[str, Any]], chain_ok: bool, rec: _Recompute, out: _Collector
 ) -> dict[tuple[str, str], _BankView]:
+    """A server mirror: per round what the server did and the bank's commitment to its entry.
+
+    The mirror holds no numbers (n, sigma, epsilon stay at the bank): it anchors the bank's ledger
+    against rewriting and truncation; epsilon is recomputed from the bank's own ledger.
+    """
     views: dict[tuple[str, str], _BankView] = {}
-    first_ids = None
-    prev_round: int | None = None
-    prev_bank: dict[str, Any] | None = None
+    first_ids, prev_round, prev = None, None, None
     for line, wrapper in enumerate(entries, start=1):
         where = _Where(path, line)
-        if wrapper.get("schema") != MIRROR_SCHEMA:
-            out.add(
-                "error", "mirror", where, f"field 'schema': expected {MIRROR_SCHEMA!r}, got {wrapper.get('schema')!r}"
-            )
+        problem = _mirror_line_problem(wrapper, first_ids, prev_round)
+        if problem is not None:
+            out.add("error", "mirror", where, problem, wrapper)
             continue
-        ids = (wrapper.get("job_id"), wrapper.get("bank_id"))
-        if first_ids is None:
-            first_ids = ids
-        elif ids != first_ids:
-            out.add(
-                "error",
-                "mirror",
-                where,
-                f"(job_id, bank_id): expected {first_ids} like line 1 (one mirror file per bank), got {ids}",
-                wrapper,
-            )
-        status, rnd = wrapper.get("server_status"), wrapper.get("round")
-        if status not in SERVER_STATUSES:
-            out.add(
-                "error",
-                "mirror",
-                where,
-                f"field 'server_status': expected one of {list(SERVER_STATUSES)}, got {status!r}",
-                wrapper,
-            )
-            continue
-        if not isinstance(rnd, int):
-            out.add("error", "mirror", where, f"field 'round': expected an integer, got {rnd!r}", wrapper)
-            continue
-        if prev_round is not None and rnd < prev_round:
-            out.add(
-                "error",
-                "sequence",
-                where,
-                f"field 'round': expected >= {prev_round} (rounds in order), got {rnd}",
-                wrapper,
-            )
-        prev_round = rnd
-        key = (str(wrapper.get("job_id")), str(wrapper.get("bank_id")))
-        view = views.setdefault(key, _BankView(path, "mirror", chain_ok=chain_ok))
+        first_ids = first_ids or (wrapper["job_id"], wrapper["bank_id"])
+        prev_round = wrapper["round"]
+        view = views.setdefault(first_ids, _BankView(path, "mirror", chain_ok=chain_ok))
         view.server.append((line, wrapper))
-        bank_entry = wrapper.get("bank_entry")
-        if bank_entry is None:
-            if status == "received":
-                out.add("error", "mirror", where, "server_status 'received' but field 'bank_entry' is null", wrapper)
+        commitment = wrapper.get("commitment")
+        if commitment is None:
             continue
-        try:
-            check_bank_entry(bank_entry, bank_id=ids[1], round=rnd, job_id=ids[0])
-        except LedgerError as err:
-            out.add("error", "mirror", where, f"field 'bank_entry': {err}", wrapper)
-            continue
-        # Mirrored entries chain to each other where consecutive; gaps are lost replies.
-        chained_prev = None
-        if prev_bank is not None:
-            if bank_entry["seq"] <= prev_bank["seq"]:
-                out.add(
-                    "error",
-                    "mirror",
-                    where,
-                    f"field 'bank_entry.seq': expected > {prev_bank['seq']}, got {bank_entry['seq']}",
-                    wrapper,
-                )
-            elif bank_entry["seq"] == prev_bank["seq"] + 1:
-                if bank_entry["prev_hash"] != prev_bank["hash"]:
-                    out.add(
-                        "error",
-                        "mirror",
-                        where,
-                        f"field 'bank_entry.prev_hash': expected {prev_bank['hash'][:16]}... (the bank's previous "
-                        f"entry, seq {prev_bank['seq']}), got {str(bank_entry['prev_hash'])[:16]}...",
-                        wrapper,
-                    )
-                chained_prev = prev_bank
-            else:  # a gap: judged against the bank's ledger if there is one (see _cross_check)
-                view.gaps.append((line, prev_bank["seq"] + 1, bank_entry["seq"] - 1))
-        if _check_entry(bank_entry, _Where(path, line, "bank_entry."), chained_prev, rec, out):
-            view.entries.append((line, bank_entry))
-            prev_bank = bank_entry
-        else:
-            prev_bank = None
+        if prev is not None and commitment["seq"] == prev["seq"] + 1 and commitment["prev_hash"] != prev["hash"]:
+            out.add(
+                "error",
+                "mirror",
+                where,
+                f"field 'commitment.prev_hash': expected {prev['hash'][:16]}... (the bank's entry seq {prev['seq']}), "
+                f"got {commitment['prev_hash'][:16]}...",
+                wrapper,
+            )
+        elif prev is not None and commitment["seq"] <= prev["seq"]:
+            out.add("error", "mirror", where, f"field 'commitment.seq': expected > {prev['seq']}", wrapper)
+        view.entries.append((line, commitment))
+        prev = commitment
     return views
+
+
+def _mirror_line_problem(wrapper: dict[str, Any], first_ids: tuple | None, prev_round: int | None) -> str | None:
+    if wrapper.get("schema") != MIRROR_SCHEMA:
+        return f"field 'schema': expected {MIRROR_SCHEMA!r}, got {wrapper.get('schema')!r}"
+    ids = (wrapper.get("job_id"), wrapper.get("bank_id"))
+    if first_ids is not None and ids != first_ids:
+        return f"(job_id, bank_id): expected {first_ids} like line 1 (one mirror file per bank), got {ids}"
+    status, rnd = wrapper.get("server_status"), wrapper.get("round")
+    if status not in SERVER_STATUSES:
+        return f"field 'server_status': expected one of {list(SERVER_STATUSES)}, got {status!r}"
+    if not isinstance(rnd, int):
+        return f"field 'round': expected an integer, got {rnd!r}"
+    if prev_round is not None and rnd < prev_round:
+        return f"field 'round': expected >= {prev_round} (rounds in order), got {rnd}"
+    if wrapper.get("commitment") is None:
+        return "server_status 'received' but field 'commitment' is null" if status == "received" else None
+    try:
+        check_commitment(wrapper["commitment"], bank_id=ids[1], round=rnd, job_id=ids[0])
+    except LedgerError as err:
+        return f"field 'commitment': {err}"
+    return None
 
 
 def _cross_check(bank_view: _BankView, mirror_view: _BankView, bank_lines: int, out: _Collector) -> None:
@@ -656,18 +655,6 @@ def _cross_check(bank_view: _BankView, mirror_view: _BankView, bank_lines: int, 
             f"{len(missing)} trained entr(ies) of {bank_view.path} (seq {missing[:8]}"
             f"{'...' if len(missing) > 8 else ''}) are not in the server's mirror "
             "(reply lost, or the mirror lost lines)",
-        )
-
-
-def _report_gaps(mirror_view: _BankView, out: _Collector) -> None:
-    """Gaps in a mirror with no bank ledger to judge them against."""
-    for line, first, last in mirror_view.gaps:
-        out.add(
-            "warning",
-            "mirror",
-            (mirror_view.path, line),
-            f"bank entries seq {first}..{last} were never mirrored (replies lost, or rounds the bank recorded as "
-            "skipped); pass the bank's ledger to check them",
         )
 
 
@@ -786,13 +773,18 @@ def audit_ledgers(paths: Iterable[str | os.PathLike[str]]) -> AuditResult:
         if key in bank_views:
             view, n_lines = bank_views[key]
             _cross_check(view, mirror, n_lines, out)
-        else:
-            _report_gaps(mirror, out)
+        else:  # the mirror holds commitments only: without the bank's ledger nothing can be recomputed
+            out.add(
+                "error",
+                "missing-ledger",
+                (mirror.path, None),
+                f"no bank ledger for job {key[0]!r} bank {key[1]!r}: the server mirrored its rounds, but the "
+                "bank's own ledger.jsonl was not given (or is lost). What to do: obtain it from the bank",
+            )
 
     summaries = []
-    for key in sorted(set(bank_views) | set(mirror_views)):
-        authority = bank_views[key][0] if key in bank_views else mirror_views[key]
-        summary = _summarize(key, authority, mirror_views.get(key), rec, out.findings)
+    for key in sorted(bank_views):
+        summary = _summarize(key, bank_views[key][0], mirror_views.get(key), rec, out.findings)
         if summary is not None:
             summaries.append(summary)
     return AuditResult(tuple(files), tuple(summaries), tuple(out.findings))

@@ -4,22 +4,24 @@ The Flower ClientApp (fl_client/app.py) is a thin shell over this module. With F
 subprocess isolation a fresh process handles every message, so everything a bank must remember
 between rounds lives in its state dir (DESIGN.md, "State on disk"):
 
-    state.json             job id, layout hash, start hash, last applied round, rounds trained
-    replica.safetensors    the trainable view of the global model after `applied_round`
-    accountant.json        DP accountant history (only rounds this bank trained in)
-    ledger.jsonl           hash-chained privacy ledger (protocol.ledger)
-    deltas/round-NNNN.safetensors   plaintext deltas, only with keep-plaintext-deltas (tests)
+    <state-root>/jobs/<job-id>/
+        state.json             job id, layout hash, start hash, last applied round, rounds trained
+        replica.safetensors    the trainable view of the global model after `applied_round`
+        released/round-NNNN.*  what the bank released for a round (re-sent, never re-trained)
+        deltas/round-NNNN.safetensors   plaintext deltas, only with keep-plaintext-deltas (tests)
+    <state-root>/privacy/<dataset fingerprint>/   (fl_client.privacy: shared by every job)
+        ledger.jsonl, accountant.json
 
-A train message, in three steps: catch up (check key, decrypt and apply the aggregates not yet
-applied) -> a private round (budget check, DP-SGD from the global view, ledger entry before
-anything leaves) -> encrypt w * delta with the sample weight w in an extra slot and reply. The
+A train message, under the bank's round lock, in three steps: catch up (check key, decrypt,
+validate and apply the aggregates not yet applied) -> a local round (the bank's policy decides
+whether to train at all; DP-SGD from the global view; ledger entry before anything leaves) ->
+encrypt the delta (weight 1: the dataset size never leaves the bank) and reply. The
 replica stays at the global model: the bank's own local result is never kept, so every bank
 applies exactly the same aggregates.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,19 +30,18 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from crypto import CkksKey, ExpectedHeader, decrypt_mean, encrypt_update, load_secret_context
+from crypto import CkksKey, CryptoError, ExpectedHeader, decrypt_mean, encrypt_update, load_secret_context
+from fl_client.aggregate_check import AggregateRejected, check_aggregate
 from fl_client.config import BankConfig
-from fl_client.dp import AccountantState, BudgetExceeded, DPConfig, DPError, HistoryEntry, train_private_round
-from fl_client.dp.accountant import noise_multiplier_for, sample_rate_for
-from fl_client.ledger import accountant_state_from_ledger, round_entry
+from fl_client.policy import BankPolicy
+from fl_client.privacy import BankPrivacy, RoundResult
 from fl_client.state import atomic_save_tensors, load_tensors
-from fl_client.task import BankData, build_model, dp_config, load_bank_data, round_seed
+from fl_client.task import BankData, build_model, load_bank_data, round_seed
 from fl_client.train import TrainConfig, evaluate, train_local
 from model.trainable import TrainableView
 from protocol.config import JobConfig
 from protocol.errors import ConfigError
-from protocol.files import atomic_write_json, read_json
-from protocol.ledger import Ledger, skipped_rounds, utc_now
+from protocol.files import atomic_write_bytes, atomic_write_json, exclusive_lock, read_json
 from protocol.messages import EvalReply, RoundRequest, TrainReply, TrainStatus
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class Bank:
         self.job, self.config = job, config
         self.model = build_model(job)
         self.view = TrainableView(self.model)
-        self.state_dir = config.state_dir
+        self.state_dir = config.job_dir(job.job_id)
         self.state = self._load_or_init_state()
 
     # ---- state -------------------------------------------------------------------------------
@@ -137,186 +138,145 @@ class Bank:
         path = self.state_dir / "deltas" / f"round-{round_idx:04d}.safetensors"
         atomic_save_tensors(path, {"delta": delta, "weight": torch.tensor([weight], dtype=torch.float64)})
 
-    def reply(self, round_idx: int, status: TrainStatus, *, ledger: str = "", **fields) -> TrainReply:
+    def reply(self, round_idx: int, status: TrainStatus, **fields) -> TrainReply:
         return TrainReply(
             bank_id=self.config.bank_id,
             round=round_idx,
             status=status,
             applied_round=self.state.applied_round,
             start_hash=self.state.start_hash,
-            ledger_entry=ledger,
             **fields,
         )
 
+    # ---- what was released: a repeated request gets it again, never a second training --------
+    def released_file(self, round_idx: int, suffix: str) -> Path:
+        return self.state_dir / "released" / f"round-{round_idx:04d}.{suffix}"
 
-@dataclass
-class RoundResult:
-    """What a bank's local round produced: metrics and its ledger entry, or why it refused."""
+    def keep_release(self, reply: TrainReply) -> None:
+        meta = {"metrics": reply.metrics, "ledger_commitment": reply.ledger_commitment}
+        atomic_write_bytes(self.released_file(reply.round, "bundle"), reply.bundle)
+        atomic_write_json(self.released_file(reply.round, "json"), meta)
 
-    metrics: dict[str, float] = field(default_factory=dict)
-    ledger_entry: str = ""  # JSON of the stored ledger entry ("" without DP)
-    refused: str = ""  # the reason, when the bank's own budget check said no
+    def released_reply(self, round_idx: int) -> TrainReply | None:
+        if round_idx not in self.state.rounds_trained or not self.released_file(round_idx, "json").exists():
+            return None
+        meta = read_json(self.released_file(round_idx, "json"))
+        logger.warning("bank %s: round %d was already released; re-sending it", self.config.bank_id, round_idx)
+        bundle = self.released_file(round_idx, "bundle").read_bytes()
+        return self.reply(round_idx, TrainStatus.OK, bundle=bundle, **meta)
 
 
 # ---- step 1: catch up ------------------------------------------------------------------------------
 def open_bank(job: JobConfig, config: BankConfig, request: RoundRequest) -> tuple[Bank, CkksKey]:
-    """Checks the request and key, loads the bank, and applies the aggregates it has not applied."""
+    """Checks the request and key, loads the bank, validates and applies the aggregates it lacks.
+
+    Raises:
+        AggregateRejected: an aggregate failed validation; nothing of it was applied.
+    """
     if request.job_id != job.job_id:
         raise ConfigError(f"bank {config.bank_id}: message for job {request.job_id!r}, run config says {job.job_id!r}")
     key = load_secret_context(config.key_path)
     if (request.key_id, request.key_epoch) != (key.key_id, key.epoch):
         raise ConfigError(
-            f"bank {config.bank_id}: server uses key {request.key_id[:12]} epoch {request.key_epoch}, "
-            f"this bank holds {key.key_id[:12]} epoch {key.epoch} ({config.key_path})"
+            f"bank {config.bank_id}: the server uses key {request.key_id[:12]} epoch {request.key_epoch}, "
+            f"this bank holds {key.key_id[:12]} epoch {key.epoch}"
         )
     bank = Bank(job, config)
     for round_idx in sorted(request.aggregates):
         if round_idx <= bank.state.applied_round:
             continue
         expected = ExpectedHeader(key.key_id, key.epoch, round_idx, bank.view.layout_hash, bank.view.numel)
-        mean, _total_weight = decrypt_mean(request.aggregates[round_idx], key, expected=expected)
+        try:
+            mean, total_weight = decrypt_mean(request.aggregates[round_idx], key, expected=expected)
+        except CryptoError as err:
+            raise AggregateRejected(round_idx, f"cannot decrypt: {err}") from None
+        check_aggregate(job, round_idx, mean, total_weight)
         bank.apply_mean_delta(round_idx, torch.from_numpy(mean))
     return bank, key
 
 
-# ---- step 2: the private round -----------------------------------------------------------------------
-class BankLedger:
-    """The bank's ledger, read once per message, and the entries it appends for this bank."""
-
-    def __init__(self, bank: Bank, cfg: DPConfig, n_samples: int) -> None:
-        self.ledger = Ledger(bank.state_dir / "ledger.jsonl")
-        self.entries = self.ledger.entries()
-        self.job_id, self.cfg, self.n_samples = bank.job.job_id, cfg, n_samples
-
-    def accountant(self, state_dir: Path) -> AccountantState:
-        """The accountant; after a crash between ledger append and accountant save, the ledger wins."""
-        accountant = load_accountant(state_dir, self.cfg)
-        from_ledger = accountant_state_from_ledger(self.entries, self.cfg)
-        if from_ledger is not None and len(from_ledger.history) > len(accountant.history):
-            return from_ledger
-        return accountant
-
-    def append(self, round_idx: int, status: str, state: AccountantState, **details) -> dict:
-        entry = round_entry(
-            job_id=self.job_id,
-            bank_id=self.cfg.bank_id,
-            round=round_idx,
-            status=status,
-            cfg=self.cfg,
-            n_samples=self.n_samples,
-            budget_epsilon=self.cfg.target_epsilon,
-            state=state,
-            **({"report": None} | details),
-        )
-        return self.ledger.append(entry)
-
-    def record_skipped(self, upcoming_round: int, state: AccountantState) -> None:
-        for skipped in skipped_rounds(self.entries, upcoming_round):  # rounds it never heard of
-            self.append(skipped, "skipped", state, reason="the bank was not asked to train in this round")
-
-
-def planned_round(cfg: DPConfig, n_samples: int) -> HistoryEntry | None:
-    """The mechanism a refused round would have run (None when no noise can meet the budget)."""
-    try:
-        return HistoryEntry(noise_multiplier_for(cfg, n_samples), sample_rate_for(cfg, n_samples), cfg.local_steps)
-    except DPError:
-        return None
-
-
-def private_round(bank: Bank, data: BankData, round_idx: int) -> RoundResult:
-    """DP-SGD from the global view; the privacy spent is in the ledger before anything leaves."""
-    cfg = dp_config(bank.job, bank.config)
-    ledger = BankLedger(bank, cfg, len(data.train))
-    accountant = ledger.accountant(bank.state_dir)
-    ledger.record_skipped(round_idx, accountant)
-    seed = None if bank.job.secure_mode else round_seed(bank.job, bank.config.bank_id, round_idx)
-    started_at = utc_now()
-    try:
-        report = train_private_round(bank.model, data.train, cfg, accountant, seed=seed)
-    except BudgetExceeded as err:  # nothing trained, nothing spent; the refusal is on the record
-        planned = planned_round(cfg, len(data.train))
-        stored = ledger.append(round_idx, "refused", accountant, reason=str(err), planned=planned)
-        return RoundResult(ledger_entry=json.dumps(stored), refused=str(err))
-    # What one more identical round would bring epsilon to: the server stops selecting a bank
-    # whose next round cannot fit (the bank would refuse it anyway).
-    epsilon_next = report.accountant_state.appended(HistoryEntry(report.sigma, report.q, report.steps)).epsilon()
-    # Ledger first, then accountant: a crash can over-count, never under-count.
-    stored = ledger.append(
-        round_idx, "trained", None, report=report, epsilon_next_round=epsilon_next, started_at=started_at
-    )
-    report.accountant_state.save(bank.state_dir / "accountant.json")
-    metrics = {
-        "epsilon-next": epsilon_next,
-        "train-loss": report.mean_loss,
-        "epsilon-round": report.epsilon_spent_this_round,
-        "epsilon-total": report.epsilon_total,
-        "epsilon-budget": report.target_epsilon,
-        "sigma": report.sigma,
-        "sample-rate": report.q,
-        "steps": float(report.steps),
-    }
-    return RoundResult(metrics=metrics, ledger_entry=json.dumps(stored))
+# ---- step 2: the local round ----------------------------------------------------------------------
+def local_round(bank: Bank, data: BankData, round_idx: int) -> RoundResult:
+    """The bank's policy decides whether this job may train here at all; then DP-SGD (or a refusal)."""
+    privacy = BankPrivacy(bank.job, bank.config, data)
+    privacy.record_skipped(round_idx)
+    refusals = privacy.policy_refusals()
+    if refusals:
+        return privacy.refuse(round_idx, "; ".join(map(str, refusals)))
+    if not bank.job.dp:  # the policy allows it (allow-no-dp): on the record as non-private
+        return privacy.record_non_private(round_idx, bank.train_plain(data, round_idx))
+    return privacy.train(bank.model, data, round_idx)
 
 
 # ---- step 3: encrypt and reply ----------------------------------------------------------------------
 def encrypt_and_reply(
-    bank: Bank, key: CkksKey, data: BankData, round_idx: int, global_flat: torch.Tensor, result: RoundResult
+    bank: Bank, key: CkksKey, round_idx: int, global_flat: torch.Tensor, result: RoundResult
 ) -> TrainReply:
-    """Encrypts w * delta (w = sample count, encrypted too), resets the replica, persists, replies."""
+    """Encrypts the delta (weight 1 per bank), resets the replica, persists, replies."""
     delta = bank.view.flatten() - global_flat
     bank.view.load_flat_(global_flat)  # the replica stays at the global model
     started = time.perf_counter()
-    weight = float(len(data.train))  # sample count: encrypted, so the server never learns it
     bundle = encrypt_update(
-        delta.numpy(), weight=weight, key=key, round=round_idx, layout_hash=bank.view.layout_hash,
+        delta.numpy(), weight=1.0, key=key, round=round_idx, layout_hash=bank.view.layout_hash,
         bank_id=bank.config.bank_id,
     )  # fmt: skip
     result.metrics["seconds-encrypt"] = time.perf_counter() - started
     if bank.job.keep_plaintext_deltas:
-        bank.keep_delta(round_idx, delta, weight)
+        bank.keep_delta(round_idx, delta, 1.0)
+    metrics = released_metrics(bank.config.policy, result.metrics)
+    reply = bank.reply(round_idx, TrainStatus.OK, bundle=bundle, metrics=metrics, ledger_commitment=result.commitment)
+    bank.keep_release(reply)  # before state.json says "trained": a repeat request re-sends this
     bank.state.rounds_trained.append(round_idx)
     bank.save()
     logger.info("bank %s round %d: %s", bank.config.bank_id, round_idx, result.metrics)
-    return bank.reply(round_idx, TrainStatus.OK, bundle=bundle, metrics=result.metrics, ledger=result.ledger_entry)
+    return reply
+
+
+def released_metrics(policy: BankPolicy, metrics: dict[str, float]) -> dict[str, float]:
+    """Timings always; loss values only where the bank's policy releases them (not DP-protected)."""
+    return {k: v for k, v in metrics.items() if k.startswith("seconds-") or k in policy.release_metrics}
 
 
 def handle_train(job: JobConfig, config: BankConfig, request: RoundRequest) -> TrainReply:
-    """One train message: catch up, train privately (or refuse), encrypt w * delta, persist."""
-    bank, key = open_bank(job, config, request)
-    if request.round <= bank.state.applied_round:
-        raise ConfigError(
-            f"bank {config.bank_id}: asked to train round {request.round}, but it already applied that "
-            f"round's aggregate (applied round {bank.state.applied_round}); the server's state is behind"
-        )
-    data = load_bank_data(job, config, bank.model.config.vocab_size)
-    global_flat = bank.view.flatten()
-    started = time.perf_counter()
-    result = private_round(bank, data, request.round) if job.dp else RoundResult(bank.train_plain(data, request.round))
-    if result.refused:
-        bank.save()  # (only the aggregates it applied)
-        return bank.reply(request.round, TrainStatus.REFUSED, reason=result.refused, ledger=result.ledger_entry)
-    result.metrics["seconds-train"] = time.perf_counter() - started
-    return encrypt_and_reply(bank, key, data, request.round, global_flat, result)
+    """One train message, one at a time per bank: catch up, local round, encrypt, persist."""
+    with exclusive_lock(config.lock_file):  # budget check -> train -> ledger -> release, never interleaved
+        try:
+            bank, key = open_bank(job, config, request)
+        except AggregateRejected as err:
+            logger.error("bank %s: %s", config.bank_id, err)
+            status = TrainStatus.AGGREGATE_REJECTED
+            return TrainReply(config.bank_id, request.round, status, 0, "", reason=str(err), rejected_round=err.round)
+        repeat = bank.released_reply(request.round)
+        if repeat is not None:
+            return repeat
+        if request.round <= bank.state.applied_round:
+            raise ConfigError(
+                f"bank {config.bank_id}: asked to train round {request.round}, but it already applied that "
+                f"round's aggregate (applied round {bank.state.applied_round}); the server's state is behind"
+            )
+        data = load_bank_data(job, config, bank.model.config.vocab_size)
+        global_flat = bank.view.flatten()
+        started = time.perf_counter()
+        result = local_round(bank, data, request.round)
+        if result.refused:
+            bank.save()  # (only the aggregates it applied)
+            return bank.reply(
+                request.round, TrainStatus.REFUSED, reason=result.refused, ledger_commitment=result.commitment
+            )
+        result.metrics["seconds-train"] = time.perf_counter() - started
+        return encrypt_and_reply(bank, key, request.round, global_flat, result)
 
 
 def handle_evaluate(job: JobConfig, config: BankConfig, request: RoundRequest) -> EvalReply:
-    """One evaluate message: catch up on aggregates, report eval loss on held-out data."""
-    bank, _key = open_bank(job, config, request)
-    bank.save()
-    data = load_bank_data(job, config, bank.model.config.vocab_size)
+    """One evaluate message: catch up on aggregates; the eval loss leaves only if the policy says so."""
+    with exclusive_lock(config.lock_file):
+        bank, _key = open_bank(job, config, request)
+        bank.save()
+    released = "eval-loss" in config.policy.release_metrics
+    data = load_bank_data(job, config, bank.model.config.vocab_size) if released else None
     return EvalReply(
         bank_id=config.bank_id,
         round=request.round,
         applied_round=bank.state.applied_round,
-        eval_loss=bank.eval_loss(data),
-        n_eval=len(data.held_out),
+        eval_loss=bank.eval_loss(data) if data is not None else None,
     )
-
-
-def load_accountant(state_dir: Path, cfg: DPConfig) -> AccountantState:
-    path = state_dir / "accountant.json"
-    if not path.exists():
-        return AccountantState.fresh(cfg)
-    state = AccountantState.from_json(path.read_text(encoding="utf-8"), source=str(path))
-    state.check_matches(cfg)
-    return state

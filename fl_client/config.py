@@ -1,67 +1,113 @@
-"""Job and bank configuration: Flower run config / node config -> frozen dataclasses.
+"""A bank's own configuration: its SuperNode's node-config (and the privacy policy it points to).
 
-Config flows one way (STYLE 2): kebab-case keys in pyproject `[tool.flwr.app.config]` (the job,
-identical for every party) and in each SuperNode's `--node-config` (the bank), turned into typed
-dataclasses here, validated once at entry. Code below takes typed fields, never string keys.
+The job's config (identical for every party) is protocol.config.JobConfig; what is in here is
+the bank's alone and never comes from the server. Node-config keys are kebab-case; unknown keys
+are errors naming the closest known key, so a typo (`epsilom`, `data_path`) never passes
+silently.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from crypto.keys import SECRET_FILE
+from fl_client.policy import BankPolicy
 from protocol.config import JobConfig
 from protocol.errors import ConfigError
+
+__all__ = ["BankConfig", "JobConfig", "NODE_CONFIG_KEYS"]
+
+# Ours, with the type each must have; plus the keys Flower's simulation engine sets itself.
+NODE_CONFIG_KEYS: dict[str, type] = {
+    "bank-id": str,
+    "partition-id": int,
+    "data-path": str,
+    "key-path": str,
+    "state-dir": str,
+    "policy-file": str,
+    "epsilon": float,
+    "delta": float,
+    "planned-rounds": int,
+    "torch-threads": int,
+}
+FLOWER_NODE_CONFIG_KEYS = ("num-partitions",)
+
+
+def _typed(bank_id: str, key: str, value: Any) -> Any:
+    kind = NODE_CONFIG_KEYS[key]
+    where = f"node config of {bank_id}: '{key}'"
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).lstrip("-").isdigit():
+            raise ConfigError(f"{where} expected an integer, got {value!r}")
+        return int(value)
+    if kind is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} expected a number, got {value!r}") from None
+    return str(value)
+
+
+def parse_node_config(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Typed node-config values; unknown keys are errors naming the closest known one."""
+    bank_id = str(raw.get("bank-id") or f"bank-{raw.get('partition-id', 0)}")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in FLOWER_NODE_CONFIG_KEYS:
+            continue
+        if key not in NODE_CONFIG_KEYS:
+            close = difflib.get_close_matches(key, [*NODE_CONFIG_KEYS, *FLOWER_NODE_CONFIG_KEYS], n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"node config of {bank_id}: unknown key {key!r}{hint} (known: {sorted(NODE_CONFIG_KEYS)})"
+            )
+        out[key] = _typed(bank_id, key, value)
+    return out
 
 
 @dataclass(frozen=True)
 class BankConfig:
-    """One bank's deployment: from its SuperNode's node-config."""
+    """One bank's deployment: from its SuperNode's node-config.
+
+    `state_root` holds everything the bank keeps, for every job: `jobs/<job-id>/` (replica,
+    state) and `privacy/<dataset fingerprint>/` (ledger and accountant, shared across jobs so a
+    new job on the same data continues from the epsilon already spent).
+    """
 
     bank_id: str
-    state_dir: Path
+    state_root: Path
     key_path: Path  # the bank's secret CKKS context (never leaves the bank)
     data_path: Path | None = None  # own JSONL/CSV/Parquet; None = synthetic slice
     partition_id: int = 0
-    epsilon: float = 8.0
-    delta: float = 1e-5
+    policy: BankPolicy = field(default_factory=BankPolicy)
     planned_rounds: int = 0  # rounds the bank calibrates its noise for; 0 = the job's num-rounds
     torch_threads: int = 0  # intra-op threads for this bank's ClientApps; 0 = torch's default
 
+    def job_dir(self, job_id: str) -> Path:
+        return self.state_root / "jobs" / job_id
+
+    def privacy_dir(self, fingerprint: str) -> Path:
+        return self.state_root / "privacy" / fingerprint[:24]
+
+    @property
+    def lock_file(self) -> Path:
+        return self.state_root / ".round.lock"
+
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], job: JobConfig) -> BankConfig:
-        """Reads `bank-id`, `partition-id`, `data-path`, `key-path`, `state-dir`, `epsilon`, `delta`.
-
-        Simulation gives only `partition-id`; everything else then defaults from the job.
-        """
-        raw = dict(node_config)
-        try:
-            partition = int(raw.get("partition-id", 0))
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"node config: 'partition-id' expected an integer, got {raw.get('partition-id')!r}"
-            ) from None
-        bank_id = str(raw.get("bank-id") or f"bank-{partition}")
-        data_path = raw.get("data-path") or None
-        try:
-            epsilon = float(raw.get("epsilon", job.epsilon))
-            delta = float(raw.get("delta", job.delta))
-            planned_rounds = int(raw.get("planned-rounds", 0))
-            torch_threads = int(raw.get("torch-threads", 0))
-            if "torch-threads" not in raw and "num-partitions" in raw:  # simulation: banks share the host
-                torch_threads = max(1, (os.cpu_count() or 1) // max(1, int(raw["num-partitions"])))
-        except (TypeError, ValueError) as err:
-            raise ConfigError(
-                f"node config of {bank_id}: epsilon/delta/planned-rounds must be numbers ({err})"
-            ) from None
-        if epsilon <= 0:
-            raise ConfigError(f"node config of {bank_id}: 'epsilon' expected > 0, got {epsilon}")
-        if not 0 < delta < 1:
-            raise ConfigError(f"node config of {bank_id}: 'delta' expected in (0, 1), got {delta}")
+        """Reads the node-config; simulation gives only `partition-id`, the rest defaults from the job."""
+        raw = parse_node_config(node_config)
+        partition = raw.get("partition-id", 0)
+        bank_id = raw.get("bank-id") or f"bank-{partition}"
+        torch_threads = raw.get("torch-threads", 0)
+        if "torch-threads" not in raw and "num-partitions" in node_config:  # simulation: banks share the host
+            torch_threads = max(1, (os.cpu_count() or 1) // max(1, int(node_config["num-partitions"])))
+        planned_rounds = raw.get("planned-rounds", 0)
         if planned_rounds < 0 or torch_threads < 0:
             raise ConfigError(
                 f"node config of {bank_id}: 'planned-rounds'/'torch-threads' expected >= 0, "
@@ -69,12 +115,19 @@ class BankConfig:
             )
         return cls(
             bank_id=bank_id,
-            state_dir=Path(raw.get("state-dir") or Path(job.bank_state_root) / job.job_id / bank_id),
+            state_root=Path(raw.get("state-dir") or Path(job.bank_state_root) / bank_id),
             key_path=Path(raw.get("key-path") or Path(job.key_dir) / SECRET_FILE),
-            data_path=Path(data_path) if data_path else None,
+            data_path=Path(raw["data-path"]) if raw.get("data-path") else None,
             partition_id=partition,
-            epsilon=epsilon,
-            delta=delta,
+            policy=_policy(raw, bank_id),
             planned_rounds=planned_rounds,
             torch_threads=torch_threads,
         )
+
+
+def _policy(raw: Mapping[str, Any], bank_id: str) -> BankPolicy:
+    """The policy file's rules; node-config `epsilon`/`delta` (the bank's own) override its budget."""
+    overrides = {k: v for k, v in (("epsilon", raw.get("epsilon")), ("max_delta", raw.get("delta"))) if v is not None}
+    if raw.get("policy-file"):
+        return BankPolicy.from_file(raw["policy-file"], **overrides)
+    return BankPolicy.from_mapping({}, source=f"defaults of {bank_id}", **overrides)

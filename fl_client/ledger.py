@@ -67,6 +67,8 @@ def round_entry(
     state: AccountantState | None = None,
     planned: HistoryEntry | None = None,
     started_at: str | None = None,
+    noise_source: str = "csprng",
+    dataset_fingerprint: str = "",
 ) -> dict[str, Any]:
     """A bank's ledger entry for one round, every field the audit re-derives epsilon from.
 
@@ -86,6 +88,9 @@ def round_entry(
         state: the accountant state before this round (required unless status is "trained").
         planned: for a refusal, the entry the round would have added (`planned_round`).
         started_at: when the round started (ISO 8601 UTC); `Ledger.append` adds `written_at`.
+        noise_source: "csprng", "seeded" (the bank's policy allowed predictable noise) or "none"
+            (a non-private round).
+        dataset_fingerprint: the dataset (and privacy unit) this ledger's budget belongs to.
 
     Returns:
         A JSON-ready dict (a `BankEntry`, schema BANK_SCHEMA) for `Ledger.append`.
@@ -160,6 +165,8 @@ def round_entry(
         # what the subsampled-Gaussian accountants assume.
         poisson_sampling=True,
         secure_mode=bool(cfg.secure_mode),
+        noise_source=noise_source,
+        dataset_fingerprint=dataset_fingerprint,
         grad_sample_mode=cfg.grad_sample_mode,
         # accounting, at the bank's delta
         accountant=cfg.accountant,
@@ -181,17 +188,10 @@ def accountant_state_from_ledger(entries: Sequence[Mapping[str, Any]], cfg: DPCo
 
     The ledger is appended *before* accountant.json is saved, so after a crash between the two
     the ledger is the longer (and right) one: load the bank's state from here when they differ.
-
-    Raises:
-        LedgerError: the last entry was written under another accountant or delta than `cfg`.
+    The history is evaluated at `cfg`'s accountant and delta (a later job may use another delta:
+    the same history then has another epsilon, and the budget check uses that one).
     """
     if not entries:
         return None
-    last = entries[-1]
-    if (last.get("accountant"), last.get("delta")) != (cfg.accountant, cfg.delta):
-        raise LedgerError(
-            f"ledger entry seq {last.get('seq')}: accountant/delta expected {(cfg.accountant, cfg.delta)} "
-            f"(bank {cfg.bank_id!r}'s DP config), got {(last.get('accountant'), last.get('delta'))}"
-        )
-    history = tuple(HistoryEntry(float(s), float(q), int(n)) for s, q, n in last["history"])
+    history = tuple(HistoryEntry(float(s), float(q), int(n)) for s, q, n in entries[-1]["history"])
     return AccountantState(mechanism=cfg.accountant, delta=float(cfg.delta), history=history)

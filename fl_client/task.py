@@ -7,6 +7,7 @@ them build the same model from the same job and read the same data the same way.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,15 @@ class BankData:
     train: PackedData  # one privacy unit (record or customer) per sample
     held_out: PackedData
     source: str
+    fingerprint: str  # of the records and the privacy unit: the key of the bank's lifetime budget
+
+
+def data_fingerprint(records: list[dict], privacy_unit: str) -> str:
+    """SHA-256 of the bank's records (canonical JSON) and privacy unit: same data, same budget."""
+    digest = hashlib.sha256(f"{privacy_unit}\n".encode())
+    for record in records:
+        digest.update(json.dumps(record, sort_keys=True, default=str, ensure_ascii=False).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def load_bank_data(job: JobConfig, bank: BankConfig, vocab_size: int) -> BankData:
@@ -102,14 +112,15 @@ def load_bank_data(job: JobConfig, bank: BankConfig, vocab_size: int) -> BankDat
         pad_id=tokenizer.pad_id,
         privacy_unit=job.privacy_unit,
     )
-    return BankData(pack_records(train, **pack), pack_records(held_out, **pack), source)
+    fingerprint = data_fingerprint(records, job.privacy_unit)
+    return BankData(pack_records(train, **pack), pack_records(held_out, **pack), source, fingerprint)
 
 
 def dp_config(job: JobConfig, bank: BankConfig) -> DPConfig:
-    """The bank's DP settings: its own budget (node config) + the job's training shape."""
+    """The DP settings of a round: the job's requests (checked against the bank's policy) + its shape."""
     return DPConfig(
-        target_epsilon=bank.epsilon,
-        delta=bank.delta,
+        target_epsilon=job.epsilon,  # what the job asks; the policy check refused it if above the bank's
+        delta=job.delta,
         clip_norm=job.clip_norm,
         planned_rounds=bank.planned_rounds or job.num_rounds,
         local_steps=job.local_steps,

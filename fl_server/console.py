@@ -36,6 +36,8 @@ class ConsoleReporter:
         )
         for who, why in sorted(record.left_out.items()):
             self.console.print(f"  [yellow]left out[/] {who}: {why}")
+        for quarantined in record.quarantined:
+            self.console.print(f"  [red]quarantined[/] the aggregate of round {quarantined}: banks rejected it")
         if record.no_aggregate:
             self.console.print(f"  [red]no aggregate[/]: {record.no_aggregate}")
 
@@ -49,22 +51,21 @@ def summary_table(job_id: str, state: ServerState) -> Table:
     table.add_column("round", justify="right")
     for bank in banks:
         table.add_column(bank, justify="right")
-    for title in ("train s (max)", "encrypt s (max)", "transport+agg s", "ε spent (max)"):
+    for title in ("banks", "train s (max)", "encrypt s (max)", "transport+agg s"):
         table.add_column(title, justify="right")
     table.add_row("0", *[f"{state.eval_round0.get(b, float('nan')):.3f}" for b in banks], "", "", "", "")
     for r in state.rounds:
         metrics = r.train_metrics.values()
         train_s = max((m.get("seconds-train", 0.0) for m in metrics), default=0.0)
         enc_s = max((m.get("seconds-encrypt", 0.0) for m in metrics), default=0.0)
-        eps = max((m.get("epsilon-total", 0.0) for m in metrics), default=0.0)
         transport = r.seconds.get("round-trip", 0.0) - train_s - enc_s + r.seconds.get("aggregate", 0.0)
         table.add_row(
             str(r.round),
             *[f"{r.eval_loss[b]:.3f}" if b in r.eval_loss else "-" for b in banks],
+            str(len(r.participants)),
             f"{train_s:.1f}",
             f"{enc_s:.1f}",
             f"{transport:.1f}",
-            f"{eps:.2f}",
         )
     return table
 

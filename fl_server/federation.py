@@ -26,7 +26,7 @@ from crypto.keys import PUBLIC_FILE
 from fl_server.layout import trainable_layout
 from fl_server.state import RoundRecord, ServerState, ServerStore
 from protocol.config import JobConfig
-from protocol.ledger import Ledger, LedgerError, bank_exhausted, check_bank_entry, mirror_entry, mirror_path
+from protocol.ledger import Ledger, LedgerError, check_commitment, mirror_entry, mirror_path
 from protocol.messages import EvalReply, RoundRequest, TrainReply, TrainStatus
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class Outcome(StrEnum):
     REFUSED = "refused"  # the bank's own policy or budget said no
     INVALID_REPLY = "invalid reply"  # unreadable reply, bad ledger entry, other start model
     INVALID_CIPHERTEXT = "invalid ciphertext"
+    REJECTED_AGGREGATE = "rejected an aggregate"  # it found an aggregate it was sent invalid
 
 
 # What the server's ledger mirror records for each outcome.
@@ -54,10 +55,11 @@ class BankOutcome:
     bank: str  # the bank id, or "node-<id>" for a node that never said which bank it is
     status: Outcome
     reason: str = ""
-    ledger_entry: dict | None = None
+    commitment: dict | None = None  # to the bank's ledger entry of this round
     metrics: dict[str, float] = field(default_factory=dict)
     bundle: bytes = b""
     start_hash: str = ""
+    rejected_round: int = 0
 
 
 class Reporter(Protocol):
@@ -154,28 +156,23 @@ class Federation:
             return BankOutcome(self.label(node), Outcome.INVALID_REPLY, f"unreadable train reply: {err}")
         self.node_bank[node] = tr.bank_id
         self.state.applied[tr.bank_id] = tr.applied_round
+        if tr.status is TrainStatus.AGGREGATE_REJECTED:
+            return BankOutcome(tr.bank_id, Outcome.REJECTED_AGGREGATE, tr.reason, rejected_round=tr.rejected_round)
         outcome = BankOutcome(tr.bank_id, Outcome.CONTRIBUTED, metrics=tr.metrics, bundle=tr.bundle)
         outcome.start_hash = tr.start_hash  # checked against the other banks' in check_start
-        if tr.ledger_entry or (self.job.dp and tr.status is TrainStatus.OK):
-            try:  # the bank's hash-chained ledger entry for this round, mirrored at the end
-                outcome.ledger_entry = check_bank_entry(
-                    tr.ledger_entry, bank_id=tr.bank_id, round=round_idx, job_id=self.job.job_id
+        if tr.ledger_commitment or (self.job.dp and tr.status is TrainStatus.OK):
+            try:  # the bank's commitment to its ledger entry for this round, mirrored at the end
+                outcome.commitment = check_commitment(
+                    tr.ledger_commitment, bank_id=tr.bank_id, round=round_idx, job_id=self.job.job_id
                 )
             except LedgerError as err:
-                return BankOutcome(tr.bank_id, Outcome.INVALID_REPLY, f"invalid ledger entry: {err}")
+                return BankOutcome(tr.bank_id, Outcome.INVALID_REPLY, f"invalid ledger commitment: {err}")
         if tr.status is TrainStatus.REFUSED:
             self.state.exhausted[tr.bank_id] = f"refused round {round_idx}: {tr.reason}"
             outcome.status, outcome.reason = Outcome.REFUSED, tr.reason
-        elif outcome.ledger_entry is not None:
-            self.note_budget(outcome.ledger_entry, round_idx)
+        elif outcome.commitment is not None and outcome.commitment["exhausted"]:
+            self.state.exhausted[tr.bank_id] = f"budget exhausted after round {round_idx} (the bank's own verdict)"
         return outcome
-
-    def note_budget(self, entry: dict, round_idx: int) -> None:
-        if bank_exhausted(entry):
-            self.state.exhausted[entry["bank_id"]] = (
-                f"budget exhausted after round {round_idx}: next round would reach "
-                f"ε={entry['epsilon_next_round']:.3f} > {entry['budget_epsilon']:g}"
-            )
 
     def check_start(self, outcomes: list[BankOutcome]) -> None:
         """Every bank must start from the same model: the start hash most banks report wins once."""
@@ -215,11 +212,22 @@ class Federation:
             for n in silent
         ]
         self.check_start(outcomes)
+        self.quarantine_rejected(outcomes, record)
         bundle = self.aggregate(round_idx, outcomes, record)
         self.record(record, outcomes, bundle)
         if self.job.dp:
             self.mirror_ledgers(record.round, outcomes)
         return record
+
+    def quarantine_rejected(self, outcomes: list[BankOutcome], record: RoundRecord) -> None:
+        """An aggregate most answering banks rejected is never sent again (honest banks agree on it)."""
+        rejecting = [o for o in outcomes if o.status is Outcome.REJECTED_AGGREGATE]
+        asked = [o for o in outcomes if o.status not in (Outcome.NOT_SELECTED, Outcome.NOT_CONNECTED)]
+        for round_idx, votes in Counter(o.rejected_round for o in rejecting).items():
+            why = next(o.reason for o in rejecting if o.rejected_round == round_idx)
+            if 2 * votes > len(asked) and self.state.quarantine(round_idx, why):
+                logger.error("aggregate of round %d quarantined: %d bank(s) rejected it", round_idx, votes)
+                record.quarantined.append(round_idx)
 
     def record(self, record: RoundRecord, outcomes: list[BankOutcome], bundle: bytes | None) -> None:
         contributed = [o for o in outcomes if o.status is Outcome.CONTRIBUTED]
@@ -243,14 +251,14 @@ class Federation:
             if o.bank.startswith("node-"):  # never said which bank it is: nothing to mirror
                 continue
             status = MIRROR_STATUS.get(o.status, "dropped")
-            entry = o.ledger_entry  # the bank's own entry whenever one arrived (a "trained" one counts as spent)
+            entry = o.commitment  # whenever one arrived (a "trained" one counts as spent)
             Ledger(mirror_path(mirror_dir, o.bank)).append(
                 mirror_entry(
                     job_id=self.job.job_id,
                     bank_id=o.bank,
                     round=round_idx,
                     server_status=status,
-                    bank_entry=entry,
+                    commitment=entry,
                     reason=_left_out_text(o) if status != "received" else "",
                 )
             )
@@ -266,7 +274,8 @@ class Federation:
             ev = EvalReply.from_content(reply.content)
             self.node_bank[node] = ev.bank_id
             self.state.applied[ev.bank_id] = ev.applied_round
-            losses[ev.bank_id] = ev.eval_loss
+            if ev.eval_loss is not None:  # only where the bank's policy releases it
+                losses[ev.bank_id] = ev.eval_loss
         for node in silent:
             logger.warning("evaluate round %d: node %s did not answer", round_idx, node)
         return losses

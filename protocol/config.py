@@ -85,15 +85,16 @@ class JobConfig:
     eval_fraction: float = 0.1
     # privacy
     dp: bool = True
-    epsilon: float = 8.0  # default budget per bank (a bank's node-config may lower it)
-    delta: float = 1e-5
+    epsilon: float = 8.0  # what the job asks each bank to allow; a bank refuses more than its policy
+    delta: float = 1e-5  # asked of each bank; a bank refuses more than its policy's max-delta
     clip_norm: float = 1.0
     privacy_unit: str = "record"
     accountant: str = "prv"
     grad_sample_mode: str = "mixed"
-    secure_mode: bool = False  # production: OS CSPRNG for sampling and noise, no seeds
+    secure_mode: bool = True  # OS CSPRNG for sampling and noise; false = seeded, only if the bank policy allows
     # federation
-    min_banks: int = 2
+    min_banks: int = 3
+    max_banks: int = 64  # banks reject an aggregate whose total weight says more contributed
     round_timeout: float = 900.0
     keep_plaintext_deltas: bool = False  # debug/test only: banks keep their deltas on disk
     evaluate: bool = True
@@ -107,12 +108,13 @@ class JobConfig:
             raise ConfigError(f"run config: 'num-rounds' expected >= 1, got {self.num_rounds}")
         if self.min_banks < 1:
             raise ConfigError(f"run config: 'min-banks' expected >= 1, got {self.min_banks}")
+        if self.max_banks < self.min_banks:
+            raise ConfigError(f"run config: 'max-banks' expected >= min-banks {self.min_banks}, got {self.max_banks}")
         if not self.job_id or "/" in self.job_id:
             raise ConfigError(f"run config: 'job-id' expected a non-empty name without '/', got {self.job_id!r}")
         if self.privacy_unit not in PRIVACY_UNITS:
-            raise ConfigError(
-                f"run config: 'privacy-unit' expected {' or '.join(map(repr, PRIVACY_UNITS))}, got {self.privacy_unit!r}"
-            )
+            units = " or ".join(map(repr, PRIVACY_UNITS))
+            raise ConfigError(f"run config: 'privacy-unit' expected {units}, got {self.privacy_unit!r}")
         if not 0 < self.delta < 1:
             raise ConfigError(f"run config: 'delta' expected in (0, 1), got {self.delta}")
 

@@ -53,14 +53,16 @@ from protocol.files import atomic_write_bytes, exclusive_lock
 __all__ = ["LedgerError"]
 
 BANK_SCHEMA = "fedmoe.ledger.bank/1"
-MIRROR_SCHEMA = "fedmoe.ledger.mirror/1"
+MIRROR_SCHEMA = "fedmoe.ledger.mirror/2"  # /2: the server keeps a commitment, not the entry
 GENESIS_HASH = "0" * 64
 CHAIN_FIELDS = ("seq", "prev_hash", "hash")
 
-RoundStatus = Literal["trained", "refused", "skipped", "dropped"]
+RoundStatus = Literal["trained", "refused", "skipped", "dropped", "non-private"]
 ServerStatus = Literal["received", "skipped", "dropped"]
 ROUND_STATUSES: tuple[str, ...] = typing.get_args(RoundStatus)
 SERVER_STATUSES: tuple[str, ...] = typing.get_args(ServerStatus)
+NoiseSource = Literal["csprng", "seeded", "none"]
+NOISE_SOURCES: tuple[str, ...] = typing.get_args(NoiseSource)
 _SAFE_BANK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -313,7 +315,9 @@ class BankEntry:
     privacy_unit: str
     poisson_sampling: bool
     secure_mode: bool
+    noise_source: str  # one of NOISE_SOURCES: "seeded" is predictable noise (the audit fails it)
     grad_sample_mode: str
+    dataset_fingerprint: str  # the bank's budget is per dataset: its ledger spans every job on it
     # accounting, at the bank's delta
     accountant: str
     delta: float
@@ -400,43 +404,71 @@ def check_bank_entry(
     return entry
 
 
+COMMITMENT_FIELDS = ("job_id", "bank_id", "round", "status", "seq", "prev_hash", "hash")
+
+
+def commitment_of(entry: Mapping[str, Any], *, exhausted: bool) -> dict[str, Any]:
+    """What a bank sends the server about its ledger entry: ids, status, chain position and hash.
+
+    Not the entry itself: that carries n, q, sigma and epsilon, from which the dataset size
+    follows. The hash binds the bank to the full entry (the audit compares it with the bank's
+    ledger); `exhausted` is the bank's own verdict that its next round would not fit its budget.
+    """
+    return {**{k: entry[k] for k in COMMITMENT_FIELDS}, "exhausted": bool(exhausted)}
+
+
+def check_commitment(
+    raw: Any, *, bank_id: str | None = None, round: int | None = None, job_id: str | None = None
+) -> dict[str, Any]:
+    """Checks a commitment (dict or JSON text) before the server mirrors it; names the field."""
+    if isinstance(raw, (str, bytes)):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise LedgerError(f"ledger commitment: invalid JSON at line {err.lineno}: {err.msg}") from None
+    if not isinstance(raw, dict):
+        raise LedgerError(f"ledger commitment: expected a JSON object, got {type(raw).__name__}")
+    where = f"ledger commitment of {raw.get('bank_id')!r} round {raw.get('round')!r}"
+    expected_keys = {*COMMITMENT_FIELDS, "exhausted"}
+    if set(raw) != expected_keys:
+        raise LedgerError(f"{where}: fields expected {sorted(expected_keys)}, got {sorted(raw)}")
+    if isinstance(raw["seq"], bool) or not isinstance(raw["seq"], int) or raw["seq"] < 1:
+        raise LedgerError(f"{where}: field 'seq' expected an integer >= 1, got {raw['seq']!r}")
+    for name in ("prev_hash", "hash"):
+        if not (isinstance(raw[name], str) and re.fullmatch(r"[0-9a-f]{64}", raw[name])):
+            raise LedgerError(f"{where}: field {name!r} expected 64 hex digits, got {raw[name]!r}")
+    if raw["status"] not in ROUND_STATUSES or not isinstance(raw["exhausted"], bool):
+        raise LedgerError(f"{where}: fields 'status'/'exhausted' expected a round status / a bool")
+    for name, expected in (("bank_id", bank_id), ("round", round), ("job_id", job_id)):
+        if expected is not None and raw.get(name) != expected:
+            raise LedgerError(f"{where}: field {name!r} expected {expected!r}, got {raw.get(name)!r}")
+    return raw
+
+
 def mirror_entry(
     *,
     job_id: str,
     bank_id: str,
     round: int,
     server_status: ServerStatus,
-    bank_entry: Mapping[str, Any] | str | None,
+    commitment: Mapping[str, Any] | None,
     reason: str = "",
     received_at: str | None = None,
 ) -> dict[str, Any]:
-    """A server mirror line: the bank's reported entry, verbatim, and what the server did.
-
-    Args:
-        job_id, bank_id, round: the round.
-        server_status: "received", "skipped" or "dropped" (see the module docstring).
-        bank_entry: the entry the bank reported (its JSON text or the dict), None if none came.
-        reason: why the bank was skipped or dropped.
-        received_at: when the reply arrived (default: now).
-
-    Returns:
-        A JSON-ready dict (schema MIRROR_SCHEMA) for the bank's mirror `Ledger.append`.
+    """A server mirror line: the bank's commitment to its entry (verbatim) and what the server did.
 
     Raises:
-        LedgerError: unknown status, "received" without an entry, or an entry that fails
-            `check_bank_entry` (the server should then leave the bank out and mirror
-            server_status="dropped" with bank_entry=None and the error as reason).
+        LedgerError: unknown status, "received" without a commitment, or a commitment that
+            fails `check_commitment`.
     """
     if server_status not in SERVER_STATUSES:
         raise LedgerError(
             f"mirror entry for bank {bank_id!r} round {round}: server_status expected one of "
             f"{list(SERVER_STATUSES)}, got {server_status!r}"
         )
-    if server_status == "received" and bank_entry is None:
-        raise LedgerError(f"mirror entry for bank {bank_id!r} round {round}: 'received' needs the bank's entry")
-    checked = None
-    if bank_entry is not None:
-        checked = check_bank_entry(bank_entry, bank_id=bank_id, round=round, job_id=job_id)
+    if server_status == "received" and commitment is None:
+        raise LedgerError(f"mirror entry for bank {bank_id!r} round {round}: 'received' needs the bank's commitment")
+    checked = None if commitment is None else check_commitment(commitment, bank_id=bank_id, round=round, job_id=job_id)
     return {
         "schema": MIRROR_SCHEMA,
         "job_id": job_id,
@@ -445,7 +477,7 @@ def mirror_entry(
         "server_status": server_status,
         "reason": reason,
         "received_at": received_at or utc_now(),
-        "bank_entry": checked,
+        "commitment": checked,
     }
 
 
@@ -463,15 +495,6 @@ def mirror_path(mirror_dir: str | os.PathLike[str], bank_id: str) -> Path:
     return Path(mirror_dir) / f"{bank_id}.jsonl"
 
 
-def latest_bank_entry(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """The newest bank-authored entry among bank-ledger entries or mirror lines (None if none)."""
-    for entry in reversed(entries):
-        inner = entry.get("bank_entry", entry) if entry.get("schema") == MIRROR_SCHEMA else entry
-        if isinstance(inner, dict) and inner.get("schema") == BANK_SCHEMA:
-            return dict(inner)
-    return None
-
-
 def skipped_rounds(entries: Sequence[Mapping[str, Any]], upcoming_round: int) -> list[int]:
     """Rounds between the bank's last ledger entry and `upcoming_round` it never heard of.
 
@@ -485,27 +508,19 @@ def skipped_rounds(entries: Sequence[Mapping[str, Any]], upcoming_round: int) ->
     return list(range(max(rounds) + 1, upcoming_round))
 
 
-def bank_exhausted(latest_entry: Mapping[str, Any] | None) -> bool:
-    """Whether a bank's latest entry says it cannot take one more round within its budget.
+def bank_exhausted(entry: Mapping[str, Any] | None, *, next_round_epsilon: float | None = None) -> bool:
+    """Whether a bank's entry says it cannot take one more round within its budget.
 
-    Reads `epsilon_next_round` (the epsilon one more identical round would reach, by the bank's
-    own accountant) against `budget_epsilon`, exactly the bank's own refusal test
-    (`check_budget`: refuse when after > budget). A "refused" entry is exhausted whatever its
-    numbers. Accepts a bank entry or a mirror line (its `bank_entry` is read).
-
-    Returns:
-        False for None (the bank has not reported yet) or an entry without the two numbers.
+    The bank's own test (`check_budget`: refuse when after > budget): `next_round_epsilon` is
+    what one more identical round would reach by its accountant. A "refused" entry is exhausted
+    whatever its numbers; NaN or inf is exhausted (conservative).
     """
-    if latest_entry is None:
+    if entry is None:
         return False
-    entry: Mapping[str, Any] | None = latest_entry
-    if latest_entry.get("schema") == MIRROR_SCHEMA:
-        entry = latest_entry.get("bank_entry")
-        if entry is None:
-            return False
     if entry.get("status") == "refused":
         return True
-    nxt, budget = entry.get("epsilon_next_round"), entry.get("budget_epsilon")
+    nxt = entry.get("epsilon_next_round") if next_round_epsilon is None else next_round_epsilon
+    budget = entry.get("budget_epsilon")
     if not isinstance(nxt, (int, float)) or not isinstance(budget, (int, float)):
         return False
-    return not (math.isfinite(nxt) and nxt <= budget)  # NaN or inf: exhausted (conservative)
+    return not (math.isfinite(nxt) and nxt <= budget)

@@ -15,12 +15,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from protocol.errors import ConfigError
 
 
-
 class TrainStatus(StrEnum):
     """What a bank did with a train request."""
 
     OK = "ok"  # trained; the reply carries its encrypted update
     REFUSED = "refused"  # the bank's own policy or budget said no: nothing trained, nothing spent
+    AGGREGATE_REJECTED = "aggregate-rejected"  # an aggregate it was sent failed validation: not applied
 
 
 def _bytes_record(blobs: dict[str, bytes]) -> ArrayRecord:
@@ -92,7 +92,8 @@ class TrainReply:
     bundle: bytes = b""
     metrics: dict[str, float] = field(default_factory=dict)
     reason: str = ""
-    ledger_entry: str = ""  # JSON of the bank's ledger entry for this round ("" if none)
+    ledger_commitment: str = ""  # JSON commitment to the bank's ledger entry ("" if none): never n or epsilon
+    rejected_round: int = 0  # with AGGREGATE_REJECTED: the round whose aggregate failed validation
 
     def to_content(self) -> RecordDict:
         info = ConfigRecord(
@@ -103,7 +104,8 @@ class TrainReply:
                 "applied-round": self.applied_round,
                 "start-hash": self.start_hash,
                 "reason": self.reason,
-                "ledger-entry": self.ledger_entry,
+                "ledger-commitment": self.ledger_commitment,
+                "rejected-round": self.rejected_round,
             }
         )
         content = RecordDict({"bank": info, "metrics": MetricRecord(dict(self.metrics))})
@@ -125,27 +127,29 @@ class TrainReply:
             bundle=bundle,
             metrics={k: float(v) for k, v in dict(metrics).items()},
             reason=str(info["reason"]),
-            ledger_entry=str(info["ledger-entry"]),
+            ledger_commitment=str(info["ledger-commitment"]),
+            rejected_round=int(info.get("rejected-round", 0)),
         )
 
 
 @dataclass(frozen=True)
 class EvalReply:
-    """Bank -> server after an evaluate message (plain eval loss: not covered by DP)."""
+    """Bank -> server after an evaluate message. The eval loss (not DP-protected) only where the
+    bank's policy releases it; the size of the held-out set never."""
 
     bank_id: str
     round: int
     applied_round: int
-    eval_loss: float
-    n_eval: int
+    eval_loss: float | None = None
 
     def to_content(self) -> RecordDict:
+        metrics = {} if self.eval_loss is None else {"eval-loss": self.eval_loss}
         return RecordDict(
             {
                 "bank": ConfigRecord(
                     {"bank-id": self.bank_id, "round": self.round, "applied-round": self.applied_round}
                 ),
-                "metrics": MetricRecord({"eval-loss": self.eval_loss, "n-eval": self.n_eval}),
+                "metrics": MetricRecord(metrics),
             }
         )
 
@@ -157,6 +161,5 @@ class EvalReply:
             bank_id=str(info["bank-id"]),
             round=int(info["round"]),
             applied_round=int(info["applied-round"]),
-            eval_loss=float(metrics["eval-loss"]),
-            n_eval=int(metrics["n-eval"]),
+            eval_loss=float(metrics["eval-loss"]) if "eval-loss" in metrics else None,
         )

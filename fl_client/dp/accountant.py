@@ -174,6 +174,15 @@ class AccountantState:
         """The state of a bank that has not trained yet."""
         return cls(mechanism=cfg.accountant, delta=float(cfg.delta))
 
+    def rekeyed(self, cfg: DPConfig) -> AccountantState:
+        """The same history evaluated at `cfg`'s accountant and delta.
+
+        A dataset's privacy curve is one function of its history; a job may read it at its own
+        delta. If every check passes at delta_job <= the policy's max delta, the lifetime
+        guarantee holds at that max delta too (epsilon only falls as delta grows).
+        """
+        return AccountantState(mechanism=cfg.accountant, delta=float(cfg.delta), history=self.history)
+
     def epsilon(self) -> float:
         return epsilon_for_history(self.history, delta=self.delta, mechanism=self.mechanism)
 

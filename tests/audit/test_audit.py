@@ -20,7 +20,7 @@ from fl_client.dp import AccountantState, BudgetExceeded, DPConfig, HistoryEntry
 from fl_client.dp.accountant import noise_multiplier_for, sample_rate_for
 from fl_client.ledger import round_entry
 from protocol.accounting import epsilon_pld, epsilon_rdp
-from protocol.ledger import CHAIN_FIELDS, Ledger, canonical_json, entry_hash, mirror_entry, mirror_path
+from protocol.ledger import CHAIN_FIELDS, Ledger, canonical_json, commitment_of, entry_hash, mirror_entry, mirror_path
 
 JOB, N = "job-7", 48
 
@@ -81,7 +81,7 @@ def run_bank(root: Path, cfg: DPConfig, plan: dict[int, str]) -> None:
     for round_, action in plan.items():
         if action == "skip":  # the server did not select the bank; the bank notes it later
             mirror.append(mirror_entry(job_id=JOB, bank_id=cfg.bank_id, round=round_, server_status="skipped",
-                                       bank_entry=None, reason="not connected"))  # fmt: skip
+                                       commitment=None, reason="not connected"))  # fmt: skip
             ledger.append(round_entry(round=round_, status="skipped", report=None, state=state, **common))
             continue
         try:
@@ -93,8 +93,9 @@ def run_bank(root: Path, cfg: DPConfig, plan: dict[int, str]) -> None:
             entry = round_entry(round=round_, status="trained", report=report, **common)
             state = report.accountant_state
         stored = ledger.append(entry)
+        commitment = commitment_of(stored, exhausted=entry["status"] == "refused")
         mirror.append(mirror_entry(job_id=JOB, bank_id=cfg.bank_id, round=round_, server_status="received",
-                                   bank_entry=canonical_json(stored)))  # fmt: skip
+                                   commitment=commitment))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -326,20 +327,20 @@ def test_malformed_content_is_reported_not_raised(job, tmp_path):
     assert [f.message for f in result.warnings] == ["empty ledger"] and not result.banks
 
 
-def test_mirror_alone_is_audited_and_a_forged_mirrored_entry_is_caught(job, tmp_path):
-    _, _, mirror_a, mirror_b = paths(job)
-    result = audit_ledgers([mirror_a, mirror_b])
-    assert result.ok, [str(f) for f in result.findings]
-    b = result.banks[1]
-    assert b.authority == str(mirror_b) and b.rounds_trained == (1, 3) and b.rounds_skipped == (2,)
-    assert [str(f.path) for f in result.warnings] == [str(mirror_b)]  # bank-b's own "skipped" entry never sent
+def test_a_mirror_without_its_bank_ledger_fails_and_a_forged_commitment_is_caught(job, tmp_path):
+    bank_a, bank_b, mirror_a, mirror_b = paths(job)
+    # The mirror holds commitments only (no n, no epsilon): without the bank's ledger, the audit fails.
+    result = audit_ledgers([bank_a, mirror_a, mirror_b])
+    assert not result.ok
+    [missing] = [f for f in result.errors if f.check == "missing-ledger"]
+    assert missing.path == mirror_b and "bank 'bank-b'" in missing.message
 
     copy = tmp_path / "bank-a.jsonl"
     lines = read(mirror_a)
-    lines[1]["bank_entry"]["epsilon"] = 0.5  # forged bank entry, mirror line re-chained
+    lines[1]["commitment"]["hash"] = "0" * 64  # a forged commitment, mirror line re-chained
     rechain(copy, lines)
-    [found] = errors_at(audit_ledgers([copy]), copy, 2, "mirror")
-    assert "field 'bank_entry'" in found.message and "field 'hash' expected" in found.message
+    found = [f for f in audit_ledgers([bank_a, copy]).errors if f.check in ("cross-check", "mirror")]
+    assert found and any("hash" in f.message for f in found), [str(f) for f in found]
 
 
 def test_table_and_html_report(job, tmp_path):

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
 import torch
@@ -24,8 +21,8 @@ from protocol.ledger import (
     LedgerError,
     bank_exhausted,
     canonical_json,
+    commitment_of,
     entry_hash,
-    latest_bank_entry,
     mirror_entry,
     mirror_path,
     skipped_rounds,
@@ -239,7 +236,9 @@ def test_round_entry_refuses_inconsistent_arguments(bank_ledger):
     _, reports, state = bank_ledger
     cfg = config()
     common = dict(job_id=JOB, bank_id="bank-a", round=4, cfg=cfg, n_samples=N, budget_epsilon=1.0)
-    with pytest.raises(LedgerError, match=r"status expected one of \['trained', 'refused', 'skipped', 'dropped'\]"):
+    with pytest.raises(
+        LedgerError, match=r"status expected one of \['trained', 'refused', 'skipped', 'dropped', 'non-private'\]"
+    ):
         round_entry(status="done", report=None, state=state, **common)
     with pytest.raises(LedgerError, match="status 'trained' expected a RoundPrivacyReport, got None"):
         round_entry(status="trained", report=None, **common)
@@ -258,31 +257,36 @@ def test_round_entry_refuses_inconsistent_arguments(bank_ledger):
     assert skipped["history"] == [list(h) for h in state.history] and skipped["steps_run"] == 0
 
 
-def test_mirror_wraps_the_bank_entry_verbatim(bank_ledger, tmp_path):
+def test_mirror_keeps_the_banks_commitment_and_never_its_numbers(bank_ledger, tmp_path):
     path, _, _ = bank_ledger
     raw_lines = path.read_text(encoding="utf-8").splitlines()
     bank_entry = json.loads(raw_lines[0])
+    commitment = commitment_of(bank_entry, exhausted=False)
     mirror = Ledger(mirror_path(tmp_path / "ledger-mirror", "bank-a"))
     stored = mirror.append(
-        mirror_entry(job_id=JOB, bank_id="bank-a", round=1, server_status="received", bank_entry=raw_lines[0])
+        mirror_entry(job_id=JOB, bank_id="bank-a", round=1, server_status="received", commitment=json.dumps(commitment))
     )
-    assert stored["schema"] == MIRROR_SCHEMA and stored["bank_entry"] == bank_entry
-    assert canonical_json(stored["bank_entry"]) == raw_lines[0]  # the bank's bytes, hash included
-    mirror.append(mirror_entry(job_id=JOB, bank_id="bank-a", round=2, server_status="dropped", bank_entry=None,
+    assert stored["schema"] == MIRROR_SCHEMA and stored["commitment"] == commitment
+    assert stored["commitment"]["hash"] == bank_entry["hash"]  # binds the bank to its full entry
+    # n, q, sigma and epsilon stay at the bank: the dataset size cannot be read off the mirror
+    assert not {"n_samples", "sample_rate", "noise_multiplier", "epsilon", "history"} & set(canonical_json(stored))
+    mirror.append(mirror_entry(job_id=JOB, bank_id="bank-a", round=2, server_status="dropped", commitment=None,
                                reason="no reply within round-timeout"))  # fmt: skip
     assert verify_chain(mirror.path).ok
-    assert latest_bank_entry(mirror.entries()) == bank_entry
     assert mirror.path == tmp_path / "ledger-mirror" / "bank-a.jsonl"
 
-    forged = dict(bank_entry, epsilon=0.01)
-    with pytest.raises(LedgerError, match=r"field 'hash' expected"):
-        mirror_entry(job_id=JOB, bank_id="bank-a", round=1, server_status="received", bank_entry=forged)
+    with pytest.raises(LedgerError, match=r"fields expected"):
+        mirror_entry(job_id=JOB, bank_id="bank-a", round=1, server_status="received", commitment=bank_entry)
     with pytest.raises(LedgerError, match=r"field 'round' expected 2, got 1"):
-        mirror_entry(job_id=JOB, bank_id="bank-a", round=2, server_status="received", bank_entry=bank_entry)
-    with pytest.raises(LedgerError, match="'received' needs the bank's entry"):
-        mirror_entry(job_id=JOB, bank_id="bank-a", round=2, server_status="received", bank_entry=None)
+        mirror_entry(job_id=JOB, bank_id="bank-a", round=2, server_status="received", commitment=commitment)
+    with pytest.raises(LedgerError, match="'received' needs the bank's commitment"):
+        mirror_entry(job_id=JOB, bank_id="bank-a", round=2, server_status="received", commitment=None)
     with pytest.raises(LedgerError, match="invalid JSON"):
-        mirror_entry(job_id=JOB, bank_id="bank-a", round=1, server_status="received", bank_entry="{")
+        mirror_entry(job_id=JOB, bank_id="bank-a", round=1, server_status="received", commitment="{")
+    with pytest.raises(LedgerError, match="64 hex digits"):
+        mirror_entry(
+            job_id=JOB, bank_id="bank-a", round=1, server_status="received", commitment={**commitment, "hash": "x"}
+        )
     for bad in ("../bank", "a/b", ".hidden", ""):
         with pytest.raises(LedgerError, match="expected a bank id"):
             mirror_path(tmp_path, bad)
@@ -307,23 +311,7 @@ def test_bank_exhausted_reads_next_round_epsilon_against_budget():
     assert bank_exhausted(entry(1, nxt=None, status="refused"))
     assert not bank_exhausted(entry(1, nxt=None))  # unknown: keep selecting; the bank itself refuses
     assert bank_exhausted(entry(1, nxt=float("nan")))
-    wrapped = {"schema": MIRROR_SCHEMA, "bank_entry": entry(2, nxt=1.2)}
-    assert bank_exhausted(wrapped)
-    assert not bank_exhausted({"schema": MIRROR_SCHEMA, "bank_entry": None, "server_status": "dropped"})
-
-
-def test_select_banks_drops_exhausted_and_ends_the_job_below_min_banks():
-    latest = {"bank-0": entry(1, nxt=0.8), "bank-1": entry(1, nxt=0.9), "bank-2": entry(1, nxt=1.3), "bank-3": None}
-    selection = select_banks(latest, min_banks=2)
-    assert selection.selected == ["bank-0", "bank-1", "bank-3"] and not selection.end_job
-    assert selection.exhausted["bank-2"].startswith("budget exhausted after round 1: epsilon 0.5000")
-    assert "would reach 1.3000 > budget 1.0" in selection.exhausted["bank-2"]
-
-    latest = {"bank-0": entry(2, nxt=0.9), "bank-1": entry(2, nxt=1.1), "bank-2": entry(2, nxt=None, status="refused")}
-    selection = select_banks(latest, min_banks=2)
-    assert selection.selected == ["bank-0"] and sorted(selection.exhausted) == ["bank-1", "bank-2"]
-    assert selection.end_job
-    assert selection.reason == "only 1 bank(s) within budget (bank-0), min-banks 2; exhausted: bank-1, bank-2"
+    assert bank_exhausted(entry(1, nxt=0.5), next_round_epsilon=1.2)  # the bank's own fresh number wins
 
 
 def test_skipped_rounds_between_the_last_entry_and_the_request():
@@ -338,56 +326,6 @@ def test_the_ledger_implies_the_accountant_state(bank_ledger):
     assert accountant_state_from_ledger(entries, config()) == state
     assert accountant_state_from_ledger(entries[:1], config()).history == state.history[:1]
     assert accountant_state_from_ledger([], config()) is None
-    with pytest.raises(LedgerError, match=r"seq 3: accountant/delta expected \('rdp', 1e-05\)"):
-        accountant_state_from_ledger(entries, config(accountant="rdp"))
-
-
-# The budget-driven selection rule as a pure function (the server applies the same rule: bank_exhausted).
-@dataclass(frozen=True)
-class BankSelection:
-    """The server's choice for the next round.
-
-    Attributes:
-        selected: banks to send the round to (sorted).
-        exhausted: bank -> why it is no longer selected (budget).
-        end_job: fewer than min_banks can still train: the job ends.
-        reason: why the job ends ("" otherwise).
-    """
-
-    selected: list[str]
-    exhausted: dict[str, str]
-    end_job: bool
-    reason: str = ""
-
-
-def select_banks(latest: Mapping[str, Mapping[str, Any] | None], *, min_banks: int) -> BankSelection:
-    """Drops banks whose budget is exhausted; ends the job when fewer than `min_banks` remain.
-
-    Args:
-        latest: for every connected bank, its latest mirrored entry (bank entry or mirror line;
-            None for a bank that has not reported yet, which stays selectable).
-        min_banks: the job's min-banks.
-
-    Returns:
-        BankSelection; exhausted reasons read "budget exhausted after round R: ...".
-    """
-    selected, exhausted = [], {}
-    for bank in sorted(latest):
-        entry = latest[bank]
-        if bank_exhausted(entry):
-            inner = entry.get("bank_entry") if entry.get("schema") == MIRROR_SCHEMA else entry
-            nxt = inner.get("epsilon_next_round")
-            nxt_text = f"{nxt:.4f}" if isinstance(nxt, (int, float)) else "unknown"
-            exhausted[bank] = (
-                f"budget exhausted after round {inner.get('round')}: epsilon {inner.get('epsilon', 0.0):.4f}, "
-                f"one more round would reach {nxt_text} > budget {inner.get('budget_epsilon')}"
-            )
-        else:
-            selected.append(bank)
-    if len(selected) < min_banks:
-        reason = (
-            f"only {len(selected)} bank(s) within budget ({', '.join(selected) or 'none'}), min-banks {min_banks}"
-            + (f"; exhausted: {', '.join(sorted(exhausted))}" if exhausted else "")
-        )
-        return BankSelection(selected, exhausted, True, reason)
-    return BankSelection(selected, exhausted, False)
+    # a later job may read the same history at another accountant/delta: the history carries over
+    rekeyed = accountant_state_from_ledger(entries, config(accountant="rdp", delta=1e-6))
+    assert rekeyed.history == state.history and (rekeyed.mechanism, rekeyed.delta) == ("rdp", 1e-6)

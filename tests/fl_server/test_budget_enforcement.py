@@ -47,19 +47,25 @@ def test_exhausted_banks_are_dropped_then_job_ends(tmp_path):
     assert state.completed_round == 2 and "min-banks 2" in state.end_reason
     # bank-2 was never asked to train again: the server did not even send it round 2
     assert (102, "train", "budget-r2") not in grid.delivered
+
     # every bank stayed within its own budget
+    def privacy_file(bank: str, name: str) -> Path:  # the budget is the dataset's: <root>/<bank>/privacy/<fp>/
+        [path] = (Path(job.bank_state_root) / bank).glob(f"privacy/*/{name}")
+        return path
+
     for bank in ("bank-0", "bank-1", "bank-2"):
-        acc = json.loads((Path(job.bank_state_root) / "budget" / bank / "accountant.json").read_text())
+        acc = json.loads(privacy_file(bank, "accountant.json").read_text())
         assert len(acc["history"]) == {"bank-0": 2, "bank-1": 2, "bank-2": 1}[bank]
-    for record in state.rounds:
-        for bank, metrics in record.train_metrics.items():
-            assert metrics["epsilon-total"] <= 3.0 + 1e-9, (bank, metrics)
+        for entry in map(json.loads, privacy_file(bank, "ledger.jsonl").read_text().splitlines()):
+            assert entry["epsilon"] <= 3.0 + 1e-9, (bank, entry)
+    for record in state.rounds:  # the server never saw an epsilon (or anything that gives away n)
+        assert all("epsilon-total" not in metrics for metrics in record.train_metrics.values())
     # the banks' ledgers verify, and the server's mirrors say who was received, dropped or skipped
     from protocol.ledger import verify_chain
 
     mirror_dir = Path(job.server_state_dir) / "budget" / "ledger-mirror"
     for bank in ("bank-0", "bank-1", "bank-2"):
-        assert verify_chain(Path(job.bank_state_root) / "budget" / bank / "ledger.jsonl").ok
+        assert verify_chain(privacy_file(bank, "ledger.jsonl")).ok
         assert verify_chain(mirror_dir / f"{bank}.jsonl").ok
     bank2 = [json.loads(line) for line in (mirror_dir / "bank-2.jsonl").read_text().splitlines()]
     assert [m["server_status"] for m in bank2] == ["received", "skipped"]

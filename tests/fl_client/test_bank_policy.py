@@ -1,0 +1,138 @@
+"""The bank's own policy decides its privacy, whatever the job (the server) asks.
+
+Each case here is a finding of the hostile-server review: on the old code the bank accepted
+`dp=false`, a larger epsilon or delta, seeded noise and a weaker privacy unit from the run config,
+started every job at epsilon 0, and trained twice for two concurrent requests.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from audit import audit_ledgers
+from crypto import keygen, load_public_context
+from crypto.keys import PUBLIC_FILE
+from fl_client.bank import handle_train
+from fl_client.config import BankConfig
+from protocol.config import JobConfig
+from protocol.ledger import Ledger
+from protocol.messages import RoundRequest, TrainStatus
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("keys")
+    keygen(out)
+    return out
+
+
+def make_job(keys: Path, root: Path, **overrides) -> JobConfig:
+    fields = dict(
+        job_id="policy",
+        model_preset="tiny",
+        records_per_bank=160,
+        seq_len=32,
+        local_steps=2,
+        num_rounds=2,
+        min_banks=1,
+        key_dir=str(keys),
+        bank_state_root=str(root / "banks"),
+        server_state_dir=str(root / "server"),
+    )
+    return JobConfig(**(fields | overrides))
+
+
+def bank_config(job: JobConfig, root: Path, policy: str = "") -> BankConfig:
+    node = {"bank-id": "bank-0", "partition-id": 0}
+    if policy:
+        (root / "policy.toml").write_text(policy, encoding="utf-8")
+        node["policy-file"] = str(root / "policy.toml")
+    return BankConfig.from_node_config(node, job)
+
+
+def train(job: JobConfig, bank: BankConfig, round_idx: int = 1):
+    key = load_public_context(Path(job.key_dir) / PUBLIC_FILE)
+    return handle_train(job, bank, RoundRequest(job.job_id, round_idx, key.key_id, key.epoch))
+
+
+def ledger_entries(bank: BankConfig) -> list[dict]:
+    [path] = list(bank.state_root.glob("privacy/*/ledger.jsonl"))
+    return Ledger(path).entries()
+
+
+@pytest.mark.parametrize(
+    "override,policy,key",
+    [
+        ({"dp": False}, "", "dp"),
+        ({"epsilon": 50.0}, "epsilon = 3.0\n", "epsilon"),
+        ({"delta": 0.1}, "", "delta"),
+        ({"secure_mode": False}, "", "secure-mode"),
+        ({"privacy_unit": "record"}, 'privacy-unit = "customer"\n', "privacy-unit"),
+        ({"clip_norm": 100.0}, "", "clip-norm"),
+    ],
+)
+def test_a_job_asking_for_weaker_privacy_is_refused_naming_the_key(keys, tmp_path, override, policy, key):
+    job = make_job(keys, tmp_path, **override)
+    bank = bank_config(job, tmp_path, policy)
+    reply = train(job, bank)
+    assert reply.status is TrainStatus.REFUSED and not reply.bundle
+    assert f"run config '{key}'" in reply.reason and "policy" in reply.reason, reply.reason
+    [entry] = ledger_entries(bank)  # on the bank's own record, nothing spent
+    assert entry["status"] == "refused" and entry["history"] == [] and entry["epsilon"] == 0.0
+    assert not list(bank.state_root.glob("privacy/*/accountant.json"))
+    commitment = json.loads(reply.ledger_commitment)
+    assert commitment["hash"] == entry["hash"] and commitment["exhausted"] is True
+
+
+def test_a_second_job_on_the_same_data_continues_the_epsilon_already_spent(keys, tmp_path):
+    first = make_job(keys, tmp_path, job_id="first")
+    bank = bank_config(first, tmp_path)
+    assert train(first, bank).status is TrainStatus.OK
+    spent = ledger_entries(bank)[-1]["epsilon"]
+    second = make_job(keys, tmp_path, job_id="second")
+    assert train(second, bank).status is TrainStatus.OK
+    entries = ledger_entries(bank)  # one ledger for the dataset, both jobs in it
+    assert [e["job_id"] for e in entries] == ["first", "second"]
+    assert entries[-1]["epsilon_before"] == pytest.approx(spent) and entries[-1]["epsilon"] > spent
+    assert len(entries[-1]["history"]) == 2
+    assert audit_ledgers(list(bank.state_root.glob("privacy/*/ledger.jsonl"))).ok
+
+
+def test_two_concurrent_train_requests_never_release_more_than_the_ledger_records(keys, tmp_path):
+    job = make_job(keys, tmp_path)
+    bank = bank_config(job, tmp_path)
+    replies = []
+    threads = [threading.Thread(target=lambda: replies.append(train(job, bank))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [r.status for r in replies] == [TrainStatus.OK, TrainStatus.OK]
+    assert replies[0].bundle == replies[1].bundle  # the second request got what was released, again
+    trained = [e for e in ledger_entries(bank) if e["status"] == "trained"]
+    assert len(trained) == 1 and len(trained[0]["history"]) == 1
+
+
+def test_seeded_noise_is_the_banks_choice_and_fails_the_audit(keys, tmp_path):
+    job = make_job(keys, tmp_path, secure_mode=False)
+    bank = bank_config(job, tmp_path, "seeded-noise = true\n")
+    assert train(job, bank).status is TrainStatus.OK
+    [entry] = ledger_entries(bank)
+    assert entry["noise_source"] == "seeded" and entry["secure_mode"] is False
+    result = audit_ledgers(list(bank.state_root.glob("privacy/*/ledger.jsonl")))
+    assert not result.ok and [f.check for f in result.errors] == ["seeded-noise"]
+
+
+def test_csprng_noise_is_the_default_and_passes_the_audit(keys, tmp_path):
+    job = make_job(keys, tmp_path)
+    bank = bank_config(job, tmp_path)
+    reply = train(job, bank)
+    assert reply.status is TrainStatus.OK
+    assert set(reply.metrics) == {"seconds-train", "seconds-encrypt"}  # no loss, no epsilon, no n leaves
+    [entry] = ledger_entries(bank)
+    assert entry["noise_source"] == "csprng" and entry["secure_mode"] is True
+    assert audit_ledgers(list(bank.state_root.glob("privacy/*/ledger.jsonl"))).ok
