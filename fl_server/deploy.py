@@ -319,7 +319,7 @@ def _flower_service(argv: list[str], **extra) -> dict:
         "restart": "unless-stopped",
         "healthcheck": _tcp_check(HEALTH_PORT),
         "read_only": True,
-        "tmpfs": ["/tmp", "/home/fedmoe"],
+        "tmpfs": ["/tmp", f"/home/fedmoe:uid={UID},gid={UID},mode=0700"],
         "security_opt": ["no-new-privileges:true"],
         "cap_drop": ["ALL"],
         **extra,
