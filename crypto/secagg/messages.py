@@ -142,6 +142,8 @@ class RoundSetup(Message):
         threshold: Shamir threshold t over each bank's holders (its neighbours + itself).
         neighbours_k: 0 = everyone neighbours everyone; else an even k (Harary graph).
         n_elements: update length (the BFV vector holds n_elements + 1 values: the weight last).
+        layout_hash: the model side's hash of the trainable view's names and shapes (carried and
+            signed with the setup; the bank compares it with its own view before training).
         min_banks: fewest contributors a bank accepts in the sum.
         bfv_key_id: the job's BFV key.
         params: BFV sizes, t, fixed-point scale, max banks.
@@ -154,6 +156,7 @@ class RoundSetup(Message):
     threshold: int
     neighbours_k: int
     n_elements: int
+    layout_hash: str
     min_banks: int
     bfv_key_id: str
     params: SecAggParams

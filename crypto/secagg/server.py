@@ -104,12 +104,26 @@ class ServerSecAgg:
         participants: list[str] | tuple[str, ...],
         n_elements: int,
         key: BfvKey,
+        layout_hash: str = "",
         min_banks: int = 2,
         neighbours_k: int = 0,
         threshold: int | None = None,
         params: SecAggParams | None = None,
     ) -> RoundSetup:
-        """A round setup with the default threshold (max(2, ceil(2h/3), the server+1-bank bound))."""
+        """The round setup the server proposes (banks check it against their own policy).
+
+        Args:
+            job_id, round: bind every key, share and signature of the round.
+            participants: the selected bank ids (sorted and de-duplicated here).
+            n_elements: update length (trainable view size).
+            key: the job's BFV public key (its id and parameters go into the setup).
+            layout_hash: the trainable view's layout hash, signed along with the setup.
+            min_banks: fewest contributors a sum may have.
+            neighbours_k: 0 = everyone neighbours everyone (the default: sums hold <= max_banks = 64
+                banks); an even k for k-regular neighbourhoods in larger federations.
+            threshold: Shamir threshold; default max(2, ceil(2h/3), floor((h+1)/2) + 1) for h holders.
+            params: defaults to the key's parameters.
+        """
         ids = tuple(sorted(set(participants)))
         holders = len(neighbourhood(ids[0], ids, job_id=job_id, round=round, k=neighbours_k)) + 1
         return RoundSetup(
@@ -119,6 +133,7 @@ class ServerSecAgg:
             threshold=default_threshold(holders) if threshold is None else threshold,
             neighbours_k=neighbours_k,
             n_elements=n_elements,
+            layout_hash=layout_hash,
             min_banks=min_banks,
             bfv_key_id=key.key_id,
             params=params or key.params,
