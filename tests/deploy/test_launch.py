@@ -144,3 +144,48 @@ def test_failed_job_exits_non_zero_with_the_servers_error(tmp_path):
     assert launcher.returncode == 1, out + err
     assert "no-such-preset" in err or "ServerApp" in err, err
     assert not [p for p in _tree_pids(str(root)) if _alive(p)]
+
+
+class _StubDeployment:
+    """What job_outcome asks a deployment: Flower's run status and a service's last error."""
+
+    def __init__(self, status: str, log_dir: Path) -> None:
+        self.status, self.log_dir = status, log_dir
+
+    def run_status(self, run_id: int) -> dict[str, str]:
+        return {"status": self.status, "status-details": "ServerApp failed with exception: boom"}
+
+    def last_error(self, service: str) -> str:
+        return "ERROR : Traceback ... boom"
+
+
+def _submitted(rc: int = 0) -> subprocess.CompletedProcess:
+    return subprocess.CompletedProcess([], rc, stdout="Successfully started run 42\n")
+
+
+def test_job_outcome_names_what_failed(tmp_path):
+    from fl_server.launch import job_outcome
+
+    config = {"server-state-dir": str(tmp_path), "job-id": "j"}
+    failed = job_outcome(_StubDeployment("finished:failed", tmp_path), _submitted(), config)
+    assert "finished:failed" in failed and "boom" in failed
+    assert "submitting the job failed" in job_outcome(_StubDeployment("x", tmp_path), _submitted(1), config)
+    ok = _StubDeployment("finished:completed", tmp_path)
+    assert "wrote no state" in job_outcome(ok, _submitted(), config)
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "state.json").write_text(
+        '{"finished": false, "end_reason": "only 1 bank(s) connected before round 1, min-banks 2"}'
+    )
+    assert "only 1 bank(s) connected" in job_outcome(ok, _submitted(), config)
+    (tmp_path / "j" / "state.json").write_text('{"finished": true, "end_reason": "completed 2 rounds"}')
+    assert job_outcome(ok, _submitted(), config) == ""
+
+
+def test_missing_public_context_is_refused(tmp_path):
+    from crypto.keys import PUBLIC_FILE
+    from fl_server.launch import ensure_keys
+
+    ensure_keys(tmp_path / "keys")
+    (tmp_path / "keys" / PUBLIC_FILE).unlink()
+    with pytest.raises(LaunchError, match=PUBLIC_FILE):
+        ensure_keys(tmp_path / "keys")
