@@ -32,7 +32,7 @@ from typing import TypeVar
 import numpy as np
 import tenseal as ts
 
-from crypto.errors import CryptoError
+from crypto.errors import REJECT_REASONS, CryptoError
 from crypto.identity import ConsortiumPins
 from crypto.secagg.bfv import BfvKey, load_bfv_chunks, parse_bfv_bundle, serialize_sum
 from crypto.secagg.common import (
@@ -221,7 +221,7 @@ class ServerSecAgg:
             for c in self.receipts[bank].complaints:
                 if c.dealer in alive and c.dealer != bank:
                     alive.discard(c.dealer)
-                    reason = c.reason if c.reason in ("share", "signature", "duplicate", "malformed") else "share"
+                    reason = c.reason if c.reason in REJECT_REASONS else "malformed"
                     self._exclude(
                         c.dealer, "masked_input", CryptoError(f"{bank!r} complains: {c.detail}", reason=reason)
                     )
