@@ -45,11 +45,14 @@ def _check_sum(r, updates, weights, included, bfv_secret, pins) -> None:
     assert err <= _bound(weights, included, r.setup.params.scale), err
 
 
-def test_all_banks_give_the_weighted_mean(identities, bfv_public, bfv_secret) -> None:
+@pytest.mark.parametrize("unit_weights", [False, True])  # sample counts, or weight 1 per bank
+def test_all_banks_give_the_weighted_mean(unit_weights, identities, bfv_public, bfv_secret) -> None:
     ids, pins = identities
     r = start_round(ids[:4], pins, bfv_public, N)
     banks = list(r.banks)
     updates, weights = make_updates(banks, N)
+    if unit_weights:
+        weights = dict.fromkeys(banks, 1.0)
     run_round(r, updates, weights, bfv_public)
     assert r.setup.threshold == 3 and r.server.exclusions == []
     _check_sum(r, updates, weights, banks, bfv_secret, pins)
