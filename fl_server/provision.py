@@ -26,6 +26,7 @@ import argparse
 import datetime as dt
 import hashlib
 import ipaddress
+import json
 import os
 import secrets
 import shutil
@@ -393,16 +394,8 @@ def register(superlink: str, ca: str, keys_dir: Path, *, flwr: str = "flwr") -> 
         f'[superlink]\ndefault = "fedmoe"\n\n[superlink.fedmoe]\naddress = "{superlink}"\nroot-certificates = "{ca}"\n'
     )
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home)}
-    listed = subprocess.run(
-        [flwr, "supernode", "list", "fedmoe", "--format", "json"], capture_output=True, text=True, env=env
-    )
-    known = listed.stdout
     failures = 0
     for pub in sorted(keys_dir.glob("*.pub")):
-        key_text = pub.read_text().split()[1] if len(pub.read_text().split()) > 1 else ""
-        if key_text and key_text in known:
-            print(f"{pub.stem}: already registered")
-            continue
         res = subprocess.run(
             [flwr, "supernode", "register", str(pub), "fedmoe", "--name", pub.stem, "--format", "json"],
             capture_output=True,
@@ -410,9 +403,13 @@ def register(superlink: str, ca: str, keys_dir: Path, *, flwr: str = "flwr") -> 
             env=env,
         )
         text = (res.stdout + res.stderr).strip()
-        if res.returncode == 0:
-            print(f"{pub.stem}: registered {text[-200:]}")
-        elif "already" in text.lower():
+        try:
+            reply = json.loads(res.stdout)
+        except ValueError:
+            reply = {}
+        if res.returncode == 0 and reply.get("success"):
+            print(f"{pub.stem}: registered as node {reply.get('node-id')}")
+        elif "already in use" in text or "already registered" in text:
             print(f"{pub.stem}: already registered")
         else:
             failures += 1
