@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             sp.add_argument("--temperature", type=float, default=1.0)
             sp.add_argument("--seed", type=int, default=0)
             sp.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step")
+            sp.add_argument(
+                "--mla", choices=["absorb", "naive"], default="absorb", help="cached attention form [absorb]"
+            )
         else:
             sp.add_argument("--data", type=Path, required=True, help=".jsonl with a 'text' field, or plain text")
             sp.add_argument("--seq-len", type=int, default=256)
@@ -160,6 +163,7 @@ def _generate(args: argparse.Namespace, console: Console) -> None:
         seed=args.seed,
         eos_id=tokenizer.eos_id,
         use_cache=not args.no_cache,
+        mla=args.mla,
     )
     tracer = ExpertTracer(model, args.trace_experts / "experts.jsonl") if args.trace_experts else None
     total_tokens, total_seconds = 0, 0.0

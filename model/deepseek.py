@@ -445,6 +445,10 @@ class LayerKVCache:
 
     c_kv_BSR: torch.Tensor
     k_rope_BSR: torch.Tensor
+    absorb: bool = False
+    # absorb only: kv_b_proj's effective weight, transposed [R, H * (nope + v)] (adapters
+    # included), computed at the first step; generation does not change weights.
+    kv_b_RX: torch.Tensor | None = None
 
 
 class KVCache:
@@ -454,6 +458,9 @@ class KVCache:
         config: the model's config.
         batch_size: sequences decoded together (equal prompt lengths).
         max_len: capacity in positions (prompt + new tokens); at most max_position_embeddings.
+        absorb: attend in the latent space (DeepSeek's "absorb" MLA: kv_b_proj folded into the
+            query and the output, nothing decompressed per cached position) instead of
+            decompressing every cached latent through kv_b_proj at each step ("naive").
     """
 
     def __init__(
@@ -464,6 +471,7 @@ class KVCache:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        absorb: bool = False,
     ) -> None:
         if max_len > config.max_position_embeddings:
             raise ModelError(f"KVCache: max_len {max_len} > max_position_embeddings {config.max_position_embeddings}")
@@ -473,6 +481,7 @@ class KVCache:
             LayerKVCache(
                 torch.zeros(batch_size, max_len, config.kv_lora_rank, dtype=dtype, device=device),
                 torch.zeros(batch_size, max_len, config.qk_rope_head_dim, dtype=dtype, device=device),
+                absorb=absorb,
             )
             for _ in range(config.num_hidden_layers)
         ]
@@ -538,6 +547,9 @@ class MultiHeadLatentAttention(nn.Module):
             cache.k_rope_BSR[:, start : start + T] = k_rope_BTR
             c_kv_BTR, k_rope_BTR = cache.c_kv_BSR[:, : start + T], cache.k_rope_BSR[:, : start + T]
         S = c_kv_BTR.shape[1]  # key positions: start + T with a cache, T without
+        if cache is not None and cache.absorb and start > 0:  # decode; a prefill decompresses once, as DeepSeek
+            out_BHTV = self._attend_absorbed(q_nope, q_rope, c_kv_BTR, k_rope_BTR, cache)
+            return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
         kv = self.kv_b_proj(c_kv_BTR)
         kv_BHSX = kv.view(B, S, H, self.nope_dim + self.v_dim).transpose(1, 2)
@@ -550,6 +562,39 @@ class MultiHeadLatentAttention(nn.Module):
             mask_TS = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(diagonal=S - T)
             out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHSQ, v_BHSV, attn_mask=mask_TS, scale=self.scale)
         return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, H * self.v_dim))
+
+    def _attend_absorbed(
+        self,
+        q_nope_BHTN: torch.Tensor,
+        q_rope_BHTP: torch.Tensor,
+        c_kv_BSR: torch.Tensor,
+        k_rope_BSP: torch.Tensor,
+        cache: LayerKVCache,
+    ) -> torch.Tensor:
+        """Attention over the compressed cache without decompressing it (DeepSeek-V2, appendix C).
+
+        k_nope = c W_UK^T and v = c W_UV^T, so q_nope . k_nope = (q_nope W_UK) . c and
+        sum_s p_s v_s = (sum_s p_s c_s) W_UV^T: scores and values stay in the R-dim latent space.
+        N nope dim, P rope dim, V value dim, X = N + V.
+        """
+        B, H, T, _ = q_nope_BHTN.shape
+        S, R = c_kv_BSR.shape[1], self.kv_lora_rank
+        if cache.kv_b_RX is None:
+            # kv_b_proj applied to the identity = its effective weight^T, LoRA adapters included.
+            eye = torch.eye(R, dtype=c_kv_BSR.dtype, device=c_kv_BSR.device)
+            assert getattr(self.kv_b_proj, "bias", None) is None, "kv_b_proj has no bias in MLA"
+            cache.kv_b_RX = self.kv_b_proj(eye)
+        w_HRX = cache.kv_b_RX.view(R, H, self.nope_dim + self.v_dim).transpose(0, 1)
+        w_uk_HRN, w_uv_HRV = w_HRX.split([self.nope_dim, self.v_dim], dim=-1)
+        q_lat_BHTR = torch.einsum("bhtn,hrn->bhtr", q_nope_BHTN, w_uk_HRN)
+        scores_BHTS = torch.einsum("bhtr,bsr->bhts", q_lat_BHTR, c_kv_BSR)
+        scores_BHTS = (scores_BHTS + torch.einsum("bhtp,bsp->bhts", q_rope_BHTP, k_rope_BSP)) * self.scale
+        if T > 1:  # query t sits at position S - T + t
+            mask_TS = torch.ones(T, S, dtype=torch.bool, device=c_kv_BSR.device).tril(diagonal=S - T)
+            scores_BHTS = scores_BHTS.masked_fill(~mask_TS, float("-inf"))
+        probs_BHTS = torch.softmax(scores_BHTS.float(), dim=-1).to(c_kv_BSR.dtype)
+        out_lat_BHTR = torch.einsum("bhts,bsr->bhtr", probs_BHTS, c_kv_BSR)
+        return torch.einsum("bhtr,hrv->bhtv", out_lat_BHTR, w_uv_HRV)
 
 
 class MLP(nn.Module):
@@ -747,10 +792,10 @@ class DeepseekForCausalLM(nn.Module):
             cache.length = start + T
         return self.lm_head(self.model.norm(x))
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty compressed KV cache in the model's dtype and device."""
+    def new_cache(self, batch_size: int, max_len: int, *, absorb: bool = False) -> KVCache:
+        """An empty compressed KV cache in the model's dtype and device (see KVCache)."""
         w = self.model.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len, dtype=w.dtype, device=w.device)
+        return KVCache(self.config, batch_size, max_len, dtype=w.dtype, device=w.device, absorb=absorb)
 
     @torch.no_grad()
     def init_non_persistent_buffers_(self, device: torch.device | str = "cpu") -> None:

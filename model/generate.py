@@ -2,12 +2,14 @@
 
 Without a cache every step re-runs the whole sequence (the reference, O(T^2) per token); with
 one, the prompt is run once (prefill) and each step feeds one token, attending over the cached
-latents (model.deepseek.KVCache). Both paths share the sampler, so with the same seed they
+latents (model.deepseek.KVCache), in the latent space ("absorb", default) or by decompressing
+them ("naive"). Both paths share the sampler, so with the same seed they
 produce the same tokens; tests/model/test_generate.py holds them to that.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +19,8 @@ import torch
 
 from model.deepseek import DeepseekForCausalLM
 from model.errors import ModelError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,9 @@ class SamplingConfig:
     seed: int = 0
     eos_id: int | None = None
     use_cache: bool = True
+    # With the cache: "absorb" attends in MLA's latent space (DeepSeek's inference form);
+    # "naive" decompresses every cached latent through kv_b_proj at each step.
+    mla: Literal["absorb", "naive"] = "absorb"
 
     def __post_init__(self) -> None:
         if self.strategy not in ("greedy", "top_p"):
@@ -42,6 +49,8 @@ class SamplingConfig:
             raise ModelError(f"SamplingConfig.top_p: expected in (0, 1], got {self.top_p}")
         if self.temperature <= 0:
             raise ModelError(f"SamplingConfig.temperature: expected > 0, got {self.temperature}")
+        if self.mla not in ("absorb", "naive"):
+            raise ModelError(f"SamplingConfig.mla: expected 'absorb' or 'naive', got {self.mla!r}")
         if self.max_new_tokens < 0:
             raise ModelError(f"SamplingConfig.max_new_tokens: expected >= 0, got {self.max_new_tokens}")
 
@@ -107,7 +116,8 @@ def generate(
             f"max_position_embeddings {model.config.max_position_embeddings}"
         )
     gen = torch.Generator(device=prompt_BT.device).manual_seed(cfg.seed)
-    cache = model.new_cache(B, total) if cfg.use_cache else None
+    cache = model.new_cache(B, total, absorb=cfg.mla == "absorb") if cfg.use_cache else None
+    logger.info("generate: %s", f"KV cache, {cfg.mla} MLA" if cache is not None else "no cache (full re-runs)")
     seq = prompt_BT
     done = torch.zeros(B, dtype=torch.bool, device=prompt_BT.device)
     new: list[torch.Tensor] = []

@@ -41,11 +41,12 @@ def random_model(seed: int, **overrides) -> DeepseekForCausalLM:
     return model.eval()
 
 
+@pytest.mark.parametrize("mla", ["absorb", "naive"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_cached_greedy_generation_equals_uncached_token_for_token(name):
+def test_cached_greedy_generation_equals_uncached_token_for_token(name, mla):
     model = random_model(1, **CONFIGS[name])
     prompts = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(2))
-    cfg = SamplingConfig(max_new_tokens=40, strategy="greedy")
+    cfg = SamplingConfig(max_new_tokens=40, strategy="greedy", mla=mla)
     cached = generate(model, prompts, cfg)
     plain = generate(model, prompts, SamplingConfig(max_new_tokens=40, strategy="greedy", use_cache=False))
     assert cached.tokens_BN.shape == (3, 40)
@@ -69,15 +70,17 @@ def test_cached_top_p_sampling_equals_uncached_and_depends_on_seed():
     assert not torch.equal(a.tokens_BN, greedy.tokens_BN)
 
 
-def test_chunked_prefill_with_cache_equals_one_forward():
+@pytest.mark.parametrize("absorb", [True, False])
+def test_chunked_prefill_with_cache_equals_one_forward(absorb):
     model = random_model(5, **CONFIGS["v3-q-lora-yarn"])
     ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         full = model(ids)
-        cache = model.new_cache(2, 30)
+        cache = model.new_cache(2, 30, absorb=absorb)
         parts = [model(ids[:, :11], cache), model(ids[:, 11:12], cache), model(ids[:, 12:], cache)]
     assert cache.length == 30
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+    # fp32, logits of magnitude ~10: the absorbed form sums in another order
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-4)
 
 
 def test_eos_stops_generation():
