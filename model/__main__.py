@@ -77,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         sp.add_argument("--adapter", type=Path, help="adapter folder to apply on top")
         sp.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "auto"], default="fp32")
         sp.add_argument("--trace-experts", type=Path, help="write experts.jsonl, expert_summary.json, expert_load.png")
+        sp.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 on a busy machine)")
         if name == "generate":
             sp.add_argument("--prompt", action="append", default=[], help="repeatable")
             sp.add_argument("--prompts-file", type=Path, help="one prompt per line (.txt) or a 'text' field (.jsonl)")
@@ -128,6 +129,8 @@ def _export(args: argparse.Namespace, console: Console) -> None:
 
 
 def _load(args: argparse.Namespace) -> tuple[DeepseekForCausalLM, object]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = load_model(args.model, adapter_dir=args.adapter, dtype=_dtype(args.dtype))
     tokenizer = load_tokenizer(args.model, eos_id=model.config.eos_token_id)
     if tokenizer.vocab_size > model.config.vocab_size:
