@@ -183,7 +183,8 @@ def _generate(args: argparse.Namespace, console: Console) -> None:
             console.print(f"[bold]{escape(prompt)}[/]{escape(tokenizer.decode(new))}", highlight=False)
             console.print(
                 f"[dim]{result.new_tokens} tokens in {result.seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s "
-                f"decode, prefill {result.prefill_seconds * 1000:.0f} ms ({result.prompt_len} tokens), "
+                f"({result.decode_tokens_per_second:.1f} tokens/s decode after a "
+                f"{result.prefill_seconds * 1000:.0f} ms prefill of {result.prompt_len} tokens), "
                 f"{'KV cache ' + format(result.cache_bytes / 1024, '.0f') + ' KiB' if cfg.use_cache else 'no cache'}[/]"
             )
             total_tokens += result.new_tokens

@@ -69,8 +69,15 @@ class GenerationResult:
 
     @property
     def tokens_per_second(self) -> float:
-        decode = self.seconds - self.prefill_seconds
-        return self.new_tokens / decode if decode > 0 else float("inf")
+        """New tokens over the whole call, prefill included."""
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens after the first of each row (which the prefill produces) over the time after it."""
+        decode_tokens = self.new_tokens - self.tokens_BN.shape[0]
+        decode_seconds = self.seconds - self.prefill_seconds
+        return decode_tokens / decode_seconds if decode_tokens > 0 and decode_seconds > 0 else float("nan")
 
 
 def sample_next(logits_BV: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> torch.Tensor:
