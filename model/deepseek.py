@@ -495,8 +495,9 @@ class MultiHeadLatentAttention(nn.Module):
 
     Computed in the "naive" form (latent -> per-head k, v): training needs the full k/v anyway,
     and every projection stays an nn.Linear, which LoRA and the DP grad samplers can hook. With a
-    KV cache, only the compressed latent and the rope key are stored; k and v of past positions
-    are decompressed from the cache through kv_b_proj at each step (same projections, same math).
+    KV cache, only the compressed latent and the rope key are stored; decode steps then either
+    decompress them through kv_b_proj ("naive") or attend in the latent space with kv_b_proj
+    absorbed into the query and output ("absorb", `_attend_absorbed`), as the cache says.
     """
 
     def __init__(self, config: ModelConfig) -> None:
