@@ -29,7 +29,12 @@ docker info >/dev/null
 
 # ---- images ------------------------------------------------------------------------------------
 deploy/base_image.sh fedmoe-base:bookworm
-cp /usr/local/share/ca-certificates/*.crt deploy/build-ca/ 2>/dev/null || true  # TLS-intercepting proxy CAs
+# Image and released app come from the committed tree (HEAD), as a release comes from a tag: a
+# working tree that is being edited is not a release.
+SRC="$(mktemp -d /tmp/fedmoe-release.XXXXXX)"
+git archive HEAD | tar -x -C "$SRC"
+COMMIT=$(git rev-parse --short HEAD)
+cp /usr/local/share/ca-certificates/*.crt "$SRC/deploy/build-ca/" 2>/dev/null || true  # TLS-intercepting proxy CAs
 FIND_LINKS=""
 WHEELS="$(pip config list 2>/dev/null | sed -n "s/.*find-links='\(.*\)'/\1/p" | head -1)"
 if [[ -n "$WHEELS" && -d "$WHEELS" ]]; then  # the local torch CPU wheel, served to the build
@@ -42,19 +47,20 @@ fi
 cleanup() {
   docker-compose -p "$PROJECT" down -v --remove-orphans >/dev/null 2>&1 || true
   [[ -n "${WHEEL_PID:-}" ]] && kill "$WHEEL_PID" 2>/dev/null || true
+  rm -rf "$SRC"
 }
 trap cleanup EXIT
-log "building fedmoe:latest"
-docker build -q --network host -f deploy/Dockerfile -t fedmoe:latest \
+log "building fedmoe:latest from commit $COMMIT"
+docker build -q --network host -f "$SRC/deploy/Dockerfile" -t fedmoe:latest \
   --build-arg BASE_IMAGE=fedmoe-base:bookworm \
   ${FIND_LINKS:+--build-arg PIP_FIND_LINKS=$FIND_LINKS --build-arg TORCH_INDEX_URL=https://pypi.org/simple} \
-  . > "$OUT/build.log"
+  "$SRC" > "$OUT/build.log"
 IMAGE_SIZE=$(docker image inspect -f '{{.Size}}' fedmoe:latest)
 
 # ---- kits and the federation ---------------------------------------------------------------------
 log "provisioning deploy/kits (CA, SuperLink cert, bank keys, released app pinned by every bank)"
 find deploy/kits -mindepth 1 -maxdepth 1 ! -name .gitignore -exec rm -rf {} +
-$PY -m fl_server.provision --out deploy/kits --banks 3 --app . > "$OUT/provision.log"
+$PY -m fl_server.provision --out deploy/kits --banks 3 --app "$SRC" > "$OUT/provision.log"
 APP=deploy/kits/release/app
 DIGEST=$(cut -d' ' -f1 deploy/kits/release/app.sha256)
 PORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -79,7 +85,7 @@ address = "127.0.0.1:$PORT"
 root-certificates = "$PWD/deploy/kits/server/secrets/ca.crt"
 TOML
 export FLWR_TELEMETRY_ENABLED=0
-JOB='key-dir="/keys" server-state-dir="/state/server" job-id="ct" num-rounds=2 model-preset="tiny" local-steps=3 records-per-bank=240 seq-len=48 batch-size=16 min-banks=2 round-timeout=240.0'
+JOB='key-dir="/keys" server-state-dir="/state/server" job-id="ct" num-rounds=2 model-preset="tiny" local-steps=3 records-per-bank=240 seq-len=48 batch-size=16 min-banks=2 round-timeout=90.0'
 RUN=$(.venv/bin/flwr run "$APP" compose --run-config "$JOB" --format json | $PY -c 'import json,sys; print(json.load(sys.stdin)["run-id"])')
 log "submitted run $RUN (app sha256 ${DIGEST:0:16}, pinned by every bank)"
 
@@ -104,13 +110,16 @@ docker run --rm -v "${PROJECT}_server-state:/s:ro" fedmoe:latest cat /s/server/c
 
 # An app bundle the banks did not approve: refused at every bank before any of its code runs.
 EVIL="$OUT/unapproved-app"; rm -rf "$EVIL"; cp -r "$APP" "$EVIL"; echo "# tampered" >> "$EVIL/fl_client/app.py"
-RUN2=$(.venv/bin/flwr run "$EVIL" compose --run-config "$JOB job-id=\"ct-evil\" num-rounds=1" --format json | $PY -c 'import json,sys; print(json.load(sys.stdin)["run-id"])')
+EVIL_JOB=${JOB/job-id=\"ct\"/job-id=\"ct-evil\"}
+RUN2=$(.venv/bin/flwr run "$EVIL" compose --run-config "$EVIL_JOB" --format json | $PY -c 'import json,sys; print(json.load(sys.stdin).get("run-id", ""))' || true)
+log "submitted a tampered copy of the app as run ${RUN2:-?}"
 REFUSED=0
 for _ in $(seq 60); do
   REFUSED=$(docker-compose -p "$PROJECT" logs bank-0-apps bank-1-apps bank-2-apps 2>/dev/null | grep -c "is not approved by this bank" || true)
   [[ "$REFUSED" -ge 1 ]] && break; sleep 2
 done
-.venv/bin/flwr stop "$RUN2" compose >/dev/null 2>&1 || true
+[[ -n "$RUN2" ]] && .venv/bin/flwr stop "$RUN2" compose >/dev/null 2>&1 || true
+RESTARTS=$(docker inspect -f '{{.RestartCount}}' "${PROJECT}_bank-1_1" 2>/dev/null || echo "?")
 docker-compose -p "$PROJECT" logs --no-color > "$OUT/compose.log" 2>&1 || true
 
 # ---- verdict -----------------------------------------------------------------------------------
@@ -131,5 +140,6 @@ set -e
 echo "----- what the server printed (flwr log $RUN) -----"
 grep -v "^\s*$" "$OUT/server-output.log" | tail -40
 echo "---------------------------------------------------"
-log "image fedmoe:latest: $(( IMAGE_SIZE / 1000000 )) MB; wall time $(( $(date +%s) - START )) s; verdict $([[ $VERDICT == 0 ]] && echo PASS || echo FAIL)"
+log "bank-1 SuperNode: killed once, restarted by hand, then $RESTARTS automatic restart(s) until the SuperLink let it activate again"
+log "commit $COMMIT; image fedmoe:latest: $(( IMAGE_SIZE / 1000000 )) MB; wall time $(( $(date +%s) - START )) s; verdict $([[ $VERDICT == 0 ]] && echo PASS || echo FAIL)"
 exit $VERDICT
