@@ -1,10 +1,15 @@
 """Loopback deployment: a SuperLink, its ServerApp executor and N bank SuperNodes on 127.0.0.1.
 
     python -m fl_server.launch --banks 3 [--run-config "num-rounds=3 ..."] [--root runs/federation]
+        [--data bank-0=PATH ...] [--policy bank-0=PATH ...] [--tls]
 
-Runs the key ceremony if the job has no keys yet, starts every process of
-`fl_server.deploy.service_commands` (the same commands docker-compose.yml runs), submits the job
-with `flwr run`, streams its output, and stops everything it started, also on Ctrl-C or error.
+Refuses up front what cannot work (fewer banks than min-banks, an unknown or mistyped run-config
+key, a missing data file), runs the key ceremony if the job has no keys yet, starts every process
+of `fl_server.deploy.service_commands` (the same commands docker-compose.yml and the kits run),
+submits the job with `flwr run`, streams its output, and stops everything it started, also on
+SIGTERM/SIGINT or error. Exit code: 0 only if Flower reports the run completed and the job's state
+says finished; 1 if the job failed (the ServerApp's last error is printed); 2 if it refused to
+start; 128+signal when stopped. Logs (`<root>/logs/`) carry no ANSI colour codes.
 """
 
 from __future__ import annotations
