@@ -1,8 +1,18 @@
-"""fedmoe ClientApp: a thin Flower shell over fl_client.bank (one bank per SuperNode)."""
+"""fedmoe ClientApp: a thin Flower shell over fl_client.bank (one bank per SuperNode).
+
+Flower sends `str(exception)` of a failing ClientApp to the server, which stores it. A bank's
+exception text can hold a private record (a CSV line in a data error) or a local path, so every
+exception is turned into a reason that names only the error class and where it happened (file
+name and line); the full message stays in the bank's own log.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+import traceback
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from flwr.app import Context, Message
@@ -14,7 +24,31 @@ from protocol.config import JobConfig
 from protocol.messages import RoundRequest
 
 app = ClientApp()
+logger = logging.getLogger(__name__)
 logging.getLogger("fl_client").setLevel(logging.INFO)
+
+
+class BankFailure(RuntimeError):
+    """What the server may know about a failure at the bank: the kind, never the content."""
+
+
+def redacted_reason(err: BaseException) -> str:
+    """'DataError in files.py:212' -- the error class and the innermost project frame, no message."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if "site-packages" not in f.filename]
+    where = f" in {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"{type(err).__name__}{where} (details in the bank's own log)"
+
+
+def redacting(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    @functools.wraps(handler)
+    def wrapper(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as err:
+            logger.exception("bank handler failed (this message stays at the bank)")
+            raise BankFailure(redacted_reason(err)) from None
+
+    return wrapper
 
 
 def _configs(context: Context) -> tuple[JobConfig, BankConfig]:
@@ -28,16 +62,18 @@ def _configs(context: Context) -> tuple[JobConfig, BankConfig]:
 
 
 @app.train()
+@redacting
 def train(msg: Message, context: Context) -> Message:
-    """Apply pending aggregates, train privately, reply with the encrypted weighted delta."""
+    """Apply pending aggregates, train privately, reply with the encrypted update."""
     job, bank = _configs(context)
     reply = handle_train(job, bank, RoundRequest.from_content(msg.content))
     return Message(content=reply.to_content(), reply_to=msg)
 
 
 @app.evaluate()
+@redacting
 def evaluate(msg: Message, context: Context) -> Message:
-    """Apply pending aggregates and report the eval loss on the bank's held-out data."""
+    """Apply pending aggregates; report the eval loss where the bank's policy releases it."""
     job, bank = _configs(context)
     reply = handle_evaluate(job, bank, RoundRequest.from_content(msg.content))
     return Message(content=reply.to_content(), reply_to=msg)

@@ -148,6 +148,12 @@ class Bank:
             **fields,
         )
 
+    def mark_attempt(self, round_idx: int) -> None:
+        atomic_write_bytes(self.state_dir / "attempts" / f"round-{round_idx:04d}", b"")
+
+    def attempted_rounds(self) -> set[int]:
+        return {int(p.name.split("-")[1]) for p in (self.state_dir / "attempts").glob("round-*")}
+
     # ---- what was released: a repeated request gets it again, never a second training --------
     def released_file(self, round_idx: int, suffix: str) -> Path:
         return self.state_dir / "released" / f"round-{round_idx:04d}.{suffix}"
@@ -199,7 +205,7 @@ def open_bank(job: JobConfig, config: BankConfig, request: RoundRequest) -> tupl
 def local_round(bank: Bank, data: BankData, round_idx: int) -> RoundResult:
     """The bank's policy decides whether this job may train here at all; then DP-SGD (or a refusal)."""
     privacy = BankPrivacy(bank.job, bank.config, data)
-    privacy.record_skipped(round_idx)
+    privacy.record_missed(round_idx, bank.attempted_rounds())
     refusals = privacy.policy_refusals()
     if refusals:
         return privacy.refuse(round_idx, "; ".join(map(str, refusals)))
@@ -249,6 +255,7 @@ def handle_train(job: JobConfig, config: BankConfig, request: RoundRequest) -> T
         repeat = bank.released_reply(request.round)
         if repeat is not None:
             return repeat
+        bank.mark_attempt(request.round)  # a crash from here on is recorded as "failed" next time
         if request.round <= bank.state.applied_round:
             raise ConfigError(
                 f"bank {config.bank_id}: asked to train round {request.round}, but it already applied that "

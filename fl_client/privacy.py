@@ -84,10 +84,14 @@ class BankPrivacy:
     def commit(self, stored: dict, *, exhausted: bool) -> str:
         return json.dumps(commitment_of(stored, exhausted=exhausted))
 
-    def record_skipped(self, upcoming_round: int) -> None:
+    def record_missed(self, upcoming_round: int, attempted: set[int]) -> None:
+        """Rounds since the last entry: "failed" where the bank started and crashed, else "skipped"."""
         job_entries = [e for e in self.entries if e.get("job_id") == self.job.job_id]
-        for skipped in skipped_rounds(job_entries, upcoming_round):  # rounds it never heard of
-            self.append(skipped, "skipped", reason="the bank was not asked to train in this round")
+        for missed in skipped_rounds(job_entries, upcoming_round):
+            if missed in attempted:
+                self.append(missed, "failed", reason="the bank's handler failed before it recorded this round")
+            else:
+                self.append(missed, "skipped", reason="the bank was not asked to train in this round")
 
     def refuse(self, round_idx: int, reason: str) -> RoundResult:
         """Nothing trained, nothing spent; the refusal is on the bank's record and the server sees why."""
@@ -126,6 +130,8 @@ class BankPrivacy:
             report = train_private_round(model, data.train, self.cfg, self.accountant, seed=seed)
         except BudgetExceeded as err:
             return self.refuse(round_idx, str(err))
+        except DPError as err:  # e.g. a budget too small for a single step: exhausted, not an error
+            return self.refuse(round_idx, f"cannot train within the budget: {err}")
         # What one more identical round would bring epsilon to: the bank's own "exhausted" verdict.
         nxt = report.accountant_state.appended(HistoryEntry(report.sigma, report.q, report.steps)).epsilon()
         # Ledger first, then accountant: a crash can over-count, never under-count.

@@ -20,4 +20,8 @@ def main(grid: Grid, context: Context) -> None:
     logging.getLogger("fl_server").setLevel(logging.INFO)
     job = JobConfig.from_run_config(context.run_config)
     reporter = ConsoleReporter(Console(force_terminal=False, width=120))
-    Federation(grid=grid, job=job, reporter=reporter).run()
+    state = Federation(grid=grid, job=job, reporter=reporter).run()
+    failed = [r.round for r in state.rounds if not r.aggregated]
+    if not state.finished or (failed and failed[-1] == state.completed_round):
+        # The launcher and `flwr` report a failed run: never "completed" over a missing last aggregate.
+        raise RuntimeError(f"job {job.job_id!r} did not complete: {state.end_reason}")

@@ -85,6 +85,7 @@ class Federation:
         # The layout every bundle must carry, from the job's config (no weights are built).
         self.layout_hash, self.n_elements = trainable_layout(self.job)
         self.node_bank: dict[int, str] = {int(k): v for k, v in self.state.node_bank.items()}
+        self.connected: set[int] = set()  # the nodes connected when the current exchange started
 
     def save(self) -> None:
         self.state.node_bank = {str(node): bank for node, bank in self.node_bank.items()}
@@ -92,6 +93,25 @@ class Federation:
 
     def label(self, node: int) -> str:
         return self.node_bank.get(node, f"node-{node}")
+
+    def bind(self, node: int, claimed: str) -> str:
+        """Binds a node to the bank it says it is, once; "" if fine, else why the reply is refused.
+
+        A node's bank never changes, and a bank that is bound to another node still connected
+        cannot be claimed: a reply naming another bank is recorded against the node that sent it.
+        A bank whose node is gone (a restarted SuperNode gets a new id) moves to the new node.
+        """
+        known = self.node_bank.get(node)
+        if known is not None and known != claimed:
+            return f"node {node} is {known!r}; its reply claims to be {claimed!r}"
+        holder = next((n for n, b in self.node_bank.items() if b == claimed and n != node), None)
+        if holder is not None and holder in self.connected:
+            return f"{claimed!r} is node {holder}, which is connected; node {node} claims to be it"
+        if holder is not None:
+            logger.warning("%s moved from node %s (gone) to node %s", claimed, holder, node)
+            del self.node_bank[holder]
+        self.node_bank[node] = claimed
+        return ""
 
     # ---- messaging ------------------------------------------------------------------------------
     def wait_for_banks(self) -> list[int]:
@@ -126,6 +146,7 @@ class Federation:
             )
             for node in nodes
         ]
+        self.connected = set(self.grid.get_node_ids())
         replies = list(self.grid.send_and_receive(messages, timeout=self.job.round_timeout))
         node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set by the push
         # Error replies made by the SuperLink (e.g. "node unavailable") come from the SuperLink,
@@ -154,7 +175,9 @@ class Federation:
             tr = TrainReply.from_content(reply.content)
         except (ValueError, KeyError, TypeError) as err:
             return BankOutcome(self.label(node), Outcome.INVALID_REPLY, f"unreadable train reply: {err}")
-        self.node_bank[node] = tr.bank_id
+        impostor = self.bind(node, tr.bank_id)
+        if impostor:
+            return BankOutcome(f"node-{node}", Outcome.INVALID_REPLY, impostor)
         self.state.applied[tr.bank_id] = tr.applied_round
         if tr.status is TrainStatus.AGGREGATE_REJECTED:
             return BankOutcome(tr.bank_id, Outcome.REJECTED_AGGREGATE, tr.reason, rejected_round=tr.rejected_round)
@@ -272,13 +295,24 @@ class Federation:
                 logger.warning("evaluate round %d: node %s failed: %s", round_idx, node, reply.error.reason)
                 continue
             ev = EvalReply.from_content(reply.content)
-            self.node_bank[node] = ev.bank_id
+            refused = self.bind(node, ev.bank_id)
+            if refused:
+                logger.warning("evaluate round %d: reply of node %s refused: %s", round_idx, node, refused)
+                continue
             self.state.applied[ev.bank_id] = ev.applied_round
             if ev.eval_loss is not None:  # only where the bank's policy releases it
                 losses[ev.bank_id] = ev.eval_loss
         for node in silent:
             logger.warning("evaluate round %d: node %s did not answer", round_idx, node)
         return losses
+
+    def deliver_final(self, nodes: list[int]) -> None:
+        """The closing message: every bank behind the last aggregate gets it, whatever `evaluate` says."""
+        last = max((r.round for r in self.state.rounds if r.aggregated), default=0)
+        behind = [n for n in nodes if self.state.applied.get(self.node_bank.get(n, ""), 0) < last]
+        if last and behind:
+            self.evaluate(behind, self.state.completed_round)
+            self.save()
 
     def stop_reason(self, nodes: list[int], round_idx: int) -> tuple[str, bool] | None:
         """(why the job cannot run this round, whether a later resubmission can resume it)."""
@@ -310,7 +344,8 @@ class Federation:
     def run(self) -> ServerState:
         state = self.state
         if state.finished:
-            self.reporter.note(f"job {self.job.job_id!r} already finished ({state.end_reason}); nothing to do")
+            self.reporter.note(f"job {self.job.job_id!r} already finished ({state.end_reason})")
+            self.deliver_final(self.wait_for_banks())  # what a crash may have withheld
             return state
         if state.completed_round:
             self.reporter.note(f"resuming job {self.job.job_id!r} after round {state.completed_round}")
@@ -331,9 +366,13 @@ class Federation:
                 break
             self.run_round(round_idx, nodes)
         else:
-            state.end_reason = f"completed {self.job.num_rounds} rounds"
+            missing = [r.round for r in state.rounds if not r.aggregated]
+            state.end_reason = f"completed {self.job.num_rounds} rounds" + (
+                f"; rounds without an aggregate (too few banks or quarantined): {missing}" if missing else ""
+            )
         state.finished = True
         self.save()
+        self.deliver_final(nodes)
         path = self.store.write_results(state, {"layout-hash": self.layout_hash, "n-elements": self.n_elements})
         self.reporter.job_done(self)
         self.reporter.note(f"results: {path}")

@@ -29,6 +29,8 @@ class RoundRecord:
     outcomes: dict[str, str] = field(default_factory=dict)  # bank or node -> Outcome (typed, see federation)
     aggregated: bool = False
     no_aggregate: str = ""  # why the round produced no aggregate ("" when it did)
+    quarantined: list[int] = field(default_factory=list)  # earlier rounds whose aggregate banks rejected here
+    quarantine_reason: str = ""  # set on a round whose own aggregate was quarantined later
     train_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     eval_loss: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -47,6 +49,15 @@ class ServerState:
     eval_round0: dict[str, float] = field(default_factory=dict)
     finished: bool = False
     end_reason: str = ""
+
+    def quarantine(self, round_idx: int, reason: str) -> bool:
+        """Marks a round's aggregate as never to be sent again; False if it is not a live aggregate."""
+        for record in self.rounds:
+            if record.round == round_idx and record.aggregated:
+                record.aggregated, record.quarantine_reason = False, reason
+                record.no_aggregate = f"aggregate quarantined: {reason}"
+                return True
+        return False
 
 
 class ServerStore:

@@ -57,7 +57,7 @@ MIRROR_SCHEMA = "fedmoe.ledger.mirror/2"  # /2: the server keeps a commitment, n
 GENESIS_HASH = "0" * 64
 CHAIN_FIELDS = ("seq", "prev_hash", "hash")
 
-RoundStatus = Literal["trained", "refused", "skipped", "dropped", "non-private"]
+RoundStatus = Literal["trained", "refused", "skipped", "dropped", "failed", "non-private"]
 ServerStatus = Literal["received", "skipped", "dropped"]
 ROUND_STATUSES: tuple[str, ...] = typing.get_args(RoundStatus)
 SERVER_STATUSES: tuple[str, ...] = typing.get_args(ServerStatus)

