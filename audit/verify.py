@@ -121,6 +121,8 @@ class BankSummary:
     epsilon_pld: float
     epsilon_rdp: float
     ok: bool
+    entries: tuple[dict[str, Any], ...] = ()  # the bank's ledger entries of this job, verbatim
+    head_hash: str = ""  # hash of the last entry of the bank's ledger file (what a sign-off pins)
 
     @property
     def epsilon_spent(self) -> float:
@@ -525,7 +527,7 @@ class _BankView:
     entries: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (line, bank entry)
     server: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (line, mirror line) for mirrors
     chain_ok: bool = True
-    gaps: list[tuple[int, int, int]] = field(default_factory=list)  # mirror: (line, first, last) unmirrored seqs
+    head_hash: str = ""  # the file's last verified hash
 
 
 def _file_kind(entries: list[dict[str, Any]]) -> str:
@@ -705,6 +707,8 @@ def _summarize(
         epsilon_pld=rec.pld(last["history"], delta),
         epsilon_rdp=rec.rdp(last["history"], delta),
         ok=ok,
+        entries=tuple(entries),
+        head_hash=authority.head_hash,
     )
 
 
@@ -744,6 +748,7 @@ def audit_ledgers(paths: Iterable[str | os.PathLike[str]]) -> AuditResult:
                         f"second bank ledger for job/bank {key} (first: {bank_views[key][0].path})",
                     )
                     continue
+                view.head_hash = chain.last_hash
                 bank_views[key] = (view, chain.n_entries)
         elif kind == "mirror":
             views = _audit_mirror_file(path, entries, chain.ok, rec, out)
