@@ -130,9 +130,13 @@ def container_bank(i: int, *, data_path: str = "", policy_file: str = "", partit
     )
 
 
+# The bank's kit config folder is mounted read-only at /etc/fedmoe in its executor.
+POLICY_PATH = "/etc/fedmoe/policy.toml"
+
+
 def compose_topology(n_banks: int, *, tls: bool = True, banks: tuple[BankNode, ...] | None = None) -> Topology:
     """Every process in its own container; bank i and its executor share a private network `bank-i`."""
-    banks = banks if banks is not None else tuple(container_bank(i) for i in range(n_banks))
+    banks = banks if banks is not None else tuple(container_bank(i, policy_file=POLICY_PATH) for i in range(n_banks))
     n_banks = len(banks)
     return Topology(
         banks=banks,

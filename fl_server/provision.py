@@ -44,6 +44,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fl_server.deploy import (
     COMPOSE_RUN_CONFIG,
     FLOWER_ENV,
+    POLICY_PATH,
     UID,
     bank_services,
     compose_topology,
@@ -347,7 +348,7 @@ def provision(
             node = container_bank(
                 i,
                 data_path=f"/data/{data_name}" if data_name else "",
-                policy_file="/etc/fedmoe/policy.toml" if has_policy else "",
+                policy_file=POLICY_PATH if has_policy else "",
             )
             node = replace(node, bank_id=spec_b.bank_id)
             btopo = replace(compose_topology(1, banks=(node,)), superlink_host=superlink_names[0], superlink_port=port)
