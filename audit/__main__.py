@@ -20,6 +20,8 @@ from rich.logging import RichHandler
 from audit.canary import AuditError, CanaryAuditConfig, run_canary_audit
 from audit.report import render_table, write_html_report
 from audit.verify import audit_ledgers
+from crypto.errors import CryptoError
+from crypto.identity import ConsortiumPins, load_pins
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +43,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="fault injection for demos: train the audited round with noise_multiplier=0 (the audit must fail)",
     )
+    parser.add_argument(
+        "--pins",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="pinned consortium identity keys (pins JSON; repeat to merge): every entry's signature must verify",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     args = parser.parse_args(argv)
     if not args.ledgers and not args.empirical:
@@ -48,6 +58,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.inject_no_noise and not args.empirical:
         parser.error("--inject-no-noise needs --empirical")
     return args
+
+
+def merged_pins(files: list[Path]) -> ConsortiumPins | None:
+    """One pin set from several pins files (a consortium file, or each bank's identity.pins.json)."""
+    if not files:
+        return None
+    keys: dict[str, bytes] = {}
+    for path in files:
+        for bank, key in load_pins(path).keys.items():
+            if keys.setdefault(bank, key) != key:
+                raise CryptoError(f"pins file {path}: bank {bank!r} is pinned to two different keys")
+    return ConsortiumPins(keys)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
     )
-    result = audit_ledgers(args.ledgers)
+    try:
+        pins = merged_pins(args.pins)
+    except CryptoError as err:
+        console.print(f"[red]error:[/] {err}")
+        return 2
+    result = audit_ledgers(args.ledgers, pins=pins)
     if args.empirical:
         try:
             config = CanaryAuditConfig(

@@ -35,6 +35,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from crypto.errors import CryptoError
+from crypto.identity import ConsortiumPins
 from protocol.accounting import epsilon_pld, epsilon_rdp, epsilon_tolerance
 from protocol.ledger import (
     BANK_SCHEMA,
@@ -47,6 +52,7 @@ from protocol.ledger import (
     check_commitment,
     is_json_type,
     read_verified,
+    signed_message,
 )
 
 if TYPE_CHECKING:
@@ -537,8 +543,43 @@ def _file_kind(entries: list[dict[str, Any]]) -> str:
     return {BANK_SCHEMA: "bank", MIRROR_SCHEMA: "mirror"}.get(schema, "unknown")
 
 
+def _check_signature(entry: Mapping[str, Any], where: _Where, pins: ConsortiumPins | None, out: _Collector) -> None:
+    """Authorship: the bank's identity key signed this entry's hash (the chain alone proves order only)."""
+    if not isinstance(entry.get("signature"), str) or not isinstance(entry.get("signer"), str):
+        out.add(
+            "error",
+            "missing-signature",
+            where,
+            "entry not signed by the bank's identity key: anyone with write access could have rewritten the "
+            "whole chain consistently. What to do: provision the bank's identity key (node-config identity-key)",
+            entry,
+        )
+        return
+    message = signed_message(str(entry.get("bank_id")), str(entry.get("hash")))
+    try:
+        signature = bytes.fromhex(entry["signature"])
+        if pins is not None:
+            pins.verify(str(entry.get("bank_id")), message, signature)
+        else:
+            Ed25519PublicKey.from_public_bytes(bytes.fromhex(entry["signer"])).verify(signature, message)
+    except (CryptoError, InvalidSignature, ValueError) as err:
+        out.add(
+            "error",
+            "bad-signature",
+            where,
+            f"signature does not verify ({err}): the entry was not written by {entry.get('bank_id')!r}'s "
+            f"{'pinned ' if pins is not None else ''}identity key. What to do: treat this ledger as forged",
+            entry,
+        )
+
+
 def _audit_bank_file(
-    path: Path, entries: list[dict[str, Any]], chain_ok: bool, rec: _Recompute, out: _Collector
+    path: Path,
+    entries: list[dict[str, Any]],
+    chain_ok: bool,
+    rec: _Recompute,
+    out: _Collector,
+    pins: ConsortiumPins | None = None,
 ) -> dict[tuple[str, str], _BankView]:
     views: dict[tuple[str, str], _BankView] = {}
     prev: dict[str, Any] | None = None
@@ -550,6 +591,7 @@ def _audit_bank_file(
             first_ids = ids
         elif ids != first_ids:
             out.add("error", "sequence", where, f"bank_id: expected {first_ids!r} like line 1, got {ids!r}", entry)
+        _check_signature(entry, where, pins, out)
         if _check_entry(entry, where, prev, rec, out):
             prev = entry
             key = (str(entry["job_id"]), str(entry["bank_id"]))
@@ -712,7 +754,7 @@ def _summarize(
     )
 
 
-def audit_ledgers(paths: Iterable[str | os.PathLike[str]]) -> AuditResult:
+def audit_ledgers(paths: Iterable[str | os.PathLike[str]], *, pins: ConsortiumPins | None = None) -> AuditResult:
     """Verifies bank ledgers and server mirror files; recomputes every epsilon independently.
 
     Pure: reads the files, prints nothing, raises nothing for bad content (every problem is a
@@ -722,6 +764,9 @@ def audit_ledgers(paths: Iterable[str | os.PathLike[str]]) -> AuditResult:
         paths: bank `ledger.jsonl` files and/or server `ledger-mirror/<bank>.jsonl` files, in
             any order. A bank's own ledger is the authority for its numbers; the mirror is
             cross-checked against it.
+        pins: the consortium's pinned identity keys; every entry's signature must verify under
+            the key pinned for its bank. Without pins, signatures are checked against the key the
+            entry names (self-consistency only), and a warning says so.
 
     Returns:
         AuditResult (`ok` is False when any check failed).
@@ -738,7 +783,7 @@ def audit_ledgers(paths: Iterable[str | os.PathLike[str]]) -> AuditResult:
             out.add("error", "chain", (path, chain.first_bad_line or None), chain.problem)
         kind = _file_kind(entries)
         if kind == "bank":
-            views = _audit_bank_file(path, entries, chain.ok, rec, out)
+            views = _audit_bank_file(path, entries, chain.ok, rec, out, pins)
             for key, view in views.items():
                 if key in bank_views:
                     out.add(
@@ -787,6 +832,14 @@ def audit_ledgers(paths: Iterable[str | os.PathLike[str]]) -> AuditResult:
                 "bank's own ledger.jsonl was not given (or is lost). What to do: obtain it from the bank",
             )
 
+    if pins is None and bank_views:
+        out.add(
+            "warning",
+            "signature",
+            (next(iter(bank_views.values()))[0].path, None),
+            "signatures were checked against the keys the entries name, not against pinned consortium keys: "
+            "pass --pins to prove authorship",
+        )
     summaries = []
     for key in sorted(bank_views):
         summary = _summarize(key, bank_views[key][0], mirror_views.get(key), rec, out.findings)

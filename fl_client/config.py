@@ -30,6 +30,7 @@ NODE_CONFIG_KEYS: dict[str, type] = {
     "key-path": str,
     "state-dir": str,
     "policy-file": str,
+    "identity-key": str,
     "epsilon": float,
     "delta": float,
     "planned-rounds": int,
@@ -87,6 +88,12 @@ class BankConfig:
     policy: BankPolicy = field(default_factory=BankPolicy)
     planned_rounds: int = 0  # rounds the bank calibrates its noise for; 0 = the job's num-rounds
     torch_threads: int = 0  # intra-op threads for this bank's ClientApps; 0 = torch's default
+    identity_key: Path | None = None  # node-config `identity-key` (provisioned); None = in the state root
+
+    @property
+    def identity_path(self) -> Path:
+        """The bank's Ed25519 identity (signs its ledger entries); default `<state-root>/identity.secret`."""
+        return self.identity_key or self.state_root / "identity.secret"
 
     def job_dir(self, job_id: str) -> Path:
         return self.state_root / "jobs" / job_id
@@ -122,6 +129,7 @@ class BankConfig:
             policy=_policy(raw, bank_id),
             planned_rounds=planned_rounds,
             torch_threads=torch_threads,
+            identity_key=Path(raw["identity-key"]) if raw.get("identity-key") else None,
         )
 
 

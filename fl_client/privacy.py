@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from crypto.identity import ConsortiumPins, generate_identity, load_identity, write_pins
 from fl_client.config import BankConfig
 from fl_client.dp import AccountantState, BudgetExceeded, DPConfig, DPError, HistoryEntry, train_private_round
 from fl_client.dp.accountant import noise_multiplier_for, sample_rate_for
@@ -25,7 +26,8 @@ from fl_client.ledger import accountant_state_from_ledger, round_entry
 from fl_client.policy import Refusal, check_job, check_round
 from fl_client.task import BankData, dp_config, round_seed
 from protocol.config import JobConfig
-from protocol.ledger import Ledger, bank_exhausted, commitment_of, skipped_rounds, utc_now
+from protocol.errors import ConfigError
+from protocol.ledger import Ledger, Signer, bank_exhausted, commitment_of, skipped_rounds, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,24 @@ class RoundResult:
     metrics: dict[str, float] = field(default_factory=dict)
     commitment: str = ""  # JSON of the commitment to the stored ledger entry
     refused: str = ""  # the reason, when the bank's policy or budget said no
+
+
+def bank_signer(config: BankConfig) -> Signer:
+    """The bank's ledger signer from its identity key; a bank without one creates it on first use.
+
+    A created key's public half is written next to it as a pins file (`identity.pins.json`): the
+    consortium pins it, and the audit checks every entry's signature against the pinned key.
+    """
+    path = config.identity_path
+    if path.exists():
+        identity = load_identity(path)
+    else:
+        identity = generate_identity(path, config.bank_id)
+        write_pins(path.with_name("identity.pins.json"), ConsortiumPins.from_identities([identity]))
+        logger.warning("bank %s: created its identity key %s; pin its public key", config.bank_id, path.name)
+    if identity.bank_id != config.bank_id:
+        raise ConfigError(f"identity key {path.name}: belongs to {identity.bank_id!r}, this bank is {config.bank_id!r}")
+    return identity.public_key.hex(), identity.sign
 
 
 def _load_accountant(path: Path, cfg: DPConfig) -> AccountantState:
@@ -54,6 +74,7 @@ class BankPrivacy:
         self.n_samples, self.fingerprint = len(data.train), data.fingerprint
         self.dir = config.privacy_dir(data.fingerprint)
         self.ledger = Ledger(self.dir / "ledger.jsonl")
+        self.signer = bank_signer(config)
         self.entries = self.ledger.entries()
         accountant = _load_accountant(self.dir / "accountant.json", self.cfg)
         from_ledger = accountant_state_from_ledger(self.entries, self.cfg)
@@ -79,7 +100,7 @@ class BankPrivacy:
             dataset_fingerprint=self.fingerprint,
             **({"report": None, "state": self.accountant} | details),
         )
-        return self.ledger.append(entry)
+        return self.ledger.append(entry, signer=self.signer)
 
     def commit(self, stored: dict, *, exhausted: bool) -> str:
         return json.dumps(commitment_of(stored, exhausted=exhausted))

@@ -41,7 +41,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,9 +79,18 @@ def canonical_json(obj: Any) -> str:
 
 
 def entry_hash(entry: Mapping[str, Any]) -> str:
-    """SHA-256 hex over the canonical JSON of `entry` without its `hash` field."""
-    body = {k: v for k, v in entry.items() if k != "hash"}
+    """SHA-256 hex over the canonical JSON of `entry` without its `hash` and `signature` fields."""
+    body = {k: v for k, v in entry.items() if k not in ("hash", "signature")}
     return hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
+
+
+def signed_message(bank_id: str, hash_hex: str) -> bytes:
+    """What a bank signs for one ledger entry: a domain tag, its id and the entry's hash."""
+    return f"fedmoe.ledger.entry/1|{bank_id}|{hash_hex}".encode()
+
+
+# A bank's signer: (its public key hex, a function signing bytes -> signature bytes).
+Signer = tuple[str, Callable[[bytes], bytes]]
 
 
 def utc_now() -> str:
@@ -249,7 +258,7 @@ class Ledger:
         entries = self.entries()
         return entries[-1] if entries else None
 
-    def append(self, entry: Mapping[str, Any]) -> dict[str, Any]:
+    def append(self, entry: Mapping[str, Any], *, signer: Signer | None = None) -> dict[str, Any]:
         """Appends one entry: adds `seq`, `prev_hash`, `hash` and a `written_at` timestamp.
 
         The file is rewritten whole to a temp file, fsynced and renamed over the old one (then
@@ -268,7 +277,7 @@ class Ledger:
         """
         if not isinstance(entry, Mapping):
             raise LedgerError(f"{self.path}: entry expected a JSON object (dict), got {type(entry).__name__}")
-        preset = [k for k in CHAIN_FIELDS if k in entry]
+        preset = [k for k in (*CHAIN_FIELDS, "signer", "signature") if k in entry]
         if preset:
             raise LedgerError(f"{self.path}: entry must not carry {preset}; the ledger sets them")
         with exclusive_lock(self._lock_path):  # a sibling file: the ledger is replaced by rename
@@ -278,7 +287,11 @@ class Ledger:
                 stored["written_at"] = utc_now()
             stored["seq"] = parsed.report.n_entries + 1
             stored["prev_hash"] = parsed.report.last_hash
+            if signer is not None:  # authorship: a re-hashed chain without the bank's key fails the audit
+                stored["signer"] = signer[0]
             stored["hash"] = entry_hash(stored)
+            if signer is not None:
+                stored["signature"] = signer[1](signed_message(str(stored.get("bank_id")), stored["hash"])).hex()
             line = (canonical_json(stored) + "\n").encode("utf-8")
             atomic_write_bytes(self.path, data + line)
         return stored
@@ -337,6 +350,7 @@ class BankEntry:
 
 # Fields `Ledger.append` adds to every entry, with the JSON types they must have.
 APPENDED_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {"written_at": ((str,), False)}
+SIGNATURE_FIELDS = ("signer", "signature")  # added by a signing bank; their absence is an audit finding
 
 
 def _json_types(annotation: Any) -> tuple[tuple[type, ...], bool]:
@@ -414,7 +428,8 @@ def commitment_of(entry: Mapping[str, Any], *, exhausted: bool) -> dict[str, Any
     follows. The hash binds the bank to the full entry (the audit compares it with the bank's
     ledger); `exhausted` is the bank's own verdict that its next round would not fit its budget.
     """
-    return {**{k: entry[k] for k in COMMITMENT_FIELDS}, "exhausted": bool(exhausted)}
+    signature = {k: entry[k] for k in SIGNATURE_FIELDS if k in entry}  # the mirror keeps the bank's signature
+    return {**{k: entry[k] for k in COMMITMENT_FIELDS}, **signature, "exhausted": bool(exhausted)}
 
 
 def check_commitment(
@@ -430,8 +445,8 @@ def check_commitment(
         raise LedgerError(f"ledger commitment: expected a JSON object, got {type(raw).__name__}")
     where = f"ledger commitment of {raw.get('bank_id')!r} round {raw.get('round')!r}"
     expected_keys = {*COMMITMENT_FIELDS, "exhausted"}
-    if set(raw) != expected_keys:
-        raise LedgerError(f"{where}: fields expected {sorted(expected_keys)}, got {sorted(raw)}")
+    if not expected_keys <= set(raw) <= expected_keys | set(SIGNATURE_FIELDS):
+        raise LedgerError(f"{where}: fields expected {sorted(expected_keys)} (+ signer, signature), got {sorted(raw)}")
     if isinstance(raw["seq"], bool) or not isinstance(raw["seq"], int) or raw["seq"] < 1:
         raise LedgerError(f"{where}: field 'seq' expected an integer >= 1, got {raw['seq']!r}")
     for name in ("prev_hash", "hash"):

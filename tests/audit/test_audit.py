@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from rich.console import Console
 
 from audit import audit_ledgers, render_table, write_html_report
 from audit.__main__ import main
+from crypto.identity import ConsortiumPins, generate_identity, write_pins
 from fl_client.dp import AccountantState, BudgetExceeded, DPConfig, HistoryEntry, RoundPrivacyReport, check_budget
 from fl_client.dp.accountant import noise_multiplier_for, sample_rate_for
 from fl_client.ledger import round_entry
@@ -23,6 +25,19 @@ from protocol.accounting import epsilon_pld, epsilon_rdp
 from protocol.ledger import CHAIN_FIELDS, Ledger, canonical_json, commitment_of, entry_hash, mirror_entry, mirror_path
 
 JOB, N = "job-7", 48
+_KEYS = Path(tempfile.mkdtemp(prefix="identities-"))
+IDENTITIES = {bank: generate_identity(_KEYS / f"{bank}.secret", bank) for bank in ("bank-a", "bank-b")}
+PINS = ConsortiumPins.from_identities(list(IDENTITIES.values()))
+PINS_FILE = write_pins(_KEYS / "pins.json", PINS)
+
+
+def signer_for(bank: str):
+    identity = IDENTITIES.get(bank)
+    return (identity.public_key.hex(), identity.sign) if identity else None
+
+
+def audit_pinned(files, **kwargs):
+    return audit_ledgers(files, pins=PINS, **kwargs)
 
 
 def planned_round(cfg: DPConfig, n_samples: int) -> HistoryEntry:
@@ -82,7 +97,8 @@ def run_bank(root: Path, cfg: DPConfig, plan: dict[int, str]) -> None:
         if action == "skip":  # the server did not select the bank; the bank notes it later
             mirror.append(mirror_entry(job_id=JOB, bank_id=cfg.bank_id, round=round_, server_status="skipped",
                                        commitment=None, reason="not connected"))  # fmt: skip
-            ledger.append(round_entry(round=round_, status="skipped", report=None, state=state, **common))
+            ledger.append(round_entry(round=round_, status="skipped", report=None, state=state, **common),
+                          signer=signer_for(cfg.bank_id))  # fmt: skip
             continue
         try:
             report = accountant_round(cfg, state)
@@ -92,7 +108,7 @@ def run_bank(root: Path, cfg: DPConfig, plan: dict[int, str]) -> None:
         else:
             entry = round_entry(round=round_, status="trained", report=report, **common)
             state = report.accountant_state
-        stored = ledger.append(entry)
+        stored = ledger.append(entry, signer=signer_for(cfg.bank_id))
         commitment = commitment_of(stored, exhausted=entry["status"] == "refused")
         mirror.append(mirror_entry(job_id=JOB, bank_id=cfg.bank_id, round=round_, server_status="received",
                                    commitment=commitment))  # fmt: skip
@@ -124,12 +140,18 @@ def write(path: Path, entries: list[dict]) -> None:
     path.write_text("".join(canonical_json(e) + "\n" for e in entries), encoding="utf-8")
 
 
-def rechain(path: Path, entries: list[dict]) -> None:
-    """Writes `entries` as a *valid* chain (what someone rewriting the whole file would do)."""
+def rechain(path: Path, entries: list[dict], *, sign: bool = True) -> None:
+    """Writes `entries` as a *valid* chain (what someone rewriting the whole file would do).
+
+    sign=True re-signs with the bank's own identity key (so a test isolates the check it is about);
+    sign=False is what anyone without the bank's key can do.
+    """
     path.unlink(missing_ok=True)
     ledger = Ledger(path)
     for entry in entries:
-        ledger.append({k: v for k, v in entry.items() if k not in CHAIN_FIELDS})
+        body = {k: v for k, v in entry.items() if k not in (*CHAIN_FIELDS, "signer", "signature")}
+        signer = signer_for(entry["bank_id"]) if sign and "bank_id" in entry else None
+        ledger.append(body, signer=signer)
 
 
 def errors_at(result, path: Path, line: int | None = None, check: str | None = None) -> list:
@@ -158,7 +180,7 @@ def tampered(value):
 
 
 def test_clean_job_passes_and_recomputed_epsilon_matches_within_1_percent(job):
-    result = audit_ledgers(paths(job))
+    result = audit_pinned(paths(job))
     assert result.ok and not result.findings, [str(f) for f in result.findings]
     assert [f.kind for f in result.files] == ["bank", "bank", "mirror", "mirror"]
     a, b = result.banks
@@ -196,9 +218,11 @@ def test_editing_any_field_of_any_line_fails_naming_that_file_and_line(job, tmp_
                 else:
                     edited[line - 1][key][inner] = tampered(entry[key][inner])
                 write(copy, edited)
-                result = audit_ledgers([copy, *others])
+                result = audit_pinned([copy, *others])
                 assert not result.ok
-                hits = errors_at(result, copy, line, "chain")
+                # the signature is over the hash, outside it: an edited signature is a bad signature
+                check = "bad-signature" if key == "signature" else "chain"
+                hits = errors_at(result, copy, line, check)
                 assert hits, (path.name, line, key, inner, [str(f) for f in result.errors])
                 n_edits += 1
     assert n_edits > 250
@@ -210,13 +234,13 @@ def test_deleting_a_line_is_caught_and_a_deleted_tail_is_caught_by_the_mirror(jo
     entries = read(bank_a)
 
     write(copy, [entries[0], entries[2]])  # middle line deleted
-    result = audit_ledgers([copy, mirror_a])
+    result = audit_pinned([copy, mirror_a])
     [chain] = errors_at(result, copy, 2, "chain")
     assert "field 'seq': expected 2, got 3" in chain.message
 
     write(copy, entries[:2])  # last line deleted: a valid shorter chain ...
-    assert audit_ledgers([copy]).ok
-    result = audit_ledgers([copy, mirror_a])  # ... but the server mirrored it
+    assert audit_pinned([copy]).ok
+    result = audit_pinned([copy, mirror_a])  # ... but the server mirrored it
     [cut] = errors_at(result, copy, 3, "cross-check")
     assert "ends after 2 entr(ies)" in cut.message and "mirrored entry seq 3 (round 3" in cut.message
     assert str(mirror_a) in cut.message
@@ -224,7 +248,7 @@ def test_deleting_a_line_is_caught_and_a_deleted_tail_is_caught_by_the_mirror(jo
     mirror_entries = read(mirror_a)
     mirror_copy = tmp_path / "bank-a.jsonl"
     write(mirror_copy, [mirror_entries[0], mirror_entries[2]])
-    assert errors_at(audit_ledgers([bank_a, mirror_copy]), mirror_copy, 2, "chain")
+    assert errors_at(audit_pinned([bank_a, mirror_copy]), mirror_copy, 2, "chain")
 
 
 def test_a_rewritten_ledger_with_valid_hashes_is_caught_by_the_mirror(job, tmp_path):
@@ -234,8 +258,9 @@ def test_a_rewritten_ledger_with_valid_hashes_is_caught_by_the_mirror(job, tmp_p
     entries[2]["reason"] = "a friendlier reason"
     entries[2]["hash"] = entry_hash(entries[2])  # last line re-hashed: the file's own chain is fine
     write(copy, entries)
-    assert audit_ledgers([copy]).ok
-    result = audit_ledgers([copy, mirror_a])
+    [unsigned] = errors_at(audit_pinned([copy]), copy, 3)  # its chain is fine; its signature is not
+    assert unsigned.check == "bad-signature"
+    result = audit_pinned([copy, mirror_a])
     [found] = errors_at(result, copy, 3, "cross-check")
     assert "the bank's ledger was rewritten" in found.message and f"{mirror_a}:3" in found.message
 
@@ -247,12 +272,12 @@ def test_recorded_epsilon_more_than_1_percent_off_fails_even_with_a_valid_chain(
 
     entries[1]["epsilon_pld"] *= 1.005  # within 1%
     rechain(copy, entries)
-    assert audit_ledgers([copy]).ok
+    assert audit_pinned([copy]).ok
 
     entries[1]["epsilon_pld"] *= 1.02 / 1.005
     entries[1]["epsilon"] *= 0.975  # 1.5% under the recomputed PLD (a PRV value may only sit above it)
     rechain(copy, entries)
-    result = audit_ledgers([copy])
+    result = audit_pinned([copy])
     found = errors_at(result, copy, 2, "epsilon")
     messages = " | ".join(f.message for f in found)
     assert "field 'epsilon_pld': recorded" in messages and "recomputed" in messages and "PLD" in messages
@@ -266,7 +291,7 @@ def test_rdp_bank_epsilon_is_rechecked_with_dp_accountings_rdp(job, tmp_path):
     entries = read(bank_b)
     entries[0]["epsilon"] *= 1.02
     rechain(copy, entries)
-    [found] = [f for f in audit_ledgers([copy]).errors if f.check == "epsilon"]
+    [found] = [f for f in audit_pinned([copy]).errors if f.check == "epsilon"]
     assert found.line == 1 and "by RDP (dp_accounting)" in found.message
 
 
@@ -276,20 +301,20 @@ def test_non_poisson_over_budget_and_unspent_history_entries_fail(job, tmp_path)
     entries = read(bank_a)
     entries[0]["poisson_sampling"] = False
     rechain(copy, entries)
-    [found] = errors_at(audit_ledgers([copy]), copy, 1, "poisson")
+    [found] = errors_at(audit_pinned([copy]), copy, 1, "poisson")
     assert "non-Poisson entry" in found.message
 
     entries = read(bank_a)
     for e in entries:
         e["budget_epsilon"] = 0.9
     rechain(copy, entries)
-    [found] = errors_at(audit_ledgers([copy]), copy, 2, "budget")
+    [found] = errors_at(audit_pinned([copy]), copy, 2, "budget")
     assert found.message.startswith("over budget: epsilon 0.99")
 
     entries = read(bank_a)
     entries[1]["history"] = entries[0]["history"]  # "trained" but the history did not grow
     rechain(copy, entries)
-    found = errors_at(audit_ledgers([copy]), copy, 2, "history")
+    found = errors_at(audit_pinned([copy]), copy, 2, "history")
     assert any("plus this round" in f.message for f in found)
 
 
@@ -299,11 +324,11 @@ def test_a_round_recorded_twice_is_a_warning_and_rounds_out_of_order_an_error(jo
     entries = read(bank_a)
     entries[2]["round"] = 2  # the refusal re-sent for round 2 (server restarted mid-round)
     rechain(copy, entries)
-    result = audit_ledgers([copy])
+    result = audit_pinned([copy])
     assert result.ok and [(f.line, f.message) for f in result.warnings] == [(3, "round 2 recorded again (re-run?)")]
     entries[2]["round"] = 1
     rechain(copy, entries)
-    [found] = errors_at(audit_ledgers([copy]), copy, 3, "sequence")
+    [found] = errors_at(audit_pinned([copy]), copy, 3, "sequence")
     assert "expected >= 2 (rounds in order), got 1" in found.message
 
 
@@ -312,14 +337,14 @@ def test_malformed_content_is_reported_not_raised(job, tmp_path):
     broken = [dict(entries[0], sample_rate=None), dict(entries[1], history="abc"), dict(entries[2], accountant="gdp")]
     copy = tmp_path / "ledger.jsonl"
     rechain(copy, broken)
-    result = audit_ledgers([copy])
+    result = audit_pinned([copy])
     assert [(f.line, f.check) for f in result.errors] == [(1, "schema"), (2, "schema"), (3, "schema")]
     assert "expected all null or sigma > 0" in result.errors[0].message
     other = tmp_path / "other.jsonl"
     rechain(other, [{"schema": "something/else"}])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    result = audit_ledgers([other, empty, tmp_path / "missing.jsonl"])
+    result = audit_pinned([other, empty, tmp_path / "missing.jsonl"])
     assert [(f.path.name, f.line, f.check) for f in result.errors] == [
         ("other.jsonl", 1, "schema"),
         ("missing.jsonl", None, "chain"),
@@ -330,7 +355,7 @@ def test_malformed_content_is_reported_not_raised(job, tmp_path):
 def test_a_mirror_without_its_bank_ledger_fails_and_a_forged_commitment_is_caught(job, tmp_path):
     bank_a, bank_b, mirror_a, mirror_b = paths(job)
     # The mirror holds commitments only (no n, no epsilon): without the bank's ledger, the audit fails.
-    result = audit_ledgers([bank_a, mirror_a, mirror_b])
+    result = audit_pinned([bank_a, mirror_a, mirror_b])
     assert not result.ok
     [missing] = [f for f in result.errors if f.check == "missing-ledger"]
     assert missing.path == mirror_b and "bank 'bank-b'" in missing.message
@@ -339,12 +364,12 @@ def test_a_mirror_without_its_bank_ledger_fails_and_a_forged_commitment_is_caugh
     lines = read(mirror_a)
     lines[1]["commitment"]["hash"] = "0" * 64  # a forged commitment, mirror line re-chained
     rechain(copy, lines)
-    found = [f for f in audit_ledgers([bank_a, copy]).errors if f.check in ("cross-check", "mirror")]
+    found = [f for f in audit_pinned([bank_a, copy]).errors if f.check in ("cross-check", "mirror")]
     assert found and any("hash" in f.message for f in found), [str(f) for f in found]
 
 
 def test_table_and_html_report(job, tmp_path):
-    result = audit_ledgers(paths(job))
+    result = audit_pinned(paths(job))
     console = Console(record=True, width=200)
     render_table(result, console)
     text = console.export_text()
@@ -362,7 +387,7 @@ def test_cli_exit_codes_default_out_dir_and_named_failures(job, tmp_path, capsys
     root = tmp_path / "job"
     shutil.copytree(job, root)
     files = paths(root)
-    assert main([str(p) for p in files]) == 0
+    assert main([str(p) for p in files] + ["--pins", str(PINS_FILE)]) == 0
     assert (root / "banks" / "bank-a" / "audit" / "report.html").exists()  # next to the first ledger
     assert (root / "banks" / "bank-a" / "audit" / "epsilon.png").exists()
 
@@ -370,7 +395,7 @@ def test_cli_exit_codes_default_out_dir_and_named_failures(job, tmp_path, capsys
     entries[1]["epsilon"] = 0.01
     write(files[1], entries)
     out = tmp_path / "report"
-    assert main([str(p) for p in files] + ["--out", str(out)]) == 1
+    assert main([str(p) for p in files] + ["--out", str(out), "--pins", str(PINS_FILE)]) == 1
     printed = capsys.readouterr().out
     assert "AUDIT FAILED" in printed and f"{files[1]}:2" in printed
     html = (out / "report.html").read_text(encoding="utf-8")
@@ -389,3 +414,23 @@ def test_history_entry_round_trip_matches_the_accountant(job):
     )
     assert state.history[0] == HistoryEntry(*entries[0]["history"][0])
     assert state.epsilon() == entries[1]["epsilon"]
+
+
+def test_a_rehashed_chain_without_the_banks_signature_fails_naming_the_line(job, tmp_path):
+    bank_a = paths(job)[0]
+    lines = read(bank_a)
+    lines[1]["epsilon"] = 0.01  # the classic "truncate and re-hash" rewrite, by someone without the key
+    copy = tmp_path / "bank-a.jsonl"
+    rechain(copy, lines, sign=False)
+    result = audit_pinned([copy])
+    assert {f.line for f in result.errors if f.check == "missing-signature"} == {1, 2, 3}
+    mallory = generate_identity(tmp_path / "mallory.secret", "bank-a")  # a key the consortium never pinned
+    path = tmp_path / "bank-a-mallory.jsonl"
+    path.unlink(missing_ok=True)
+    ledger = Ledger(path)
+    for entry in lines:
+        body = {k: v for k, v in entry.items() if k not in (*CHAIN_FIELDS, "signer", "signature")}
+        ledger.append(body, signer=(mallory.public_key.hex(), mallory.sign))
+    bad = [f for f in audit_pinned([path]).errors if f.check == "bad-signature"]
+    assert [f.line for f in bad] == [1, 2, 3] and all(f.path == path for f in bad)
+    assert audit_pinned([bank_a]).ok  # the genuine, signed ledger passes
