@@ -8,6 +8,8 @@ Prints ONE JSON line. For each train mode ("lora": FFA-LoRA on attention + exper
     hooks       Opacus GradSampleModule + DPOptimizer (every per-sample gradient instantiated)
     ghost       Opacus fast gradient clipping, ghost norms everywhere (two backward passes)
     mixed       book-keeping mixed ghost clipping (one backward pass; fl_client.dp.bookkeeping)
+    mixed-secure  mixed with secure_mode: noise from the OS CSPRNG (the default of every deployment);
+                `secure_cost_ratio` = mixed-secure / mixed, measured in the same run
 one logical batch = one physical batch of --batch samples of --seq-len tokens, AdamW, noise on.
 
 Timing: all variants of a mode live in one process and run round-robin (--reps rounds after a
@@ -40,7 +42,7 @@ from model.lora import LoraConfig, configure_trainable  # noqa: E402
 from model.trainable import TrainableView  # noqa: E402
 
 MODES = ("lora", "router+experts")
-VARIANTS = ("nonprivate", "hooks", "ghost", "mixed")
+VARIANTS = ("nonprivate", "hooks", "ghost", "mixed", "mixed-secure")
 
 
 def build_step(mode: str, variant: str, args: argparse.Namespace) -> tuple[Callable[[], None], int]:
@@ -65,15 +67,17 @@ def build_step(mode: str, variant: str, args: argparse.Namespace) -> tuple[Calla
             optimizer.step()
 
         return step, sum(p.numel() for p in params)
+    secure = variant.endswith("-secure")
     cfg = DPConfig(
         target_epsilon=1.0,
         delta=1e-5,
         expected_batch_size=args.batch,
         physical_batch_size=args.batch,
-        grad_sample_mode=variant,
+        grad_sample_mode=variant.removesuffix("-secure"),
         optimizer="adamw",
+        secure_mode=secure,
     )
-    private = make_private(model, cfg, noise_multiplier=1.0, seq_len=args.seq_len, generator=gen)
+    private = make_private(model, cfg, noise_multiplier=1.0, seq_len=args.seq_len, generator=None if secure else gen)
 
     def private_step() -> None:
         private.backward(inputs, targets)
@@ -129,6 +133,7 @@ def time_mode(mode: str, args: argparse.Namespace) -> dict[str, object]:
         result[f"{variant}_median_ms"] = round(ts[len(ts) // 2], 1)
         if variant != "nonprivate":
             result[f"{variant}_ratio"] = round(ts[0] / base, 2)
+    result["secure_cost_ratio"] = round(min(times["mixed-secure"]) / min(times["mixed"]), 3)
     return result
 
 

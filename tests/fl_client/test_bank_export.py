@@ -1,0 +1,38 @@
+"""A bank exports the job's global model from its state dir, with no further training round."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from test_bank_policy import bank_config, make_job, train
+
+from fl_client.bank import Bank
+from fl_client.export import main
+from model.checkpoint import load_pretrained
+from protocol.messages import TrainStatus
+
+
+def test_the_exported_merged_model_has_the_banks_adapted_logits(tmp_path):
+    from crypto import keygen
+
+    keygen(tmp_path / "keys")
+    job = make_job(tmp_path / "keys", tmp_path)
+    bank_cfg = bank_config(job, tmp_path)
+    assert train(job, bank_cfg).status is TrainStatus.OK
+    # make the replica differ from the base: a trained-like LoRA B (the aggregate would do this)
+    bank = Bank(job, bank_cfg)
+    bank.view.load_flat_(torch.randn(bank.view.numel) * 0.05)
+    bank.save()
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(job.to_run_config()), encoding="utf-8")
+    node = f"bank-id='bank-0' state-dir='{bank_cfg.state_root}'"
+    assert main(["--job", str(job_file), "--node-config", node, "--out", str(tmp_path / "final")]) == 0
+
+    reloaded = Bank(job, bank_cfg).model.eval()
+    merged = load_pretrained(tmp_path / "final" / "merged").eval()
+    tokens = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        assert (merged(tokens) - reloaded(tokens)).abs().max() < 1e-4
+    assert (tmp_path / "final" / "adapter" / "adapter_config.json").exists()
+    assert main(["--job", str(job_file), "--node-config", "bank-id='nobody'", "--out", str(tmp_path / "x")]) == 2
