@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", default="full", choices=["lora", "router+experts", "full"])
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=150, help="training steps; 0 = only evaluate [150]")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console()
+    if args.steps < 0:
+        console.print(f"[bold red]error:[/] --steps expected >= 0, got {args.steps}")
+        return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
     try:
@@ -94,9 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         f"data: {source}: {len(train_records)} train / {len(eval_records)} eval records -> "
         f"{train.inputs.shape[0]} x {args.seq_len} train samples"
     )
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     before = evaluate(model, held_out.inputs, held_out.targets)
     console.print(f"eval loss before: {before:.4f} (ppl {math.exp(before):.1f})")
+    if args.steps == 0:  # evaluation only
+        args.out.mkdir(parents=True, exist_ok=True)
+        report = {"eval_loss": before, "perplexity": math.exp(before), "source": source, "mode": args.mode}
+        (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        return 0
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
 
     started = time.perf_counter()
     with Progress(
