@@ -98,3 +98,12 @@ def test_config_is_validated():
         CanaryAuditConfig(canaries=1000, k_plus=600, k_minus=500)
     with pytest.raises(AuditError, match="noise_multiplier_override: expected None or >= 0, got -1"):
         CanaryAuditConfig(noise_multiplier_override=-1.0)
+
+
+def test_a_claim_above_what_the_canaries_can_certify_is_never_a_pass():
+    """m = 1000 canaries, 250 guesses certify at most ~4.4: a sigma = 0 run claiming 8 is not testable."""
+    result = run_canary_audit(CanaryAuditConfig(canaries=1000, target_epsilon=8.0, noise_multiplier_override=0.0))
+    assert result.max_certifiable_epsilon < 8.0
+    assert not result.testable and not result.passed
+    assert result.verdict in ("FAIL", "NOT TESTABLE") and "certify at most" in result.summary()
+    assert result.to_dict()["verdict"] == result.verdict
