@@ -478,25 +478,16 @@ def _check_epsilons(
         compare(
             "epsilon", float(entry["epsilon"]), pld, "PLD (dp_accounting)", epsilon_tolerance(pld, accountant="prv")
         )
-    before_history = history[:-1] if status == "trained" else history
-    before_ref = rec.rdp(before_history, delta) if accountant == "rdp" else rec.pld(before_history, delta)
-    compare(
-        "epsilon_before",
-        float(entry["epsilon_before"]),
-        before_ref,
-        "RDP (dp_accounting)" if accountant == "rdp" else "PLD (dp_accounting)",
-        epsilon_tolerance(before_ref, accountant=accountant),
-    )
+
+    def by_bank_accountant(field: str, recorded_history: list) -> None:
+        """A field the bank computed with its own accountant, against the same method recomputed."""
+        reference = rec.rdp(recorded_history, delta) if accountant == "rdp" else rec.pld(recorded_history, delta)
+        method = "RDP (dp_accounting)" if accountant == "rdp" else "PLD (dp_accounting)"
+        compare(field, float(entry[field]), reference, method, epsilon_tolerance(reference, accountant=accountant))
+
+    by_bank_accountant("epsilon_before", history[:-1] if status == "trained" else history)
     if entry["epsilon_next_round"] is not None and this is not None:
-        nxt_history = [*history, this]
-        nxt_ref = rec.rdp(nxt_history, delta) if accountant == "rdp" else rec.pld(nxt_history, delta)
-        compare(
-            "epsilon_next_round",
-            float(entry["epsilon_next_round"]),
-            nxt_ref,
-            "RDP (dp_accounting)" if accountant == "rdp" else "PLD (dp_accounting)",
-            epsilon_tolerance(nxt_ref, accountant=accountant),
-        )
+        by_bank_accountant("epsilon_next_round", [*history, this])
 
     # ---- budget ---------------------------------------------------------------------------
     budget = float(entry["budget_epsilon"])

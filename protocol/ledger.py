@@ -380,44 +380,6 @@ def is_json_type(value: Any, allowed: tuple[type, ...]) -> bool:
     return isinstance(value, allowed)
 
 
-def check_bank_entry(
-    entry: Any, *, bank_id: str | None = None, round: int | None = None, job_id: str | None = None
-) -> dict[str, Any]:
-    """Checks a bank's reported entry (dict or its JSON text) before the server mirrors it.
-
-    Returns:
-        The entry as a dict.
-
-    Raises:
-        LedgerError: not a JSON object, wrong schema, a hash that does not match the content,
-            or bank/round/job other than expected.
-    """
-    if isinstance(entry, (str, bytes)):
-        try:
-            entry = json.loads(entry)
-        except json.JSONDecodeError as err:
-            raise LedgerError(f"bank entry: invalid JSON at line {err.lineno}: {err.msg}") from None
-    if not isinstance(entry, dict):
-        raise LedgerError(f"bank entry: expected a JSON object, got {type(entry).__name__}")
-    where = f"bank entry of {entry.get('bank_id')!r} round {entry.get('round')!r}"
-    if entry.get("schema") != BANK_SCHEMA:
-        raise LedgerError(f"{where}: field 'schema' expected {BANK_SCHEMA!r}, got {entry.get('schema')!r}")
-    missing = [k for k in CHAIN_FIELDS if k not in entry]
-    if missing:
-        raise LedgerError(f"{where}: missing chain field(s) {missing} (not an appended ledger entry)")
-    if isinstance(entry["seq"], bool) or not isinstance(entry["seq"], int) or entry["seq"] < 1:
-        raise LedgerError(f"{where}: field 'seq' expected an integer >= 1, got {entry['seq']!r}")
-    if not isinstance(entry["prev_hash"], str) or not isinstance(entry["hash"], str):
-        raise LedgerError(f"{where}: fields 'prev_hash' and 'hash' expected hex strings")
-    recomputed = entry_hash(entry)
-    if entry["hash"] != recomputed:
-        raise LedgerError(f"{where}: field 'hash' expected {recomputed[:16]}..., got {str(entry['hash'])[:16]}...")
-    for name, expected in (("bank_id", bank_id), ("round", round), ("job_id", job_id)):
-        if expected is not None and entry.get(name) != expected:
-            raise LedgerError(f"{where}: field {name!r} expected {expected!r}, got {entry.get(name)!r}")
-    return entry
-
-
 COMMITMENT_FIELDS = ("job_id", "bank_id", "round", "status", "seq", "prev_hash", "hash")
 
 
