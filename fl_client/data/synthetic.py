@@ -124,6 +124,14 @@ def _faker(locale: str, seed: int) -> Any:
 
     fake = Faker(locale)
     fake.seed_instance(seed)
+    # Some locale providers (it_IT's cities) build their word lists from a set, whose order
+    # follows Python's per-process hash seed: the same seed then gave other records in every
+    # ClientApp process (and another dataset fingerprint). Sorted, the draws are reproducible.
+    for provider in fake.providers:
+        for name in ("cities",):
+            words = getattr(provider, name, None)
+            if isinstance(words, list):
+                setattr(provider, name, sorted(words))
     return fake
 
 

@@ -427,3 +427,25 @@ def test_pack_errors(records, kwargs, match):
     kwargs = {"seq_len": 8, **kwargs}
     with pytest.raises(DataError, match=match):
         _pack(records, **kwargs)
+
+
+def test_the_synthetic_corpus_is_the_same_in_every_process():
+    """Each ClientApp message runs in a fresh process: a bank's records (and its dataset
+    fingerprint, the key of its lifetime budget) must not depend on Python's hash seed."""
+    import subprocess
+    import sys
+
+    code = (
+        "import hashlib, json\n"
+        "from fl_client.data import make_bank_profiles, generate_bank_corpus\n"
+        "ps = make_bank_profiles(8, seed=0)\n"
+        "print([hashlib.sha256(json.dumps(generate_bank_corpus(p, 20, seed=0), sort_keys=True, default=str)"
+        ".encode()).hexdigest() for p in ps])\n"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": seed}
+        ).stdout
+        for seed in ("1", "2")
+    }
+    assert len(outputs) == 1, outputs
