@@ -85,7 +85,7 @@ address = "127.0.0.1:$PORT"
 root-certificates = "$PWD/deploy/kits/server/secrets/ca.crt"
 TOML
 export FLWR_TELEMETRY_ENABLED=0
-JOB='key-dir="/keys" server-state-dir="/state/server" job-id="ct" num-rounds=2 model-preset="tiny" local-steps=3 records-per-bank=240 seq-len=48 batch-size=16 min-banks=2 round-timeout=90.0'
+JOB='key-dir="/keys" server-state-dir="/state/server" job-id="ct" num-rounds=2 model-preset="tiny" local-steps=3 records-per-bank=240 seq-len=48 batch-size=16 min-banks=2 round-timeout=600.0'
 RUN=$(.venv/bin/flwr run "$APP" compose --run-config "$JOB" --format json | $PY -c 'import json,sys; print(json.load(sys.stdin)["run-id"])')
 log "submitted run $RUN (app sha256 ${DIGEST:0:16}, pinned by every bank)"
 
