@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 RUNS   := runs
 
-.PHONY: venv test demo audit local-demo federation simulation lint format clean provision compose-test
+.PHONY: venv test demo audit local-demo federation simulation lint format clean provision compose-test experiment
 
 # torch==2.13.0 first: it is the CPU wheel; any other torch spec would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -56,6 +56,15 @@ simulation: $(STAMP)
 # One bank, no federation, no DP: fine-tune the small preset and report eval loss before/after.
 local-demo: $(STAMP)
 	$(BIN)/python -m fl_client.local --preset small --bank 0 --out $(RUNS)/local-demo
+
+# The experiment a consortium decides on (issue 16; docs/utility.md): every bank's held-out loss alone
+# with DP, federated with DP at 3/5/10/15 banks (same epsilon, same steps), and central without DP;
+# one JSON line (also in runs/experiment/utility.json) + runs/experiment/utility.png.
+EXPERIMENT_ARGS ?=
+experiment: $(STAMP)
+	@mkdir -p $(RUNS)/experiment
+	$(BIN)/python bench/utility.py --plot $(RUNS)/experiment/utility.png $(EXPERIMENT_ARGS) >$(RUNS)/experiment/utility.json
+	@cat $(RUNS)/experiment/utility.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
