@@ -166,7 +166,8 @@ def _absolute(path: str | os.PathLike[str]) -> str:
 def _split_advice(message: str) -> tuple[str, str | None]:
     """verify.py ends some messages with 'What to do: ...': keep that specific advice apart."""
     text, marker, advice = message.partition("What to do:")
-    return (text.rstrip(" .") + ".", advice.strip()) if marker else (message, None)
+    advice = advice.strip()
+    return (text.rstrip(" .") + ".", advice[:1].upper() + advice[1:]) if marker else (message, None)
 
 
 def _bank_of(finding: Finding, result: AuditResult) -> str | None:
@@ -265,14 +266,25 @@ def _group_by_check(flags: Iterable[Flag]) -> dict[str, list[Flag]]:
     return groups
 
 
+def _short(flag: Flag) -> str:
+    """folder/file:line (the full path is in the flags table)."""
+    if flag.file is None:
+        return "-"
+    path = Path(flag.file)
+    return f"{path.parent.name}/{path.name}" + (f":{flag.line}" if flag.line else "")
+
+
 def audit_verdict(result: AuditResult, flags: list[Flag]) -> Verdict:
     """Passed or failed, and why: failed checks first (one reason per check), then the rest."""
     reasons = []
-    for severity, word in (("error", "FAILED"), ("warning", "warning"), ("info", "note")):
+    for severity, word in (("error", "FAILED"), ("warning", "warning")):
         for check, group in _group_by_check(f for f in flags if f.severity == severity).items():
-            where = ", ".join(sorted({f.location for f in group})[:3])
+            where = ", ".join(sorted({_short(f) for f in group})[:3])
             more = f" (+{len(group) - 1} more)" if len(group) > 1 else ""
             reasons.append(f"{word} [{check}] {group[0].message}{more} — at {where}")
+    for check, group in _group_by_check(f for f in flags if f.severity == "info").items():
+        rounds = ", ".join(f"{f.bank} round {f.round}" for f in group)
+        reasons.append(f"note [{check}] {len(group)} round(s) ({rounds}): {group[0].what_to_do}")
     if result.ok:
         chains = sum(f.chain.ok for f in result.files)
         reasons.insert(
@@ -326,20 +338,23 @@ def remaining_text(bank: BankSummary, result: AuditResult, digits: int = 3) -> s
     """Budget left, or why no number can be shown (a broken chain, seeded noise, no DP)."""
     if broken_chains(bank, result):
         return CHAIN_BROKEN
-    return _unbounded(bank) or f"{bank.remaining:.{digits}f}"
+    return _unbounded(bank) or f"{bank.remaining:.{digits}f}" + (" (overspent)" if bank.remaining < 0 else "")
 
 
 def _round_left(bank: BankSummary, point: RoundPoint, result: AuditResult) -> str:
     if broken_chains(bank, result):
         return CHAIN_BROKEN
     left = bank.budget - max(point.epsilon, point.epsilon_pld)
-    return _unbounded(bank) or f"{left:.3f}"
+    return _unbounded(bank) or f"{left:.3f}" + (" (overspent)" if left < 0 else "")
 
 
 def _distinct(values: Iterable[Any]) -> str:
     seen: list[str] = []
     for value in values:
-        text = "-" if value is None else (f"{value:g}" if isinstance(value, float) else str(value))
+        if isinstance(value, bool):
+            text = "yes" if value else "no"
+        else:
+            text = "-" if value is None else (f"{value:g}" if isinstance(value, float) else str(value))
         if text not in seen:
             seen.append(text)
     return " → ".join(seen) if seen else "-"
@@ -474,14 +489,18 @@ def _epsilon_figure(result: AuditResult) -> str:
     ax = fig.subplots()
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     groups = _curve_groups(result.banks, lambda p: p.epsilon)
-    any_untrained, top = False, 0.0
+    any_untrained, any_no_dp, top = False, False, 0.0
     for i, (group, dx) in enumerate(zip(groups, _offsets(len(groups)), strict=True)):
         points, color, marker = group[0].points, colors[i % len(colors)], _MARKERS[i % len(_MARKERS)]
         xs, ys = [p.round + dx for p in points], [p.epsilon for p in points]
         trained = [j for j, p in enumerate(points) if p.status == "trained"]
         ax.plot(xs, ys, color=color, ls=_LINESTYLES[i % len(_LINESTYLES)], lw=2, marker=marker, ms=8,
                 markevery=trained, label=_group_label(group, result))  # fmt: skip
-        idle = [j for j, p in enumerate(points) if p.status != "trained"]
+        no_dp = [j for j, p in enumerate(points) if p.status == "non-private"]
+        if no_dp:  # trained without DP: its epsilon means nothing
+            any_no_dp = True
+            ax.plot([xs[j] for j in no_dp], [ys[j] for j in no_dp], ls="none", marker="X", ms=12, color="#cf222e")
+        idle = [j for j, p in enumerate(points) if p.status not in ("trained", "non-private")]
         if idle:
             any_untrained = True
             ax.plot([xs[j] for j in idle], [ys[j] for j in idle], ls="none", marker=marker, ms=8, mfc="white",
@@ -498,7 +517,10 @@ def _epsilon_figure(result: AuditResult) -> str:
     handles, labels = ax.get_legend_handles_labels()
     if any_untrained:
         handles.append(Line2D([], [], ls="none", marker="o", ms=8, mfc="white", mec="#444", mew=2))
-        labels.append("hollow marker: round not trained (refused / skipped / dropped): nothing spent")
+        labels.append("hollow marker: round not trained (refused / skipped / dropped / failed): nothing spent")
+    if any_no_dp:
+        handles.append(Line2D([], [], ls="none", marker="X", ms=10, color="#cf222e"))
+        labels.append("red X: round trained WITHOUT differential privacy (its ε protects nothing)")
     ax.set_ylim(0, top * 1.15 if top > 0 else 1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round", fontsize=11)
@@ -568,7 +590,8 @@ th { background: #f3f4f6; } td.num { text-align: right; font-variant-numeric: ta
 .pass .headline, .ok { color: #1a7f37; } .fail .headline, .bad { color: #cf222e; font-weight: bold; }
 .warn { color: #9a6700; font-weight: bold; } .info { color: #0969da; }
 .muted { color: #656d76; } .small { font-size: 0.85em; }
-code { font-size: 0.92em; } code.hash, code.path { word-break: break-all; }
+code { font-family: ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 0.95em; }
+code.hash, code.path { word-break: break-all; } td.name, code.check { white-space: nowrap; }
 dl.defs dt { font-weight: bold; margin-top: 0.5em; } dl.defs dd { margin: 0.1em 0 0 1.5em; }
 figure { margin: 0.8em 0; } figure img { max-width: 100%; border: 1px solid #d0d7de; }
 figcaption { font-size: 0.88em; color: #424a53; max-width: 60em; }
@@ -582,12 +605,16 @@ figcaption { font-size: 0.88em; color: #424a53; max-width: 60em; }
 """
 
 
-def _table(headers: list[str], rows: list[list[str]], numeric: Iterable[int] = (), css: str = "") -> str:
-    """An HTML table; cells are already escaped HTML; `numeric` column indexes are right-aligned."""
-    right = set(numeric)
+def _table(
+    headers: list[str], rows: list[list[str]], numeric: Iterable[int] = (), css: str = "", names: Iterable[int] = ()
+) -> str:
+    """An HTML table; cells are already escaped HTML; `numeric` columns right-aligned, `names` not wrapped."""
+    classes = {i: "num" for i in numeric} | {i: "name" for i in names}
     head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
     body = "".join(
-        "<tr>" + "".join(f"<td{' class=num' if i in right else ''}>{c}</td>" for i, c in enumerate(row)) + "</tr>"
+        "<tr>"
+        + "".join(f"<td{f' class={classes[i]}' if i in classes else ''}>{c}</td>" for i, c in enumerate(row))
+        + "</tr>"
         for row in rows
     )
     return f"<table{f' class={css}' if css else ''}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -600,8 +627,10 @@ def _status(ok: bool) -> str:
 def _html_verdict(verdict: Verdict) -> str:
     items = []
     for reason in verdict.reasons:
-        css = "bad" if reason.startswith("FAILED") else "warn" if reason.startswith("warning") else ""
-        items.append(f'<li><span class="{css}">{_esc(reason)}</span></li>')
+        css = {"FAILED": "bad", "warning": "warn", "note": "info"}.get(reason.split(" ", 1)[0], "ok")
+        head, bracket, rest = reason.partition("] ")
+        head, rest = (head + bracket, rest) if bracket else reason.split(":", 1) if ":" in reason else (reason, "")
+        items.append(f'<li><span class="{css}">{_esc(head)}</span> {_esc(rest)}</li>')
     return (
         f'<div class="verdict {"pass" if verdict.passed else "fail"}"><p class="headline">{verdict.headline}</p>'
         f"<ul>{''.join(items)}</ul>"
@@ -614,7 +643,12 @@ def _dates(result: AuditResult) -> tuple[str, str]:
     stamps = [
         str(e[key]) for b in result.banks for e in b.entries for key in ("started_at", "written_at") if e.get(key)
     ]
-    return (min(stamps), max(stamps)) if stamps else ("-", "-")
+    return (_when(min(stamps)), _when(max(stamps))) if stamps else ("-", "-")
+
+
+def _when(stamp: str) -> str:
+    """2026-01-31T12:00:00.000001Z -> 2026-01-31 12:00:00 UTC (the ledger's ISO 8601 UTC stamps)."""
+    return stamp.replace("T", " ").partition(".")[0].rstrip("Z") + " UTC"
 
 
 def _versions(result: AuditResult) -> str:
@@ -640,9 +674,9 @@ def _html_job(result: AuditResult, generated: str) -> str:
     rows = [
         ["job id(s)", _esc(", ".join(jobs) or "-")],
         ["banks", _esc(", ".join(sorted({b for f in result.files for b in f.bank_ids})) or "-")],
-        ["first / last ledger entry (UTC)", f"{_esc(first)} / {_esc(last)}"],
+        ["first / last ledger entry", f"{_esc(first)} / {_esc(last)}"],
         ["software versions (from the entries)", _versions(result)],
-        ["report generated (UTC)", _esc(generated)],
+        ["report generated", _esc(_when(generated))],
     ]
     body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
     return f"<h2>The job</h2><table class=kv><tbody>{body}</tbody></table>"
@@ -684,8 +718,14 @@ def _html_bank_config(result: AuditResult) -> str:
     headers = ["bank", "dataset size n", "clip norm C", "privacy unit", "accountant", "δ", "noise source",
                "secure mode", "σ (trained rounds)", "q (trained rounds)", "expected batch", "budget ε"]  # fmt: skip
     return "<h3>Configuration per bank (from its ledger entries; a → b when it changed)</h3>" + _table(
-        headers, rows, numeric=(1, 2, 5, 8, 9, 10, 11)
+        headers, rows, numeric=(1, 2, 5, 10, 11), names=(0,)
     )
+
+
+def _missing_ledgers(result: AuditResult) -> list[str]:
+    """Banks the server mirrored whose own ledger was not given (nothing can be recomputed)."""
+    flags = [_finding_flag(f, result) for f in result.findings if f.check == "missing-ledger"]
+    return sorted({f.bank or f.location for f in flags})
 
 
 def _html_bank_summary(result: AuditResult) -> str:
@@ -708,11 +748,14 @@ def _html_bank_summary(result: AuditResult) -> str:
                 _status(bank.ok),
             ]
         )
+    for bank in _missing_ledgers(result):
+        rows.append([_esc(bank), '<span class="bad">ledger missing: only the server\'s mirror was given</span>',
+                     *["n/a"] * 6, _status(False)])  # fmt: skip
     headers = ["bank", "rounds trained", "refused / skipped / dropped", "ε spent (bank's accountant)",
                "ε recomputed (PLD)", "ε RDP (upper bound)", "budget ε", "budget left", "checks"]  # fmt: skip
     return (
         "<h2>Banks</h2>"
-        + _table(headers, rows, numeric=(3, 4, 5, 6, 7))
+        + _table(headers, rows, numeric=(3, 4, 5, 6, 7), names=(0,))
         + "<p class=small>Budget left = budget − the larger of ε spent and ε recomputed (PLD). "
         "† RDP is a looser upper bound shown for comparison only: these banks enforce their budget with PRV "
         "(checked here with PLD), so an RDP value above the budget is <em>not</em> an overspend. "
@@ -736,8 +779,7 @@ def _html_rounds(bank: BankSummary, result: AuditResult) -> str:
         rows.append(
             [
                 str(point.round),
-                f'<span class="{status_css}">{_esc(point.status)}</span>'
-                + (f"<br><span class='small muted'>{_esc(reason[:140])}</span>" if reason else ""),
+                f'<span class="{status_css}">{_esc(point.status)}</span>',
                 _cell(point.noise_multiplier, ".4g"),
                 _cell(point.sample_rate, ".4g"),
                 _cell(point.steps, "d"),
@@ -746,6 +788,7 @@ def _html_rounds(bank: BankSummary, result: AuditResult) -> str:
                 f"{point.epsilon_pld:.4f}",
                 _esc(_round_left(bank, point, result)),
                 _esc(point.source.rpartition(":")[2]),
+                f"<span class='small muted'>{_esc(reason[:160])}</span>",
             ]
         )
     broken = broken_chains(bank, result)
@@ -756,7 +799,7 @@ def _html_rounds(bank: BankSummary, result: AuditResult) -> str:
         for f in broken
     )
     headers = ["round", "status", "σ", "q", "steps", "expected batch", f"ε after round ({bank.accountant.upper()})",
-               "ε recomputed (PLD)", "budget left", "ledger line"]  # fmt: skip
+               "ε recomputed (PLD)", "budget left", "ledger line", "reason"]  # fmt: skip
     return (
         f"<h3>{_esc(_label(bank, result))} <span class='small muted'>— "
         f"<code class=path>{_esc(_absolute(bank.authority))}</code></span></h3>"
@@ -772,7 +815,7 @@ def _html_flags(flags: list[Flag]) -> str:
     rows = [
         [
             f'<span class="{css.get(f.severity, "")}">{_esc(f.severity)}</span>',
-            f"<code>{_esc(f.check)}</code>",
+            f"<code class=check>{_esc(f.check)}</code>",
             _esc(f.bank or "-"),
             _esc("-" if f.round is None else str(f.round)),
             f"<code class=path>{_esc(f.location)}</code>",
@@ -782,7 +825,7 @@ def _html_flags(flags: list[Flag]) -> str:
         for f in flags
     ]
     return "<h2>Flags and what to do</h2>" + _table(
-        ["severity", "check", "bank", "round", "where (file:line)", "what happened", "what to do"], rows
+        ["severity", "check", "bank", "round", "where (file:line)", "what happened", "what to do"], rows, names=(2,)
     )
 
 
