@@ -20,8 +20,10 @@ from flwr.clientapp import ClientApp
 
 from fl_client.bank import handle_evaluate, handle_train
 from fl_client.config import BankConfig
+from fl_client.secagg_bank import handle_secagg_evaluate, handle_stage
 from protocol.config import JobConfig
-from protocol.messages import RoundRequest
+from protocol.errors import ConfigError
+from protocol.messages import RoundRequest, SecAggStage
 
 app = ClientApp()
 logger = logging.getLogger(__name__)
@@ -64,10 +66,34 @@ def _configs(context: Context) -> tuple[JobConfig, BankConfig]:
 @app.train()
 @redacting
 def train(msg: Message, context: Context) -> Message:
-    """Apply pending aggregates, train privately, reply with the encrypted update."""
+    """CKKS path: apply pending aggregates, train privately, reply with the encrypted update."""
     job, bank = _configs(context)
+    if job.aggregation != "ckks":
+        raise ConfigError(f"bank {bank.bank_id}: a plain train message in a job with aggregation {job.aggregation!r}")
     reply = handle_train(job, bank, RoundRequest.from_content(msg.content))
     return Message(content=reply.to_content(), reply_to=msg)
+
+
+def secagg_handler(stage: SecAggStage) -> Callable[[Message, Context], Message]:
+    """The handler of one secure-aggregation exchange ("train.secagg_<stage>"; fl_client.secagg_bank)."""
+
+    @redacting
+    def handle(msg: Message, context: Context) -> Message:
+        job, bank = _configs(context)
+        request = RoundRequest.from_content(msg.content)
+        if job.aggregation != "secagg" or request.stage is not stage:
+            raise ConfigError(
+                f"bank {bank.bank_id}: secagg stage {stage} for stage {request.stage} / {job.aggregation}"
+            )
+        reply = handle_stage(job, bank, request, context.node_id)
+        return Message(content=reply.to_content(), reply_to=msg)
+
+    handle.__name__ = handle.__qualname__ = f"secagg_{stage.value}"
+    return handle
+
+
+for _stage in SecAggStage:
+    app.train(f"secagg_{_stage.value}")(secagg_handler(_stage))
 
 
 @app.evaluate()
@@ -75,5 +101,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Apply pending aggregates; report the eval loss where the bank's policy releases it."""
     job, bank = _configs(context)
-    reply = handle_evaluate(job, bank, RoundRequest.from_content(msg.content))
+    request = RoundRequest.from_content(msg.content)
+    opened = handle_secagg_evaluate if job.aggregation == "secagg" else handle_evaluate
+    reply = opened(job, bank, request)
     return Message(content=reply.to_content(), reply_to=msg)

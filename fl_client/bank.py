@@ -26,7 +26,9 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -158,47 +160,88 @@ class Bank:
     def released_file(self, round_idx: int, suffix: str) -> Path:
         return self.state_dir / "released" / f"round-{round_idx:04d}.{suffix}"
 
-    def keep_release(self, reply: TrainReply) -> None:
-        meta = {"metrics": reply.metrics, "ledger_commitment": reply.ledger_commitment}
+    def keep_release(self, reply: TrainReply, binding: str) -> None:
+        """`binding`: what the release is valid for (secagg: the round keys it was masked under)."""
+        meta = {"metrics": reply.metrics, "ledger_commitment": reply.ledger_commitment, "binding": binding}
         atomic_write_bytes(self.released_file(reply.round, "bundle"), reply.bundle)
         atomic_write_json(self.released_file(reply.round, "json"), meta)
 
-    def released_reply(self, round_idx: int) -> TrainReply | None:
+    def released_reply(self, round_idx: int, binding: str) -> TrainReply | None:
+        """The kept release of a round; ALREADY_RELEASED when it was bound to other round keys."""
         if round_idx not in self.state.rounds_trained or not self.released_file(round_idx, "json").exists():
             return None
         meta = read_json(self.released_file(round_idx, "json"))
+        kept_binding = meta.pop("binding", "")
+        if kept_binding != binding:
+            logger.warning(
+                "bank %s: round %d was released under other round keys; sitting out", self.config.bank_id, round_idx
+            )
+            reason = f"round {round_idx} was already released under other round keys: not trained or masked again"
+            return self.reply(round_idx, TrainStatus.ALREADY_RELEASED, reason=reason, **meta)
         logger.warning("bank %s: round %d was already released; re-sending it", self.config.bank_id, round_idx)
         bundle = self.released_file(round_idx, "bundle").read_bytes()
         return self.reply(round_idx, TrainStatus.OK, bundle=bundle, **meta)
 
 
-# ---- step 1: catch up ------------------------------------------------------------------------------
-def open_bank(job: JobConfig, config: BankConfig, request: RoundRequest) -> tuple[Bank, CkksKey]:
-    """Checks the request and key, loads the bank, validates and applies the aggregates it lacks.
+class Opener(Protocol):
+    """Decrypts one stored aggregate for a bank: (mean update float32, total weight); CryptoError if it cannot."""
 
-    Raises:
-        AggregateRejected: an aggregate failed validation; nothing of it was applied.
-    """
+    def __call__(self, round_idx: int, blob: bytes, view: TrainableView) -> tuple[np.ndarray, float]: ...
+
+
+class Sealer(Protocol):
+    """Turns a bank's delta into what leaves it (CKKS ciphertext, or a secagg masked input)."""
+
+    binding: str  # what a kept release is valid for ("" = any repeat of the round)
+
+    def check(self, bank: Bank) -> None: ...  # before training: raise if the release could not be made
+    def seal(self, bank: Bank, round_idx: int, delta: torch.Tensor) -> bytes: ...
+
+
+# ---- step 1: catch up ------------------------------------------------------------------------------
+def check_job(job: JobConfig, config: BankConfig, request: RoundRequest) -> None:
     if request.job_id != job.job_id:
         raise ConfigError(f"bank {config.bank_id}: message for job {request.job_id!r}, run config says {job.job_id!r}")
+
+
+def ckks_key(job: JobConfig, config: BankConfig, request: RoundRequest) -> CkksKey:
+    """The bank's secret CKKS context, checked against the key the server names."""
+    check_job(job, config, request)
     key = load_secret_context(config.key_path)
     if (request.key_id, request.key_epoch) != (key.key_id, key.epoch):
         raise ConfigError(
             f"bank {config.bank_id}: the server uses key {request.key_id[:12]} epoch {request.key_epoch}, "
             f"this bank holds {key.key_id[:12]} epoch {key.epoch}"
         )
+    return key
+
+
+def ckks_opener(key: CkksKey) -> Opener:
+    def open_ckks(round_idx: int, blob: bytes, view: TrainableView) -> tuple[np.ndarray, float]:
+        expected = ExpectedHeader(key.key_id, key.epoch, round_idx, view.layout_hash, view.numel)
+        return decrypt_mean(blob, key, expected=expected)
+
+    return open_ckks
+
+
+def open_bank(job: JobConfig, config: BankConfig, request: RoundRequest, opener: Opener) -> Bank:
+    """Loads the bank, then decrypts, validates and applies the aggregates it lacks.
+
+    Raises:
+        AggregateRejected: an aggregate failed decryption or validation; nothing of it was applied.
+    """
+    check_job(job, config, request)
     bank = Bank(job, config)
     for round_idx in sorted(request.aggregates):
         if round_idx <= bank.state.applied_round:
             continue
-        expected = ExpectedHeader(key.key_id, key.epoch, round_idx, bank.view.layout_hash, bank.view.numel)
         try:
-            mean, total_weight = decrypt_mean(request.aggregates[round_idx], key, expected=expected)
+            mean, total_weight = opener(round_idx, request.aggregates[round_idx], bank.view)
         except CryptoError as err:
             raise AggregateRejected(round_idx, f"cannot decrypt: {err}") from None
         check_aggregate(job, round_idx, mean, total_weight)
         bank.apply_mean_delta(round_idx, torch.from_numpy(mean))
-    return bank, key
+    return bank
 
 
 # ---- step 2: the local round ----------------------------------------------------------------------
@@ -214,24 +257,39 @@ def local_round(bank: Bank, data: BankData, round_idx: int) -> RoundResult:
     return privacy.train(bank.model, data, round_idx)
 
 
-# ---- step 3: encrypt and reply ----------------------------------------------------------------------
-def encrypt_and_reply(
-    bank: Bank, key: CkksKey, round_idx: int, global_flat: torch.Tensor, result: RoundResult
+# ---- step 3: seal (encrypt, or mask and encrypt) and reply -------------------------------------------
+class CkksSealer:
+    """The shared-key path: the delta CKKS-encrypted with weight 1."""
+
+    binding = ""
+
+    def __init__(self, key: CkksKey) -> None:
+        self.key = key
+
+    def check(self, bank: Bank) -> None:
+        return None
+
+    def seal(self, bank: Bank, round_idx: int, delta: torch.Tensor) -> bytes:
+        return encrypt_update(
+            delta.numpy(), weight=1.0, key=self.key, round=round_idx, layout_hash=bank.view.layout_hash,
+            bank_id=bank.config.bank_id,
+        )  # fmt: skip
+
+
+def seal_and_reply(
+    bank: Bank, sealer: Sealer, round_idx: int, global_flat: torch.Tensor, result: RoundResult
 ) -> TrainReply:
-    """Encrypts the delta (weight 1 per bank), resets the replica, persists, replies."""
+    """Seals the delta (weight 1 per bank), resets the replica, persists, replies."""
     delta = bank.view.flatten() - global_flat
     bank.view.load_flat_(global_flat)  # the replica stays at the global model
     started = time.perf_counter()
-    bundle = encrypt_update(
-        delta.numpy(), weight=1.0, key=key, round=round_idx, layout_hash=bank.view.layout_hash,
-        bank_id=bank.config.bank_id,
-    )  # fmt: skip
+    bundle = sealer.seal(bank, round_idx, delta)
     result.metrics["seconds-encrypt"] = time.perf_counter() - started
     if bank.job.keep_plaintext_deltas:
         bank.keep_delta(round_idx, delta, 1.0)
     metrics = released_metrics(bank.config.policy, result.metrics)
     reply = bank.reply(round_idx, TrainStatus.OK, bundle=bundle, metrics=metrics, ledger_commitment=result.commitment)
-    bank.keep_release(reply)  # before state.json says "trained": a repeat request re-sends this
+    bank.keep_release(reply, sealer.binding)  # before state.json says "trained": a repeat request re-sends this
     bank.state.rounds_trained.append(round_idx)
     bank.save()
     logger.info("bank %s round %d: %s", bank.config.bank_id, round_idx, result.metrics)
@@ -243,41 +301,53 @@ def released_metrics(policy: BankPolicy, metrics: dict[str, float]) -> dict[str,
     return {k: v for k, v in metrics.items() if k.startswith("seconds-") or k in policy.release_metrics}
 
 
+def train_once(job: JobConfig, config: BankConfig, request: RoundRequest, opener: Opener, sealer: Sealer) -> TrainReply:
+    """Catch up, local round, seal, persist. The caller holds the bank's round lock."""
+    try:
+        bank = open_bank(job, config, request, opener)
+    except AggregateRejected as err:
+        logger.error("bank %s: %s", config.bank_id, err)
+        status = TrainStatus.AGGREGATE_REJECTED
+        return TrainReply(config.bank_id, request.round, status, 0, "", reason=str(err), rejected_round=err.round)
+    repeat = bank.released_reply(request.round, sealer.binding)
+    if repeat is not None:
+        return repeat
+    sealer.check(bank)  # a release that cannot be made is refused before any budget is spent
+    bank.mark_attempt(request.round)  # a crash from here on is recorded as "failed" next time
+    if request.round <= bank.state.applied_round:
+        raise ConfigError(
+            f"bank {config.bank_id}: asked to train round {request.round}, but it already applied that "
+            f"round's aggregate (applied round {bank.state.applied_round}); the server's state is behind"
+        )
+    data = load_bank_data(job, config, bank.model.config.vocab_size)
+    global_flat = bank.view.flatten()
+    started = time.perf_counter()
+    result = local_round(bank, data, request.round)
+    if result.refused:
+        bank.save()  # (only the aggregates it applied)
+        return bank.reply(
+            request.round, TrainStatus.REFUSED, reason=result.refused, ledger_commitment=result.commitment
+        )
+    result.metrics["seconds-train"] = time.perf_counter() - started
+    return seal_and_reply(bank, sealer, request.round, global_flat, result)
+
+
 def handle_train(job: JobConfig, config: BankConfig, request: RoundRequest) -> TrainReply:
-    """One train message, one at a time per bank: catch up, local round, encrypt, persist."""
+    """One CKKS train message, one at a time per bank: catch up, local round, encrypt, persist."""
     with exclusive_lock(config.lock_file):  # budget check -> train -> ledger -> release, never interleaved
-        try:
-            bank, key = open_bank(job, config, request)
-        except AggregateRejected as err:
-            logger.error("bank %s: %s", config.bank_id, err)
-            status = TrainStatus.AGGREGATE_REJECTED
-            return TrainReply(config.bank_id, request.round, status, 0, "", reason=str(err), rejected_round=err.round)
-        repeat = bank.released_reply(request.round)
-        if repeat is not None:
-            return repeat
-        bank.mark_attempt(request.round)  # a crash from here on is recorded as "failed" next time
-        if request.round <= bank.state.applied_round:
-            raise ConfigError(
-                f"bank {config.bank_id}: asked to train round {request.round}, but it already applied that "
-                f"round's aggregate (applied round {bank.state.applied_round}); the server's state is behind"
-            )
-        data = load_bank_data(job, config, bank.model.config.vocab_size)
-        global_flat = bank.view.flatten()
-        started = time.perf_counter()
-        result = local_round(bank, data, request.round)
-        if result.refused:
-            bank.save()  # (only the aggregates it applied)
-            return bank.reply(
-                request.round, TrainStatus.REFUSED, reason=result.refused, ledger_commitment=result.commitment
-            )
-        result.metrics["seconds-train"] = time.perf_counter() - started
-        return encrypt_and_reply(bank, key, request.round, global_flat, result)
+        key = ckks_key(job, config, request)
+        return train_once(job, config, request, ckks_opener(key), CkksSealer(key))
 
 
-def handle_evaluate(job: JobConfig, config: BankConfig, request: RoundRequest) -> EvalReply:
-    """One evaluate message: catch up on aggregates; the eval loss leaves only if the policy says so."""
+def handle_evaluate(
+    job: JobConfig, config: BankConfig, request: RoundRequest, opener: Opener | None = None
+) -> EvalReply:
+    """One evaluate message: catch up on aggregates; the eval loss leaves only if the policy says so.
+
+    `opener`: how to open the aggregates (default: the CKKS key; secure aggregation passes its own).
+    """
     with exclusive_lock(config.lock_file):
-        bank, _key = open_bank(job, config, request)
+        bank = open_bank(job, config, request, opener or ckks_opener(ckks_key(job, config, request)))
         bank.save()
     released = "eval-loss" in config.policy.release_metrics
     data = load_bank_data(job, config, bank.model.config.vocab_size) if released else None

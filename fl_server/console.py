@@ -21,10 +21,10 @@ class ConsoleReporter:
         self.console.print(text)
 
     def job_started(self, federation: Federation, n_banks: int) -> None:
-        job, key = federation.job, federation.key
+        job = federation.job
         self.console.print(
-            f"[bold]job {job.job_id}[/]: {n_banks} bank(s) connected, "
-            f"{job.num_rounds} rounds, key {key.key_id[:12]} epoch {key.epoch}"
+            f"[bold]job {job.job_id}[/]: {n_banks} bank(s) connected, {job.num_rounds} rounds, "
+            f"{job.aggregation} key {federation.key_id[:12]} epoch {federation.key_epoch}"
         )
 
     def round_done(self, record: RoundRecord) -> None:

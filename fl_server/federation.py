@@ -27,7 +27,7 @@ from fl_server.layout import trainable_layout
 from fl_server.state import RoundRecord, ServerState, ServerStore
 from protocol.config import JobConfig
 from protocol.ledger import Ledger, LedgerError, check_commitment, mirror_entry, mirror_path
-from protocol.messages import EvalReply, RoundRequest, TrainReply, TrainStatus
+from protocol.messages import EvalReply, RoundRequest, SecAggStage, TrainReply, TrainStatus
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,10 @@ class Outcome(StrEnum):
     INVALID_REPLY = "invalid reply"  # unreadable reply, bad ledger entry, other start model
     INVALID_CIPHERTEXT = "invalid ciphertext"
     REJECTED_AGGREGATE = "rejected an aggregate"  # it found an aggregate it was sent invalid
+    # secure aggregation (fl_server.secagg_round)
+    ALREADY_RELEASED = "already released"  # released this round under other round keys (a restarted round)
+    EXCLUDED = "excluded by secure aggregation"  # left out at a stage with a typed reason (signature, share, ...)
+    ABORTED = "round aborted"  # its masked input was valid, but the round could not be unmasked
 
 
 # What the server's ledger mirror records for each outcome.
@@ -80,8 +84,15 @@ class Federation:
     def __post_init__(self) -> None:
         self.store = ServerStore(self.job)
         self.state = self.store.load_or_init()
-        # The public context only: it can add ciphertexts and cannot decrypt (load refuses a secret one).
-        self.key = load_public_context(f"{self.job.key_dir}/{PUBLIC_FILE}")
+        # Public keys only: they can add ciphertexts and cannot decrypt (the loaders refuse a secret one).
+        if self.job.aggregation == "secagg":
+            from fl_server.secagg_round import load_secagg_keys
+
+            self.secagg_keys = load_secagg_keys(self.job)
+            self.key_id, self.key_epoch = self.secagg_keys.bfv.key_id, 0
+        else:
+            self.key = load_public_context(f"{self.job.key_dir}/{PUBLIC_FILE}")
+            self.key_id, self.key_epoch = self.key.key_id, self.key.epoch
         # The layout every bundle must carry, from the job's config (no weights are built).
         self.layout_hash, self.n_elements = trainable_layout(self.job)
         self.node_bank: dict[int, str] = {int(k): v for k, v in self.state.node_bank.items()}
@@ -122,29 +133,40 @@ class Federation:
             nodes = list(self.grid.get_node_ids())
         return nodes
 
-    def request(self, node_id: int, round_idx: int) -> RoundRequest:
+    def request(
+        self, node_id: int, round_idx: int, stage: SecAggStage | None = None, secagg: bytes = b"", catch_up: bool = True
+    ) -> RoundRequest:
+        """The request for one node; `catch_up`: with the aggregates its bank has not applied yet."""
         bank = self.node_bank.get(node_id)
         applied = self.state.applied.get(bank, 0) if bank else 0
         return RoundRequest(
             job_id=self.job.job_id,
             round=round_idx,
-            key_id=self.key.key_id,
-            key_epoch=self.key.epoch,
-            aggregates=self.store.aggregates_after(self.state, applied),
+            key_id=self.key_id,
+            key_epoch=self.key_epoch,
+            aggregates=self.store.aggregates_after(self.state, applied) if catch_up else {},
+            stage=stage,
+            secagg=secagg,
         )
 
     def send(
         self, nodes: Iterable[int], round_idx: int, message_type: str
     ) -> tuple[list[tuple[int, Message]], set[int]]:
         """(node, reply) pairs and the nodes that did not answer within the round timeout."""
+        return self.exchange({node: self.request(node, round_idx) for node in nodes}, round_idx, message_type)
+
+    def exchange(
+        self, requests: dict[int, RoundRequest], round_idx: int, message_type: str
+    ) -> tuple[list[tuple[int, Message]], set[int]]:
+        """Sends each node its request; (node, reply) pairs and the nodes silent within the round timeout."""
         messages = [
             Message(
-                content=self.request(node, round_idx).to_content(),
+                content=request.to_content(),
                 message_type=message_type,
                 dst_node_id=node,
                 group_id=f"{self.job.job_id}-r{round_idx}",
             )
-            for node in nodes
+            for node, request in requests.items()
         ]
         self.connected = set(self.grid.get_node_ids())
         replies = list(self.grid.send_and_receive(messages, timeout=self.job.round_timeout))
@@ -181,6 +203,8 @@ class Federation:
         self.state.applied[tr.bank_id] = tr.applied_round
         if tr.status is TrainStatus.AGGREGATE_REJECTED:
             return BankOutcome(tr.bank_id, Outcome.REJECTED_AGGREGATE, tr.reason, rejected_round=tr.rejected_round)
+        if tr.status is TrainStatus.ALREADY_RELEASED:
+            return BankOutcome(tr.bank_id, Outcome.ALREADY_RELEASED, tr.reason)
         outcome = BankOutcome(tr.bank_id, Outcome.CONTRIBUTED, metrics=tr.metrics, bundle=tr.bundle)
         outcome.start_hash = tr.start_hash  # checked against the other banks' in check_start
         if tr.ledger_commitment or (self.job.dp and tr.status is TrainStatus.OK):
@@ -226,6 +250,8 @@ class Federation:
     def train_round(self, round_idx: int, nodes: list[int]) -> RoundRecord:
         record = RoundRecord(round=round_idx)
         selected, outcomes = self.select(nodes)
+        if self.job.aggregation == "secagg":
+            return self.secagg_round(round_idx, selected, outcomes, record)
         started = time.perf_counter()
         replies, silent = self.send(selected, round_idx, MessageType.TRAIN)
         record.seconds["round-trip"] = time.perf_counter() - started
@@ -238,6 +264,25 @@ class Federation:
         self.quarantine_rejected(outcomes, record)
         bundle = self.aggregate(round_idx, outcomes, record)
         self.record(record, outcomes, bundle)
+        if self.job.dp:
+            self.mirror_ledgers(record.round, outcomes)
+        return record
+
+    def secagg_round(
+        self, round_idx: int, selected: list[int], outcomes: list[BankOutcome], record: RoundRecord
+    ) -> RoundRecord:
+        """The five secure-aggregation exchanges (fl_server.secagg_round), then the same bookkeeping."""
+        from fl_server.secagg_round import SecAggRound
+
+        started = time.perf_counter()
+        secagg = SecAggRound(self, round_idx, record)
+        bank_outcomes, bundle = secagg.run(selected)
+        record.seconds["round-trip"] = time.perf_counter() - started
+        outcomes += bank_outcomes
+        self.quarantine_rejected(outcomes, record)
+        self.record(record, outcomes, bundle)
+        if secagg.abort_text:
+            record.no_aggregate = secagg.abort_text
         if self.job.dp:
             self.mirror_ledgers(record.round, outcomes)
         return record

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crypto.keys import PUBLIC_FILE, SECRET_FILE, keygen
+from fl_server.ceremony import ensure_loopback_keys
 from fl_server.deploy import FLOWER_ENV, Topology, loopback_topology, service_commands, simulation_command
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -333,6 +334,7 @@ def loopback(
     root = root.resolve()
     key_dir = root / "keys"
     ensure_keys(key_dir)
+    ensure_loopback_keys(key_dir, n_banks)  # secure aggregation: BFV keys, bank identities, pins
     tls_dir, auth_dir = ensure_tls(root, n_banks) if tls and not simulation else ("", "")
     topo = loopback_topology(
         n_banks,

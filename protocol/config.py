@@ -16,6 +16,15 @@ from typing import Any
 from protocol.errors import ConfigError
 
 PRIVACY_UNITS: tuple[str, ...] = ("record", "customer")
+AGGREGATIONS: tuple[str, ...] = ("secagg", "ckks")
+
+# Secure aggregation's files in a key folder (the job's key-dir; a bank's: the folder of its key-path).
+PINS_FILE = "pins.json"  # the consortium's pinned Ed25519 identity keys (public)
+
+
+def identity_file_name(bank_id: str) -> str:
+    """A bank's Ed25519 identity key file (mode 0600; only in that bank's key folder)."""
+    return f"{bank_id}.identity.secret"
 
 
 def _kebab(name: str) -> str:
@@ -93,6 +102,9 @@ class JobConfig:
     grad_sample_mode: str = "mixed"
     secure_mode: bool = True  # OS CSPRNG for sampling and noise; false = seeded, only if the bank policy allows
     # federation
+    # secagg: pairwise + self masks, then BFV (the server plus one bank cannot read another bank's
+    # update); ckks: one shared CKKS key (one institution federating its own silos)
+    aggregation: str = "secagg"
     min_banks: int = 3
     max_banks: int = 64  # banks reject an aggregate whose total weight says more contributed
     round_timeout: float = 900.0
@@ -115,6 +127,9 @@ class JobConfig:
         if self.privacy_unit not in PRIVACY_UNITS:
             units = " or ".join(map(repr, PRIVACY_UNITS))
             raise ConfigError(f"run config: 'privacy-unit' expected {units}, got {self.privacy_unit!r}")
+        if self.aggregation not in AGGREGATIONS:
+            names = " or ".join(map(repr, AGGREGATIONS))
+            raise ConfigError(f"run config: 'aggregation' expected {names}, got {self.aggregation!r}")
         if not 0 < self.delta < 1:
             raise ConfigError(f"run config: 'delta' expected in (0, 1), got {self.delta}")
 

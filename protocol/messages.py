@@ -6,6 +6,8 @@ an ArrayRecord (Flower chunks large arrays), everything else as ConfigRecord/Met
 
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -21,6 +23,55 @@ class TrainStatus(StrEnum):
     OK = "ok"  # trained; the reply carries its encrypted update
     REFUSED = "refused"  # the bank's own policy or budget said no: nothing trained, nothing spent
     AGGREGATE_REJECTED = "aggregate-rejected"  # an aggregate it was sent failed validation: not applied
+    # secure aggregation: it already released this round under other round keys (the server
+    # restarted the round): it sits the round out rather than train twice or re-mask its update
+    ALREADY_RELEASED = "already-released"
+
+
+class SecAggStage(StrEnum):
+    """One Flower exchange of a secure-aggregation round (docs/secagg.md), sent as "train.secagg_<stage>".
+
+    IDENTIFY runs only for nodes the server has not bound to a bank yet: the bank signs who it is.
+    """
+
+    IDENTIFY = "identify"
+    ADVERTISE = "advertise"
+    SHARE_KEYS = "share_keys"
+    MASKED_INPUT = "masked_input"  # the bank catches up, trains once, masks and encrypts its update
+    CONSENT = "consent"
+    UNMASK = "unmask"
+
+    @property
+    def message_type(self) -> str:
+        return f"train.secagg_{self.value}"
+
+
+def identify_statement(*, job_id: str, round: int, bank_id: str, node_id: int) -> bytes:
+    """What a bank signs with its identity key to bind its SuperNode to its pinned identity.
+
+    Names the node, so a signature seen on the wire cannot bind another node to the bank.
+    """
+    body = {"type": "fedmoe/secagg-identify", "job_id": job_id, "round": round, "bank_id": bank_id, "node": node_id}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+_SECAGG_RESULT_MAGIC = b"FMSARES1"
+
+
+def pack_secagg_result(setup: bytes, aggregate: bytes) -> bytes:
+    """A secure-aggregation round's stored aggregate: its RoundSetup and its SecureAggregate (bytes each)."""
+    return _SECAGG_RESULT_MAGIC + struct.pack(">Q", len(setup)) + setup + aggregate
+
+
+def unpack_secagg_result(blob: bytes) -> tuple[bytes, bytes]:
+    """(setup bytes, aggregate bytes); ConfigError when the blob is not a packed secagg result."""
+    head = len(_SECAGG_RESULT_MAGIC) + 8
+    if len(blob) < head or blob[: len(_SECAGG_RESULT_MAGIC)] != _SECAGG_RESULT_MAGIC:
+        raise ConfigError(f"secagg result: expected magic {_SECAGG_RESULT_MAGIC!r}, got {bytes(blob[:8])!r}")
+    (n,) = struct.unpack(">Q", blob[len(_SECAGG_RESULT_MAGIC) : head])
+    if head + n > len(blob):
+        raise ConfigError(f"secagg result: setup of {n} bytes overruns the {len(blob)}-byte blob")
+    return bytes(blob[head : head + n]), bytes(blob[head + n :])
 
 
 def _bytes_record(blobs: dict[str, bytes]) -> ArrayRecord:
@@ -56,33 +107,39 @@ class RoundRequest:
     key_id: str
     key_epoch: int
     aggregates: dict[int, bytes] = field(default_factory=dict)  # round -> encrypted sum bundle
+    stage: SecAggStage | None = None  # a secure-aggregation exchange; None = a CKKS train / an evaluate
+    secagg: bytes = b""  # the stage's crypto.secagg request message (to_bytes)
 
     def to_content(self) -> RecordDict:
-        return RecordDict(
-            {
-                "config": ConfigRecord(
-                    {"job-id": self.job_id, "round": self.round, "key-id": self.key_id, "key-epoch": self.key_epoch}
-                ),
-                "aggregates": _aggregates_to_record(self.aggregates),
-            }
-        )
+        config = {"job-id": self.job_id, "round": self.round, "key-id": self.key_id, "key-epoch": self.key_epoch}
+        config["secagg-stage"] = "" if self.stage is None else str(self.stage)
+        content = RecordDict({"config": ConfigRecord(config), "aggregates": _aggregates_to_record(self.aggregates)})
+        if self.secagg:
+            content["secagg"] = _bytes_record({"message": self.secagg})
+        return content
 
     @classmethod
     def from_content(cls, content: RecordDict) -> RoundRequest:
         cfg = _require(content, "config", "round request")
         aggregates = content["aggregates"] if "aggregates" in content else None
+        stage = str(cfg.get("secagg-stage", ""))
+        if stage and stage not in {s.value for s in SecAggStage}:
+            raise ConfigError(f"round request: unknown secagg-stage {stage!r}; known {[str(s) for s in SecAggStage]}")
         return cls(
             job_id=str(cfg["job-id"]),
             round=int(cfg["round"]),
             key_id=str(cfg["key-id"]),
             key_epoch=int(cfg["key-epoch"]),
             aggregates=_aggregates_from_record(aggregates),
+            stage=SecAggStage(stage) if stage else None,
+            secagg=_record_bytes(content["secagg"]).get("message", b"") if "secagg" in content else b"",
         )
 
 
 @dataclass(frozen=True)
 class TrainReply:
-    """Bank -> server after a train message."""
+    """Bank -> server after a train message (and after each secure-aggregation stage: `bundle` is then
+    the stage's crypto.secagg reply message, or the identity signature for IDENTIFY)."""
 
     bank_id: str
     round: int

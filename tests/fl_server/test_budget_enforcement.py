@@ -19,6 +19,7 @@ def test_exhausted_banks_are_dropped_then_job_ends(tmp_path):
     keygen(tmp_path / "keys")
     run_config = {
         "job-id": "budget",
+        "aggregation": "ckks",  # the shared-key path (what this test covers)
         "num-rounds": 3,
         "min-banks": 2,
         "model-preset": "tiny",

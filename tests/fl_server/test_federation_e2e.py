@@ -25,6 +25,7 @@ from fl_server.launch import job_paths, loopback
 pytestmark = pytest.mark.slow
 
 TINY_JOB = {
+    "aggregation": "ckks",  # these two decrypt CKKS aggregates; secure aggregation: test_secagg_loopback
     "model-preset": "tiny",
     "local-steps": 3,
     "records-per-bank": 240,

@@ -31,6 +31,7 @@ CARD = "4111111111111111"
 def run_config(tmp_path: Path, **overrides) -> dict:
     config = {
         "job-id": "hostile",
+        "aggregation": "ckks",  # forged bundles below are CKKS (under secagg see test_secagg_rounds.py)
         "num-rounds": 2,
         "min-banks": 2,
         "model-preset": "tiny",

@@ -1,0 +1,241 @@
+"""One secure-aggregation round over the Flower Grid (docs/secagg.md): the server's side.
+
+The ServerApp drives `crypto.secagg.server.ServerSecAgg` through ordinary Flower messages, one
+exchange per stage, each sent as message type "train.secagg_<stage>" with a RoundRequest whose
+`secagg` field carries the stage's request (the bank side answers in its secagg_bank module):
+
+  identify      only nodes not yet bound to a bank: the bank signs (job, round, bank, node) with its
+                pinned identity key; the node is bound (Federation.bind) only if that verifies
+  advertise     RoundSetup (participants: the identified, selected banks) -> KeyAdvertisement
+  share_keys    ShareKeysRequest -> ShareKeysReply
+  masked_input  MaskedInputRequest + the aggregates the bank lacks -> the bank catches up, trains
+                once (DP-SGD, ledger first) and sends its masked, BFV-encrypted update (TrainReply:
+                status, start hash, ledger commitment, MaskedInput)
+  consent       UnmaskRequest -> UnmaskConsent
+  unmask        UnmaskOrder -> UnmaskReply; the server removes the residual masks: SecureAggregate
+
+A stage that times out moves on with the banks that answered (a missing bank counts as dropped).
+Every reply must come from the node bound to the bank it names; the secagg messages are signed
+with that bank's pinned key and ServerSecAgg checks them. A round that cannot be unmasked raises
+SecAggAbort: nothing is stored, its typed reason and each bank's exclusion are recorded. The
+stored aggregate is the RoundSetup plus the SecureAggregate (protocol.messages.pack_secagg_result):
+the server never sees a plaintext update or sum. It imports no bank or secret-key code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from flwr.app import Message
+
+from crypto.errors import CryptoError
+from crypto.identity import ConsortiumPins, load_pins
+from crypto.secagg.bfv import PUBLIC_FILE as BFV_PUBLIC_FILE
+from crypto.secagg.bfv import BfvKey, load_bfv_public
+from crypto.secagg.messages import Exclusion, SecAggAbort, SecureAggregate
+from crypto.secagg.messages import Message as SecAggMessage
+from crypto.secagg.server import ServerSecAgg
+from fl_server.federation import BankOutcome, Federation, Outcome
+from fl_server.state import RoundRecord
+from protocol.config import PINS_FILE, JobConfig
+from protocol.messages import SecAggStage, TrainReply, TrainStatus, identify_statement, pack_secagg_result
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SecAggServerKeys:
+    """What the server holds for secure aggregation: the BFV public context and the consortium pins."""
+
+    bfv: BfvKey
+    pins: ConsortiumPins
+
+
+def load_secagg_keys(job: JobConfig) -> SecAggServerKeys:
+    return SecAggServerKeys(
+        load_bfv_public(f"{job.key_dir}/{BFV_PUBLIC_FILE}"), load_pins(f"{job.key_dir}/{PINS_FILE}")
+    )
+
+
+class SecAggRound:
+    """One round: identify -> five stages -> typed outcome per bank (+ the stored aggregate)."""
+
+    def __init__(self, federation: Federation, round_idx: int, record: RoundRecord) -> None:
+        self.fed, self.round, self.record = federation, round_idx, record
+        self.keys: SecAggServerKeys = federation.secagg_keys
+        self.nodes: dict[str, int] = {}  # bank -> its node in this round
+        self.failed: dict[str, BankOutcome] = {}  # the first failure of each bank (or unnamed node)
+        self.trained: dict[str, BankOutcome] = {}  # masked-input replies: status, commitment, metrics
+        self.abort_text = ""
+        self.bytes_sent = self.bytes_received = 0
+
+    # ---- the round --------------------------------------------------------------------------------
+    def run(self, selected: list[int]) -> tuple[list[BankOutcome], bytes | None]:
+        self.identify(selected)
+        participants = sorted(self.nodes)
+        job = self.fed.job
+        server, aggregate = None, None
+        if len(participants) < max(2, job.min_banks):
+            self.abort_text = f"only {len(participants)} identified bank(s), min-banks {job.min_banks}: no round"
+            return self.settle(None, []), None
+        try:
+            setup = ServerSecAgg.make_setup(
+                job_id=job.job_id, round=self.round, participants=participants, n_elements=self.fed.n_elements,
+                key=self.keys.bfv, layout_hash=self.fed.layout_hash, min_banks=job.min_banks,
+            )  # fmt: skip
+            server = ServerSecAgg(setup, self.keys.pins, self.keys.bfv)
+            aggregate = self.stages(server)
+        except SecAggAbort as abort:
+            self.abort_text = f"secure aggregation aborted ({abort.reason}): {abort}"
+        except CryptoError as err:  # the setup itself breaks the policy (e.g. too few banks for a threshold)
+            self.abort_text = f"no secure-aggregation round with {len(participants)} bank(s): {err}"
+        if self.abort_text:
+            logger.error("round %d: %s", self.round, self.abort_text)
+        exclusions = server.exclusions if server is not None else []
+        outcomes = self.settle(aggregate, exclusions)
+        logger.info(
+            "secagg round %d: %d B sent to banks, %d B received, stages %s",
+            self.round, self.bytes_sent, self.bytes_received,
+            {k: round(v, 2) for k, v in self.record.seconds.items() if k.startswith("secagg-")},
+        )  # fmt: skip
+        if aggregate is None:
+            return outcomes, None
+        return outcomes, pack_secagg_result(setup.to_bytes(), aggregate.to_bytes())
+
+    def stages(self, server: ServerSecAgg) -> SecureAggregate:
+        """The five exchanges; each stage's missing banks count as dropped (ServerSecAgg decides)."""
+        setup = server.setup
+        replies = self.exchange(SecAggStage.ADVERTISE, dict.fromkeys(setup.participants, setup))
+        requests = server.receive_advertisements(replies)
+        replies = self.exchange(SecAggStage.SHARE_KEYS, requests)
+        masked_requests = server.receive_shares(replies)
+        replies = self.exchange(SecAggStage.MASKED_INPUT, masked_requests)
+        unmask_requests = server.receive_masked_inputs(replies)
+        replies = self.exchange(SecAggStage.CONSENT, unmask_requests)
+        orders = server.receive_consents(replies)
+        return server.receive_unmask(self.exchange(SecAggStage.UNMASK, orders))
+
+    # ---- identities -----------------------------------------------------------------------------
+    def identify(self, selected: list[int]) -> None:
+        """Binds unbound nodes to the pinned bank whose key signed their reply; picks the participants."""
+        unbound = [n for n in selected if n not in self.fed.node_bank]
+        if unbound:
+            requests = {n: self.fed.request(n, self.round, SecAggStage.IDENTIFY, catch_up=False) for n in unbound}
+            pairs, silent = self.fed.exchange(requests, self.round, SecAggStage.IDENTIFY.message_type)
+            for node, reply in pairs:
+                self.bind_signed(node, reply)
+            for node in silent:
+                self.fail(f"node-{node}", Outcome.NO_REPLY, self.silence(SecAggStage.IDENTIFY))
+        for node in selected:
+            bank = self.fed.node_bank.get(node)
+            if bank is None:
+                continue
+            if bank not in self.keys.pins:
+                self.fail(bank, Outcome.INVALID_REPLY, "not a pinned consortium member")
+                continue
+            self.nodes[bank] = node
+
+    def bind_signed(self, node: int, reply: Message) -> None:
+        label = f"node-{node}"
+        tr = self.read(label, reply)
+        if tr is None:
+            return
+        statement = identify_statement(job_id=self.fed.job.job_id, round=self.round, bank_id=tr.bank_id, node_id=node)
+        try:
+            self.keys.pins.verify(tr.bank_id, statement, tr.bundle)
+        except CryptoError as err:
+            self.fail(label, Outcome.INVALID_REPLY, f"identify: claims {tr.bank_id!r}: {err} ({err.reason})")
+            return
+        refused = self.fed.bind(node, tr.bank_id)
+        if refused:
+            self.fail(label, Outcome.INVALID_REPLY, refused)
+
+    # ---- one exchange -----------------------------------------------------------------------------
+    def exchange(self, stage: SecAggStage, requests: dict[str, SecAggMessage]) -> dict[str, bytes]:
+        """Sends each bank its stage request; {bank: reply payload} of the banks that answered validly."""
+        catch_up = stage is SecAggStage.MASKED_INPUT
+        wire = {
+            self.nodes[b]: self.fed.request(self.nodes[b], self.round, stage, m.to_bytes(), catch_up=catch_up)
+            for b, m in requests.items()
+        }
+        self.bytes_sent += sum(len(r.secagg) + sum(map(len, r.aggregates.values())) for r in wire.values())
+        started = time.perf_counter()
+        pairs, silent = self.fed.exchange(wire, self.round, stage.message_type)
+        self.record.seconds[f"secagg-{stage}"] = time.perf_counter() - started
+        bank_of = {node: bank for bank, node in self.nodes.items()}
+        out: dict[str, bytes] = {}
+        for node, reply in pairs:
+            payload = self.accept(stage, bank_of[node], node, reply)
+            if payload is not None:
+                self.bytes_received += len(payload)
+                out[bank_of[node]] = payload
+        for node in silent:
+            self.fail(bank_of[node], Outcome.NO_REPLY, self.silence(stage))
+        if stage is SecAggStage.MASKED_INPUT:  # every bank must start from the model most banks report
+            self.fed.check_start(list(self.trained.values()))
+            out = {b: p for b, p in out.items() if self.trained[b].status is Outcome.CONTRIBUTED}
+        return out
+
+    def accept(self, stage: SecAggStage, bank: str, node: int, reply: Message) -> bytes | None:
+        """The reply's payload if it is a valid answer of `bank` at `stage`; else its failure is recorded."""
+        if stage is SecAggStage.MASKED_INPUT:
+            outcome = self.fed.read_train_reply(node, reply, self.round)
+            self.trained[outcome.bank] = outcome
+            return outcome.bundle if outcome.status is Outcome.CONTRIBUTED else None
+        tr = self.read(bank, reply)
+        if tr is None:
+            return None
+        if tr.bank_id != bank:
+            self.fail(bank, Outcome.INVALID_REPLY, f"{stage}: node {node} is {bank!r}; its reply claims {tr.bank_id!r}")
+            return None
+        if tr.status is TrainStatus.ALREADY_RELEASED:
+            self.fail(bank, Outcome.ALREADY_RELEASED, tr.reason)
+            return None
+        if tr.status is not TrainStatus.OK or tr.round != self.round:
+            self.fail(bank, Outcome.INVALID_REPLY, f"{stage}: status {tr.status} for round {tr.round}")
+            return None
+        return tr.bundle
+
+    def read(self, label: str, reply: Message) -> TrainReply | None:
+        if reply.has_error():
+            self.fail(label, Outcome.CLIENT_ERROR, reply.error.reason)
+            return None
+        try:
+            return TrainReply.from_content(reply.content)
+        except (ValueError, KeyError, TypeError) as err:
+            self.fail(label, Outcome.INVALID_REPLY, f"unreadable reply: {err}")
+            return None
+
+    def fail(self, who: str, status: Outcome, reason: str) -> None:
+        self.failed.setdefault(who, BankOutcome(who, status, reason))
+
+    def silence(self, stage: SecAggStage) -> str:
+        return f"nothing at stage {stage} within round-timeout {self.fed.job.round_timeout:g} s"
+
+    # ---- outcomes ---------------------------------------------------------------------------------
+    def settle(self, aggregate: SecureAggregate | None, exclusions: list[Exclusion]) -> list[BankOutcome]:
+        """One typed outcome per bank: contributed (in the signed contributor list) or why not."""
+        contributors = set(aggregate.contributors) if aggregate is not None else set()
+        excluded = {}
+        for e in exclusions:  # the first exclusion of a bank is why it left
+            excluded.setdefault(e.bank_id, f"{e.stage} ({e.reason}): {e.message}")
+        outcomes = []
+        for who in sorted({*self.nodes, *self.failed, *self.trained}):
+            trained = self.trained.get(who)
+            if trained is not None and trained.status is Outcome.CONTRIBUTED:
+                if aggregate is None:  # a valid masked input, but nothing was unmasked
+                    trained.status, trained.reason = Outcome.ABORTED, self.abort_text
+                elif who not in contributors:
+                    trained.status, trained.reason = Outcome.EXCLUDED, excluded.get(who, "not in the sum")
+                outcomes.append(trained)
+            elif trained is not None:
+                outcomes.append(trained)  # refused, rejected an aggregate, invalid reply, ...
+            elif who in self.failed:
+                outcomes.append(self.failed[who])
+            elif who in excluded:
+                outcomes.append(BankOutcome(who, Outcome.EXCLUDED, excluded[who]))
+            else:  # identified, but the round ended before it was asked anything
+                outcomes.append(BankOutcome(who, Outcome.ABORTED, self.abort_text))
+        return outcomes

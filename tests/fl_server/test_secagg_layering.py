@@ -1,0 +1,22 @@
+"""The secure-aggregation round keeps the server's promises: no bank code, no secret-key code, no torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_server_secagg_round_loads_no_bank_no_secret_key_code_no_torch():
+    code = "import sys, fl_server.secagg_round, fl_server.federation, fl_server.app\nprint('\\n'.join(sys.modules))"
+    modules = set(
+        subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split()
+    )
+    assert "crypto.secagg.server" in modules
+    forbidden = {"torch", "opacus", "crypto.secagg.bank", "crypto.secagg.bfv_secret", "crypto.secagg.ceremony"}
+    assert not forbidden & modules, forbidden & modules
+    assert not {m for m in modules if m.startswith("fl_client")}

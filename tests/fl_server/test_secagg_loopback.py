@@ -1,0 +1,96 @@
+"""Secure aggregation over a real loopback federation: SuperLink, 4 SuperNodes, executors, DP-SGD, BFV.
+
+bank-3 is killed right after it sent its masked input of round 1: round 1 still aggregates all
+four inputs (its self mask is rebuilt from the others' shares), round 2 runs with the three left.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crypto.identity import load_pins
+from crypto.secagg.bank import open_aggregate
+from crypto.secagg.bfv import SECRET_FILE as BFV_SECRET_FILE
+from crypto.secagg.bfv_secret import load_bfv_secret
+from crypto.secagg.messages import RoundSetup, SecureAggregate
+from fl_client.state import load_tensors
+from fl_server.launch import job_paths, loopback
+from protocol.config import PINS_FILE
+from protocol.messages import unpack_secagg_result
+
+pytestmark = pytest.mark.slow
+
+
+def free_port_block() -> int:
+    from test_federation_e2e import free_port_block as block
+
+    return block()
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def test_four_banks_secagg_survives_a_bank_killed_after_its_masked_input(tmp_path):
+    run_config = {
+        **job_paths(tmp_path),
+        "job-id": "sa-e2e",
+        "aggregation": "secagg",
+        "num-rounds": 2,
+        "min-banks": 3,
+        "model-preset": "tiny",
+        "local-steps": 3,
+        "records-per-bank": 240,
+        "synthetic-banks": 4,
+        "seq-len": 48,
+        "keep-plaintext-deltas": True,
+        "evaluate": False,
+        "round-timeout": 90.0,
+    }
+    state_file = tmp_path / "server" / "sa-e2e" / "state.json"
+    with loopback(4, tmp_path, base_port=free_port_block()) as deployment:
+        submit = deployment.flwr_run(run_config, timeout=120, stream=False)
+        assert submit.returncode == 0
+        log = deployment.log_dir / "bank-3.log"
+        wait_for(
+            lambda: log.exists() and "Sending: train.secagg_masked_input" in log.read_text(errors="replace"),
+            900,
+            "bank-3 to send its masked input",
+        )
+        deployment.kill("bank-3-apps")
+        deployment.kill("bank-3")
+        wait_for(lambda: state_file.exists() and json.loads(state_file.read_text()).get("finished"), 1200, "the job")
+    state = json.loads(state_file.read_text())
+    r1, r2 = state["rounds"]
+    four = ["bank-0", "bank-1", "bank-2", "bank-3"]
+    assert r1["aggregated"] and r1["participants"] == four, r1
+    assert r2["aggregated"] and r2["participants"] == four[:3], r2
+    key = load_bfv_secret(tmp_path / "keys" / BFV_SECRET_FILE)
+    pins = load_pins(tmp_path / "keys" / PINS_FILE)
+    for round_idx, contributors in ((1, four), (2, four[:3])):
+        blob = (tmp_path / "server" / "sa-e2e" / "aggregates" / f"round-{round_idx:04d}.bundle").read_bytes()
+        setup_bytes, aggregate_bytes = unpack_secagg_result(blob)
+        setup, aggregate = RoundSetup.from_bytes(setup_bytes), SecureAggregate.from_bytes(aggregate_bytes)
+        mean, total = open_aggregate(aggregate, setup=setup, key=key, pins=pins, min_banks=3)
+        assert total == len(contributors)
+        deltas = [
+            load_tensors(
+                Path(tmp_path / "banks" / b / "jobs" / "sa-e2e" / "deltas" / f"round-{round_idx:04d}.safetensors")
+            )
+            for b in contributors
+        ]
+        plain = sum(d["delta"].double().numpy() for d in deltas) / len(contributors)
+        assert np.abs(plain).max() > 1e-4 and np.abs(mean - plain).max() <= 2.0**-21 + 1e-9
+    for bank in four[:3]:
+        bank_state = json.loads((tmp_path / "banks" / bank / "jobs" / "sa-e2e" / "state.json").read_text())
+        assert bank_state["applied_round"] == 2 and bank_state["rounds_trained"] == [1, 2]

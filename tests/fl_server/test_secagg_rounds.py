@@ -1,0 +1,247 @@
+"""Secure aggregation as the federation's round (in-process: real ClientApps, DP-SGD, BFV ciphertexts).
+
+The server drives the five secagg stages over LocalGrid; the banks train once per round at the
+masked-input stage. What could fail: the decrypted aggregate must equal the plaintext mean of the
+deltas the banks kept (within the fixed-point bound), banks that drop before or after their masked
+input must not stop a round, too few survivors must abort it with nothing applied, and a node
+that cannot sign as the bank it claims to be must never be bound to it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from local_grid import LocalGrid
+
+from crypto.identity import ConsortiumPins, generate_identity, load_identity, load_pins, write_pins
+from crypto.secagg.bank import open_aggregate
+from crypto.secagg.bfv import SECRET_FILE as BFV_SECRET_FILE
+from crypto.secagg.bfv_secret import load_bfv_secret
+from crypto.secagg.messages import RoundSetup, SecureAggregate
+from fl_client.state import load_tensors
+from fl_server.ceremony import loopback_ceremony
+from fl_server.console import SilentReporter
+from fl_server.federation import Federation
+from protocol.config import PINS_FILE, JobConfig, identity_file_name
+from protocol.messages import SecAggStage, unpack_secagg_result
+
+pytestmark = pytest.mark.slow
+
+JOB = "secagg"
+QUANTUM = 2.0**-20  # fixed-point step of w * delta (SecAggParams.scale_bits = 20)
+
+
+def run_config(tmp_path: Path, **overrides) -> dict:
+    config = {
+        "job-id": JOB,
+        "aggregation": "secagg",
+        "num-rounds": 2,
+        "min-banks": 2,
+        "model-preset": "tiny",
+        "local-steps": 2,
+        "records-per-bank": 160,
+        "synthetic-banks": 5,
+        "seq-len": 32,
+        "evaluate": False,
+        "keep-plaintext-deltas": True,
+        "round-timeout": 5.0,
+        "key-dir": str(tmp_path / "keys"),
+        "server-state-dir": str(tmp_path / "server"),
+        "bank-state-root": str(tmp_path / "banks"),
+    }
+    return config | overrides
+
+
+def banks(n: int) -> dict[int, dict]:
+    return {100 + i: {"bank-id": f"bank-{i}", "partition-id": i} for i in range(n)}
+
+
+@pytest.fixture()
+def keys(tmp_path):
+    loopback_ceremony(tmp_path / "keys", [f"bank-{i}" for i in range(5)])
+
+
+class DroppingGrid(LocalGrid):
+    """LocalGrid whose banks go silent: `drops[(round, node)]` = the first stage they miss (and all later ones)."""
+
+    ORDER = list(SecAggStage)
+
+    def __init__(self, node_configs, run_config, drops: dict[tuple[int, int], SecAggStage]) -> None:
+        super().__init__(node_configs, run_config)
+        self.drops = drops
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for msg in messages:  # a push gives every message its id, delivered or not
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+        kept = [m for m in messages if not self.silent(m)]
+        return super().send_and_receive(kept, timeout=timeout)
+
+    def silent(self, msg) -> bool:
+        kind = msg.metadata.message_type.removeprefix("train.secagg_")
+        round_idx = int(msg.metadata.group_id.rsplit("-r", 1)[1])
+        first = self.drops.get((round_idx, msg.metadata.dst_node_id))
+        if first is None or kind not in {s.value for s in SecAggStage}:
+            return False
+        return self.ORDER.index(SecAggStage(kind)) >= self.ORDER.index(first)
+
+
+def run_job(tmp_path: Path, grid: LocalGrid, config: dict):
+    federation = Federation(grid=grid, job=JobConfig.from_run_config(config), reporter=SilentReporter())
+    return federation.run()
+
+
+def open_round(tmp_path: Path, round_idx: int) -> tuple[np.ndarray, float, SecureAggregate]:
+    """What a bank does with the stored aggregate: check the signed contributors, decrypt the mean."""
+    blob = (tmp_path / "server" / JOB / "aggregates" / f"round-{round_idx:04d}.bundle").read_bytes()
+    setup_bytes, aggregate_bytes = unpack_secagg_result(blob)
+    setup, aggregate = RoundSetup.from_bytes(setup_bytes), SecureAggregate.from_bytes(aggregate_bytes)
+    key = load_bfv_secret(tmp_path / "keys" / BFV_SECRET_FILE)
+    pins = load_pins(tmp_path / "keys" / PINS_FILE)
+    mean, total = open_aggregate(aggregate, setup=setup, key=key, pins=pins, min_banks=2)
+    return mean, total, aggregate
+
+
+def kept_delta(tmp_path: Path, bank: str, round_idx: int) -> np.ndarray:
+    path = tmp_path / "banks" / bank / "jobs" / JOB / "deltas" / f"round-{round_idx:04d}.safetensors"
+    return load_tensors(path)["delta"].double().numpy()
+
+
+def assert_mean_of_kept_deltas(tmp_path: Path, round_idx: int, contributors: list[str]) -> None:
+    mean, total, aggregate = open_round(tmp_path, round_idx)
+    assert list(aggregate.contributors) == contributors
+    assert total == len(contributors)  # weight 1 per bank, exact
+    plain = sum(kept_delta(tmp_path, b, round_idx) for b in contributors) / len(contributors)
+    assert np.abs(plain).max() > 1e-4  # the banks really moved
+    # each bank rounds its w * delta to 2^-20: the mean is off by at most 2^-21 per coordinate
+    assert np.abs(mean - plain).max() <= QUANTUM / 2 + 1e-9
+
+
+def bank_state(tmp_path: Path, bank: str) -> dict:
+    return json.loads((tmp_path / "banks" / bank / "jobs" / JOB / "state.json").read_text())
+
+
+def ledger_rounds(tmp_path: Path, bank: str) -> list[tuple[int, str]]:
+    [ledger] = (tmp_path / "banks" / bank).glob("privacy/*/ledger.jsonl")
+    return [(e["round"], e["status"]) for e in map(json.loads, ledger.read_text().splitlines())]
+
+
+def impostor(tmp_path: Path) -> dict:
+    """A node that claims to be bank-0 with a key of its own (pinned only in its own pins file)."""
+    folder = tmp_path / "mallory-keys"
+    folder.mkdir()
+    shutil.copy(tmp_path / "keys" / BFV_SECRET_FILE, folder / BFV_SECRET_FILE)
+    (folder / BFV_SECRET_FILE).chmod(0o600)
+    fake = generate_identity(folder / identity_file_name("bank-0"), "bank-0")
+    real = load_pins(tmp_path / "keys" / PINS_FILE)
+    write_pins(folder / PINS_FILE, ConsortiumPins({**real.keys, "bank-0": fake.public_key}))
+    return {
+        "bank-id": "bank-0",
+        "partition-id": 0,
+        "key-path": str(folder / "context.secret.ckks"),
+        "state-dir": str(tmp_path / "mallory"),
+    }
+
+
+def test_four_banks_aggregate_is_the_mean_of_their_deltas_and_an_impostor_is_never_bound(tmp_path, keys):
+    config = run_config(tmp_path)
+    nodes = banks(4) | {104: impostor(tmp_path)}
+    grid = LocalGrid(nodes, config)
+    state = run_job(tmp_path, grid, config)
+    four = ["bank-0", "bank-1", "bank-2", "bank-3"]
+    assert state.finished and [r.participants for r in state.rounds] == [four, four]
+    assert all(r.aggregated for r in state.rounds)
+    for round_idx in (1, 2):
+        assert_mean_of_kept_deltas(tmp_path, round_idx, four)
+    # the impostor's signature does not verify under bank-0's pinned key: never bound, never a participant
+    r1 = state.rounds[0]
+    assert r1.outcomes["node-104"] == "invalid reply" and "signature" in r1.left_out["node-104"]
+    assert "104" not in state.node_bank and state.node_bank["100"] == "bank-0"
+    assert not any(node == 104 and "advertise" in kind for node, kind, _ in grid.delivered)
+    for bank in four:  # trained once per round; the last aggregate reached every bank (closing message)
+        assert ledger_rounds(tmp_path, bank) == [(1, "trained"), (2, "trained")]
+        assert bank_state(tmp_path, bank)["applied_round"] == 2
+        assert not list((tmp_path / "banks" / bank / "jobs" / JOB / "secagg").glob("*.json"))  # secrets gone
+    # replicas agree bit for bit (every bank applied the same decrypted aggregates)
+    replicas = [load_tensors(tmp_path / "banks" / b / "jobs" / JOB / "replica.safetensors") for b in four]
+    assert all(all(np.array_equal(r[k].numpy(), replicas[0][k].numpy()) for k in r) for r in replicas[1:])
+    # the server's state holds no plaintext delta and no secret key
+    server_bytes = b"".join(p.read_bytes() for p in (tmp_path / "server").rglob("*") if p.is_file())
+    for bank in four:
+        assert kept_delta(tmp_path, bank, 1).astype(np.float32)[:32].tobytes() not in server_bytes
+    assert load_identity(tmp_path / "keys" / identity_file_name("bank-0")).public_key not in server_bytes
+
+
+def test_banks_dropping_before_and_after_their_masked_input_are_survived(tmp_path, keys):
+    config = run_config(tmp_path)
+    drops = {(1, 103): SecAggStage.MASKED_INPUT, (2, 102): SecAggStage.CONSENT}
+    state = run_job(tmp_path, DroppingGrid(banks(4), config, drops), config)
+    r1, r2 = state.rounds
+    assert r1.aggregated and r2.aggregated
+    # round 1: bank-3 shared its keys, then went silent: its pairwise masks were removed, it is not in the sum
+    assert r1.participants == ["bank-0", "bank-1", "bank-2"]
+    assert r1.outcomes["bank-3"] == "no reply" and "masked_input" in r1.left_out["bank-3"]
+    assert_mean_of_kept_deltas(tmp_path, 1, ["bank-0", "bank-1", "bank-2"])
+    assert (1, "trained") not in ledger_rounds(tmp_path, "bank-3")  # it never trained round 1
+    # round 2: bank-2 sent its masked input, then went silent: its input counts (self mask reconstructed)
+    assert r2.participants == ["bank-0", "bank-1", "bank-2", "bank-3"]
+    assert_mean_of_kept_deltas(tmp_path, 2, ["bank-0", "bank-1", "bank-2", "bank-3"])
+    # bank-3 caught up with round 1 before training round 2; everyone ends on round 2's model
+    assert all(bank_state(tmp_path, f"bank-{i}")["applied_round"] == 2 for i in range(4))
+
+
+def test_fewer_survivors_than_the_threshold_abort_the_round_and_nothing_is_applied(tmp_path, keys):
+    config = run_config(tmp_path)
+    drops = {(1, 102): SecAggStage.MASKED_INPUT, (1, 103): SecAggStage.MASKED_INPUT}  # 2 survivors, t = 3
+    federation = Federation(
+        grid=DroppingGrid(banks(4), config, drops), job=JobConfig.from_run_config(config), reporter=SilentReporter()
+    )
+    state = federation.run()
+    r1, r2 = state.rounds
+    assert not r1.aggregated and r1.participants == []
+    assert "secure aggregation aborted (too_few)" in r1.no_aggregate and "masked_input" in r1.no_aggregate
+    assert {b: r1.outcomes[b] for b in ("bank-0", "bank-1")} == {"bank-0": "round aborted", "bank-1": "round aborted"}
+    assert r1.outcomes["bank-2"] == r1.outcomes["bank-3"] == "no reply"
+    assert not (tmp_path / "server" / JOB / "aggregates" / "round-0001.bundle").exists()
+    assert 1 not in federation.store.aggregates_after(state, 0)
+    # the trained banks' budget is on the record (mirrored as dropped, with their commitment)
+    mirror = tmp_path / "server" / JOB / "ledger-mirror" / "bank-0.jsonl"
+    first = json.loads(mirror.read_text().splitlines()[0])
+    assert (first["round"], first["server_status"]) == (1, "dropped") and first["commitment"]["status"] == "trained"
+    # round 2 runs with all four and aggregates; nothing of round 1 was ever applied
+    assert r2.aggregated and r2.participants == ["bank-0", "bank-1", "bank-2", "bank-3"]
+    assert_mean_of_kept_deltas(tmp_path, 2, ["bank-0", "bank-1", "bank-2", "bank-3"])
+    assert "rounds without an aggregate" in state.end_reason
+
+
+class CrashingGrid(LocalGrid):
+    """The server dies (like a SIGKILL) right after the banks answered round 1's masked-input stage."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if messages and messages[0].metadata.message_type == SecAggStage.MASKED_INPUT.message_type:
+            if messages[0].metadata.group_id.endswith("-r1"):
+                raise KeyboardInterrupt("server killed after the masked inputs arrived")
+        return replies
+
+
+def test_a_server_restart_after_the_masked_inputs_never_makes_a_bank_train_or_mask_twice(tmp_path, keys):
+    config = run_config(tmp_path)
+    job = JobConfig.from_run_config(config)
+    with pytest.raises(KeyboardInterrupt):
+        Federation(grid=CrashingGrid(banks(4), config), job=job, reporter=SilentReporter()).run()
+    state = Federation(grid=LocalGrid(banks(4), config), job=job, reporter=SilentReporter()).run()
+    r1, r2 = state.rounds
+    # the restarted round 1 has fresh round keys: every bank's masked input already left under the old
+    # ones, so each sits it out instead of training again or masking its update a second time
+    assert not r1.aggregated and set(r1.outcomes.values()) == {"already released"}
+    assert "too_few" in r1.no_aggregate
+    assert r2.aggregated and r2.participants == ["bank-0", "bank-1", "bank-2", "bank-3"]
+    assert_mean_of_kept_deltas(tmp_path, 2, ["bank-0", "bank-1", "bank-2", "bank-3"])
+    for bank in ("bank-0", "bank-1", "bank-2", "bank-3"):
+        assert ledger_rounds(tmp_path, bank) == [(1, "trained"), (2, "trained")]
