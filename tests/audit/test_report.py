@@ -248,7 +248,7 @@ def test_findings_json_lists_every_flag_with_what_to_do(demo, identities, pins, 
     assert document["reasons"][0].startswith("FAILED [")
     page = files.html.read_text(encoding="utf-8")
     for check in ("seeded-noise", "non-private", "missing-ledger", "bad-signature", "refused-round"):
-        assert f"<code>{check}</code>" in page
+        assert f"<code class=check>{check}</code>" in page
     # seeded noise or a non-private round: no budget left is shown as if it meant something
     [bank_a] = [b for b in document["banks"] if b["bank_id"] == "bank-a"]
     assert bank_a["remaining"] is None and bank_a["remaining_note"] == "n/a — seeded noise"
@@ -266,7 +266,7 @@ def test_a_broken_chain_shows_no_remaining_budget(demo, pins, tmp_path):
     files = write_report(result, tmp_path / "out")
     page = files.html.read_text(encoding="utf-8")
     assert CHAIN_BROKEN in page and "broken at line 3" in page
-    row = page[page.index("<tr><td>bank-a</td>") :]
+    row = page[page.index("<tr><td class=name>bank-a</td>") :]
     row = row[: row.index("</tr>")]  # bank-a's row in the Banks table
     rounds = page[page.index("<h3>bank-a") :]
     rounds = rounds[: rounds.index("</table>")]  # bank-a's per-round table
