@@ -21,8 +21,20 @@ from test_audit import N, dp_config, read
 
 from audit import audit_ledgers, render_table
 from audit.__main__ import main
-from audit.report import CHAIN_BROKEN, REPORT_FILE, SHA256_FILE, _curve_groups, sha256_of, write_report
+from audit.canary import CanaryAuditResult
+from audit.report import (
+    CHAIN_BROKEN,
+    REPORT_FILE,
+    SHA256_FILE,
+    _curve_groups,
+    _noise_figure,
+    audit_verdict,
+    render_html,
+    sha256_of,
+    write_report,
+)
 from audit.signoff import SIGNOFF_FILE, SignOffError, sign_off, verify_sign_off
+from audit.verify import AuditResult, BankSummary, RoundPoint
 from crypto.identity import ConsortiumPins, generate_identity
 from fl_client.dp import AccountantState, BudgetExceeded, HistoryEntry, RoundPrivacyReport, check_budget
 from fl_client.dp.accountant import noise_multiplier_for, sample_rate_for
@@ -335,3 +347,52 @@ def test_cli_signs_off_refuses_a_failed_audit_and_verifies(demo, identities, tmp
     (failed / REPORT_FILE).write_text("edited", encoding="utf-8")
     assert main(["--verify-sign-off", str(failed)]) == 1
     assert "sign-off does NOT verify" in capsys.readouterr().out
+
+
+def test_the_empirical_audit_is_labelled_with_what_it_tested(demo, pins, tmp_path):
+    canary = CanaryAuditResult(
+        canaries=1000, in_canaries=490, k_plus=250, k_minus=0, guesses=250, correct=136, confidence=0.95,
+        delta=1e-5, epsilon_lower_bound=0.0, claimed_epsilon=1.991, p_value_at_claim=1.0, noise_multiplier=1.592,
+        sample_rate=0.108, steps=30, n_samples=590, fault_injected=False, seconds=40.0, max_certifiable_epsilon=4.39,
+    )  # fmt: skip
+    result = audit_ledgers(job_paths(demo), pins=pins).with_empirical(canary)
+    files = write_report(result, tmp_path)
+    page = files.html.read_text(encoding="utf-8")
+    assert "What it tested is not this job's configuration" in page and "<em>tiny</em> model" in page
+    assert "largest ε it can certify" in page and "4.39" in page and "Not run." not in page
+    [empirical] = json.loads(files.findings.read_text())["empirical"]
+    assert empirical["verdict"] == "PASS" and "not the job's configuration" in empirical["tested"]
+
+
+def bank_with_sigmas(bank: str, sigmas: list[float]) -> BankSummary:
+    points = tuple(
+        RoundPoint(
+            round=r,
+            status="trained",
+            epsilon=float(r),
+            epsilon_pld=float(r),
+            noise_multiplier=s,
+            sample_rate=0.1,
+            steps=2,
+            source=f"/x/{bank}/ledger.jsonl:{r}",
+        )  # fmt: skip
+        for r, s in enumerate(sigmas, start=1)
+    )
+    return BankSummary(
+        job_id=JOB, bank_id=bank, accountant="prv", delta=1e-5, budget=8.0, authority=f"/x/{bank}/ledger.jsonl",
+        points=points, rounds_trained=tuple(range(1, len(sigmas) + 1)), rounds_refused=(), rounds_skipped=(),
+        rounds_dropped=(), epsilon_recorded=float(len(sigmas)), epsilon_pld=float(len(sigmas)),
+        epsilon_rdp=float(len(sigmas)) * 1.2, ok=True,
+    )  # fmt: skip
+
+
+def test_the_noise_plot_is_drawn_only_when_sigma_or_q_changes():
+    constant = AuditResult(
+        files=(), banks=(bank_with_sigmas("a", [1.0, 1.0]), bank_with_sigmas("b", [2.0, 2.0])), findings=()
+    )
+    assert _noise_figure(constant) is None
+    varying = AuditResult(
+        files=(), banks=(bank_with_sigmas("a", [1.0, 1.2]), bank_with_sigmas("b", [2.0, 2.0])), findings=()
+    )
+    assert _noise_figure(varying).startswith("data:image/png;base64,")
+    assert "No noise plot" not in render_html(varying, [], audit_verdict(varying, []), "2026-01-01T00:00:00Z")
