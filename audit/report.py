@@ -560,7 +560,8 @@ def _noise_figure(result: AuditResult) -> str | None:
             ax.plot([p.round + dx for p in trained], [getattr(p, name) for p in trained], lw=2,
                     marker=_MARKERS[i % len(_MARKERS)], ls=_LINESTYLES[i % len(_LINESTYLES)],
                     label=_group_label(group, result))  # fmt: skip
-        ax.set_ylim(bottom=0)
+        highest = max((getattr(p, name) or 0.0 for b in result.banks for p in b.points), default=0.0)
+        ax.set_ylim(0, highest * 1.15 if highest > 0 else 1)
         ax.set_ylabel(titles[name], fontsize=11)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
