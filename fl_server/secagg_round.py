@@ -95,11 +95,11 @@ class SecAggRound:
             logger.error("round %d: %s", self.round, self.abort_text)
         exclusions = server.exclusions if server is not None else []
         outcomes = self.settle(aggregate, exclusions)
-        logger.info(
-            "secagg round %d: %d B sent to banks, %d B received, stages %s",
-            self.round, self.bytes_sent, self.bytes_received,
-            {k: round(v, 2) for k, v in self.record.seconds.items() if k.startswith("secagg-")},
-        )  # fmt: skip
+        stages = ", ".join(f"{k[7:]} {v:.1f}s" for k, v in self.record.seconds.items() if k.startswith("secagg-"))
+        self.fed.reporter.note(
+            f"round {self.round} secure aggregation: {stages}; {self.bytes_sent / 1e6:.2f} MB to banks, "
+            f"{self.bytes_received / 1e6:.2f} MB from banks"
+        )
         if aggregate is None:
             return outcomes, None
         return outcomes, pack_secagg_result(setup.to_bytes(), aggregate.to_bytes())
