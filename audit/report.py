@@ -195,11 +195,10 @@ def _finding_flag(finding: Finding, result: AuditResult) -> Flag:
 def _round_notes(bank: BankSummary) -> list[Flag]:
     """Rounds a bank refused or that failed: not failures of the audit, but worth a line."""
     notes = []
-    for point in bank.points:
+    for point, entry in _with_entries(bank):
         if point.status not in ("refused", "failed"):
             continue
         path, _, line = point.source.rpartition(":")
-        entry = _entry_at(bank, point)
         reason = str(entry.get("reason") or "no reason recorded")
         verb = "refused by the bank's own budget check" if point.status == "refused" else "failed at the bank"
         notes.append(
@@ -309,10 +308,10 @@ def _rounds(rounds: tuple[int, ...]) -> str:
     return ", ".join(map(str, rounds)) if rounds else "-"
 
 
-def _entry_at(bank: BankSummary, point: RoundPoint) -> dict[str, Any]:
-    """The raw entry behind a RoundPoint (points and entries come from the same lines)."""
-    index = bank.points.index(point)
-    return bank.entries[index] if index < len(bank.entries) else {}
+def _with_entries(bank: BankSummary) -> list[tuple[RoundPoint, dict[str, Any]]]:
+    """Each RoundPoint with the raw entry behind it (verify.py builds both from the same lines)."""
+    entries = list(bank.entries) + [{}] * (len(bank.points) - len(bank.entries))
+    return list(zip(bank.points, entries, strict=False))
 
 
 def broken_chains(bank: BankSummary, result: AuditResult) -> list[LedgerFile]:
@@ -771,8 +770,7 @@ def _cell(value: Any, digits: str) -> str:
 
 def _html_rounds(bank: BankSummary, result: AuditResult) -> str:
     rows = []
-    for point in bank.points:
-        entry = _entry_at(bank, point)
+    for point, entry in _with_entries(bank):
         status_css = {"trained": "", "refused": "info", "non-private": "bad", "failed": "warn"}.get(
             point.status, "muted"
         )
