@@ -18,7 +18,7 @@ from audit.canary import (
     p_value,
     run_canary_audit,
 )
-from audit.report import render_table, write_html_report
+from audit.report import render_table, write_html_report, write_report
 from audit.verify import AuditResult, BankSummary, Finding, LedgerFile, RoundPoint, audit_ledgers
 
 __all__ = [
@@ -37,4 +37,5 @@ __all__ = [
     "render_table",
     "run_canary_audit",
     "write_html_report",
+    "write_report",
 ]

@@ -55,8 +55,10 @@ WHAT_TO_DO: dict[str, str] = {
     "and trust no remaining budget of this bank until it is explained.",
     "epsilon": "A recorded ε disagrees with the independent recomputation: count the larger value as spent and "
     "ask the bank for its accountant state and library versions.",
-    "budget": "ε above the bank's budget (or a budget changed mid-ledger): stop training on this dataset, record "
-    "the overspend, and find out why the bank's own budget check did not refuse.",
+    "budget": "ε above the bank's budget: stop training on this dataset, record the overspend, and find out why "
+    "the bank's own budget check did not refuse.",
+    "budget-changed": "The bank's budget changed between entries (a new policy): confirm the change was approved; "
+    "the ε already spent counts against the new budget.",
     "sequence": "Rounds out of order, or job, bank, accountant or δ changed inside one ledger: ask the bank to "
     "explain (a round recorded twice after a restart counts twice and is only a warning).",
     "mirror": "The server's mirror is inconsistent: get an intact copy from the server operator; until then the "

@@ -148,6 +148,7 @@ class AuditResult:
     banks: tuple[BankSummary, ...]
     findings: tuple[Finding, ...]
     empirical: tuple[CanaryAuditResult, ...] = ()
+    pins_checked: bool = False  # signatures were verified against pinned consortium keys
 
     @property
     def errors(self) -> list[Finding]:
@@ -381,7 +382,7 @@ def _check_entry(
         if entry["budget_epsilon"] != prev["budget_epsilon"]:
             out.add(
                 "warning",
-                "budget",
+                "budget-changed",
                 where,
                 f"budget changed from {prev['budget_epsilon']} to {entry['budget_epsilon']}",
                 entry,
@@ -821,6 +822,7 @@ def audit_ledgers(paths: Iterable[str | os.PathLike[str]], *, pins: ConsortiumPi
                 (mirror.path, None),
                 f"no bank ledger for job {key[0]!r} bank {key[1]!r}: the server mirrored its rounds, but the "
                 "bank's own ledger.jsonl was not given (or is lost). What to do: obtain it from the bank",
+                {"bank_id": key[1], "job_id": key[0]},
             )
 
     if pins is None and bank_views:
@@ -836,4 +838,4 @@ def audit_ledgers(paths: Iterable[str | os.PathLike[str]], *, pins: ConsortiumPi
         summary = _summarize(key, bank_views[key][0], mirror_views.get(key), rec, out.findings)
         if summary is not None:
             summaries.append(summary)
-    return AuditResult(tuple(files), tuple(summaries), tuple(out.findings))
+    return AuditResult(tuple(files), tuple(summaries), tuple(out.findings), pins_checked=pins is not None)
