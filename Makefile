@@ -83,6 +83,6 @@ provision: $(STAMP)
 	$(BIN)/python -m fl_server.provision --out deploy/kits --banks 3 --app .
 
 # The compose federation for real (Docker): build, 2-round tiny job with TLS + SuperNode auth, a bank
-# killed and restarted mid-job, an unapproved app refused, teardown. About 10-15 min on 2 cores.
+# killed and restarted mid-job, an unapproved app refused, teardown. 10-20 min on 2 cores (not in CI).
 compose-test: $(STAMP)
 	deploy/compose_test.sh
