@@ -189,3 +189,15 @@ def test_missing_public_context_is_refused(tmp_path):
     (tmp_path / "keys" / PUBLIC_FILE).unlink()
     with pytest.raises(LaunchError, match=PUBLIC_FILE):
         ensure_keys(tmp_path / "keys")
+
+
+def test_data_and_policy_reach_the_banks_node_config():
+    from fl_server.deploy import loopback_topology, service_commands
+
+    topo = loopback_topology(
+        2, root="/r", key_path="/r/k", data_paths={"bank-0": "/d/b0.jsonl"}, policy_files={"bank-1": "/p/b1.toml"}
+    )
+    cmds = service_commands(topo)
+    node_config = {b: cmds[b][cmds[b].index("--node-config") + 1] for b in ("bank-0", "bank-1")}
+    assert "data-path='/d/b0.jsonl'" in node_config["bank-0"] and "data-path" not in node_config["bank-1"]
+    assert "policy-file='/p/b1.toml'" in node_config["bank-1"] and "policy-file" not in node_config["bank-0"]
