@@ -8,6 +8,7 @@ between rounds lives in its state dir (DESIGN.md, "State on disk"):
         state.json             job id, layout hash, start hash, last applied round, rounds trained
         replica.safetensors    the trainable view of the global model after `applied_round`
         released/round-NNNN.*  what the bank released for a round (re-sent, never re-trained)
+        secagg/round-NNNN.json the round's secure-aggregation secrets (0600; fl_client.secagg_bank)
         deltas/round-NNNN.safetensors   plaintext deltas, only with keep-plaintext-deltas (tests)
     <state-root>/privacy/<dataset fingerprint>/   (fl_client.privacy: shared by every job)
         ledger.jsonl, accountant.json
@@ -15,7 +16,10 @@ between rounds lives in its state dir (DESIGN.md, "State on disk"):
 A train message, under the bank's round lock, in three steps: catch up (check key, decrypt,
 validate and apply the aggregates not yet applied) -> a local round (the bank's policy decides
 whether to train at all; DP-SGD from the global view; ledger entry before anything leaves) ->
-encrypt the delta (weight 1: the dataset size never leaves the bank) and reply. The
+seal the delta (weight 1: the dataset size never leaves the bank) and reply. `train_once` is that
+sequence; an `Opener` and a `Sealer` say how aggregates are opened and the delta sealed: CKKS
+here (`handle_train`), masks + BFV at the masked-input stage of secure aggregation
+(fl_client/secagg_bank.py). The
 replica stays at the global model: the bank's own local result is never kept, so every bank
 applies exactly the same aggregates.
 """
@@ -200,8 +204,7 @@ class Sealer(Protocol):
 
 # ---- step 1: catch up ------------------------------------------------------------------------------
 def check_job(job: JobConfig, config: BankConfig, request: RoundRequest) -> None:
-    if request.job_id != job.job_id:
-        raise ConfigError(f"bank {config.bank_id}: message for job {request.job_id!r}, run config says {job.job_id!r}")
+    request.check_job(job.job_id, config.bank_id)
 
 
 def ckks_key(job: JobConfig, config: BankConfig, request: RoundRequest) -> CkksKey:

@@ -22,9 +22,9 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from crypto.errors import CryptoError
 from crypto.identity import ConsortiumPins, Identity, load_identity, load_pins
@@ -40,9 +40,7 @@ from crypto.secagg.messages import (
     UnmaskOrder,
     UnmaskRequest,
 )
-from fl_client.bank import Bank, Opener, check_job, handle_evaluate, train_once
 from fl_client.config import BankConfig
-from model.trainable import TrainableView
 from protocol.config import PINS_FILE, JobConfig, identity_file_name
 from protocol.errors import ConfigError
 from protocol.files import atomic_write_json, exclusive_lock, read_json
@@ -55,6 +53,12 @@ from protocol.messages import (
     identify_statement,
     unpack_secagg_result,
 )
+
+if TYPE_CHECKING:  # the stages other than masked input run without torch (a ClientApp process each)
+    import torch
+
+    from fl_client.bank import Bank, Opener
+    from model.trainable import TrainableView
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +182,7 @@ class SecAggSealer:
 # ---- the stages -----------------------------------------------------------------------------------
 def handle_stage(job: JobConfig, config: BankConfig, request: RoundRequest, node_id: int) -> TrainReply:
     """One secure-aggregation exchange, under the bank's round lock."""
-    check_job(job, config, request)
+    request.check_job(job.job_id, config.bank_id)
     with exclusive_lock(config.lock_file):
         keys = SecAggKeys.load(config)
         if request.key_id != keys.bfv.key_id:
@@ -194,6 +198,8 @@ def handle_stage(job: JobConfig, config: BankConfig, request: RoundRequest, node
         if request.stage is SecAggStage.ADVERTISE:
             return advertise(job, config, keys, request)
         if request.stage is SecAggStage.MASKED_INPUT:
+            from fl_client.bank import train_once  # torch, the model and DP: only this stage trains
+
             secagg = load_round(job, config, keys, request.round)
             sealer = SecAggSealer(job, config, keys, secagg, MaskedInputRequest.from_bytes(request.secagg))
             return train_once(job, config, request, secagg_opener(job, config, keys), sealer)
@@ -244,6 +250,8 @@ def _reply(config: BankConfig, request: RoundRequest, payload: bytes) -> TrainRe
 
 def handle_secagg_evaluate(job: JobConfig, config: BankConfig, request: RoundRequest) -> EvalReply:
     """An evaluate message under secure aggregation: open the pending aggregates with the BFV key."""
-    check_job(job, config, request)
+    from fl_client.bank import handle_evaluate
+
+    request.check_job(job.job_id, config.bank_id)
     keys = SecAggKeys.load(config)
     return handle_evaluate(job, config, request, opener=secagg_opener(job, config, keys))

@@ -110,6 +110,11 @@ class RoundRequest:
     stage: SecAggStage | None = None  # a secure-aggregation exchange; None = a CKKS train / an evaluate
     secagg: bytes = b""  # the stage's crypto.secagg request message (to_bytes)
 
+    def check_job(self, job_id: str, bank_id: str) -> None:
+        """Raises ConfigError when the message is for another job than the bank's run config."""
+        if self.job_id != job_id:
+            raise ConfigError(f"bank {bank_id}: message for job {self.job_id!r}, run config says {job_id!r}")
+
     def to_content(self) -> RecordDict:
         config = {"job-id": self.job_id, "round": self.round, "key-id": self.key_id, "key-epoch": self.key_epoch}
         config["secagg-stage"] = "" if self.stage is None else str(self.stage)

@@ -20,3 +20,12 @@ def test_server_secagg_round_loads_no_bank_no_secret_key_code_no_torch():
     forbidden = {"torch", "opacus", "crypto.secagg.bank", "crypto.secagg.bfv_secret", "crypto.secagg.ceremony"}
     assert not forbidden & modules, forbidden & modules
     assert not {m for m in modules if m.startswith("fl_client")}
+
+
+def test_bank_app_loads_torch_only_for_the_stages_that_train():
+    # Flower starts a ClientApp process per message: the four light secagg stages must not pay for torch
+    code = "import sys, fl_client.app\nprint('\\n'.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    modules = set(out.stdout.split())
+    assert "fl_client.secagg_bank" in modules and "crypto.secagg.bank" in modules
+    assert not {"torch", "opacus", "fl_client.bank", "model.trainable"} & modules
