@@ -32,6 +32,7 @@ class BankNode:
     key_path: str
     data_path: str = ""
     policy_file: str = ""  # the bank's privacy policy (TOML); "" = none
+    identity_key: str = ""  # the bank's Ed25519 identity (pinned); "" = the bank's default
     epsilon: float | None = None  # None: the job's default budget
     torch_threads: int = 0  # > 0 when banks share a host (loopback): cores per bank
     auth_key: str = ""  # SuperNode authentication private key (OpenSSH EC); "" = none
@@ -123,6 +124,7 @@ def container_bank(i: int, *, data_path: str = "", policy_file: str = "", partit
         partition_id=i if partition_id is None else partition_id,
         state_dir="/state",
         key_path="/keys/context.secret.ckks",
+        identity_key=f"/keys/bank-{i}.identity.secret",
         data_path=data_path,
         policy_file=policy_file,
         auth_key=f"{SECRETS}/node-key",
@@ -167,6 +169,8 @@ def _node_config(bank: BankNode) -> str:
         pairs["data-path"] = bank.data_path
     if bank.policy_file:
         pairs["policy-file"] = bank.policy_file
+    if bank.identity_key:
+        pairs["identity-key"] = bank.identity_key
     if bank.epsilon is not None:
         pairs["epsilon"] = bank.epsilon
     if bank.torch_threads:
@@ -264,21 +268,29 @@ COMPOSE_RUN_CONFIG = 'key-dir="/keys" server-state-dir="/state/server"'
 KITS = "./deploy/kits"  # where `python -m fl_server.provision` writes the kits the one-host file uses
 
 
-def _keygen_command(n_banks: int) -> list[str]:
-    """One-shot ceremony: secret only into bank key volumes, public only into the server's.
+# What each side of the ceremony keeps (fl_server.ceremony writes all of it into one folder).
+BANK_KEY_FILES = ("context.secret.ckks", "context.secret.bfv", "pins.json")  # + its own identity
+SERVER_KEY_FILES = ("context.public.ckks", "key.json", "context.public.bfv", "bfv-key.json", "pins.json")
 
-    The ceremony folder is a tmpfs, so the secret never lands anywhere but the banks' volumes;
-    `install -m 600 -o 10001` keeps the files private to the services' user. A second `up` finds
-    the keys and does nothing.
+
+def _keygen_command(n_banks: int) -> list[str]:
+    """One-shot ceremony: secrets only into bank key volumes, public parts only into the server's.
+
+    fl_server.ceremony makes the CKKS and BFV key pairs, one Ed25519 identity per bank and the
+    pins file in a tmpfs, so no secret lands anywhere but the banks' volumes; each bank gets the
+    shared CKKS/BFV secrets, the pins and its own identity only, `install -m 600 -o 10001` keeps
+    them private to the services' user. A second `up` finds the keys and does nothing.
     """
     own = f"-o {UID} -g {UID}"
+    banks = ", ".join(f"'bank-{i}'" for i in range(n_banks))
     steps = [
         "test -f /out/server/context.public.ckks && echo 'keys exist; nothing to do' && exit 0",
-        "python -m crypto keygen --out /ceremony",
-        *[f"install {own} -m 600 /ceremony/context.secret.ckks /out/bank-{i}/" for i in range(n_banks)],
-        f"install {own} -m 600 /ceremony/context.public.ckks /out/server/",
-        f"install {own} -m 644 /ceremony/key.json /out/server/",
+        f"python -c \"from fl_server.ceremony import loopback_ceremony; loopback_ceremony('/ceremony', [{banks}])\"",
     ]
+    for i in range(n_banks):
+        files = " ".join(f"/ceremony/{f}" for f in (*BANK_KEY_FILES, f"bank-{i}.identity.secret"))
+        steps.append(f"install {own} -m 600 {files} /out/bank-{i}/")
+    steps.append(f"install {own} -m 644 {' '.join(f'/ceremony/{f}' for f in SERVER_KEY_FILES)} /out/server/")
     return ["sh", "-ec", f"{steps[0]}; " + " && ".join(steps[1:])]
 
 

@@ -8,14 +8,14 @@
 Writes, under --out:
     ca/            the CA's private key and certificate: stays with whoever provisions (offline)
     server/        docker-compose.yml, secrets/{ca.crt, server.pem, server.key, exec.secret},
-                   supernodes/<bank>.pub (the only bank material the SuperLink gets), keys/ (the
-                   CKKS public context), README.md
-    bank-<i>/      docker-compose.yml, secrets/{ca.crt, node.key, node.pub, exec.secret,
-                   identity.secret}, config/{approved-apps, pins.json, policy.toml}, keys/ (the
-                   CKKS secret context), data/, README.md
+                   supernodes/<bank>.pub (the only bank material the SuperLink gets), keys/ (CKKS
+                   and BFV public contexts, pins.json), README.md
+    bank-<i>/      docker-compose.yml, secrets/{ca.crt, node.key, node.pub, exec.secret},
+                   config/{approved-apps, policy.toml}, keys/ (CKKS and BFV secret contexts,
+                   pins.json, <bank>.identity.secret), data/, README.md
 A bank's kit holds the CA certificate but never a private key other than its own (its SuperNode
-authentication key, its identity key, and the job's CKKS secret context that all banks share by
-design and the server never gets). tests/deploy/test_provision.py walks the folders to check it.
+authentication key, its identity key, and the job's CKKS/BFV secret contexts that all banks share
+by design and the server never gets). tests/deploy/test_provision.py walks the folders to check it.
 Every kit's compose file runs `fl_server.deploy.service_commands`, the table the loopback
 launcher and the one-host docker-compose.yml use.
 """
@@ -42,9 +42,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fl_server.deploy import (
+    BANK_KEY_FILES,
     COMPOSE_RUN_CONFIG,
     FLOWER_ENV,
     POLICY_PATH,
+    SERVER_KEY_FILES,
     UID,
     bank_services,
     compose_topology,
@@ -144,19 +146,6 @@ def make_secret(path: Path) -> None:
     _write(path, secrets.token_hex(32).encode(), 0o600)
 
 
-def make_identity(path: Path, bank_id: str) -> bytes | None:
-    """The bank's Ed25519 identity key (crypto.identity); returns its public key, None if unavailable.
-
-    Hook: crypto/identity.py is written alongside this module; without it the kit has no identity
-    key and its README says so.
-    """
-    try:
-        from crypto.identity import generate_identity
-    except ImportError:
-        return None
-    return generate_identity(path, bank_id, overwrite=True).public_key
-
-
 # ---- the app banks approve --------------------------------------------------------------------
 def stage_app(app: Path, out: Path) -> str:
     """Copies the files Flower bundles from `app` into `out`; returns the bundle's SHA-256.
@@ -243,14 +232,15 @@ What your security team controls, all in this folder:
         "" if policy else " (none provided at provisioning: copy deploy/bank-policy.example.toml)"
     }.
 - data: {data}.
-- `keys/context.secret.ckks`: the job's CKKS secret context from the key ceremony (never leaves
-  the bank; the server holds only the public context).
-- `secrets/`: `ca.crt` (to verify the SuperLink), this bank's SuperNode key pair, the
-  executor secret{
-        ", and `identity.secret`, the bank's Ed25519 identity key"
+- `keys/`: {
+        f"the job's CKKS and BFV secret contexts (shared by the banks, never the server's), "
+        f"`pins.json` (every bank's public identity key) and `{bank}.identity.secret`, this bank's "
+        "Ed25519 identity (signs its ledger and secure-aggregation messages)"
         if identity
-        else " (no identity key: crypto/identity.py was not available when this kit was made)"
+        else "empty: the key ceremony was skipped at provisioning (--no-ckks); see docs/deployment.md"
     }.
+- `secrets/`: `ca.crt` (to verify the SuperLink), this bank's SuperNode key pair, the executor
+  secret.
   No other party's private key is in this kit. Send only `secrets/node.pub` to the operator.
 The bank needs outbound access to {superlink} only; Flower telemetry is off.
 """
@@ -287,10 +277,10 @@ def provision(
 
     ceremony = Path(tempfile.mkdtemp(prefix="fedmoe-ceremony-"))
     try:
-        if ckks:
-            from crypto.keys import keygen
+        if ckks:  # CKKS + BFV key pairs, one identity per bank, the pins (fl_server.ceremony)
+            from fl_server.ceremony import loopback_ceremony
 
-            keygen(ceremony)
+            loopback_ceremony(ceremony, [b.bank_id for b in banks])
 
         # server
         server = out / "server"
@@ -299,8 +289,8 @@ def provision(
         issue_server_cert(ca_key, ca_cert, superlink_names, server / "secrets")
         make_secret(server / "secrets" / "exec.secret")
         if ckks:
-            for name in ("context.public.ckks", "key.json"):
-                _write(server / "keys" / name, (ceremony / name).read_bytes(), 0o644 if name == "key.json" else 0o600)
+            for name in SERVER_KEY_FILES:
+                _write(server / "keys" / name, (ceremony / name).read_bytes(), 0o644)
         topo = replace(compose_topology(len(banks)), superlink_host=superlink_names[0], superlink_port=port)
         services, secrets_ = server_services(
             topo, publish="${FLEET_BIND:-0.0.0.0}:" + str(port), secrets_dir=".", keys="./keys", state="state"
@@ -318,7 +308,6 @@ def provision(
         (server / "README.md").write_text(_readme_server(server, superlink))
 
         # banks
-        identities: dict[str, bytes] = {}
         for i, spec_b in enumerate(banks):
             kit = out / spec_b.bank_id
             sites[spec_b.bank_id] = kit
@@ -326,11 +315,10 @@ def provision(
             make_node_key(kit / "secrets")
             shutil.copy2(kit / "secrets" / "node.pub", _mkdir(server / "supernodes") / f"{spec_b.bank_id}.pub")
             make_secret(kit / "secrets" / "exec.secret")
-            public = make_identity(kit / "secrets" / "identity.secret", spec_b.bank_id)
-            if public is not None:
-                identities[spec_b.bank_id] = public
-            if ckks:
-                _write(kit / "keys" / "context.secret.ckks", (ceremony / "context.secret.ckks").read_bytes(), 0o600)
+            identity = f"{spec_b.bank_id}.identity.secret"
+            if ckks:  # the shared CKKS/BFV secrets, the pins, and this bank's own identity only
+                for name in (*BANK_KEY_FILES, identity):
+                    _write(kit / "keys" / name, (ceremony / name).read_bytes(), 0o600)
             _mkdir(kit / "keys")
             config = _mkdir(kit / "config")
             approved = f"{digest}  fedmoe release (provisioned)\n" if digest else ""
@@ -350,7 +338,7 @@ def provision(
                 data_path=f"/data/{data_name}" if data_name else "",
                 policy_file=POLICY_PATH if has_policy else "",
             )
-            node = replace(node, bank_id=spec_b.bank_id)
+            node = replace(node, bank_id=spec_b.bank_id, identity_key=f"/keys/{identity}")
             btopo = replace(compose_topology(1, banks=(node,)), superlink_host=superlink_names[0], superlink_port=port)
             services, secrets_ = bank_services(
                 btopo, 0, kit=".", keys="./keys", state="state", data="./data" if data_name else None
@@ -365,15 +353,7 @@ def provision(
             }
             header = f"# fedmoe bank kit for {spec_b.bank_id} (generated by python -m fl_server.provision)\n"
             (kit / "docker-compose.yml").write_text(render_yaml(header, spec))
-            (kit / "README.md").write_text(
-                _readme_bank(spec_b.bank_id, superlink, data_name, public is not None, has_policy)
-            )
-        if identities:
-            from crypto.identity import ConsortiumPins, write_pins
-
-            pins = ConsortiumPins(identities)
-            for spec_b in banks:
-                write_pins(out / spec_b.bank_id / "config" / "pins.json", pins)
+            (kit / "README.md").write_text(_readme_bank(spec_b.bank_id, superlink, data_name, ckks, has_policy))
     finally:
         shutil.rmtree(ceremony, ignore_errors=True)
     for site in sites.values():

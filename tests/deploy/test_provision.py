@@ -19,7 +19,7 @@ def private_files(root: Path) -> dict[str, bytes]:
     for path in root.rglob("*"):
         if path.is_file():
             data = path.read_bytes()
-            if any(m in data for m in PRIVATE_MARKERS) or path.name.endswith((".secret", ".secret.ckks")):
+            if any(m in data for m in PRIVATE_MARKERS) or ".secret" in path.name or path.name == "ca.key":
                 out[str(path.relative_to(root))] = data
     return out
 
@@ -43,11 +43,12 @@ def test_bank_kit_holds_no_private_key_but_its_own(kits):
     for i in range(3):
         bank = f"bank-{i}"
         mine = everyone[bank]
-        assert set(mine) <= {
+        assert set(mine) == {
             "secrets/node.key",
             "secrets/exec.secret",
-            "secrets/identity.secret",
+            f"keys/{bank}.identity.secret",
             "keys/context.secret.ckks",
+            "keys/context.secret.bfv",
         }, sorted(mine)
         blobs = [p.read_bytes() for p in (kits / bank).rglob("*") if p.is_file()]
         assert not any(ca_key in b or server_key in b for b in blobs)
@@ -55,9 +56,8 @@ def test_bank_kit_holds_no_private_key_but_its_own(kits):
             if j == i:
                 continue
             other = everyone[f"bank-{j}"]
-            for name in ("secrets/node.key", "secrets/exec.secret", "secrets/identity.secret"):
-                if name in other:
-                    assert not any(other[name] in b for b in blobs), f"{bank} holds {f'bank-{j}'}'s {name}"
+            for name in ("secrets/node.key", "secrets/exec.secret", f"keys/bank-{j}.identity.secret"):
+                assert not any(other[name] in b for b in blobs), f"{bank} holds bank-{j}'s {name}"
         assert (kits / bank / "secrets" / "ca.crt").read_bytes() == (kits / "ca" / "ca.crt").read_bytes()
         assert (kits / bank / "README.md").read_text().count("docker-compose") >= 3
 
@@ -66,8 +66,9 @@ def test_server_kit_gets_public_material_only_from_banks(kits):
     server = private_files(kits / "server")
     assert set(server) <= {"secrets/server.key", "secrets/exec.secret"}, sorted(server)
     assert sorted(p.name for p in (kits / "server" / "supernodes").iterdir()) == [f"bank-{i}.pub" for i in range(3)]
-    assert not (kits / "server" / "keys" / "context.secret.ckks").exists()
-    assert (kits / "server" / "keys" / "context.public.ckks").exists()
+    assert sorted(p.name for p in (kits / "server" / "keys").iterdir()) == sorted(
+        ["context.public.ckks", "key.json", "context.public.bfv", "bfv-key.json", "pins.json"]
+    )
 
 
 def test_kit_compose_files_carry_node_config_and_auth(kits):
@@ -79,6 +80,7 @@ def test_kit_compose_files_carry_node_config_and_auth(kits):
         assert "--auth-supernode-private-key" in cmd
         node_config = cmd[cmd.index("--node-config") + 1]
         assert f"bank-id='bank-{i}'" in node_config
+        assert f"identity-key='/keys/bank-{i}.identity.secret'" in node_config
         if i == 0:
             assert "data-path='/data/bank0-train.jsonl'" in node_config
             assert (kits / "bank-0" / "data" / "bank0-train.jsonl").exists()

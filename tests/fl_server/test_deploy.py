@@ -106,9 +106,15 @@ def test_secret_key_only_reaches_bank_executors():
     def volumes(service: str) -> set[str]:
         return {v.split(":")[0] for v in services[service].get("volumes", [])}
 
-    keygen = " ".join(services["keygen"]["command"])
-    assert keygen.count("context.secret.ckks /out/bank-") == 3
-    assert "context.secret.ckks /out/server" not in keygen and "-m 600" in keygen
+    keygen = services["keygen"]["command"][-1]
+    installs = {step.split()[-1].strip("/"): step for step in keygen.split(" && ") if step.startswith("install")}
+    assert set(installs) == {"out/bank-0", "out/bank-1", "out/bank-2", "out/server"}
+    for i in range(3):
+        step = installs[f"out/bank-{i}"]
+        assert "-m 600" in step and "context.secret.ckks" in step and "context.secret.bfv" in step
+        assert f"bank-{i}.identity.secret" in step
+        assert not any(f"bank-{j}.identity" in step for j in range(3) if j != i)  # only its own identity
+    assert "secret" not in installs["out/server"] and "context.public.bfv" in installs["out/server"]
     assert "/ceremony" in services["keygen"]["tmpfs"][0]
     assert not any("bank-" in v and "keys" in v for v in volumes("serverapp") | volumes("superlink"))
     for i in range(3):
