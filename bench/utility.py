@@ -288,8 +288,9 @@ def run_federation(opts: Options, members: list[int], data: dict[int, BankData],
         global_N = global_N + server.step((sum_N / len(banks)).float())
     view.load_flat_(global_N)
     eps = {b.bank_id: round(states[b.bank_id].epsilon(), 3) for b in banks}
-    logger.info("federation %s: %d rounds, epsilon %s", members, opts.rounds, eps)
-    return {i: held_out_loss(model, data[i]) for i in members}
+    losses = {i: held_out_loss(model, data[i]) for i in members}
+    logger.info("federation %s: %d rounds, epsilon %s, held-out loss %s", members, opts.rounds, eps, losses)
+    return losses
 
 
 def run_central(opts: Options, members: list[int], data: dict[int, BankData]) -> dict[int, float]:
@@ -515,7 +516,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
 def main(argv: list[str] | None = None) -> None:
     opts, args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"), format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("LOGLEVEL", "WARNING"), format="%(asctime)s %(name)s: %(message)s", force=True
+    )
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
     result = experiment(opts)
