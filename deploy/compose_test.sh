@@ -45,6 +45,7 @@ if [[ -n "$WHEELS" && -d "$WHEELS" ]]; then  # the local torch CPU wheel, served
   sleep 1
 fi
 cleanup() {
+  docker-compose -p "$PROJECT" logs --no-color > "$OUT/compose.log" 2>&1 || true
   docker-compose -p "$PROJECT" down -v --remove-orphans >/dev/null 2>&1 || true
   [[ -n "${WHEEL_PID:-}" ]] && kill "$WHEEL_PID" 2>/dev/null || true
   rm -rf "$SRC"
@@ -67,7 +68,9 @@ PORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(
 export FEDMOE_PORT=$PORT
 docker-compose -p "$PROJECT" down -v --remove-orphans >/dev/null 2>&1 || true
 log "docker-compose up (SuperLink on 127.0.0.1:$PORT)"
-docker-compose -p "$PROJECT" up -d 2>&1 | tail -3
+if ! docker-compose -p "$PROJECT" up -d > "$OUT/up.log" 2>&1; then
+  tail -5 "$OUT/up.log"; log "docker-compose up failed; service logs in $OUT/compose.log"; exit 1
+fi
 for _ in $(seq 90); do
   healthy=$(docker-compose -p "$PROJECT" ps | grep -c "(healthy)" || true)
   [[ "$healthy" -ge 8 ]] && break; sleep 2
@@ -91,7 +94,7 @@ log "submitted run $RUN (app sha256 ${DIGEST:0:16}, pinned by every bank)"
 
 # Kill bank-1's SuperNode once its executor has started round 1, then bring it back.
 for _ in $(seq 150); do
-  docker-compose -p "$PROJECT" logs bank-1 2>/dev/null | grep -q "Receiving: train message" && break; sleep 2
+  docker-compose -p "$PROJECT" logs bank-1 2>/dev/null | grep -q "Receiving: train" && break; sleep 2
 done
 log "killing bank-1 (SuperNode container) mid-round"
 docker-compose -p "$PROJECT" kill bank-1 >/dev/null 2>&1
