@@ -71,7 +71,8 @@ def test_four_banks_secagg_survives_a_bank_killed_after_its_masked_input(tmp_pat
         )
         deployment.kill("bank-3-apps")
         deployment.kill("bank-3")
-        wait_for(lambda: state_file.exists() and json.loads(state_file.read_text()).get("finished"), 1200, "the job")
+        # results.json comes after the closing message that delivers the last aggregate to the banks
+        wait_for(lambda: (state_file.parent / "results.json").exists(), 1500, "the job to finish")
     state = json.loads(state_file.read_text())
     r1, r2 = state["rounds"]
     four = ["bank-0", "bank-1", "bank-2", "bank-3"]
