@@ -19,10 +19,10 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# 3 banks on 127.0.0.1 (real SuperLink/SuperNodes), small preset, FFA-LoRA, DP eps=8 per bank with
-# CSPRNG noise, each bank under its own policy (deploy/demo-bank-policy.toml: the strict defaults,
+# 3 banks on 127.0.0.1 (real SuperLink/SuperNodes), small preset, FFA-LoRA, secure aggregation (masks +
+# BFV), DP eps=8 per bank with CSPRNG noise, each bank under its own policy (deploy/demo-bank-policy.toml: the strict defaults,
 # releasing its plain losses so the table can show them), 3 rounds; then the privacy audit against
-# the banks' pinned identity keys; then bank-0 exports the global model and generates a few lines.
+# the consortium's pinned identity keys (keys/pins.json from the key ceremony); then bank-0 exports the global model and generates a few lines.
 # A fresh job each time: the previous demo's folder is moved aside.
 DEMO_ROOT := $(RUNS)/demo
 DEMO_POLICY := deploy/demo-bank-policy.toml
@@ -32,7 +32,7 @@ demo: $(STAMP)
 		--policy bank-0=$(DEMO_POLICY) --policy bank-1=$(DEMO_POLICY) --policy bank-2=$(DEMO_POLICY) \
 		--run-config 'job-id="demo" num-rounds=3 model-preset="small" train-mode="lora" epsilon=8.0'
 	$(MAKE) --no-print-directory audit LEDGERS="$(DEMO_ROOT)/banks/*/privacy/*/ledger.jsonl $(DEMO_ROOT)/server/demo/ledger-mirror/*.jsonl" \
-		PINS="$(DEMO_ROOT)/banks/*/identity.pins.json"
+		PINS="$(DEMO_ROOT)/keys/pins.json"
 	$(BIN)/python -m fl_client.export --job $(DEMO_ROOT)/server/demo/job.json \
 		--node-config "bank-id='bank-0' state-dir='$(DEMO_ROOT)/banks/bank-0'" --out $(DEMO_ROOT)/final
 	$(BIN)/python -m model generate $(DEMO_ROOT)/final/merged --threads 1 --max-new-tokens 48 \
@@ -40,7 +40,7 @@ demo: $(STAMP)
 
 # Privacy audit: verify hash chains and signatures, recompute epsilon (PLD + RDP), table + report.
 LEDGERS ?= $(RUNS)/demo/banks/*/privacy/*/ledger.jsonl $(RUNS)/demo/server/demo/ledger-mirror/*.jsonl
-PINS ?= $(RUNS)/demo/banks/*/identity.pins.json
+PINS ?= $(RUNS)/demo/keys/pins.json
 AUDIT_OUT ?= $(RUNS)/demo/audit
 audit: $(STAMP)
 	$(BIN)/python -m audit --out $(AUDIT_OUT) $$(for p in $(PINS); do printf -- '--pins %s ' "$$p"; done) $(LEDGERS)

@@ -17,7 +17,7 @@ from typing import Any
 
 from crypto.keys import SECRET_FILE
 from fl_client.policy import BankPolicy
-from protocol.config import JobConfig
+from protocol.config import JobConfig, identity_file_name
 from protocol.errors import ConfigError
 
 __all__ = ["BankConfig", "JobConfig", "NODE_CONFIG_KEYS"]
@@ -92,8 +92,15 @@ class BankConfig:
 
     @property
     def identity_path(self) -> Path:
-        """The bank's Ed25519 identity (signs its ledger entries); default `<state-root>/identity.secret`."""
-        return self.identity_key or self.state_root / "identity.secret"
+        """The bank's Ed25519 identity: it signs the bank's ledger entries and secure-aggregation messages.
+
+        Node-config `identity-key`; else the key ceremony's `<key folder>/<bank>.identity.secret`;
+        else `<state-root>/identity.secret` (created on first use, see fl_client.privacy).
+        """
+        if self.identity_key is not None:
+            return self.identity_key
+        provisioned = self.key_path.parent / identity_file_name(self.bank_id)
+        return provisioned if provisioned.exists() else self.state_root / "identity.secret"
 
     def job_dir(self, job_id: str) -> Path:
         return self.state_root / "jobs" / job_id

@@ -41,7 +41,7 @@ from crypto.secagg.messages import (
     UnmaskRequest,
 )
 from fl_client.config import BankConfig
-from protocol.config import PINS_FILE, JobConfig, identity_file_name
+from protocol.config import PINS_FILE, JobConfig
 from protocol.errors import ConfigError
 from protocol.files import atomic_write_json, exclusive_lock, read_json
 from protocol.messages import (
@@ -74,7 +74,7 @@ class SecAggKeys:
     @classmethod
     def load(cls, config: BankConfig) -> SecAggKeys:
         key_dir = config.key_path.parent
-        identity = load_identity(key_dir / identity_file_name(config.bank_id))
+        identity = load_identity(config.identity_path)  # the same key signs the bank's ledger
         if identity.bank_id != config.bank_id:
             raise ConfigError(f"bank {config.bank_id}: its identity file names {identity.bank_id!r}")
         pins = load_pins(key_dir / PINS_FILE)

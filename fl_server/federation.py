@@ -415,9 +415,9 @@ class Federation:
             state.end_reason = f"completed {self.job.num_rounds} rounds" + (
                 f"; rounds without an aggregate (too few banks or quarantined): {missing}" if missing else ""
             )
+        self.deliver_final(nodes)  # before "finished": a job is done when every bank holds the result
         state.finished = True
         self.save()
-        self.deliver_final(nodes)
         path = self.store.write_results(state, {"layout-hash": self.layout_hash, "n-elements": self.n_elements})
         self.reporter.job_done(self)
         self.reporter.note(f"results: {path}")
