@@ -46,9 +46,15 @@ with `--train-mode full`: the base model is a seeded random init (no pretrained 
 which FFA-LoRA barely moves the loss (5.79 -> 5.53 in 40 private steps of `tiny`), so every method
 would sit within noise of the others; full fine-tuning of `tiny` goes 5.79 -> 3.5 in the same
 steps. `small` costs ~5x per step. `--records-per-bank 400` (360 train, 40 held out per bank):
-the banks are data-poor, the setting in which a consortium federates. `--rounds 4 --local-steps
-10 --batch 16 --epsilon 8 --seq-len 128`: a DP step costs ~0.25 s, and the run trains 48 bank
-x plans (15 alone + 3 + 5 + 10 + 15 federated) of 40 steps, ~10 minutes in all.
+data-poor banks, the case for a consortium. `--rounds 4 --local-steps 10 --batch 16 --epsilon 8
+--lr 0.01 --seq-len 128` (the job's epsilon and lr; lr 0.003 and 0.03 are worse alone): the run
+trains 48 bank x plans (15 alone + 3 + 5 + 10 + 15 federated) of 40 DP steps, 441 s measured.
+Records longer than seq-len + 1 tokens are truncated (pack_records says how many, per bank).
+
+What the defaults show (docs/utility.md has the table): the goal is not met. With the shipped
+round (fresh AdamW every round, plain mean) federating makes 14 of 15 banks worse than alone
+(gap_share -0.54..-0.07 for banks 0..2 at 3 banks; mean -0.26, -0.21, -0.28, -0.31 at 3, 5, 10,
+15 banks), and more banks do not close more.
 
 Part 2 options (experiments, not shipped behaviour; fl_client is not edited):
     --keep-optimizer-state   each bank keeps its AdamW moments across its rounds (fl_client
