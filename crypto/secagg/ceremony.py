@@ -18,24 +18,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 from crypto.errors import CryptoError
 from crypto.identity import ConsortiumPins, Identity
 from crypto.secagg.bfv import BfvKey, load_key_bytes
 from crypto.secagg.bfv_secret import load_bfv_secret
-from crypto.secagg.messages import Message
+from crypto.secagg.messages import Message, message
 from crypto.secagg.primitives import derive_key, new_x25519, open_sealed, seal
 from protocol.files import atomic_write_bytes
 
 
-@dataclass(frozen=True)
+@message("secagg/bfv_key_request")
 class KeyRequest(Message):
     """A bank asks for the job's BFV secret key, offering a signed ephemeral X25519 public key."""
 
-    TYPE: ClassVar[str] = "secagg/bfv_key_request"
     bank_id: str
     job_id: str
     ephemeral_pk: bytes
@@ -45,11 +42,10 @@ class KeyRequest(Message):
         return hashlib.sha256(self.signed_bytes() + self.signature).digest()
 
 
-@dataclass(frozen=True)
+@message("secagg/bfv_key_delivery")
 class KeyDelivery(Message):
     """The BFV secret key file, sealed to one requester, signed by the dealer."""
 
-    TYPE: ClassVar[str] = "secagg/bfv_key_delivery"
     dealer: str
     recipient: str
     job_id: str

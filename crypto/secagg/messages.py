@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -80,6 +81,33 @@ class Message:
         return canonical_json({"type": self.TYPE, **d})
 
 
+def message(type_tag: str) -> Callable[[type[M]], type[M]]:
+    """Class decorator: make `cls` a frozen dataclass message whose wire type tag is `type_tag`."""
+
+    def wrap(cls: type[M]) -> type[M]:
+        cls.TYPE = type_tag
+        return dataclass(frozen=True)(cls)
+
+    return wrap
+
+
+@dataclass(frozen=True)
+class RoundMessage(Message):
+    """Fields that open every server -> bank message of one round (and the result)."""
+
+    job_id: str
+    round: int
+
+
+@dataclass(frozen=True)
+class BankRoundMessage(Message):
+    """Fields that open every bank -> server message of one round: who sends it, for which round."""
+
+    bank_id: str
+    job_id: str
+    round: int
+
+
 def _encode(v: Any) -> Any:
     if isinstance(v, bytes):
         return v.hex()
@@ -132,8 +160,8 @@ def _decode(tp: Any, v: Any, where: str) -> Any:
 # stage 0
 
 
-@dataclass(frozen=True)
-class RoundSetup(Message):
+@message("secagg/setup")
+class RoundSetup(RoundMessage):
     """What the server proposes for one round; every bank checks it against its own policy.
 
     Attributes:
@@ -149,9 +177,6 @@ class RoundSetup(Message):
         params: BFV sizes, t, fixed-point scale, max banks.
     """
 
-    TYPE: ClassVar[str] = "secagg/setup"
-    job_id: str
-    round: int
     participants: tuple[str, ...]
     threshold: int
     neighbours_k: int
@@ -165,8 +190,8 @@ class RoundSetup(Message):
         return hashlib.sha256(self.signed_bytes()).digest()
 
 
-@dataclass(frozen=True)
-class KeyAdvertisement(Message):
+@message("secagg/advertise")
+class KeyAdvertisement(BankRoundMessage):
     """A bank's two ephemeral X25519 public keys for this round, signed with its identity key.
 
     share_pk encrypts the Shamir shares sent to it; mask_pk derives its pairwise masks (its secret
@@ -174,10 +199,6 @@ class KeyAdvertisement(Message):
     round, bank and self-mask seed: checked after the server reconstructs the seed.
     """
 
-    TYPE: ClassVar[str] = "secagg/advertise"
-    bank_id: str
-    job_id: str
-    round: int
     setup_digest: bytes
     share_pk: bytes
     mask_pk: bytes
@@ -189,32 +210,26 @@ class KeyAdvertisement(Message):
 # stage 1
 
 
-@dataclass(frozen=True)
+@message("secagg/share_keys_request")
 class ShareKeysRequest(Message):
     """The verified advertisements the server collected (the bank re-verifies every one)."""
 
-    TYPE: ClassVar[str] = "secagg/share_keys_request"
     setup: RoundSetup
     advertisements: tuple[KeyAdvertisement, ...]
 
 
-@dataclass(frozen=True)
+@message("secagg/encrypted_share")
 class EncryptedShare(Message):
     """A dealer's two Shamir shares for one holder, AES-GCM-encrypted to that holder."""
 
-    TYPE: ClassVar[str] = "secagg/encrypted_share"
     dealer: str
     recipient: str
     nonce: bytes
     ciphertext: bytes
 
 
-@dataclass(frozen=True)
-class ShareKeysReply(Message):
-    TYPE: ClassVar[str] = "secagg/share_keys_reply"
-    bank_id: str
-    job_id: str
-    round: int
+@message("secagg/share_keys_reply")
+class ShareKeysReply(BankRoundMessage):
     shares: tuple[EncryptedShare, ...]
 
 
@@ -222,47 +237,38 @@ class ShareKeysReply(Message):
 # stage 2
 
 
-@dataclass(frozen=True)
-class MaskedInputRequest(Message):
+@message("secagg/masked_input_request")
+class MaskedInputRequest(RoundMessage):
     """senders: the banks whose shares the server relayed (U2); shares: those addressed to this bank."""
 
-    TYPE: ClassVar[str] = "secagg/masked_input_request"
-    job_id: str
-    round: int
     senders: tuple[str, ...]
     shares: tuple[EncryptedShare, ...]
 
 
-@dataclass(frozen=True)
+@message("secagg/complaint")
 class Complaint(Message):
     """A bank names a peer whose share or key it could not verify; the server excludes that peer."""
 
-    TYPE: ClassVar[str] = "secagg/complaint"
     dealer: str
     reason: str
     detail: str
 
 
-@dataclass(frozen=True)
-class Receipt(Message):
+@message("secagg/receipt")
+class Receipt(BankRoundMessage):
     """A bank's signed statement that it sent this masked input (bundle digest), masking with these peers.
 
     The server shows survivors' receipts to banks at unmask time and to everyone with the sum.
     """
 
-    TYPE: ClassVar[str] = "secagg/receipt"
-    bank_id: str
-    job_id: str
-    round: int
     bundle_sha256: bytes
     masked_with: tuple[str, ...]
     complaints: tuple[Complaint, ...]
     signature: bytes
 
 
-@dataclass(frozen=True)
+@message("secagg/masked_input")
 class MaskedInput(Message):
-    TYPE: ClassVar[str] = "secagg/masked_input"
     receipt: Receipt
     bundle: bytes
 
@@ -271,13 +277,10 @@ class MaskedInput(Message):
 # stage 3: consistency check (Bonawitz et al.'s ConsistencyCheck round)
 
 
-@dataclass(frozen=True)
-class UnmaskRequest(Message):
+@message("secagg/unmask_request")
+class UnmaskRequest(RoundMessage):
     """survivors: whose masked input counts (self-mask shares wanted); dropped: whose mask keys are wanted."""
 
-    TYPE: ClassVar[str] = "secagg/unmask_request"
-    job_id: str
-    round: int
     survivors: tuple[str, ...]
     dropped: tuple[str, ...]
     receipts: tuple[Receipt, ...]
@@ -294,18 +297,14 @@ class UnmaskRequest(Message):
         return hashlib.sha256(canonical_json(view)).digest()
 
 
-@dataclass(frozen=True)
-class UnmaskConsent(Message):
+@message("secagg/unmask_consent")
+class UnmaskConsent(BankRoundMessage):
     """A bank's signature on the one survivor/dropped view it accepts this round (it signs no other).
 
     Without it a server could tell some banks that bank v dropped (to get v's mask key) and others
     that it survived (to get its self mask); a quorum of signatures on one view rules that out.
     """
 
-    TYPE: ClassVar[str] = "secagg/unmask_consent"
-    bank_id: str
-    job_id: str
-    round: int
     view_sha256: bytes
     signature: bytes
 
@@ -314,20 +313,18 @@ class UnmaskConsent(Message):
 # stage 4
 
 
-@dataclass(frozen=True)
+@message("secagg/unmask_order")
 class UnmaskOrder(Message):
     """The view plus at least `consent_quorum` banks' signed consents to exactly that view."""
 
-    TYPE: ClassVar[str] = "secagg/unmask_order"
     request: UnmaskRequest
     consents: tuple[UnmaskConsent, ...]
 
 
-@dataclass(frozen=True)
+@message("secagg/revealed_share")
 class RevealedShare(Message):
     """One share a holder releases, with the dealer's signature over it (so a forged share is caught)."""
 
-    TYPE: ClassVar[str] = "secagg/revealed_share"
     dealer: str
     holder: str
     kind: ShareKind
@@ -336,12 +333,8 @@ class RevealedShare(Message):
     dealer_signature: bytes
 
 
-@dataclass(frozen=True)
-class UnmaskReply(Message):
-    TYPE: ClassVar[str] = "secagg/unmask_reply"
-    bank_id: str
-    job_id: str
-    round: int
+@message("secagg/unmask_reply")
+class UnmaskReply(BankRoundMessage):
     shares: tuple[RevealedShare, ...]
 
 
@@ -349,11 +342,10 @@ class UnmaskReply(Message):
 # result
 
 
-@dataclass(frozen=True)
+@message("secagg/exclusion")
 class Exclusion(Message):
     """Why a bank is not in the sum: the stage it fell out at and a typed reason code."""
 
-    TYPE: ClassVar[str] = "secagg/exclusion"
     bank_id: str
     stage: Stage
     reason: str
@@ -364,16 +356,13 @@ class Exclusion(Message):
             raise CryptoError(f"Exclusion: unknown reason {self.reason!r}", reason="malformed")
 
 
-@dataclass(frozen=True)
-class SecureAggregate(Message):
+@message("secagg/aggregate")
+class SecureAggregate(RoundMessage):
     """The encrypted sum of the contributors' [w * delta..., w], residual masks removed.
 
     receipts: each contributor's signed receipt (banks check them against the pins).
     """
 
-    TYPE: ClassVar[str] = "secagg/aggregate"
-    job_id: str
-    round: int
     contributors: tuple[str, ...]
     receipts: tuple[Receipt, ...]
     exclusions: tuple[Exclusion, ...]
