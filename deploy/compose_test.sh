@@ -2,7 +2,7 @@
 # make compose-test: the one-host compose federation for real, on a fresh Debian machine.
 #   installs Docker/debootstrap if missing (apt), starts dockerd if none runs, builds the base and
 #   fedmoe images, provisions kits (TLS, SuperNode keys, released app pinned by every bank), brings
-#   up docker-compose.yml, runs a 2-round `tiny` job, kills and restarts bank-1's SuperNode
+#   up docker-compose.yml, runs a 3-round `tiny` job, kills and restarts bank-1's SuperNode
 #   mid-job, checks the job finishes and an unapproved app is refused, tears everything down, and
 #   prints the wall time, the image size and what the server printed.
 set -euo pipefail
@@ -88,7 +88,7 @@ address = "127.0.0.1:$PORT"
 root-certificates = "$PWD/deploy/kits/server/secrets/ca.crt"
 TOML
 export FLWR_TELEMETRY_ENABLED=0
-JOB='key-dir="/keys" server-state-dir="/state/server" job-id="ct" num-rounds=2 model-preset="tiny" local-steps=3 records-per-bank=240 seq-len=48 batch-size=16 min-banks=2 round-timeout=600.0'
+JOB='key-dir="/keys" server-state-dir="/state/server" job-id="ct" num-rounds=3 model-preset="tiny" local-steps=3 records-per-bank=240 seq-len=48 batch-size=16 min-banks=2 round-timeout=600.0'
 RUN=$(.venv/bin/flwr run "$APP" compose --run-config "$JOB" --format json | $PY -c 'import json,sys; print(json.load(sys.stdin)["run-id"])')
 log "submitted run $RUN (app sha256 ${DIGEST:0:16}, pinned by every bank)"
 
@@ -131,7 +131,7 @@ $PY - "$OUT/state.json" "$STATUS" "$REFUSED" <<'PYEOF'
 import json, sys
 path, status, refused = sys.argv[1], sys.argv[2], int(sys.argv[3] or 0)
 state = json.load(open(path))
-ok = status == "finished:completed" and state.get("finished") and state.get("completed_round") == 2
+ok = status == "finished:completed" and state.get("finished") and state.get("completed_round") == 3
 for r in state.get("rounds", []):
     print(f"round {r['round']}: participants {r['participants']} left out {r.get('left_out')}")
 rejoined = any("bank-1" in r["participants"] for r in state.get("rounds", [])[1:])
