@@ -82,7 +82,7 @@ clean:
 provision: $(STAMP)
 	$(BIN)/python -m fl_server.provision --out deploy/kits --banks 3 --app .
 
-# The compose federation for real (Docker): build, 2-round tiny job with TLS + SuperNode auth, a bank
+# The compose federation for real (Docker): build, 3-round tiny job with TLS + SuperNode auth, a bank
 # killed and restarted mid-job, an unapproved app refused, teardown. 10-20 min on 2 cores (not in CI).
 compose-test: $(STAMP)
 	deploy/compose_test.sh
