@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from crypto.errors import CryptoError, RejectReason
@@ -74,3 +76,42 @@ def open_envelope(
     if not isinstance(header, dict):
         raise CryptoError(f"{what}: header expected a JSON object, got {type(header).__name__}", reason=reason)
     return header, view[start + hlen :]
+
+
+def split_payload(payload: memoryview, sizes: Sequence[int], *, what: str, reason: RejectReason) -> list[bytes]:
+    """Cut a payload into consecutive parts of the header's `sizes` (chunked bundles).
+
+    Raises:
+        CryptoError: a negative size, or sizes that do not add up to the payload's length.
+    """
+    if any(s < 0 for s in sizes) or sum(sizes) != len(payload):
+        raise CryptoError(
+            f"{what}: payload is {len(payload)} bytes, the header's chunk sizes add up to "
+            f"{sum(sizes)}: truncated or padded",
+            reason=reason,
+        )
+    parts, pos = [], 0
+    for size in sizes:
+        parts.append(bytes(payload[pos : pos + size]))
+        pos += size
+    return parts
+
+
+def key_folder(
+    out_dir: str | Path, names: Sequence[str], *, what: str, overwrite: bool
+) -> tuple[Path, tuple[Path, ...]]:
+    """Create a key ceremony's output folder (mode 0700) and name its files, refusing to clobber them.
+
+    Returns:
+        (the folder, the path of each of `names` in it).
+
+    Raises:
+        CryptoError: some of the files exist already and `overwrite` is false.
+    """
+    out = Path(out_dir)
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    paths = tuple(out / name for name in names)
+    present = [p.name for p in paths if p.exists()]
+    if present and not overwrite:
+        raise CryptoError(f"{what}: {out} already holds key files {present}; pass overwrite/--force to replace them")
+    return out, paths

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import tenseal as ts
 
-from crypto.envelope import open_envelope, pack_envelope
+from crypto.envelope import key_folder, open_envelope, pack_envelope
 from crypto.errors import CryptoError
 from protocol.files import atomic_write_bytes
 
@@ -232,12 +232,7 @@ def keygen(
     params = params or CkksParams()
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
         raise CryptoError(f"keygen: epoch must be an int >= 1, got {epoch!r}")
-    out = Path(out_dir)
-    out.mkdir(mode=0o700, parents=True, exist_ok=True)
-    paths = (out / SECRET_FILE, out / PUBLIC_FILE, out / INFO_FILE)
-    present = [p.name for p in paths if p.exists()]
-    if present and not overwrite:
-        raise CryptoError(f"keygen: {out} already holds key files {present}; pass overwrite/--force to replace them")
+    out, paths = key_folder(out_dir, (SECRET_FILE, PUBLIC_FILE, INFO_FILE), what="keygen", overwrite=overwrite)
 
     try:
         ctx = ts.context(
@@ -288,17 +283,11 @@ def load_secret_context(path: str | Path) -> CkksKey:
 
 
 def load_public_context(path: str | Path) -> CkksKey:
-    """Load the server's public context (can encrypt and add, cannot decrypt).
+    """Load the server's public context (can encrypt and add, cannot decrypt) from a `context.public.ckks`.
 
-    Args:
-        path: a `context.public.ckks` written by `keygen`.
-
-    Returns:
-        The public context with its key id and epoch.
-
-    Raises:
-        CryptoError: missing or malformed file, a secret file given (the server must never hold it),
-            payload hash or key id mismatch.
+    As `load_secret_context`, but the file mode is not checked and a secret file is refused (the
+    server must never hold it): CryptoError for that, or a missing or malformed file, payload hash or
+    key id mismatch.
     """
     return _load(Path(path), "public")
 

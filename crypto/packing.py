@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import tenseal as ts
 
-from crypto.envelope import canonical_json, open_envelope, pack_envelope
+from crypto.envelope import canonical_json, open_envelope, pack_envelope, split_payload
 from crypto.errors import CryptoError
 from crypto.keys import CkksKey
 
@@ -275,17 +275,7 @@ def parse_bundle(data: bytes) -> tuple[BundleHeader, list[bytes]]:
             f"{len(header.chunk_sizes)} sizes, {len(header.chunk_sha256)} hashes",
             reason="chunk_count",
         )
-    if any(s < 0 for s in header.chunk_sizes) or sum(header.chunk_sizes) != len(payload):
-        raise CryptoError(
-            f"bundle: payload is {len(payload)} bytes, the header's chunk sizes add up to "
-            f"{sum(header.chunk_sizes)}: truncated or padded",
-            reason="deserialize",
-        )
-    chunks, pos = [], 0
-    for size in header.chunk_sizes:
-        chunks.append(bytes(payload[pos : pos + size]))
-        pos += size
-    return header, chunks
+    return header, split_payload(payload, header.chunk_sizes, what="bundle", reason="deserialize")
 
 
 def check_header(header: BundleHeader, expected: ExpectedHeader, *, slots: int) -> None:

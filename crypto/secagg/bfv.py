@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import tenseal as ts
 
-from crypto.envelope import open_envelope, pack_envelope
+from crypto.envelope import open_envelope, pack_envelope, split_payload
 from crypto.errors import CryptoError
 from crypto.secagg.params import SecAggParams, centered
 
@@ -219,16 +219,7 @@ def parse_bfv_bundle(data: bytes) -> tuple[BfvBundleHeader, list[bytes]]:
     """
     raw, payload = open_envelope(data, BUNDLE_MAGIC, what="BFV bundle", reason="deserialize")
     header = BfvBundleHeader.from_dict(raw)
-    if any(s < 0 for s in header.chunk_sizes) or sum(header.chunk_sizes) != len(payload):
-        raise CryptoError(
-            f"BFV bundle: payload is {len(payload)} bytes, chunk sizes add up to {sum(header.chunk_sizes)}",
-            reason="deserialize",
-        )
-    chunks, pos = [], 0
-    for size in header.chunk_sizes:
-        chunks.append(bytes(payload[pos : pos + size]))
-        pos += size
-    return header, chunks
+    return header, split_payload(payload, header.chunk_sizes, what="BFV bundle", reason="deserialize")
 
 
 def load_bfv_chunks(key: BfvKey, header: BfvBundleHeader, chunks: list[bytes]) -> list[ts.BFVVector]:

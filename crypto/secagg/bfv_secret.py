@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import tenseal as ts
 
+from crypto.envelope import key_folder
 from crypto.errors import CryptoError
 from crypto.secagg.bfv import (
     INFO_FILE,
@@ -79,12 +80,7 @@ def bfv_keygen(out_dir: str | Path, params: SecAggParams | None = None, *, overw
         CryptoError: files present and not `overwrite`, or TenSEAL refused the parameters.
     """
     params = params or SecAggParams()
-    out = Path(out_dir)
-    out.mkdir(mode=0o700, parents=True, exist_ok=True)
-    paths = (out / SECRET_FILE, out / PUBLIC_FILE, out / INFO_FILE)
-    present = [p.name for p in paths if p.exists()]
-    if present and not overwrite:
-        raise CryptoError(f"bfv_keygen: {out} already holds {present}; pass overwrite to replace them")
+    out, paths = key_folder(out_dir, (SECRET_FILE, PUBLIC_FILE, INFO_FILE), what="bfv_keygen", overwrite=overwrite)
     ctx = new_bfv_context(params)
     kid = bfv_key_id(ctx)
     atomic_write_bytes(paths[0], secret_key_bytes(ctx, params), mode=0o600)

@@ -148,8 +148,7 @@ class ServerSecAgg:
             if adv is None:
                 continue
             try:
-                if adv.bank_id != bank:
-                    raise CryptoError(f"advertisement names {adv.bank_id!r}, sent by {bank!r}", reason="bank_id")
+                _check_sender(bank, adv.bank_id, "advertisement names")
                 verify_advertisement(adv, self.setup, self.pins)
             except CryptoError as e:
                 self._exclude(bank, "advertise", e)
@@ -171,8 +170,7 @@ class ServerSecAgg:
             if reply is None:
                 continue
             try:
-                if reply.bank_id != bank:
-                    raise CryptoError(f"shares name {reply.bank_id!r}, sent by {bank!r}", reason="bank_id")
+                _check_sender(bank, reply.bank_id, "shares name")
                 self._check_round(reply.job_id, reply.round)
                 targets = [s.recipient for s in reply.shares]
                 if any(s.dealer != bank or s.recipient not in self.adverts for s in reply.shares) or len(
@@ -389,8 +387,7 @@ class ServerSecAgg:
 
     def _check_masked_input(self, bank: str, msg: MaskedInput) -> list[ts.BFVVector]:
         r = msg.receipt
-        if r.bank_id != bank:
-            raise CryptoError(f"receipt names {r.bank_id!r}, sent by {bank!r}", reason="bank_id")
+        _check_sender(bank, r.bank_id, "receipt names")
         verify_receipt(r, self.setup, self.pins)
         if hashlib.sha256(msg.bundle).digest() != r.bundle_sha256:
             raise CryptoError("bundle SHA-256 differs from the signed receipt", reason="hash")
@@ -407,8 +404,7 @@ class ServerSecAgg:
         return load_bfv_chunks(self.key, header, chunks)
 
     def _check_unmask_reply(self, bank: str, reply: UnmaskReply, want: dict[str, str]) -> list[RevealedShare]:
-        if reply.bank_id != bank:
-            raise CryptoError(f"unmask reply names {reply.bank_id!r}, sent by {bank!r}", reason="bank_id")
+        _check_sender(bank, reply.bank_id, "unmask reply names")
         self._check_round(reply.job_id, reply.round)
         x = 1 + self.setup.participants.index(bank)
         for s in reply.shares:
@@ -473,3 +469,9 @@ class ServerSecAgg:
     def _check_round(self, job_id: str, round: int) -> None:
         if (job_id, round) != (self.setup.job_id, self.setup.round):
             raise CryptoError(f"message for job {job_id!r} round {round}", reason="replay")
+
+
+def _check_sender(bank: str, named: str, what: str) -> None:
+    """A message must name the bank that sent it (else reason "bank_id")."""
+    if named != bank:
+        raise CryptoError(f"{what} {named!r}, sent by {bank!r}", reason="bank_id")
