@@ -27,6 +27,7 @@ import tenseal as ts
 
 from crypto.envelope import key_folder, open_envelope, pack_envelope
 from crypto.errors import CryptoError
+from crypto.ring import MAX_COEFF_BITS, ring_sizes
 from protocol.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,8 @@ INFO_FILE = "key.json"
 # Below 2^30 the CKKS encoding error (measured: 6.7e-6 at 2^30, 2.2e-4 at 2^25, 7.9e-3 at 2^20 per
 # value) is as large as a DP-noised LoRA update, so the aggregate would be noise.
 MIN_SCALE_BITS = 30
-# Largest total coefficient-modulus bits with 128-bit security (SEAL's CoeffModulus::MaxBitCount).
-_MAX_COEFF_BITS = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
+# SEAL's 128-bit-security limits for the N CKKS accepts (N = 2048 leaves no room for a 2^30+ scale).
+_MAX_COEFF_BITS = {n: bits for n, bits in MAX_COEFF_BITS.items() if n >= 4096}
 # Bits kept between the scale and the data modulus: room for |values| and for the server's sums.
 _HEADROOM_BITS = 20
 
@@ -64,12 +65,7 @@ class CkksParams:
     scale_bits: int = 40
 
     def __post_init__(self) -> None:
-        # Accept a list from JSON, store a tuple so the dataclass stays hashable and immutable.
-        object.__setattr__(self, "coeff_mod_bit_sizes", tuple(self.coeff_mod_bit_sizes))
-        n = self.poly_modulus_degree
-        if n not in _MAX_COEFF_BITS:
-            raise CryptoError(f"CkksParams.poly_modulus_degree: expected one of {sorted(_MAX_COEFF_BITS)}, got {n!r}")
-        bits = self.coeff_mod_bit_sizes
+        n, bits = ring_sizes(self, _MAX_COEFF_BITS)
         if len(bits) < 2 or not all(isinstance(b, int) and 20 <= b <= 60 for b in bits):
             raise CryptoError(
                 f"CkksParams.coeff_mod_bit_sizes: expected >= 2 ints in [20, 60] (data primes + special prime), "

@@ -35,14 +35,6 @@ from protocol.files import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class BfvKeyFiles:
-    key_id: str
-    secret_path: Path
-    public_path: Path
-    info_path: Path
-
-
 def new_bfv_context(params: SecAggParams) -> ts.Context:
     try:
         return ts.context(
@@ -66,6 +58,16 @@ def public_key_bytes(ctx: ts.Context, params: SecAggParams) -> bytes:
     if ts.context_from(payload).is_private():
         raise CryptoError("BFV keygen: internal check failed: the public payload is private")
     return key_envelope("public", bfv_key_id(ctx), params, payload)
+
+
+@dataclass(frozen=True)
+class BfvKeyFiles:
+    """What `bfv_keygen` wrote."""
+
+    key_id: str
+    secret_path: Path
+    public_path: Path
+    info_path: Path
 
 
 def bfv_keygen(out_dir: str | Path, params: SecAggParams | None = None, *, overwrite: bool = False) -> BfvKeyFiles:

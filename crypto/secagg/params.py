@@ -28,9 +28,7 @@ from typing import Any
 import numpy as np
 
 from crypto.errors import CryptoError
-
-# SEAL's CoeffModulus::MaxBitCount at 128-bit security.
-_MAX_COEFF_BITS = {2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+from crypto.ring import MAX_COEFF_BITS, ring_sizes
 
 
 @dataclass(frozen=True)
@@ -52,17 +50,13 @@ class SecAggParams:
     max_banks: int = 64
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "coeff_mod_bit_sizes", tuple(self.coeff_mod_bit_sizes))
-        n = self.poly_modulus_degree
-        if n not in _MAX_COEFF_BITS:
-            raise CryptoError(f"SecAggParams.poly_modulus_degree: expected one of {sorted(_MAX_COEFF_BITS)}, got {n!r}")
-        bits = self.coeff_mod_bit_sizes
+        n, bits = ring_sizes(self, MAX_COEFF_BITS)
         if not bits or not all(isinstance(b, int) and 17 <= b <= 60 for b in bits):
             raise CryptoError(f"SecAggParams.coeff_mod_bit_sizes: expected ints in [17, 60], got {list(bits)}")
-        if sum(bits) > _MAX_COEFF_BITS[n]:
+        if sum(bits) > MAX_COEFF_BITS[n]:
             raise CryptoError(
                 f"SecAggParams.coeff_mod_bit_sizes: {sum(bits)} bits exceed the 128-bit-security limit "
-                f"{_MAX_COEFF_BITS[n]} for N = {n}"
+                f"{MAX_COEFF_BITS[n]} for N = {n}"
             )
         if not isinstance(self.plain_bits, int) or not 20 <= self.plain_bits <= 60:
             raise CryptoError(f"SecAggParams.plain_bits: expected an int in [20, 60], got {self.plain_bits!r}")
