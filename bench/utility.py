@@ -47,8 +47,9 @@ which FFA-LoRA barely moves the loss (5.79 -> 5.53 in 40 private steps of `tiny`
 would sit within noise of the others; full fine-tuning of `tiny` goes 5.79 -> 3.5 in the same
 steps. `small` costs ~5x per step. `--records-per-bank 400` (360 train, 40 held out per bank):
 data-poor banks, the case for a consortium. `--rounds 4 --local-steps 10 --batch 16 --epsilon 8
---lr 0.01 --seq-len 128` (the job's epsilon and lr; lr 0.003 and 0.03 are worse alone): the run
-trains 48 bank x plans (15 alone + 3 + 5 + 10 + 15 federated) of 40 DP steps, 441 s measured.
+--lr 0.01 --seq-len 128` (the job's epsilon and lr; alone, lr 0.003 is clearly worse and 0.03
+no better on average): the run trains 48 bank x plans (15 alone + 3 + 5 + 10 + 15 federated) of
+40 DP steps, 441 s measured.
 Records longer than seq-len + 1 tokens are truncated (pack_records says how many, per bank).
 
 What the defaults show (docs/utility.md has the table): the goal is not met. With the shipped
@@ -60,10 +61,12 @@ Part 2 options (experiments, not shipped behaviour; fl_client is not edited):
     --keep-optimizer-state   each bank keeps its AdamW moments across its rounds (fl_client
                              builds a fresh optimizer every round); done by wrapping
                              `fl_client.dp.engine._base_optimizer` for the bank's round.
-    --server-opt adam|avgm   a server-side optimizer on the mean delta (FedAdam / FedAvgM,
-                             Reddi et al., ICLR 2021): post-processing of DP outputs, a pure
-                             function of the aggregates, applied identically by every bank;
-                             `--server-lr`, `--server-momentum`, `--server-beta2`, `--server-tau`.
+    --server-opt scaled|avgm|adam   a server-side step on the mean delta (server_lr x mean,
+                             FedAvgM, FedAdam; Reddi et al., ICLR 2021): post-processing of DP
+                             outputs, a pure function of the aggregates, applied identically by
+                             every bank; `--server-lr` (x sqrt(N) with `--server-lr-sqrt-n`),
+                             `--server-momentum` (beta1), `--server-beta2`, `--server-tau`. A bank
+                             alone has no server: it always applies its own delta as it is.
     --batch B --local-steps S   a larger expected batch with fewer steps, or more local steps:
                              sigma is recalibrated so epsilon stays the same.
 """
