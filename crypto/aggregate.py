@@ -17,13 +17,13 @@ workers; threads do not help since TenSEAL holds the GIL; fork deadlocks on TenS
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import tenseal as ts
 
+from crypto.envelope import chunk_index
 from crypto.errors import CryptoError, RejectedContribution
 from crypto.keys import CkksKey
 from crypto.packing import (
@@ -142,8 +142,7 @@ def aggregate(
         layout_hash=expected.layout_hash,
         bank_id=None,
         contributors=tuple(accepted),
-        chunk_sizes=tuple(len(c) for c in out_chunks),
-        chunk_sha256=tuple(hashlib.sha256(c).hexdigest() for c in out_chunks),
+        **chunk_index(out_chunks),
     )
     return AggregateResult(bundle=pack_bundle(header, out_chunks), accepted=accepted, rejected=rejected)
 

@@ -4,16 +4,19 @@
   header: canonical JSON (sorted keys, no spaces, UTF-8) | payload bytes (opaque here)
 
 Key files (keys.py), CKKS bundles (packing.py) and BFV bundles (secagg) all go through these two
-functions, so the parsing rules (length bound, JSON object, truncation) live in one place.
+functions, so the parsing rules (length bound, JSON object, truncation) live in one place. So do
+the chunk list of a bundle's header (`chunk_index`, `split_payload`) and the key ceremonies' output
+folder (`key_folder`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from crypto.errors import CryptoError, RejectReason
 
@@ -76,6 +79,19 @@ def open_envelope(
     if not isinstance(header, dict):
         raise CryptoError(f"{what}: header expected a JSON object, got {type(header).__name__}", reason=reason)
     return header, view[start + hlen :]
+
+
+class ChunkIndex(TypedDict):
+    chunk_sizes: tuple[int, ...]
+    chunk_sha256: tuple[str, ...]
+
+
+def chunk_index(chunks: Sequence[bytes]) -> ChunkIndex:
+    """The `chunk_sizes` and `chunk_sha256` (hex) fields a chunked bundle's header lists for `chunks`."""
+    return {
+        "chunk_sizes": tuple(len(c) for c in chunks),
+        "chunk_sha256": tuple(hashlib.sha256(c).hexdigest() for c in chunks),
+    }
 
 
 def split_payload(payload: memoryview, sizes: Sequence[int], *, what: str, reason: RejectReason) -> list[bytes]:

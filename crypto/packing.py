@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import tenseal as ts
 
-from crypto.envelope import canonical_json, open_envelope, pack_envelope, split_payload
+from crypto.envelope import canonical_json, chunk_index, open_envelope, pack_envelope, split_payload
 from crypto.errors import CryptoError
 from crypto.keys import CkksKey
 
@@ -226,13 +226,12 @@ def encrypt_update(
         epoch=key.epoch,
         round=round,
         n_elements=n,
-        n_chunks=n_chunks,
+        n_chunks=len(chunks),
         slots_per_chunk=slots,
         layout_hash=layout_hash,
         bank_id=bank_id,
         contributors=(bank_id,),
-        chunk_sizes=tuple(len(c) for c in chunks),
-        chunk_sha256=tuple(hashlib.sha256(c).hexdigest() for c in chunks),
+        **chunk_index(chunks),
     )
     log.debug("encrypted update of bank %s round %d: %d elements in %d chunks", bank_id, round, n, n_chunks)
     return pack_bundle(header, chunks)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import tenseal as ts
 
-from crypto.envelope import open_envelope, pack_envelope, split_payload
+from crypto.envelope import chunk_index, open_envelope, pack_envelope, split_payload
 from crypto.errors import CryptoError
 from crypto.secagg.params import SecAggParams, centered
 
@@ -199,8 +199,7 @@ def encrypt_residues(
             bank_id=bank_id,
             n_values=int(values.size),
             slots=slots,
-            chunk_sizes=tuple(len(c) for c in chunks),
-            chunk_sha256=tuple(hashlib.sha256(c).hexdigest() for c in chunks),
+            **chunk_index(chunks),
         ),
         chunks,
     )
