@@ -27,7 +27,6 @@ signatures on the same survivor/dropped view.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -166,7 +165,7 @@ class BankSecAgg:
             ),
             signature=b"",
         )
-        self.advertisement = _with_signature(unsigned, self.identity.sign(unsigned.signed_bytes()))
+        self.advertisement = unsigned.signed_by(self.identity)
         self.stage = "advertised"
         self.timings["keys"] = time.perf_counter() - started
         return self.advertisement
@@ -326,7 +325,7 @@ class BankSecAgg:
             complaints=tuple(self.complaints),
             signature=b"",
         )
-        receipt = _with_signature(unsigned, self.identity.sign(unsigned.signed_bytes()))
+        receipt = unsigned.signed_by(self.identity)
         self.stage = "masked"
         self.timings["shares"] = self.timings.get("shares", 0.0) + (t_check - started)
         self.timings["masking"] = t_mask - t_check
@@ -386,7 +385,7 @@ class BankSecAgg:
         if self.stage == "masked":
             self.stage, self.unmask_digest = "consented", view
         self.timings["unmask"] = time.perf_counter() - started
-        return _with_signature(unsigned, self.identity.sign(unsigned.signed_bytes()))
+        return unsigned.signed_by(self.identity)
 
     def unmask(self, order: UnmaskOrder) -> UnmaskReply:
         """Release self-mask shares of survivors and mask-key shares of dropped banks.
@@ -620,7 +619,3 @@ def _held_from_json(d: dict[str, Any]) -> _Held:
         mask_key=bytes.fromhex(d["mask_key"]),
         mask_key_sig=bytes.fromhex(d["mask_key_sig"]),
     )
-
-
-def _with_signature(msg: Any, signature: bytes) -> Any:
-    return dataclasses.replace(msg, signature=signature)

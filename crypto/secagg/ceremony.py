@@ -61,7 +61,7 @@ def request_key(identity: Identity, job_id: str) -> tuple[KeyRequest, bytes]:
     """Returns the request to send and the ephemeral secret to keep (0600) until the delivery arrives."""
     secret, public = new_x25519()
     unsigned = KeyRequest(bank_id=identity.bank_id, job_id=job_id, ephemeral_pk=public, signature=b"")
-    return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_bytes())), secret
+    return unsigned.signed_by(identity), secret
 
 
 def _transport(job_id: str, dealer: str, recipient: str, key_id: str, request_digest: bytes) -> dict:
@@ -99,7 +99,7 @@ def deliver_key(dealer: Identity, pins: ConsortiumPins, request: KeyRequest, sec
         ciphertext=ct,
         signature=b"",
     )
-    return dataclasses.replace(unsigned, signature=dealer.sign(unsigned.signed_bytes()))
+    return unsigned.signed_by(dealer)
 
 
 def accept_key(

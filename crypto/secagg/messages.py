@@ -24,11 +24,14 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from crypto.envelope import canonical_json, open_envelope, pack_envelope
 from crypto.errors import REJECT_REASONS, CryptoError, RejectReason
 from crypto.secagg.params import SecAggParams
+
+if TYPE_CHECKING:
+    from crypto.identity import Identity
 
 M = TypeVar("M", bound="Message")
 _MSG_MAGIC = b"FMSECAG1"
@@ -79,6 +82,10 @@ class Message:
         d = self.to_dict()
         d.pop("signature", None)
         return canonical_json({"type": self.TYPE, **d})
+
+    def signed_by(self: M, identity: Identity) -> M:
+        """This message with its `signature` field set to `identity`'s signature over `signed_bytes()`."""
+        return dataclasses.replace(self, signature=identity.sign(self.signed_bytes()))  # type: ignore[call-arg]
 
 
 def message(type_tag: str) -> Callable[[type[M]], type[M]]:
