@@ -9,11 +9,12 @@
                                                                  one kind of share per peer)
   result           SecureAggregate           -                  (BFV sum with residual masks removed)
 
-Every message is a frozen dataclass with `to_bytes()` / `from_bytes()` (a crypto/envelope.py frame:
-JSON header, the `bundle` field, if any, as the binary payload) and `to_dict()` / `from_dict()`
-(JSON-able; bytes as hex). Parsing is strict: a missing or mistyped field raises
-CryptoError(reason="malformed"). Signatures cover `signed_bytes()`: canonical JSON of the message's
-type tag and all its fields except the signature itself.
+Every message is a frozen dataclass declared with `@message(type_tag)`, with `to_bytes()` /
+`from_bytes()` (a crypto/envelope.py frame: JSON header, the `bundle` field, if any, as the binary
+payload) and `to_dict()` / `from_dict()` (JSON-able; bytes as hex), all driven by its fields. Parsing
+is strict: a missing or mistyped field raises CryptoError(reason="malformed"). Signatures cover
+`signed_bytes()`: canonical JSON of the message's type tag and all its fields except the signature
+itself; `signed_by(identity)` fills the signature in.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ Stage = Literal["setup", "advertise", "share_keys", "masked_input", "consistency
 
 
 class Message:
-    """Codec shared by all messages (dataclasses); subclasses set TYPE."""
+    """Codec shared by all messages; each is declared with `@message(type_tag)`, which sets TYPE."""
 
     TYPE: ClassVar[str] = ""
 
@@ -100,7 +101,7 @@ def message(type_tag: str) -> Callable[[type[M]], type[M]]:
 
 @dataclass(frozen=True)
 class RoundMessage(Message):
-    """Fields that open every server -> bank message of one round (and the result)."""
+    """The first fields of the server's round-bound messages (setup, masked-input and unmask requests, sum)."""
 
     job_id: str
     round: int
@@ -108,7 +109,7 @@ class RoundMessage(Message):
 
 @dataclass(frozen=True)
 class BankRoundMessage(Message):
-    """Fields that open every bank -> server message of one round: who sends it, for which round."""
+    """The first fields of a bank's round-bound messages (advertisement, shares, receipt, consent, unmask)."""
 
     bank_id: str
     job_id: str
