@@ -162,7 +162,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 def test_bank_killed_mid_round_and_server_restart_resume(tmp_path):
     run_config, job = job_config(
         tmp_path,
-        **{"job-id": "chaos", "num-rounds": 2, "min-banks": 2, "round-timeout": 60.0, "evaluate": False},
+        **{"job-id": "chaos", "num-rounds": 2, "min-banks": 2, "round-timeout": 240.0, "evaluate": False},
     )
     with loopback(3, tmp_path, base_port=free_port_block(), policy_files=policies(3)) as deployment:
         pids = [p.pid for p in deployment.processes.values()]
