@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 RUNS   := runs
 
-.PHONY: venv test demo audit local-demo federation simulation lint format clean provision compose-test experiment
+.PHONY: venv test test-federation demo audit local-demo federation simulation lint format clean provision compose-test experiment
 
 # torch==2.13.0 first: it is the CPU wheel; any other torch spec would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The suite (< 10 minutes); whole federations (real Flower processes, secure-aggregation rounds) are
+# `make test-federation`, which CI runs after it.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not federation"
+
+test-federation: $(STAMP)
+	$(BIN)/python -m pytest -q -m federation
 
 # 3 banks on 127.0.0.1 (real SuperLink/SuperNodes), small preset, FFA-LoRA, secure aggregation (masks +
 # BFV), DP eps=8 per bank with CSPRNG noise, each bank under its own policy (deploy/demo-bank-policy.toml: the strict defaults,

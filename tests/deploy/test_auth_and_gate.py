@@ -102,6 +102,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.federation
 def test_unregistered_supernode_cannot_join(tmp_path):
     root = tmp_path.resolve()
     ensure_keys(root / "keys")

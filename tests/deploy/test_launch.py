@@ -113,6 +113,7 @@ def _launch(root: Path, port: int, run_config: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow
+@pytest.mark.federation
 def test_sigterm_stops_every_process(tmp_path):
     root = tmp_path / "fed"
     launcher = _launch(root, free_base_port(), f'{TINY} job-id="term" num-rounds=50')
@@ -136,6 +137,7 @@ def test_sigterm_stops_every_process(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.federation
 def test_failed_job_exits_non_zero_with_the_servers_error(tmp_path):
     root = tmp_path / "fed"
     # valid key and type for Flower, but no such preset: the ServerApp raises while building the model

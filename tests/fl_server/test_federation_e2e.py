@@ -22,7 +22,7 @@ from fl_client.config import JobConfig
 from fl_client.state import load_tensors
 from fl_server.launch import job_paths, loopback
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.federation]
 
 TINY_JOB = {
     "aggregation": "ckks",  # these two decrypt CKKS aggregates; secure aggregation: test_secagg_loopback

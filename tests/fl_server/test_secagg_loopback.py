@@ -24,7 +24,7 @@ from fl_server.launch import job_paths, loopback
 from protocol.config import PINS_FILE
 from protocol.messages import unpack_secagg_result
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.federation]
 
 
 def free_port_block() -> int:

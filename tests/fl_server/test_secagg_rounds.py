@@ -29,7 +29,7 @@ from fl_server.federation import Federation
 from protocol.config import PINS_FILE, JobConfig, identity_file_name
 from protocol.messages import SecAggStage, unpack_secagg_result
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.federation]
 
 JOB = "secagg"
 QUANTUM = 2.0**-20  # fixed-point step of w * delta (SecAggParams.scale_bits = 20)
