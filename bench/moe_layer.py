@@ -36,12 +36,21 @@ from kernels import (
     align_by_expert,
     expert_grad_norm2,
     expert_linear,
-    expert_mlp,
     expert_weight_grad_clipped,
     route,
-    swiglu,
 )
 from kernels.backend import triton_reason
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up over the stacked [gate | up] halves, as the model's experts compute it."""
+    gate, up = h.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def expert_mlp(rows, ids, gate_up, down, *, backend: str):
+    """What the model runs per routed expert: expert_linear (gate|up) -> SwiGLU -> expert_linear (down)."""
+    return expert_linear(swiglu(expert_linear(rows, ids, gate_up, backend=backend)), ids, down, backend=backend)
 
 
 def mask_loop_experts(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF):
