@@ -61,9 +61,9 @@ def dp_config(bank: str, **overrides) -> DPConfig:
     return DPConfig(**fields)
 
 
-def accountant_round(cfg: DPConfig, state: AccountantState) -> RoundPrivacyReport:
+def accountant_round(cfg: DPConfig, state: AccountantState, planned: HistoryEntry | None = None) -> RoundPrivacyReport:
     """What train_private_round reports for a round, from the same calibration and budget check."""
-    planned = planned_round(cfg, N)
+    planned = planned or planned_round(cfg, N)
     budget = check_budget(cfg, state, planned)  # raises BudgetExceeded like the trainer
     new_state = state.appended(planned)
     return RoundPrivacyReport(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from test_audit import N, dp_config, read
+from test_audit import N, accountant_round, dp_config, read
 
 from audit import audit_ledgers, render_table
 from audit.__main__ import main
@@ -36,7 +36,7 @@ from audit.report import (
 from audit.signoff import SIGNOFF_FILE, SignOffError, sign_off, verify_sign_off
 from audit.verify import AuditResult, BankSummary, RoundPoint
 from crypto.identity import ConsortiumPins, generate_identity
-from fl_client.dp import AccountantState, BudgetExceeded, HistoryEntry, RoundPrivacyReport, check_budget
+from fl_client.dp import AccountantState, BudgetExceeded, HistoryEntry
 from fl_client.dp.accountant import noise_multiplier_for, sample_rate_for
 from fl_client.ledger import round_entry
 from protocol.ledger import CHAIN_FIELDS, Ledger, commitment_of, mirror_entry, mirror_path
@@ -59,31 +59,6 @@ def pins(identities):
 def signer(identities, bank: str):
     identity = identities[bank]
     return identity.public_key.hex(), identity.sign
-
-
-def private_round(cfg, state: AccountantState, planned: HistoryEntry) -> RoundPrivacyReport:
-    """What train_private_round reports, from fl_client.dp's own budget check (no training)."""
-    budget = check_budget(cfg, state, planned)  # raises BudgetExceeded like the trainer
-    new_state = state.appended(planned)
-    return RoundPrivacyReport(
-        bank_id=cfg.bank_id,
-        epsilon_spent_this_round=budget.epsilon_after - budget.epsilon_before,
-        epsilon_total=budget.epsilon_after,
-        epsilon_before=budget.epsilon_before,
-        delta=cfg.delta,
-        accountant=cfg.accountant,
-        sigma=planned.noise_multiplier,
-        q=planned.sample_rate,
-        steps=planned.steps,
-        history=new_state.history,
-        accountant_state=new_state,
-        target_epsilon=cfg.target_epsilon,
-        n_samples=N,
-        clip_norm=cfg.clip_norm,
-        mean_loss=0.0,
-        empty_batches=0,
-        grad_sample_mode=cfg.grad_sample_mode,
-    )
 
 
 @functools.cache
@@ -111,7 +86,7 @@ def run_bank(root: Path, cfg, plan: dict[int, str], identities) -> None:
             ledger.append(round_entry(round=round_, status="skipped", report=None, state=state, **common), signer=sign)
             continue
         try:
-            report = private_round(cfg, state, demo_round())
+            report = accountant_round(cfg, state, demo_round())
         except BudgetExceeded as err:
             entry = round_entry(round=round_, status="refused", report=None, state=state,
                                 planned=demo_round(), reason=str(err), **common)  # fmt: skip
