@@ -1,8 +1,10 @@
 """Secure aggregation over a real loopback federation: SuperLink, 4 SuperNodes, executors, DP-SGD, BFV.
 
-bank-3 is killed once its masked input of round 1 is in (the consent request reached it): round 1
-still aggregates all four inputs (its self mask is rebuilt from the others' shares), round 2 runs
-with the three left.
+bank-3 is killed either once its masked input of round 1 is in (the consent request reached it):
+round 1 still aggregates all four inputs (its self mask is rebuilt from the others' shares); or as
+soon as the masked-input request reaches it, before it can answer: round 1 aggregates the three
+others (its pairwise masks are rebuilt from its mask-key shares and removed). Round 2 runs with the
+three left.
 """
 
 from __future__ import annotations
@@ -42,7 +44,12 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def test_four_banks_secagg_survives_a_bank_killed_after_its_masked_input(tmp_path):
+@pytest.mark.parametrize(
+    "kill_on,round1_banks",
+    [("train.secagg_consent", 4), ("train.secagg_masked_input", 3)],
+    ids=["killed-after-its-masked-input", "killed-before-its-masked-input"],
+)
+def test_four_banks_secagg_survives_a_bank_killed_around_its_masked_input(tmp_path, kill_on, round1_banks):
     run_config = {
         **job_paths(tmp_path),
         "job-id": "sa-e2e",
@@ -64,10 +71,9 @@ def test_four_banks_secagg_survives_a_bank_killed_after_its_masked_input(tmp_pat
         assert submit.returncode == 0
         log = deployment.log_dir / "bank-3.log"
         wait_for(
-            # its masked input reached the server: the server has moved on to the consent stage
-            lambda: log.exists() and "Receiving: train.secagg_consent" in log.read_text(errors="replace"),
+            lambda: log.exists() and f"Receiving: {kill_on}" in log.read_text(errors="replace"),
             1200,
-            "bank-3's masked input to be in",
+            f"bank-3 to receive {kill_on}",
         )
         deployment.kill("bank-3-apps")
         deployment.kill("bank-3")
@@ -76,11 +82,11 @@ def test_four_banks_secagg_survives_a_bank_killed_after_its_masked_input(tmp_pat
     state = json.loads(state_file.read_text())
     r1, r2 = state["rounds"]
     four = ["bank-0", "bank-1", "bank-2", "bank-3"]
-    assert r1["aggregated"] and r1["participants"] == four, r1
+    assert r1["aggregated"] and r1["participants"] == four[:round1_banks], r1
     assert r2["aggregated"] and r2["participants"] == four[:3], r2
     key = load_bfv_secret(tmp_path / "keys" / BFV_SECRET_FILE)
     pins = load_pins(tmp_path / "keys" / PINS_FILE)
-    for round_idx, contributors in ((1, four), (2, four[:3])):
+    for round_idx, contributors in ((1, four[:round1_banks]), (2, four[:3])):
         blob = (tmp_path / "server" / "sa-e2e" / "aggregates" / f"round-{round_idx:04d}.bundle").read_bytes()
         setup_bytes, aggregate_bytes = unpack_secagg_result(blob)
         setup, aggregate = RoundSetup.from_bytes(setup_bytes), SecureAggregate.from_bytes(aggregate_bytes)
@@ -97,3 +103,5 @@ def test_four_banks_secagg_survives_a_bank_killed_after_its_masked_input(tmp_pat
     for bank in four[:3]:
         bank_state = json.loads((tmp_path / "banks" / bank / "jobs" / "sa-e2e" / "state.json").read_text())
         assert bank_state["applied_round"] == 2 and bank_state["rounds_trained"] == [1, 2]
+    if round1_banks == 3:  # dropped before its masked input: its round-1 delta never reached the sum
+        assert "bank-3" in r1["left_out"], r1["left_out"]
