@@ -153,12 +153,9 @@ class BankPrivacy:
             return self.refuse(round_idx, str(err))
         except DPError as err:  # e.g. a budget too small for a single step: exhausted, not an error
             return self.refuse(round_idx, f"cannot train within the budget: {err}")
-        # What one more identical round would bring epsilon to: the bank's own "exhausted" verdict.
-        nxt = report.accountant_state.appended(HistoryEntry(report.sigma, report.q, report.steps)).epsilon()
-        # Ledger first, then accountant: a crash can over-count, never under-count.
-        stored = self.append(
-            round_idx, "trained", report=report, state=None, epsilon_next_round=nxt, started_at=started_at
-        )
+        # Ledger first, then accountant: a crash can over-count, never under-count. round_entry records
+        # what one more identical round would bring epsilon to: the bank's own "exhausted" verdict.
+        stored = self.append(round_idx, "trained", report=report, state=None, started_at=started_at)
         report.accountant_state.save(self.dir / "accountant.json")
         exhausted = bank_exhausted(stored)
         return RoundResult(

@@ -485,10 +485,10 @@ def skipped_rounds(entries: Sequence[Mapping[str, Any]], upcoming_round: int) ->
     return list(range(max(rounds) + 1, upcoming_round))
 
 
-def bank_exhausted(entry: Mapping[str, Any] | None, *, next_round_epsilon: float | None = None) -> bool:
+def bank_exhausted(entry: Mapping[str, Any] | None) -> bool:
     """Whether a bank's entry says it cannot take one more round within its budget.
 
-    The bank's own test (`check_budget`: refuse when after > budget): `next_round_epsilon` is
+    The bank's own test (`check_budget`: refuse when after > budget): `epsilon_next_round` is
     what one more identical round would reach by its accountant. A "refused" entry is exhausted
     whatever its numbers; NaN or inf is exhausted (conservative).
     """
@@ -496,8 +496,7 @@ def bank_exhausted(entry: Mapping[str, Any] | None, *, next_round_epsilon: float
         return False
     if entry.get("status") == "refused":
         return True
-    nxt = entry.get("epsilon_next_round") if next_round_epsilon is None else next_round_epsilon
-    budget = entry.get("budget_epsilon")
+    nxt, budget = entry.get("epsilon_next_round"), entry.get("budget_epsilon")
     if not isinstance(nxt, (int, float)) or not isinstance(budget, (int, float)):
         return False
     return not (math.isfinite(nxt) and nxt <= budget)

@@ -310,7 +310,6 @@ def test_bank_exhausted_reads_next_round_epsilon_against_budget():
     assert bank_exhausted(entry(1, nxt=None, status="refused"))
     assert not bank_exhausted(entry(1, nxt=None))  # unknown: keep selecting; the bank itself refuses
     assert bank_exhausted(entry(1, nxt=float("nan")))
-    assert bank_exhausted(entry(1, nxt=0.5), next_round_epsilon=1.2)  # the bank's own fresh number wins
 
 
 def test_skipped_rounds_between_the_last_entry_and_the_request():
