@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from audit.report import FINDINGS_FILE, REPORT_FILE, sha256_of
 from crypto.errors import CryptoError
 from crypto.identity import Identity, generate_identity, load_identity
-from protocol.files import atomic_write_bytes
+from protocol.files import atomic_write_bytes, read_document
 from protocol.ledger import canonical_json, read_verified
 
 SIGNOFF_FILE = "signoff.json"
@@ -71,15 +71,6 @@ def officer_identity(path: str | os.PathLike[str], officer: str) -> Identity:
     if identity.bank_id != officer:
         raise SignOffError(f"officer key {path}: made for {identity.bank_id!r}, got --sign-off {officer!r}")
     return identity
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SignOffError(f"{path}: not found") from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise SignOffError(f"{path}: not JSON ({err})") from None
 
 
 def _statement(findings: dict[str, Any], officer: str, report_sha256: str, findings_sha256: str) -> dict[str, Any]:
@@ -127,7 +118,7 @@ def sign_off(
     folder = Path(report_dir)
     if not officer.strip():
         raise SignOffError("--sign-off: expected the officer's name, got an empty string")
-    findings = _read_json(folder / FINDINGS_FILE)
+    findings = read_document(folder / FINDINGS_FILE, SignOffError)
     report_sha256 = sha256_of(folder / REPORT_FILE) if (folder / REPORT_FILE).exists() else None
     if report_sha256 is None:
         raise SignOffError(f"{folder / REPORT_FILE}: not found")
@@ -222,7 +213,7 @@ def verify_sign_off(
     """
     folder = Path(report_dir)
     path = folder / SIGNOFF_FILE
-    signed = _check_signature(path, _read_json(path), public_key)
+    signed = _check_signature(path, read_document(path, SignOffError), public_key)
     problems = []
     for what in ("report", "findings"):
         name, expected = (signed.get(what) or {}).get("file"), (signed.get(what) or {}).get("sha256")

@@ -15,7 +15,6 @@ where it belongs (job id, round), so a signature can never be replayed in anothe
 
 from __future__ import annotations
 
-import json
 import logging
 import stat
 from collections.abc import Mapping
@@ -30,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from crypto.envelope import open_envelope, pack_envelope
 from crypto.errors import CryptoError
-from protocol.files import atomic_write_bytes, atomic_write_json
+from protocol.files import atomic_write_bytes, atomic_write_json, read_document
 
 log = logging.getLogger(__name__)
 
@@ -195,14 +194,8 @@ def load_pins(path: str | Path) -> ConsortiumPins:
     Raises:
         CryptoError: missing file, not JSON, or malformed content.
     """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise CryptoError(f"pins file {path}: not found") from e
-    except ValueError as e:
-        raise CryptoError(f"pins file {path}: not JSON: {e}") from e
-    return ConsortiumPins.from_dict(data, what=f"pins file {path}")
+    where = f"pins file {path}"
+    return ConsortiumPins.from_dict(read_document(path, CryptoError, where=where), what=where)
 
 
 def _check_bank_id(bank_id: Any, where: str) -> None:

@@ -12,7 +12,6 @@ for a preset base, the base itself.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tomllib
 from pathlib import Path
@@ -22,12 +21,12 @@ from fl_client.config import BankConfig
 from model.export import export_job
 from protocol.config import JobConfig
 from protocol.errors import ConfigError
+from protocol.files import read_document
 
 
 def read_job(path: Path) -> JobConfig:
     """A run config as JSON (the server's job.json) or TOML (`key = value` lines)."""
-    text = path.read_text(encoding="utf-8")
-    raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    raw = read_document(path, ConfigError, fmt="json" if path.suffix == ".json" else "toml", where=f"run config {path}")
     return JobConfig.from_run_config(raw)
 
 
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job = read_job(args.job)
         bank = Bank(job, BankConfig.from_node_config(parse_node_config(args.node_config), job))
-    except (ConfigError, OSError, json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+    except (ConfigError, OSError, tomllib.TOMLDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not bank.replica_file.exists():

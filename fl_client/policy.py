@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import difflib
 import math
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from protocol.config import PRIVACY_UNITS, JobConfig
 from protocol.errors import ConfigError
+from protocol.files import read_document
 
 # Metrics a policy may let leave the bank. None of them is DP-protected: off by default.
 RELEASABLE_METRICS: tuple[str, ...] = ("train-loss", "eval-loss")
@@ -78,13 +78,8 @@ class BankPolicy:
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> BankPolicy:
         """Reads a TOML policy; unknown keys, wrong types and inconsistent bounds name the file and key."""
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"bank policy {path}: file not found (node-config 'policy-file')") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"bank policy {path}: not valid TOML ({err})") from None
+        missing = "file not found (node-config 'policy-file')"
+        raw = read_document(path, ConfigError, fmt="toml", where=f"bank policy {path}", missing=missing)
         return cls.from_mapping(raw, source=str(path), **overrides)
 
     @classmethod

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 from model.deepseek import DeepseekForCausalLM, ModelConfig
 from model.errors import CheckpointError, ModelError
-from protocol.files import atomic_write_json, atomic_write_with, fsync_dir
+from protocol.files import atomic_write_json, atomic_write_with, fsync_dir, read_document
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +72,7 @@ _QUANTIZED_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2"
 def read_config_dict(ckpt_dir: Path) -> dict[str, Any]:
     """config.json as a dict; refuses quantized checkpoints before any shard is opened."""
     path = ckpt_dir / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: config file not found") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    raw = read_document(path, CheckpointError, missing="config file not found")
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     quant = raw.get("quantization_config")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from torch import nn
 
 from kernels import RoutingSpec, expert_linear, route
 from model.errors import ModelError
+from protocol.files import read_document
 
 logger = logging.getLogger(__name__)
 
@@ -239,13 +239,7 @@ class ModelConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ModelError(f"{path}: config file not found") from None
-        except json.JSONDecodeError as err:
-            raise ModelError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+        raw = read_document(path, ModelError, missing="config file not found")
         return cls.from_hf_dict(raw, source=str(path))
 
     def to_hf_dict(self) -> dict[str, Any]:

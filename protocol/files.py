@@ -10,9 +10,10 @@ import contextlib
 import json
 import os
 import tempfile
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
 def fsync_dir(folder: Path) -> None:
@@ -73,6 +74,34 @@ def atomic_write_with(path: Path, write: Callable[[Path], None], *, mode: int = 
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_document(
+    path: str | Path,
+    error: Callable[[str], Exception],
+    *,
+    fmt: Literal["json", "toml"] = "json",
+    where: str | None = None,
+    missing: str = "not found",
+) -> Any:
+    """A JSON or TOML file, parsed; a missing file or bad syntax raises `error(message)`.
+
+    Every message starts with `where` (default: the path), so a user reading it knows which file
+    to fix: `<where>: <missing>`, `<where>: invalid JSON at line N: ...`, `<where>: not valid TOML (...)`.
+    """
+    path = Path(path)
+    where = str(path) if where is None else where
+    try:
+        text = path.read_text(encoding="utf-8")
+        return tomllib.loads(text) if fmt == "toml" else json.loads(text)
+    except FileNotFoundError:
+        raise error(f"{where}: {missing}") from None
+    except json.JSONDecodeError as err:
+        raise error(f"{where}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise error(f"{where}: not valid TOML ({err})") from None
+    except UnicodeDecodeError as err:
+        raise error(f"{where}: not UTF-8 text ({err})") from None
 
 
 @contextlib.contextmanager
