@@ -40,6 +40,7 @@ import numpy as np
 from crypto.envelope import canonical_json
 from crypto.errors import CryptoError
 from crypto.identity import ConsortiumPins, Identity
+from crypto.secagg import messages
 from crypto.secagg.bfv import BfvKey, encrypt_residues
 from crypto.secagg.bfv_secret import decrypt_residues
 from crypto.secagg.common import (
@@ -52,26 +53,6 @@ from crypto.secagg.common import (
     share_ad,
     verify_advertisement,
     verify_receipt,
-)
-from crypto.secagg.messages import (
-    Complaint,
-    EncryptedShare,
-    KeyAdvertisement,
-    MaskedInput,
-    MaskedInputRequest,
-    Receipt,
-    RevealedShare,
-    RoundSetup,
-    SecAggAbort,
-    SecureAggregate,
-    ShareKeysReply,
-    ShareKeysRequest,
-    UnmaskConsent,
-    UnmaskOrder,
-    UnmaskReply,
-    UnmaskRequest,
-    self_mask_commitment,
-    share_signature_payload,
 )
 from crypto.secagg.params import add_mod, dequantize, neighbourhood, quantize, sub_mod
 from crypto.secagg.primitives import (
@@ -119,15 +100,15 @@ class BankSecAgg:
     colluding: int = 1
     timings: dict[str, float] = field(default_factory=dict)
     # per-round state (secrets: never logged; persisted via state_dict only)
-    setup: RoundSetup | None = None
+    setup: messages.RoundSetup | None = None
     stage: str = "new"
     share_sk: bytes = b""
     mask_sk: bytes = b""
     self_seed: bytes = b""
-    advertisement: KeyAdvertisement | None = None
+    advertisement: messages.KeyAdvertisement | None = None
     peers: dict[str, _Peer] = field(default_factory=dict)
     held: dict[str, _Held] = field(default_factory=dict)
-    complaints: list[Complaint] = field(default_factory=list)
+    complaints: list[messages.Complaint] = field(default_factory=list)
     senders: tuple[str, ...] = ()
     masked_with: tuple[str, ...] = ()
     unmask_digest: bytes = b""
@@ -140,7 +121,7 @@ class BankSecAgg:
     # -------------------------------------------------------------------------------------------
     # stage 0
 
-    def advertise(self, setup: RoundSetup) -> KeyAdvertisement:
+    def advertise(self, setup: messages.RoundSetup) -> messages.KeyAdvertisement:
         """Check the round setup against this bank's policy, draw the round's keys, sign them.
 
         Raises:
@@ -153,14 +134,14 @@ class BankSecAgg:
         self.share_sk, share_pk = new_x25519()
         self.mask_sk, mask_pk = new_x25519()
         self.self_seed = secrets.token_bytes(KEY_BYTES)
-        unsigned = KeyAdvertisement(
+        unsigned = messages.KeyAdvertisement(
             bank_id=self.bank_id,
             job_id=setup.job_id,
             round=setup.round,
             setup_digest=setup.digest(),
             share_pk=share_pk,
             mask_pk=mask_pk,
-            self_mask_commitment=self_mask_commitment(
+            self_mask_commitment=messages.self_mask_commitment(
                 job_id=setup.job_id, round=setup.round, bank_id=self.bank_id, seed=self.self_seed
             ),
             signature=b"",
@@ -173,7 +154,7 @@ class BankSecAgg:
     # -------------------------------------------------------------------------------------------
     # stage 1
 
-    def share_keys(self, request: ShareKeysRequest) -> ShareKeysReply:
+    def share_keys(self, request: messages.ShareKeysRequest) -> messages.ShareKeysReply:
         """Verify the peers' advertisements, deal Shamir shares to the neighbours, encrypt each to its holder.
 
         Raises:
@@ -207,7 +188,7 @@ class BankSecAgg:
         neighbours = self._neighbours()
         holders = [b for b in neighbours if b in self.peers] + [self.bank_id]
         if len(holders) < setup.threshold:
-            raise SecAggAbort(
+            raise messages.SecAggAbort(
                 f"share_keys(bank {self.bank_id!r}): {len(holders)} holders with valid keys, threshold "
                 f"{setup.threshold}",
                 reason="too_few",
@@ -219,7 +200,7 @@ class BankSecAgg:
         for holder, x in xs.items():
             sigs = {
                 kind: self.identity.sign(
-                    share_signature_payload(
+                    messages.share_signature_payload(
                         job_id=setup.job_id, round=setup.round, dealer=self.bank_id, holder=holder, kind=kind, x=x, y=y
                     )
                 )
@@ -238,15 +219,17 @@ class BankSecAgg:
             nonce, ct = seal(
                 key, canonical_json(_held_to_json(held)), share_ad(setup.job_id, setup.round, self.bank_id, holder)
             )
-            out.append(EncryptedShare(dealer=self.bank_id, recipient=holder, nonce=nonce, ciphertext=ct))
+            out.append(messages.EncryptedShare(dealer=self.bank_id, recipient=holder, nonce=nonce, ciphertext=ct))
         self.stage = "shared"
         self.timings["shares"] = time.perf_counter() - started
-        return ShareKeysReply(bank_id=self.bank_id, job_id=setup.job_id, round=setup.round, shares=tuple(out))
+        return messages.ShareKeysReply(bank_id=self.bank_id, job_id=setup.job_id, round=setup.round, shares=tuple(out))
 
     # -------------------------------------------------------------------------------------------
     # stage 2
 
-    def masked_input(self, request: MaskedInputRequest, update: np.ndarray, weight: float, key: BfvKey) -> MaskedInput:
+    def masked_input(
+        self, request: messages.MaskedInputRequest, update: np.ndarray, weight: float, key: BfvKey
+    ) -> messages.MaskedInput:
         """Decrypt and check the shares held for peers, then mask and encrypt [w * delta..., w].
 
         Args:
@@ -274,10 +257,10 @@ class BankSecAgg:
             raise CryptoError("masked_input: senders outside the participants", reason="inconsistent")
         need = max(setup.threshold, setup.min_banks)
         if len(senders) < need:
-            raise SecAggAbort(f"masked_input: {len(senders)} banks sent shares, need {need}", reason="too_few")
+            raise messages.SecAggAbort(f"masked_input: {len(senders)} banks sent shares, need {need}", reason="too_few")
 
         neighbours = set(self._neighbours())
-        got: dict[str, EncryptedShare] = {}
+        got: dict[str, messages.EncryptedShare] = {}
         for share in request.shares:
             if share.recipient != self.bank_id or share.dealer in got or share.dealer not in neighbours:
                 self._complain(share.dealer, "share", "share misaddressed, duplicated or from a non-neighbour")
@@ -316,7 +299,7 @@ class BankSecAgg:
             masked, key, kind="masked_input", job_id=setup.job_id, round=setup.round, bank_id=self.bank_id
         )
         t_enc = time.perf_counter()
-        unsigned = Receipt(
+        unsigned = messages.Receipt(
             bank_id=self.bank_id,
             job_id=setup.job_id,
             round=setup.round,
@@ -330,12 +313,12 @@ class BankSecAgg:
         self.timings["shares"] = self.timings.get("shares", 0.0) + (t_check - started)
         self.timings["masking"] = t_mask - t_check
         self.timings["encryption"] = t_enc - t_mask
-        return MaskedInput(receipt=receipt, bundle=bundle)
+        return messages.MaskedInput(receipt=receipt, bundle=bundle)
 
     # -------------------------------------------------------------------------------------------
     # stage 3
 
-    def consent(self, request: UnmaskRequest) -> UnmaskConsent:
+    def consent(self, request: messages.UnmaskRequest) -> messages.UnmaskConsent:
         """Check the server's survivor/dropped view and sign it; this bank signs one view per round.
 
         Refuses (CryptoError, nothing signed) when the view overlaps survivors and dropped, names
@@ -368,7 +351,9 @@ class BankSecAgg:
             raise CryptoError("consent: survivor/dropped sets do not match the stage-1 senders", reason="inconsistent")
         need = max(setup.threshold, setup.min_banks, self.min_banks)
         if len(survivors) < need:
-            raise SecAggAbort(f"consent: {len(survivors)} survivors, need {need}; nothing released", reason="too_few")
+            raise messages.SecAggAbort(
+                f"consent: {len(survivors)} survivors, need {need}; nothing released", reason="too_few"
+            )
         receipts = {r.bank_id: r for r in request.receipts}
         if set(receipts) != survivors or len(receipts) != len(request.receipts):
             raise CryptoError("consent: exactly one receipt per survivor expected", reason="inconsistent")
@@ -379,7 +364,7 @@ class BankSecAgg:
                     f"consent: survivor {r.bank_id!r} and this bank disagree on masking with each other",
                     reason="inconsistent",
                 )
-        unsigned = UnmaskConsent(
+        unsigned = messages.UnmaskConsent(
             bank_id=self.bank_id, job_id=setup.job_id, round=setup.round, view_sha256=view, signature=b""
         )
         if self.stage == "masked":
@@ -387,7 +372,7 @@ class BankSecAgg:
         self.timings["unmask"] = time.perf_counter() - started
         return unsigned.signed_by(self.identity)
 
-    def unmask(self, order: UnmaskOrder) -> UnmaskReply:
+    def unmask(self, order: messages.UnmaskOrder) -> messages.UnmaskReply:
         """Release self-mask shares of survivors and mask-key shares of dropped banks.
 
         Only for the view this bank consented to, and only with at least `consent_quorum` distinct
@@ -416,7 +401,7 @@ class BankSecAgg:
             signers.add(c.bank_id)
         quorum = consent_quorum(setup, self.colluding)
         if len(signers) < quorum:
-            raise SecAggAbort(
+            raise messages.SecAggAbort(
                 f"unmask: {len(signers)} banks consented to this view, need {quorum}; nothing released",
                 reason="too_few",
             )
@@ -432,11 +417,11 @@ class BankSecAgg:
             y, sig = (held.self_mask, held.self_mask_sig) if kind == "self_mask" else (held.mask_key, held.mask_key_sig)
             self.released[peer] = kind
             shares.append(
-                RevealedShare(dealer=peer, holder=self.bank_id, kind=kind, x=held.x, y=y, dealer_signature=sig)
+                messages.RevealedShare(dealer=peer, holder=self.bank_id, kind=kind, x=held.x, y=y, dealer_signature=sig)
             )
         self.stage = "unmasked"
         self.timings["unmask"] = self.timings.get("unmask", 0.0) + time.perf_counter() - started
-        return UnmaskReply(bank_id=self.bank_id, job_id=setup.job_id, round=setup.round, shares=tuple(shares))
+        return messages.UnmaskReply(bank_id=self.bank_id, job_id=setup.job_id, round=setup.round, shares=tuple(shares))
 
     # -------------------------------------------------------------------------------------------
     # persistence between Flower messages
@@ -471,15 +456,15 @@ class BankSecAgg:
                 raise CryptoError(f"bank state: format/bank id mismatch ({state.get('bank_id')!r})")
             bank = cls(identity=identity, pins=pins, min_banks=state["min_banks"], colluding=state["colluding"])
             bank.stage = state["stage"]
-            bank.setup = None if state["setup"] is None else RoundSetup.from_dict(state["setup"])
+            bank.setup = None if state["setup"] is None else messages.RoundSetup.from_dict(state["setup"])
             bank.share_sk = bytes.fromhex(state["share_sk"])
             bank.mask_sk = bytes.fromhex(state["mask_sk"])
             bank.self_seed = bytes.fromhex(state["self_seed"])
             adv = state["advertisement"]
-            bank.advertisement = None if adv is None else KeyAdvertisement.from_dict(adv)
+            bank.advertisement = None if adv is None else messages.KeyAdvertisement.from_dict(adv)
             bank.peers = {b: _Peer(**{k: bytes.fromhex(v) for k, v in p.items()}) for b, p in state["peers"].items()}
             bank.held = {b: _held_from_json(h) for b, h in state["held"].items()}
-            bank.complaints = [Complaint.from_dict(c) for c in state["complaints"]]
+            bank.complaints = [messages.Complaint.from_dict(c) for c in state["complaints"]]
             bank.senders = tuple(state["senders"])
             bank.masked_with = tuple(state["masked_with"])
             bank.unmask_digest = bytes.fromhex(state["unmask_digest"])
@@ -490,7 +475,7 @@ class BankSecAgg:
 
     # -------------------------------------------------------------------------------------------
 
-    def _setup(self) -> RoundSetup:
+    def _setup(self) -> messages.RoundSetup:
         if self.setup is None:
             raise CryptoError("secure aggregation: advertise() must come first")
         return self.setup
@@ -517,9 +502,9 @@ class BankSecAgg:
     def _complain(self, dealer: str, reason: str, detail: str) -> None:
         if all(c.dealer != dealer for c in self.complaints):
             log.warning("bank %s: complaint about %s (%s): %s", self.bank_id, dealer, reason, detail)
-            self.complaints.append(Complaint(dealer=dealer, reason=reason, detail=detail[:200]))
+            self.complaints.append(messages.Complaint(dealer=dealer, reason=reason, detail=detail[:200]))
 
-    def _open_share(self, share: EncryptedShare) -> _Held:
+    def _open_share(self, share: messages.EncryptedShare) -> _Held:
         setup = self._setup()
         dealer = share.dealer
         key = derive_key(
@@ -545,7 +530,7 @@ class BankSecAgg:
             ("self_mask", held.self_mask, held.self_mask_sig),
             ("mask_key", held.mask_key, held.mask_key_sig),
         ):
-            payload = share_signature_payload(
+            payload = messages.share_signature_payload(
                 job_id=setup.job_id, round=setup.round, dealer=dealer, holder=self.bank_id, kind=kind, x=held.x, y=y
             )
             self.pins.verify(dealer, payload, sig)
@@ -553,7 +538,12 @@ class BankSecAgg:
 
 
 def open_aggregate(
-    aggregate: SecureAggregate, *, setup: RoundSetup, key: BfvKey, pins: ConsortiumPins, min_banks: int = 2
+    aggregate: messages.SecureAggregate,
+    *,
+    setup: messages.RoundSetup,
+    key: BfvKey,
+    pins: ConsortiumPins,
+    min_banks: int = 2,
 ) -> tuple[np.ndarray, float]:
     """Check the signed contributor list, decrypt the sum and return the weighted mean and total weight.
 

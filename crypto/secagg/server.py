@@ -34,6 +34,7 @@ import tenseal as ts
 
 from crypto.errors import REJECT_REASONS, CryptoError
 from crypto.identity import ConsortiumPins
+from crypto.secagg import messages
 from crypto.secagg.bfv import BfvKey, load_bfv_chunks, parse_bfv_bundle, serialize_sum
 from crypto.secagg.common import (
     check_setup,
@@ -44,39 +45,17 @@ from crypto.secagg.common import (
     verify_advertisement,
     verify_receipt,
 )
-from crypto.secagg.messages import (
-    EncryptedShare,
-    Exclusion,
-    KeyAdvertisement,
-    MaskedInput,
-    MaskedInputRequest,
-    Message,
-    Receipt,
-    RevealedShare,
-    RoundSetup,
-    SecAggAbort,
-    SecureAggregate,
-    ShareKeysReply,
-    ShareKeysRequest,
-    Stage,
-    UnmaskConsent,
-    UnmaskOrder,
-    UnmaskReply,
-    UnmaskRequest,
-    self_mask_commitment,
-    share_signature_payload,
-)
 from crypto.secagg.params import SecAggParams, add_mod, centered, default_threshold, neighbourhood, sub_mod
 from crypto.secagg.primitives import shamir_combine, x25519_public
 
 log = logging.getLogger(__name__)
-M = TypeVar("M", bound=Message)
+M = TypeVar("M", bound=messages.Message)
 
 
 class ServerSecAgg:
     """The server's state in one round. See the module docstring for the stage methods."""
 
-    def __init__(self, setup: RoundSetup, pins: ConsortiumPins, key: BfvKey) -> None:
+    def __init__(self, setup: messages.RoundSetup, pins: ConsortiumPins, key: BfvKey) -> None:
         if key.is_private():
             raise CryptoError("ServerSecAgg: the BFV context holds a secret key; the server must load the public one")
         if key.key_id != setup.bfv_key_id or key.params != setup.params:
@@ -84,17 +63,17 @@ class ServerSecAgg:
         for b in setup.participants:  # the same policy the banks apply (server-side colluding = 1)
             check_setup(setup, b, pins, min_banks=2, colluding=1)
         self.setup, self.pins, self.key = setup, pins, key
-        self.exclusions: list[Exclusion] = []
+        self.exclusions: list[messages.Exclusion] = []
         self.timings: dict[str, float] = {}
-        self.adverts: dict[str, KeyAdvertisement] = {}
+        self.adverts: dict[str, messages.KeyAdvertisement] = {}
         self.senders: tuple[str, ...] = ()
-        self.receipts: dict[str, Receipt] = {}
+        self.receipts: dict[str, messages.Receipt] = {}
         self.survivors: tuple[str, ...] = ()
         self.dropped: tuple[str, ...] = ()
-        self.request: UnmaskRequest | None = None
+        self.request: messages.UnmaskRequest | None = None
         self.consenting: tuple[str, ...] = ()
         self._sum: list[ts.BFVVector] | None = None
-        self._stage: Stage = "advertise"
+        self._stage: messages.Stage = "advertise"
 
     @staticmethod
     def make_setup(
@@ -109,7 +88,7 @@ class ServerSecAgg:
         neighbours_k: int = 0,
         threshold: int | None = None,
         params: SecAggParams | None = None,
-    ) -> RoundSetup:
+    ) -> messages.RoundSetup:
         """The round setup the server proposes (banks check it against their own policy).
 
         Args:
@@ -126,7 +105,7 @@ class ServerSecAgg:
         """
         ids = tuple(sorted(set(participants)))
         holders = len(neighbourhood(ids[0], ids, job_id=job_id, round=round, k=neighbours_k)) + 1
-        return RoundSetup(
+        return messages.RoundSetup(
             job_id=job_id,
             round=round,
             participants=ids,
@@ -141,10 +120,12 @@ class ServerSecAgg:
 
     # -------------------------------------------------------------------------------------------
 
-    def receive_advertisements(self, adverts: Mapping[str, KeyAdvertisement | bytes]) -> dict[str, ShareKeysRequest]:
+    def receive_advertisements(
+        self, adverts: Mapping[str, messages.KeyAdvertisement | bytes]
+    ) -> dict[str, messages.ShareKeysRequest]:
         self._enter("advertise")
         for bank in self.setup.participants:
-            adv = self._parse(bank, adverts, KeyAdvertisement, "advertise")
+            adv = self._parse(bank, adverts, messages.KeyAdvertisement, "advertise")
             if adv is None:
                 continue
             try:
@@ -155,18 +136,20 @@ class ServerSecAgg:
                 continue
             self.adverts[bank] = adv
         self._need(len(self.adverts), "advertise", "valid advertisements")
-        request = ShareKeysRequest(
+        request = messages.ShareKeysRequest(
             setup=self.setup, advertisements=tuple(self.adverts[b] for b in sorted(self.adverts))
         )
         self._stage = "share_keys"
         return dict.fromkeys(sorted(self.adverts), request)
 
-    def receive_shares(self, replies: Mapping[str, ShareKeysReply | bytes]) -> dict[str, MaskedInputRequest]:
+    def receive_shares(
+        self, replies: Mapping[str, messages.ShareKeysReply | bytes]
+    ) -> dict[str, messages.MaskedInputRequest]:
         self._enter("share_keys")
-        inbox: dict[str, list[EncryptedShare]] = {b: [] for b in self.adverts}
+        inbox: dict[str, list[messages.EncryptedShare]] = {b: [] for b in self.adverts}
         senders = []
         for bank in sorted(self.adverts):
-            reply = self._parse(bank, replies, ShareKeysReply, "share_keys")
+            reply = self._parse(bank, replies, messages.ShareKeysReply, "share_keys")
             if reply is None:
                 continue
             try:
@@ -187,7 +170,7 @@ class ServerSecAgg:
         self._need(len(self.senders), "share_keys", "banks that sent shares")
         self._stage = "masked_input"
         return {
-            b: MaskedInputRequest(
+            b: messages.MaskedInputRequest(
                 job_id=self.setup.job_id,
                 round=self.setup.round,
                 senders=self.senders,
@@ -196,13 +179,15 @@ class ServerSecAgg:
             for b in self.senders
         }
 
-    def receive_masked_inputs(self, inputs: Mapping[str, MaskedInput | bytes]) -> dict[str, UnmaskRequest]:
+    def receive_masked_inputs(
+        self, inputs: Mapping[str, messages.MaskedInput | bytes]
+    ) -> dict[str, messages.UnmaskRequest]:
         """Validate masked inputs, settle complaints, fix survivors and dropped banks, add survivors' inputs."""
         self._enter("masked_input")
         started = time.perf_counter()
         vecs: dict[str, list[ts.BFVVector]] = {}
         for bank in self.senders:
-            msg = self._parse(bank, inputs, MaskedInput, "masked_input")
+            msg = self._parse(bank, inputs, messages.MaskedInput, "masked_input")
             if msg is None:
                 continue
             try:
@@ -254,7 +239,7 @@ class ServerSecAgg:
         self.timings["validate_inputs"] = t_add - started
         self.timings["adds"] = time.perf_counter() - t_add
         self._stage = "consistency"
-        self.request = UnmaskRequest(
+        self.request = messages.UnmaskRequest(
             job_id=self.setup.job_id,
             round=self.setup.round,
             survivors=self.survivors,
@@ -263,13 +248,15 @@ class ServerSecAgg:
         )
         return dict.fromkeys(self.survivors, self.request)
 
-    def receive_consents(self, consents: Mapping[str, UnmaskConsent | bytes]) -> dict[str, UnmaskOrder]:
+    def receive_consents(
+        self, consents: Mapping[str, messages.UnmaskConsent | bytes]
+    ) -> dict[str, messages.UnmaskOrder]:
         """Collect the survivors' signatures on the unmask view; send the order to those who signed."""
         self._enter("consistency")
         view = self.request.view_sha256()
         valid = []
         for bank in self.survivors:
-            c = self._parse(bank, consents, UnmaskConsent, "consistency", in_sum=True)
+            c = self._parse(bank, consents, messages.UnmaskConsent, "consistency", in_sum=True)
             if c is None:
                 continue
             try:
@@ -286,10 +273,10 @@ class ServerSecAgg:
             raise self._abort(f"consistency: {len(valid)} consents on the unmask view, need {quorum}", "too_few")
         self.consenting = tuple(c.bank_id for c in valid)
         self._stage = "unmask"
-        order = UnmaskOrder(request=self.request, consents=tuple(valid))
+        order = messages.UnmaskOrder(request=self.request, consents=tuple(valid))
         return dict.fromkeys(self.consenting, order)
 
-    def receive_unmask(self, replies: Mapping[str, UnmaskReply | bytes]) -> SecureAggregate:
+    def receive_unmask(self, replies: Mapping[str, messages.UnmaskReply | bytes]) -> messages.SecureAggregate:
         """Reconstruct survivors' self-mask seeds and dropped banks' mask keys, remove their masks from the sum.
 
         Raises:
@@ -303,7 +290,7 @@ class ServerSecAgg:
         shares: dict[str, dict[int, bytes]] = {b: {} for b in want}
         responders = 0
         for bank in self.consenting:
-            reply = self._parse(bank, replies, UnmaskReply, "unmask", in_sum=True)
+            reply = self._parse(bank, replies, messages.UnmaskReply, "unmask", in_sum=True)
             if reply is None:
                 continue
             try:
@@ -331,7 +318,7 @@ class ServerSecAgg:
             secret = shamir_combine(dict(sorted(got.items())[: setup.threshold]))
             adv = self.adverts[dealer]
             if kind == "self_mask":
-                ok = adv.self_mask_commitment == self_mask_commitment(
+                ok = adv.self_mask_commitment == messages.self_mask_commitment(
                     job_id=setup.job_id, round=setup.round, bank_id=dealer, seed=secret
                 )
                 if ok:
@@ -374,7 +361,7 @@ class ServerSecAgg:
             len(self.dropped),
             len(self.exclusions),
         )
-        return SecureAggregate(
+        return messages.SecureAggregate(
             job_id=setup.job_id,
             round=setup.round,
             contributors=self.survivors,
@@ -385,7 +372,7 @@ class ServerSecAgg:
 
     # -------------------------------------------------------------------------------------------
 
-    def _check_masked_input(self, bank: str, msg: MaskedInput) -> list[ts.BFVVector]:
+    def _check_masked_input(self, bank: str, msg: messages.MaskedInput) -> list[ts.BFVVector]:
         r = msg.receipt
         _check_sender(bank, r.bank_id, "receipt names")
         verify_receipt(r, self.setup, self.pins)
@@ -403,7 +390,9 @@ class ServerSecAgg:
             raise CryptoError(f"bundle header {got} expected {expect}", reason="layout")
         return load_bfv_chunks(self.key, header, chunks)
 
-    def _check_unmask_reply(self, bank: str, reply: UnmaskReply, want: dict[str, str]) -> list[RevealedShare]:
+    def _check_unmask_reply(
+        self, bank: str, reply: messages.UnmaskReply, want: dict[str, str]
+    ) -> list[messages.RevealedShare]:
         _check_sender(bank, reply.bank_id, "unmask reply names")
         self._check_round(reply.job_id, reply.round)
         x = 1 + self.setup.participants.index(bank)
@@ -412,7 +401,7 @@ class ServerSecAgg:
                 raise CryptoError(
                     f"share of {s.dealer!r} ({s.kind}) not requested or not this holder's", reason="share"
                 )
-            payload = share_signature_payload(
+            payload = messages.share_signature_payload(
                 job_id=self.setup.job_id,
                 round=self.setup.round,
                 dealer=s.dealer,
@@ -428,7 +417,7 @@ class ServerSecAgg:
         return list(reply.shares)
 
     def _parse(
-        self, bank: str, replies: Mapping[str, M | bytes], cls: type[M], stage: Stage, *, in_sum: bool = False
+        self, bank: str, replies: Mapping[str, M | bytes], cls: type[M], stage: messages.Stage, *, in_sum: bool = False
     ) -> M | None:
         if bank not in replies:
             self._exclude(bank, stage, CryptoError(f"no {cls.__name__} received", reason="dropped"), in_sum=in_sum)
@@ -445,24 +434,26 @@ class ServerSecAgg:
             return None
         return msg
 
-    def _exclude(self, bank: str, stage: Stage, err: CryptoError, *, in_sum: bool = False) -> None:
+    def _exclude(self, bank: str, stage: messages.Stage, err: CryptoError, *, in_sum: bool = False) -> None:
         """Record a bank left out of a stage (in_sum: its input still counts, only its shares are missing)."""
         reason = err.reason or "malformed"
         note = " (its input stays in the sum)" if in_sum else ""
         log.warning("secagg round %d: bank %r out at %s (%s)%s: %s", self.setup.round, bank, stage, reason, note, err)
-        self.exclusions.append(Exclusion(bank_id=bank, stage=stage, reason=reason, message=f"{err}{note}"[:300]))
+        self.exclusions.append(
+            messages.Exclusion(bank_id=bank, stage=stage, reason=reason, message=f"{err}{note}"[:300])
+        )
 
-    def _need(self, have: int, stage: Stage, what: str) -> None:
+    def _need(self, have: int, stage: messages.Stage, what: str) -> None:
         need = max(self.setup.threshold, self.setup.min_banks)
         if have < need:
             raise self._abort(f"{stage}: {have} {what}, need {need}; nothing is unmasked", "too_few")
 
-    def _abort(self, message: str, reason: str) -> SecAggAbort:
+    def _abort(self, message: str, reason: str) -> messages.SecAggAbort:
         log.error("secagg job %s round %d aborted: %s", self.setup.job_id, self.setup.round, message)
         self._stage = "setup"  # no further stage accepted
-        return SecAggAbort(message, reason=reason, exclusions=tuple(self.exclusions))  # type: ignore[arg-type]
+        return messages.SecAggAbort(message, reason=reason, exclusions=tuple(self.exclusions))  # type: ignore[arg-type]
 
-    def _enter(self, stage: Stage) -> None:
+    def _enter(self, stage: messages.Stage) -> None:
         if self._stage != stage:
             raise CryptoError(f"ServerSecAgg: stage {stage!r} called, expected {self._stage!r}", reason="inconsistent")
 
