@@ -42,6 +42,7 @@ each canary in or out moves q by ~1/n (0.2% here); accountants treat q as fixed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -165,6 +166,21 @@ def count_guesses(scores: np.ndarray, included: np.ndarray, *, k_plus: int, k_mi
 # ---------------------------------------------------------------------------------------------
 
 
+# The audited round: one round of 30 DP-SGD steps; SGD keeps the update linear in the noised
+# gradients. Its target_epsilon and delta are replaced by the audit's own (CanaryAuditConfig).
+CANARY_ROUND = DPConfig(
+    target_epsilon=2.0,
+    delta=1e-5,
+    planned_rounds=1,
+    local_steps=30,
+    expected_batch_size=64,
+    physical_batch_size=64,
+    optimizer="sgd",
+    lr=0.05,
+    bank_id="canary-audit",
+)
+
+
 @dataclass(frozen=True)
 class CanaryAuditConfig:
     """One canary audit of one bank's private round (tiny model, synthetic bank data).
@@ -176,8 +192,9 @@ class CanaryAuditConfig:
             search over k, which would need a multiple-testing correction).
         confidence: of the lower bound.
         records: the bank's own records beside the canaries.
-        seq_len, local_steps, expected_batch_size, clip_norm, lr, optimizer, grad_sample_mode,
-            accountant: the DP-SGD round (SGD keeps the update linear in the noised gradients).
+        seq_len: tokens per training sample.
+        training: the audited DP-SGD round (clip norm, steps, batch, optimizer, accountant...),
+            with target_epsilon and delta put in by `dp_config` (default CANARY_ROUND).
         seed: canary draw, tie breaks, batch sampling and noise.
         noise_multiplier_override: FAULT INJECTION for tests/demos: train with this sigma through
             `_train_round_fixed_noise_TEST_ONLY` while the claim stays target_epsilon.
@@ -192,13 +209,7 @@ class CanaryAuditConfig:
     confidence: float = 0.95
     records: int = 100
     seq_len: int = 8
-    local_steps: int = 30
-    expected_batch_size: int = 64
-    clip_norm: float = 1.0
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    grad_sample_mode: str = "mixed"
-    accountant: str = "prv"
+    training: DPConfig = CANARY_ROUND
     seed: int = 0
     noise_multiplier_override: float | None = None
     threads: int | None = 1
@@ -230,20 +241,7 @@ class CanaryAuditConfig:
         return k_plus, 0 if self.k_minus is None else self.k_minus
 
     def dp_config(self) -> DPConfig:
-        return DPConfig(
-            target_epsilon=self.target_epsilon,
-            delta=self.delta,
-            clip_norm=self.clip_norm,
-            planned_rounds=1,
-            local_steps=self.local_steps,
-            expected_batch_size=self.expected_batch_size,
-            physical_batch_size=self.expected_batch_size,
-            accountant=self.accountant,
-            grad_sample_mode=self.grad_sample_mode,
-            optimizer=self.optimizer,
-            lr=self.lr,
-            bank_id="canary-audit",
-        )
+        return dataclasses.replace(self.training, target_epsilon=self.target_epsilon, delta=self.delta)
 
 
 @dataclass(frozen=True)
@@ -431,7 +429,7 @@ def run_canary_audit(config: CanaryAuditConfig | None = None) -> CanaryAuditResu
         p_value_at_claim=p_value(m=m, r=r, v=v, epsilon=float(claimed), delta=config.delta),
         noise_multiplier=float(sigma),
         sample_rate=float(q),
-        steps=config.local_steps,
+        steps=cfg.local_steps,
         n_samples=n,
         fault_injected=config.noise_multiplier_override is not None,
         seconds=time.perf_counter() - started,
