@@ -45,29 +45,14 @@ def make_checkpoint(out_dir: Path, size_mb: int) -> int:
     import torch
 
     from model.checkpoint import base_state_dict, write_checkpoint
-    from model.deepseek import DeepseekForCausalLM, ModelConfig
+    from model.deepseek import DeepseekForCausalLM, preset
 
-    D, F, E, L = 1024, 512, 32, 4  # one MoE layer's experts: 3 * D * F * E * 2 bytes ~ 100 MB
+    D, F, E = 1024, 512, 32  # one MoE layer's experts: 3 * D * F * E * 2 bytes ~ 100 MB
     per_layer = 3 * D * F * E * 2
     L = max(2, round(size_mb * 1024**2 * 0.85 / per_layer) + 1)
-    config = ModelConfig(
-        vocab_size=32000,
-        hidden_size=D,
-        intermediate_size=2816,
-        moe_intermediate_size=F,
-        num_hidden_layers=L,
-        num_attention_heads=8,
-        q_lora_rank=384,
-        kv_lora_rank=256,
-        qk_nope_head_dim=64,
-        qk_rope_head_dim=32,
-        v_head_dim=64,
-        n_routed_experts=E,
-        n_shared_experts=1,
-        num_experts_per_tok=4,
-        n_group=4,
-        topk_group=2,
-        max_position_embeddings=4096,
+    # the small preset's V3 layout (sigmoid routing, groups, shared expert), widened to D and E
+    config = preset(
+        "small", vocab_size=32000, hidden_size=D, moe_intermediate_size=F, n_routed_experts=E, num_hidden_layers=L
     )
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in base_state_dict(DeepseekForCausalLM(config)).items()}
