@@ -526,6 +526,22 @@ class _BankView:
     server: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (line, mirror line) for mirrors
     chain_ok: bool = True
     head_hash: str = ""  # the file's last verified hash
+    n_lines: int = 0  # the file's entries (its chain's length)
+
+
+def _keep_first(
+    found: dict[tuple[str, str], _BankView],
+    views: dict[tuple[str, str], _BankView],
+    check: str,
+    what: str,
+    out: _Collector,
+) -> None:
+    """Adds each (job, bank) view not seen yet; a second file for the same one is an error naming the first."""
+    for key, view in views.items():
+        if key in found:
+            out.add("error", check, (view.path, None), f"second {what} for job/bank {key} (first: {found[key].path})")
+        else:
+            found[key] = view
 
 
 def _file_kind(entries: list[dict[str, Any]]) -> str:
@@ -654,7 +670,8 @@ def _mirror_line_problem(wrapper: dict[str, Any], first_ids: tuple | None, prev_
     return None
 
 
-def _cross_check(bank_view: _BankView, mirror_view: _BankView, bank_lines: int, out: _Collector) -> None:
+def _cross_check(bank_view: _BankView, mirror_view: _BankView, out: _Collector) -> None:
+    bank_lines = bank_view.n_lines
     by_seq = {entry["seq"]: (line, entry) for line, entry in bank_view.entries}
     mirrored = set()
     for m_line, m_entry in mirror_view.entries:
@@ -766,7 +783,7 @@ def audit_ledgers(paths: Iterable[str | os.PathLike[str]], *, pins: ConsortiumPi
     out = _Collector()
     rec = _Recompute()
     files: list[LedgerFile] = []
-    bank_views: dict[tuple[str, str], tuple[_BankView, int]] = {}
+    bank_views: dict[tuple[str, str], _BankView] = {}
     mirror_views: dict[tuple[str, str], _BankView] = {}
     for raw in paths:
         path = Path(raw)
@@ -776,29 +793,13 @@ def audit_ledgers(paths: Iterable[str | os.PathLike[str]], *, pins: ConsortiumPi
         kind = _file_kind(entries)
         if kind == "bank":
             views = _audit_bank_file(path, entries, chain.ok, rec, out, pins)
-            for key, view in views.items():
-                if key in bank_views:
-                    out.add(
-                        "error",
-                        "sequence",
-                        (path, None),
-                        f"second bank ledger for job/bank {key} (first: {bank_views[key][0].path})",
-                    )
-                    continue
-                view.head_hash = chain.last_hash
-                bank_views[key] = (view, chain.n_entries)
+            for view in views.values():
+                view.head_hash, view.n_lines = chain.last_hash, chain.n_entries
+            _keep_first(bank_views, views, "sequence", "bank ledger", out)
         elif kind == "mirror":
-            views = _audit_mirror_file(path, entries, chain.ok, rec, out)
-            for key, view in views.items():
-                if key in mirror_views:
-                    out.add(
-                        "error",
-                        "mirror",
-                        (path, None),
-                        f"second mirror file for job/bank {key} (first: {mirror_views[key].path})",
-                    )
-                    continue
-                mirror_views[key] = view
+            _keep_first(
+                mirror_views, _audit_mirror_file(path, entries, chain.ok, rec, out), "mirror", "mirror file", out
+            )
         elif entries:
             out.add(
                 "error",
@@ -813,8 +814,7 @@ def audit_ledgers(paths: Iterable[str | os.PathLike[str]], *, pins: ConsortiumPi
 
     for key, mirror in mirror_views.items():
         if key in bank_views:
-            view, n_lines = bank_views[key]
-            _cross_check(view, mirror, n_lines, out)
+            _cross_check(bank_views[key], mirror, out)
         else:  # the mirror holds commitments only: without the bank's ledger nothing can be recomputed
             out.add(
                 "error",
@@ -829,13 +829,13 @@ def audit_ledgers(paths: Iterable[str | os.PathLike[str]], *, pins: ConsortiumPi
         out.add(
             "warning",
             "signature",
-            (next(iter(bank_views.values()))[0].path, None),
+            (next(iter(bank_views.values())).path, None),
             "signatures were checked against the keys the entries name, not against pinned consortium keys: "
             "pass --pins to prove authorship",
         )
     summaries = []
     for key in sorted(bank_views):
-        summary = _summarize(key, bank_views[key][0], mirror_views.get(key), rec, out.findings)
+        summary = _summarize(key, bank_views[key], mirror_views.get(key), rec, out.findings)
         if summary is not None:
             summaries.append(summary)
     return AuditResult(tuple(files), tuple(summaries), tuple(out.findings), pins_checked=pins is not None)
