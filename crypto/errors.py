@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 # Why a contribution was left out of an aggregate. The server records these per round, so they are
@@ -51,11 +51,8 @@ class CryptoError(Exception):
 
 @dataclass(frozen=True)
 class RejectedContribution:
-    """One contribution the aggregator left out, and why (JSON-friendly via `to_dict`)."""
+    """One contribution the aggregator left out, and why."""
 
     bank_id: str
     reason: RejectReason
     message: str
-
-    def to_dict(self) -> dict[str, str]:
-        return asdict(self)
