@@ -17,7 +17,7 @@ from typing import Any
 
 from crypto.keys import SECRET_FILE
 from fl_client.policy import BankPolicy
-from protocol.config import JobConfig, identity_file_name
+from protocol.config import JobConfig, _coerce, identity_file_name
 from protocol.errors import ConfigError
 
 __all__ = ["BankConfig", "JobConfig", "NODE_CONFIG_KEYS"]
@@ -39,21 +39,6 @@ NODE_CONFIG_KEYS: dict[str, type] = {
 FLOWER_NODE_CONFIG_KEYS = ("num-partitions",)
 
 
-def _typed(bank_id: str, key: str, value: Any) -> Any:
-    kind = NODE_CONFIG_KEYS[key]
-    where = f"node config of {bank_id}: '{key}'"
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).lstrip("-").isdigit():
-            raise ConfigError(f"{where} expected an integer, got {value!r}")
-        return int(value)
-    if kind is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where} expected a number, got {value!r}") from None
-    return str(value)
-
-
 def parse_node_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Typed node-config values; unknown keys are errors naming the closest known one."""
     bank_id = str(raw.get("bank-id") or f"bank-{raw.get('partition-id', 0)}")
@@ -67,7 +52,8 @@ def parse_node_config(raw: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(
                 f"node config of {bank_id}: unknown key {key!r}{hint} (known: {sorted(NODE_CONFIG_KEYS)})"
             )
-        out[key] = _typed(bank_id, key, value)
+        # the run config's coercion, with the type's zero as the default: int, float or str
+        out[key] = _coerce(f"node config of {bank_id}", key, value, NODE_CONFIG_KEYS[key]())
     return out
 
 
