@@ -134,7 +134,8 @@ class BankSecAgg:
         self.share_sk, share_pk = new_x25519()
         self.mask_sk, mask_pk = new_x25519()
         self.self_seed = secrets.token_bytes(KEY_BYTES)
-        unsigned = messages.KeyAdvertisement(
+        self.advertisement = messages.KeyAdvertisement.signed(
+            self.identity,
             bank_id=self.bank_id,
             job_id=setup.job_id,
             round=setup.round,
@@ -144,9 +145,7 @@ class BankSecAgg:
             self_mask_commitment=messages.self_mask_commitment(
                 job_id=setup.job_id, round=setup.round, bank_id=self.bank_id, seed=self.self_seed
             ),
-            signature=b"",
         )
-        self.advertisement = unsigned.signed_by(self.identity)
         self.stage = "advertised"
         self.timings["keys"] = time.perf_counter() - started
         return self.advertisement
@@ -299,16 +298,15 @@ class BankSecAgg:
             masked, key, kind="masked_input", job_id=setup.job_id, round=setup.round, bank_id=self.bank_id
         )
         t_enc = time.perf_counter()
-        unsigned = messages.Receipt(
+        receipt = messages.Receipt.signed(
+            self.identity,
             bank_id=self.bank_id,
             job_id=setup.job_id,
             round=setup.round,
             bundle_sha256=hashlib.sha256(bundle).digest(),
             masked_with=self.masked_with,
             complaints=tuple(self.complaints),
-            signature=b"",
         )
-        receipt = unsigned.signed_by(self.identity)
         self.stage = "masked"
         self.timings["shares"] = self.timings.get("shares", 0.0) + (t_check - started)
         self.timings["masking"] = t_mask - t_check
@@ -364,13 +362,13 @@ class BankSecAgg:
                     f"consent: survivor {r.bank_id!r} and this bank disagree on masking with each other",
                     reason="inconsistent",
                 )
-        unsigned = messages.UnmaskConsent(
-            bank_id=self.bank_id, job_id=setup.job_id, round=setup.round, view_sha256=view, signature=b""
+        consent = messages.UnmaskConsent.signed(
+            self.identity, bank_id=self.bank_id, job_id=setup.job_id, round=setup.round, view_sha256=view
         )
         if self.stage == "masked":
             self.stage, self.unmask_digest = "consented", view
         self.timings["unmask"] = time.perf_counter() - started
-        return unsigned.signed_by(self.identity)
+        return consent
 
     def unmask(self, order: messages.UnmaskOrder) -> messages.UnmaskReply:
         """Release self-mask shares of survivors and mask-key shares of dropped banks.

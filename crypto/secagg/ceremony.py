@@ -60,8 +60,7 @@ class KeyDelivery(Message):
 def request_key(identity: Identity, job_id: str) -> tuple[KeyRequest, bytes]:
     """Returns the request to send and the ephemeral secret to keep (0600) until the delivery arrives."""
     secret, public = new_x25519()
-    unsigned = KeyRequest(bank_id=identity.bank_id, job_id=job_id, ephemeral_pk=public, signature=b"")
-    return unsigned.signed_by(identity), secret
+    return KeyRequest.signed(identity, bank_id=identity.bank_id, job_id=job_id, ephemeral_pk=public), secret
 
 
 def _transport(job_id: str, dealer: str, recipient: str, key_id: str, request_digest: bytes) -> dict:
@@ -88,7 +87,8 @@ def deliver_key(dealer: Identity, pins: ConsortiumPins, request: KeyRequest, sec
     ctx = _transport(request.job_id, dealer.bank_id, request.bank_id, key.key_id, request.digest())
     aead_key = derive_key(eph_secret, request.ephemeral_pk, purpose="bfv-key-transport", context=ctx)
     nonce, ct = seal(aead_key, data, ctx)
-    unsigned = KeyDelivery(
+    return KeyDelivery.signed(
+        dealer,
         dealer=dealer.bank_id,
         recipient=request.bank_id,
         job_id=request.job_id,
@@ -97,9 +97,7 @@ def deliver_key(dealer: Identity, pins: ConsortiumPins, request: KeyRequest, sec
         ephemeral_pk=eph_public,
         nonce=nonce,
         ciphertext=ct,
-        signature=b"",
     )
-    return unsigned.signed_by(dealer)
 
 
 def accept_key(

@@ -14,7 +14,7 @@ Every message is a frozen dataclass declared with `@message(type_tag)`, with `to
 payload) and `to_dict()` / `from_dict()` (JSON-able; bytes as hex), all driven by its fields. Parsing
 is strict: a missing or mistyped field raises CryptoError(reason="malformed"). Signatures cover
 `signed_bytes()`: canonical JSON of the message's type tag and all its fields except the signature
-itself; `signed_by(identity)` fills the signature in.
+itself; `Cls.signed(identity, **fields)` builds a message and fills its signature in.
 """
 
 from __future__ import annotations
@@ -84,9 +84,11 @@ class Message:
         d.pop("signature", None)
         return canonical_json({"type": self.TYPE, **d})
 
-    def signed_by(self: M, identity: Identity) -> M:
-        """This message with its `signature` field set to `identity`'s signature over `signed_bytes()`."""
-        return dataclasses.replace(self, signature=identity.sign(self.signed_bytes()))  # type: ignore[call-arg]
+    @classmethod
+    def signed(cls: type[M], identity: Identity, **fields: Any) -> M:
+        """A new message from `fields`, its `signature` made by `identity` over `signed_bytes()`."""
+        unsigned = cls(**fields, signature=b"")  # type: ignore[call-arg]
+        return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))  # type: ignore[call-arg]
 
 
 def message(type_tag: str) -> Callable[[type[M]], type[M]]:

@@ -277,8 +277,7 @@ def test_split_view_attack_gets_no_quorum(identities, bfv_public) -> None:
     # view A (bank3 survived): bank1, bank3, bank4 sign it, the colluder bank2 too -> 4
     sig_a = _consents(r, honest, ["bank1", "bank3", "bank4", "bank2"])
     # view B (bank3 dropped): bank0 and the colluder only -> 2 (bank1, 3, 4 already signed view A)
-    unsigned = UnmaskConsent(bank_id="bank2", job_id=JOB, round=1, view_sha256=view_b.view_sha256(), signature=b"")
-    colluder = dataclasses.replace(unsigned, signature=ids[2].sign(unsigned.signed_bytes()))
+    colluder = UnmaskConsent.signed(ids[2], bank_id="bank2", job_id=JOB, round=1, view_sha256=view_b.view_sha256())
     sig_b = (r.banks["bank0"].consent(view_b), colluder)
     with pytest.raises(CryptoError):
         r.banks["bank1"].consent(view_b)
