@@ -139,6 +139,19 @@ class Bank:
     def eval_loss(self, data: BankData) -> float:
         return evaluate(self.model, data.held_out.inputs, data.held_out.targets)
 
+    def releases_eval(self) -> bool:
+        """The job asks for eval losses and the bank's policy lets them leave (they are not DP-protected)."""
+        return self.job.evaluate and "eval-loss" in self.config.policy.release_metrics
+
+    def start_eval(self, data: BankData) -> dict[str, float]:
+        """The held-out loss of the model the bank starts a round from (the global model after its
+        applied round), sent with the train reply: one exchange per round instead of a second one."""
+        if not self.releases_eval():
+            return {}
+        started = time.perf_counter()
+        loss = self.eval_loss(data)
+        return {"eval-loss": loss, "seconds-eval": time.perf_counter() - started}
+
     def keep_delta(self, round_idx: int, delta: torch.Tensor, weight: float) -> None:
         """Debug/test only (keep-plaintext-deltas): the bank's own plaintext delta, never sent."""
         path = self.state_dir / "deltas" / f"round-{round_idx:04d}.safetensors"
@@ -323,6 +336,7 @@ def train_once(job: JobConfig, config: BankConfig, request: RoundRequest, opener
             f"round's aggregate (applied round {bank.state.applied_round}); the server's state is behind"
         )
     data = load_bank_data(job, config, bank.model.config.vocab_size)
+    start_metrics = bank.start_eval(data)  # before training: the loss of the global model it applied
     global_flat = bank.view.flatten()
     started = time.perf_counter()
     result = local_round(bank, data, request.round)
@@ -332,6 +346,7 @@ def train_once(job: JobConfig, config: BankConfig, request: RoundRequest, opener
             request.round, TrainStatus.REFUSED, reason=result.refused, ledger_commitment=result.commitment
         )
     result.metrics["seconds-train"] = time.perf_counter() - started
+    result.metrics.update(start_metrics)
     return seal_and_reply(bank, sealer, request.round, global_flat, result)
 
 
@@ -345,15 +360,14 @@ def handle_train(job: JobConfig, config: BankConfig, request: RoundRequest) -> T
 def handle_evaluate(
     job: JobConfig, config: BankConfig, request: RoundRequest, opener: Opener | None = None
 ) -> EvalReply:
-    """One evaluate message: catch up on aggregates; the eval loss leaves only if the policy says so.
+    """The closing message: catch up on aggregates; the eval loss leaves only if the policy says so.
 
     `opener`: how to open the aggregates (default: the CKKS key; secure aggregation passes its own).
     """
     with exclusive_lock(config.lock_file):
         bank = open_bank(job, config, request, opener or ckks_opener(ckks_key(job, config, request)))
         bank.save()
-    released = "eval-loss" in config.policy.release_metrics
-    data = load_bank_data(job, config, bank.model.config.vocab_size) if released else None
+    data = load_bank_data(job, config, bank.model.config.vocab_size) if bank.releases_eval() else None
     return EvalReply(
         bank_id=config.bank_id,
         round=request.round,

@@ -20,8 +20,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-# Every Flower process we start gets these: no telemetry (banks have no internet), no update check.
-FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+# Every Flower process we start gets these: no telemetry (banks have no internet), no update check;
+# executors look for a message to run every 0.1 s (Flower's default: 1 s).
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
+}
 
 
 @dataclass(frozen=True)
@@ -225,7 +230,7 @@ def service_commands(topo: Topology) -> dict[str, list[str]]:
     for i, bank in enumerate(topo.banks):
         bank_secret = ["--superexec-auth-secret-file", bank.exec_secret] if bank.exec_secret else []
         commands[bank.bank_id] = [
-            "flower-supernode",
+            "fedmoe-supernode",  # flower-supernode polling every 0.2 s instead of 3 s (pyproject scripts)
             *client_tls,
             *(["--auth-supernode-private-key", bank.auth_key] if bank.auth_key else []),
             *bank_secret,

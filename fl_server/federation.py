@@ -31,6 +31,8 @@ from protocol.messages import EvalReply, RoundRequest, SecAggStage, TrainReply, 
 
 logger = logging.getLogger(__name__)
 
+POLL_SECONDS = 0.2  # between pulls for replies while an exchange is open
+
 
 class Outcome(StrEnum):
     """What became of one bank in one round (typed: nothing is decided by parsing reason text)."""
@@ -70,7 +72,8 @@ class Reporter(Protocol):
     """Where the loop's events go (the console in the ServerApp; nothing in tests)."""
 
     def job_started(self, federation: Federation, n_banks: int) -> None: ...
-    def round_done(self, record: RoundRecord) -> None: ...
+    def answered(self, what: str, bank: str, pending: list[str], seconds: float) -> None: ...
+    def round_done(self, record: RoundRecord, state: ServerState) -> None: ...
     def job_done(self, federation: Federation) -> None: ...
     def note(self, text: str) -> None: ...
 
@@ -169,12 +172,30 @@ class Federation:
             for node, request in requests.items()
         ]
         self.connected = set(self.grid.get_node_ids())
-        replies = list(self.grid.send_and_receive(messages, timeout=self.job.round_timeout))
-        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set by the push
+        message_ids = list(self.grid.push_messages(messages))
+        node_of = dict(zip(message_ids, (m.metadata.dst_node_id for m in messages), strict=True))
+        replies = self.collect(node_of, f"round {round_idx} {message_type}")
         # Error replies made by the SuperLink (e.g. "node unavailable") come from the SuperLink,
         # not the bank: find the bank's node through the message they answer.
         pairs = [(node_of.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
         return pairs, set(node_of.values()) - {node for node, _ in pairs}
+
+    def collect(self, node_of: dict[str, int], what: str) -> list[Message]:
+        """Pulls the replies to the pushed messages every POLL_SECONDS until all are in or the round
+        timeout passes (Flower's send_and_receive sleeps 3 s between pulls: most of a short stage)."""
+        waiting, replies = set(node_of), []
+        started = time.monotonic()
+        while waiting and time.monotonic() - started < self.job.round_timeout:
+            for reply in self.grid.pull_messages(waiting):
+                answers = reply.metadata.reply_to_message_id
+                waiting.discard(answers)
+                replies.append(reply)
+                bank = self.label(node_of.get(answers, reply.metadata.src_node_id))
+                pending = sorted(self.label(node_of[m]) for m in waiting)
+                self.reporter.answered(what, bank, pending, time.monotonic() - started)
+            if waiting:
+                time.sleep(POLL_SECONDS)
+        return replies
 
     # ---- one round: select -> send -> collect -> aggregate -> record ----------------------------
     def select(self, nodes: list[int]) -> tuple[list[int], list[BankOutcome]]:
@@ -201,6 +222,9 @@ class Federation:
         if impostor:
             return BankOutcome(f"node-{node}", Outcome.INVALID_REPLY, impostor)
         self.state.applied[tr.bank_id] = tr.applied_round
+        eval_loss = tr.metrics.pop("eval-loss", None)  # of the model it started from: the last aggregate
+        if eval_loss is not None:
+            self.record_eval(tr.bank_id, tr.applied_round, eval_loss)
         if tr.status is TrainStatus.AGGREGATE_REJECTED:
             return BankOutcome(tr.bank_id, Outcome.REJECTED_AGGREGATE, tr.reason, rejected_round=tr.rejected_round)
         if tr.status is TrainStatus.ALREADY_RELEASED:
@@ -332,31 +356,39 @@ class Federation:
             )
 
     # ---- the job ----------------------------------------------------------------------------------
-    def evaluate(self, nodes: list[int], round_idx: int) -> dict[str, float]:
+    def record_eval(self, bank: str, applied_round: int, loss: float) -> None:
+        """A bank's held-out loss of the global model after `applied_round` (0: the start model)."""
+        if applied_round == 0:
+            self.state.eval_round0[bank] = loss
+        for record in self.state.rounds:
+            if record.round == applied_round:
+                record.eval_loss[bank] = loss
+
+    def close(self, nodes: list[int], round_idx: int) -> None:
+        """The closing message: each bank applies the aggregates it lacks (and evaluates, where its
+        policy releases the loss); during the job banks report that with their next train reply."""
         replies, silent = self.send(nodes, round_idx, MessageType.EVALUATE)
-        losses: dict[str, float] = {}
         for node, reply in replies:
             if reply.has_error():
-                logger.warning("evaluate round %d: node %s failed: %s", round_idx, node, reply.error.reason)
+                logger.warning("closing round %d: node %s failed: %s", round_idx, node, reply.error.reason)
                 continue
             ev = EvalReply.from_content(reply.content)
             refused = self.bind(node, ev.bank_id)
             if refused:
-                logger.warning("evaluate round %d: reply of node %s refused: %s", round_idx, node, refused)
+                logger.warning("closing round %d: reply of node %s refused: %s", round_idx, node, refused)
                 continue
             self.state.applied[ev.bank_id] = ev.applied_round
             if ev.eval_loss is not None:  # only where the bank's policy releases it
-                losses[ev.bank_id] = ev.eval_loss
+                self.record_eval(ev.bank_id, ev.applied_round, ev.eval_loss)
         for node in silent:
-            logger.warning("evaluate round %d: node %s did not answer", round_idx, node)
-        return losses
+            logger.warning("closing round %d: node %s did not answer", round_idx, node)
 
     def deliver_final(self, nodes: list[int]) -> None:
-        """The closing message: every bank behind the last aggregate gets it, whatever `evaluate` says."""
+        """The closing message to every bank behind the last aggregate, whatever `evaluate` says."""
         last = max((r.round for r in self.state.rounds if r.aggregated), default=0)
         behind = [n for n in nodes if self.state.applied.get(self.node_bank.get(n, ""), 0) < last]
         if last and behind:
-            self.evaluate(behind, self.state.completed_round)
+            self.close(behind, self.state.completed_round)
             self.save()
 
     def stop_reason(self, nodes: list[int], round_idx: int) -> tuple[str, bool] | None:
@@ -374,16 +406,14 @@ class Federation:
     def run_round(self, round_idx: int, nodes: list[int]) -> RoundRecord:
         started = time.perf_counter()
         record = self.train_round(round_idx, nodes)
-        self.state.rounds.append(record)  # before evaluating: its aggregate goes out with the request
+        self.state.rounds.append(record)
         self.state.completed_round = round_idx
-        # Saved before the aggregate reaches any bank (evaluate): a restart resumes after this
-        # round and never re-runs a round some banks have already applied.
-        self.save()
-        if self.job.evaluate and record.aggregated:
-            record.eval_loss = self.evaluate(nodes, round_idx)
+        # Saved before the aggregate reaches any bank (the next round's request, or the closing
+        # message): a restart resumes after this round and never re-runs a round banks applied.
         record.seconds["round"] = time.perf_counter() - started
         self.save()
-        self.reporter.round_done(record)
+        self.store.write_metrics(self.state)
+        self.reporter.round_done(record, self.state)
         return record
 
     def run(self) -> ServerState:
@@ -396,9 +426,6 @@ class Federation:
             self.reporter.note(f"resuming job {self.job.job_id!r} after round {state.completed_round}")
         nodes = self.wait_for_banks()
         self.reporter.job_started(self, len(nodes))
-        if self.job.evaluate and state.completed_round == 0 and not state.eval_round0:
-            state.eval_round0 = self.evaluate(nodes, 0)
-            self.save()
         for round_idx in range(state.completed_round + 1, self.job.num_rounds + 1):
             nodes = self.wait_for_banks()
             stop = self.stop_reason(nodes, round_idx)
@@ -418,6 +445,7 @@ class Federation:
         self.deliver_final(nodes)  # before "finished": a job is done when every bank holds the result
         state.finished = True
         self.save()
+        self.store.write_metrics(state)
         path = self.store.write_results(state, {"layout-hash": self.layout_hash, "n-elements": self.n_elements})
         self.reporter.job_done(self)
         self.reporter.note(f"results: {path}")

@@ -57,6 +57,17 @@ def _pump(src, sink, echo: Callable[[bytes], None] | None = None) -> None:
     src.close()
 
 
+PROGRESS = re.compile(rb"(bank-\S+: step \d+/\d+.*)$")
+
+
+def _echo_progress(line: bytes) -> None:
+    """Training progress lines of a bank's ClientApp (its DP step loop logs them) on the console."""
+    found = PROGRESS.search(line.rstrip())
+    if found:
+        sys.stdout.write(f"    {found.group(1).decode(errors='replace')}\n")
+        sys.stdout.flush()
+
+
 def _venv_bin() -> Path:
     return Path(sys.executable).parent
 
@@ -106,7 +117,8 @@ class Deployment:
             env=self.env,
             start_new_session=True,  # its own process group: stop() takes its children too
         )
-        threading.Thread(target=_pump, args=(process.stdout, log), daemon=True, name=f"log-{name}").start()
+        echo = _echo_progress if name.endswith("-apps") else None  # a bank's training progress, on the console
+        threading.Thread(target=_pump, args=(process.stdout, log, echo), daemon=True, name=f"log-{name}").start()
         self.processes[name] = process
         return process
 

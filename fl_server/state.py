@@ -5,6 +5,7 @@
         state.json               completed round, per-bank applied round, per-round records
         aggregates/round-NNNN.bundle   encrypted sum (and encrypted total weight) of round N
         results.json             per-round table for people and tools
+        metrics.csv              one row per round and bank (eval loss, outcome, seconds): for plotting
 
 Never a secret key, never a plaintext update. Every write is atomic, and state.json is written
 last, so a restarted server resumes from the last round whose aggregate is on disk.
@@ -12,13 +13,15 @@ last, so a restarted server resumes from the last round whose aggregate is on di
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from protocol.config import JobConfig
 from protocol.errors import ConfigError
-from protocol.files import atomic_write_bytes, atomic_write_json, read_json
+from protocol.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 
 @dataclass
@@ -111,3 +114,25 @@ class ServerStore:
         path = self.root / "results.json"
         atomic_write_json(path, {"state": asdict(state), **extra})
         return path
+
+    def write_metrics(self, state: ServerState) -> Path:
+        """metrics.csv, rewritten whole: a bank reports the loss of round r's model in round r + 1."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(METRICS_COLUMNS)
+        for bank, loss in sorted(state.eval_round0.items()):
+            writer.writerow([0, bank, "start", f"{loss:.6f}", "", "", "", ""])
+        for r in state.rounds:
+            for bank, outcome in sorted(r.outcomes.items()):
+                metrics = r.train_metrics.get(bank, {})
+                row = [r.round, bank, outcome, r.eval_loss.get(bank), metrics.get("train-loss")]
+                row += [metrics.get("seconds-train"), metrics.get("seconds-encrypt"), r.seconds.get("round")]
+                writer.writerow(["" if v is None else f"{v:.6f}" if isinstance(v, float) else v for v in row])
+        path = self.root / "metrics.csv"
+        atomic_write_text(path, out.getvalue())
+        return path
+
+
+METRICS_COLUMNS = (
+    "round", "bank", "outcome", "eval_loss", "train_loss", "seconds_train", "seconds_encrypt", "seconds_round",
+)  # fmt: skip

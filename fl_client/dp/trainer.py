@@ -238,6 +238,29 @@ class StepStats:
     seconds: float
 
 
+class StepProgress:
+    """The bank's own log while it trains: steps done, mean loss so far, seconds left (estimated).
+
+    A line every tenth of the round or every PROGRESS_SECONDS, whichever comes first. The loss stays
+    in the bank's log (it leaves only where the bank's policy releases it).
+    """
+
+    PROGRESS_SECONDS = 10.0
+
+    def __init__(self, total: int, bank_id: str) -> None:
+        self.total, self.bank_id = total, bank_id or "bank"
+        self.started = self.last = time.perf_counter()
+        self.every = max(1, total // 10)
+
+    def step(self, done: int, mean_loss: float) -> None:
+        now = time.perf_counter()
+        if done % self.every and done != self.total and now - self.last < self.PROGRESS_SECONDS:
+            return
+        self.last = now
+        left = (now - self.started) / done * (self.total - done)
+        logger.info("%s: step %d/%d, loss so far %.3f, ~%.0f s left", self.bank_id, done, self.total, mean_loss, left)
+
+
 def run_dp_steps(
     model: torch.nn.Module,
     inputs: torch.Tensor,
@@ -264,11 +287,13 @@ def run_dp_steps(
     model.train()
     private = make_private(model, cfg, noise_multiplier=noise_multiplier, seq_len=inputs.shape[1], generator=noise_gen)
     steps_done = 0
+    progress = StepProgress(cfg.local_steps, cfg.bank_id)
 
     def count_step(optimizer: Any) -> None:
         nonlocal steps_done
         assert optimizer.noise_multiplier == noise_multiplier
         steps_done += 1
+        progress.step(steps_done, loss_sum / max(loss_count, 1))
 
     private.optimizer.attach_step_hook(count_step)
     sampler = PoissonBatchSampler(n, sample_rate, cfg.local_steps, generator=sample_gen, secure=secure)

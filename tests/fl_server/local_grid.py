@@ -22,6 +22,7 @@ class LocalGrid(Grid):
         self.node_configs = node_configs
         self.run_config = run_config
         self.delivered: list[tuple[int, str, int]] = []  # (node, message type, round group)
+        self.pending_replies: list[Message] = []
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_configs)
@@ -46,14 +47,22 @@ class LocalGrid(Grid):
                 replies.append(Message(Error(code=2, reason=f"{type(err)}:<'{err}'>"), reply_to=msg))
         return replies
 
-    # The federation uses only the two methods above.
+    # The federation pushes, then pulls: delivered through send_and_receive (which tests override to
+    # drop or tamper with messages); a message it drops never gets a reply.
+    def push_messages(self, messages):
+        messages = list(messages)
+        for msg in messages:  # a push gives every message its id, delivered or not
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+        self.pending_replies.extend(self.send_and_receive(messages))
+        return [msg.metadata.message_id for msg in messages]
+
+    def pull_messages(self, message_ids):
+        wanted = set(message_ids)
+        pulled = [r for r in self.pending_replies if r.metadata.reply_to_message_id in wanted]
+        self.pending_replies = [r for r in self.pending_replies if r.metadata.reply_to_message_id not in wanted]
+        return pulled
+
     def create_message(self, *args, **kwargs):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
-
-    def push_messages(self, messages):  # pragma: no cover
         raise NotImplementedError
 
     @property

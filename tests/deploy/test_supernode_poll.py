@@ -1,0 +1,37 @@
+"""`fedmoe-supernode` shortens Flower's idle poll by replacing the `time` its pull loop sleeps with:
+that is only safe while the module uses `time` for nothing but sleep (flwr is pinned to 1.42.x)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import time
+
+from flwr.supernode import start_client_internal
+
+from fl_client import supernode
+from fl_server.deploy import FLOWER_ENV, loopback_topology, service_commands
+
+
+def test_flowers_supernode_loop_uses_time_only_to_sleep():
+    tree = ast.parse(inspect.getsource(start_client_internal))
+    used = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "time"
+    }
+    assert used == {"sleep"}, (
+        f"flwr's supernode loop now uses time.{sorted(used - {'sleep'})}: revisit fedmoe-supernode"
+    )
+
+
+def test_sleeps_are_capped_at_the_poll_interval():
+    started = time.perf_counter()
+    supernode._short_sleep(3.0)  # Flower's idle wait between pulls
+    assert time.perf_counter() - started < supernode.POLL_SECONDS + 0.15
+
+
+def test_every_bank_runs_the_short_poll_supernode_and_fast_executors():
+    commands = service_commands(loopback_topology(3, root="/tmp/unused", key_path="/tmp/unused/keys"))
+    assert all(commands[f"bank-{i}"][0] == "fedmoe-supernode" for i in range(3))
+    assert float(FLOWER_ENV["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"]) <= 0.1
