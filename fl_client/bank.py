@@ -27,6 +27,7 @@ applies exactly the same aggregates.
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -301,6 +302,7 @@ def seal_and_reply(
     started = time.perf_counter()
     bundle = sealer.seal(bank, round_idx, delta)
     result.metrics["seconds-encrypt"] = time.perf_counter() - started
+    result.metrics["memory-peak-mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process
     if bank.job.keep_plaintext_deltas:
         bank.keep_delta(round_idx, delta, 1.0)
     metrics = released_metrics(bank.config.policy, result.metrics)
@@ -313,8 +315,8 @@ def seal_and_reply(
 
 
 def released_metrics(policy: BankPolicy, metrics: dict[str, float]) -> dict[str, float]:
-    """Timings always; loss values only where the bank's policy releases them (not DP-protected)."""
-    return {k: v for k, v in metrics.items() if k.startswith("seconds-") or k in policy.release_metrics}
+    """Timings and memory always; loss values only where the bank's policy releases them (not DP-protected)."""
+    return {k: v for k, v in metrics.items() if k.startswith(("seconds-", "memory-")) or k in policy.release_metrics}
 
 
 def train_once(job: JobConfig, config: BankConfig, request: RoundRequest, opener: Opener, sealer: Sealer) -> TrainReply:

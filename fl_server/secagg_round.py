@@ -108,14 +108,22 @@ class SecAggRound:
         """The five exchanges; each stage's missing banks count as dropped (ServerSecAgg decides)."""
         setup = server.setup
         replies = self.exchange(SecAggStage.ADVERTISE, dict.fromkeys(setup.participants, setup))
-        requests = server.receive_advertisements(replies)
+        requests = self.server_work(server.receive_advertisements, replies)
         replies = self.exchange(SecAggStage.SHARE_KEYS, requests)
-        masked_requests = server.receive_shares(replies)
+        masked_requests = self.server_work(server.receive_shares, replies)
         replies = self.exchange(SecAggStage.MASKED_INPUT, masked_requests)
-        unmask_requests = server.receive_masked_inputs(replies)
+        unmask_requests = self.server_work(server.receive_masked_inputs, replies)
         replies = self.exchange(SecAggStage.CONSENT, unmask_requests)
-        orders = server.receive_consents(replies)
-        return server.receive_unmask(self.exchange(SecAggStage.UNMASK, orders))
+        orders = self.server_work(server.receive_consents, replies)
+        return self.server_work(server.receive_unmask, self.exchange(SecAggStage.UNMASK, orders))
+
+    def server_work(self, step, replies):
+        """One ServerSecAgg step; its time adds up in seconds["aggregate"] (the server's own compute)."""
+        started = time.perf_counter()
+        try:
+            return step(replies)
+        finally:
+            self.record.seconds["aggregate"] = self.record.seconds.get("aggregate", 0.0) + time.perf_counter() - started
 
     # ---- identities -----------------------------------------------------------------------------
     def identify(self, selected: list[int]) -> None:
