@@ -136,15 +136,11 @@ class BankSecAgg:
         self.self_seed = secrets.token_bytes(KEY_BYTES)
         self.advertisement = messages.KeyAdvertisement.signed(
             self.identity,
-            bank_id=self.bank_id,
-            job_id=setup.job_id,
-            round=setup.round,
+            **self._ids(),
             setup_digest=setup.digest(),
             share_pk=share_pk,
             mask_pk=mask_pk,
-            self_mask_commitment=messages.self_mask_commitment(
-                job_id=setup.job_id, round=setup.round, bank_id=self.bank_id, seed=self.self_seed
-            ),
+            self_mask_commitment=messages.self_mask_commitment(**self._ids(), seed=self.self_seed),
         )
         self.stage = "advertised"
         self.timings["keys"] = time.perf_counter() - started
@@ -221,7 +217,7 @@ class BankSecAgg:
             out.append(messages.EncryptedShare(dealer=self.bank_id, recipient=holder, nonce=nonce, ciphertext=ct))
         self.stage = "shared"
         self.timings["shares"] = time.perf_counter() - started
-        return messages.ShareKeysReply(bank_id=self.bank_id, job_id=setup.job_id, round=setup.round, shares=tuple(out))
+        return messages.ShareKeysReply(**self._ids(), shares=tuple(out))
 
     # -------------------------------------------------------------------------------------------
     # stage 2
@@ -284,9 +280,7 @@ class BankSecAgg:
         t = setup.params.plain_modulus
         n = setup.n_elements + 1
         masked = quantize(update, weight, setup.params, bank_id=self.bank_id)
-        masked = add_mod(
-            masked, self_mask(self.self_seed, n, t, job_id=setup.job_id, round=setup.round, bank_id=self.bank_id), t
-        )
+        masked = add_mod(masked, self_mask(self.self_seed, n, t, **self._ids()), t)
         for peer in self.masked_with:
             seed = pair_seed(
                 self.mask_sk, self.peers[peer].mask_pk, job_id=setup.job_id, round=setup.round, a=self.bank_id, b=peer
@@ -294,15 +288,11 @@ class BankSecAgg:
             m = pair_mask(seed, n, t)
             masked = add_mod(masked, m, t) if self.bank_id < peer else sub_mod(masked, m, t)
         t_mask = time.perf_counter()
-        bundle = encrypt_residues(
-            masked, key, kind="masked_input", job_id=setup.job_id, round=setup.round, bank_id=self.bank_id
-        )
+        bundle = encrypt_residues(masked, key, kind="masked_input", **self._ids())
         t_enc = time.perf_counter()
         receipt = messages.Receipt.signed(
             self.identity,
-            bank_id=self.bank_id,
-            job_id=setup.job_id,
-            round=setup.round,
+            **self._ids(),
             bundle_sha256=hashlib.sha256(bundle).digest(),
             masked_with=self.masked_with,
             complaints=tuple(self.complaints),
@@ -362,9 +352,7 @@ class BankSecAgg:
                     f"consent: survivor {r.bank_id!r} and this bank disagree on masking with each other",
                     reason="inconsistent",
                 )
-        consent = messages.UnmaskConsent.signed(
-            self.identity, bank_id=self.bank_id, job_id=setup.job_id, round=setup.round, view_sha256=view
-        )
+        consent = messages.UnmaskConsent.signed(self.identity, **self._ids(), view_sha256=view)
         if self.stage == "masked":
             self.stage, self.unmask_digest = "consented", view
         self.timings["unmask"] = time.perf_counter() - started
@@ -419,7 +407,7 @@ class BankSecAgg:
             )
         self.stage = "unmasked"
         self.timings["unmask"] = self.timings.get("unmask", 0.0) + time.perf_counter() - started
-        return messages.UnmaskReply(bank_id=self.bank_id, job_id=setup.job_id, round=setup.round, shares=tuple(shares))
+        return messages.UnmaskReply(**self._ids(), shares=tuple(shares))
 
     # -------------------------------------------------------------------------------------------
     # persistence between Flower messages
@@ -477,6 +465,11 @@ class BankSecAgg:
         if self.setup is None:
             raise CryptoError("secure aggregation: advertise() must come first")
         return self.setup
+
+    def _ids(self) -> dict[str, Any]:
+        """This bank's round as the keywords its messages, masks and bundles all take: bank_id, job_id, round."""
+        setup = self._setup()
+        return {"bank_id": self.bank_id, "job_id": setup.job_id, "round": setup.round}
 
     def _expect_stage(self, stage: str) -> None:
         if self.stage != stage:
