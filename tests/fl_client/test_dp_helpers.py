@@ -106,3 +106,15 @@ def test_reference_is_batch_independent():
     again = reference_per_sample_grads(model, inputs[1:], targets[1:])
     for name in full:
         torch.testing.assert_close(full[name][1:], again[name], rtol=0, atol=1e-12)
+
+
+def test_step_progress_logs_a_tenth_of_the_round_at_a_time_with_the_time_left(caplog):
+    from fl_client.dp.trainer import StepProgress
+
+    progress = StepProgress(total=20, bank_id="bank-7")
+    with caplog.at_level("INFO", logger="fl_client.dp.trainer"):
+        for step in range(1, 21):
+            progress.step(step, mean_loss=5.0 - step / 100)
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(",")[0] for line in lines] == [f"bank-7: step {k}/20" for k in range(2, 21, 2)]
+    assert lines[-1] == "bank-7: step 20/20, loss so far 4.800, ~0 s left"
