@@ -367,7 +367,12 @@ def handle_evaluate(
     `opener`: how to open the aggregates (default: the CKKS key; secure aggregation passes its own).
     """
     with exclusive_lock(config.lock_file):
-        bank = open_bank(job, config, request, opener or ckks_opener(ckks_key(job, config, request)))
+        try:
+            bank = open_bank(job, config, request, opener or ckks_opener(ckks_key(job, config, request)))
+        except AggregateRejected as err:  # a typed answer: the server quarantines what most banks reject
+            logger.error("bank %s: %s", config.bank_id, err)
+            applied = Bank(job, config).state.applied_round
+            return EvalReply(config.bank_id, request.round, applied, rejected_round=err.round, reason=str(err))
         bank.save()
     data = load_bank_data(job, config, bank.model.config.vocab_size) if bank.releases_eval() else None
     return EvalReply(

@@ -366,22 +366,41 @@ class Federation:
 
     def close(self, nodes: list[int], round_idx: int) -> None:
         """The closing message: each bank applies the aggregates it lacks (and evaluates, where its
-        policy releases the loss); during the job banks report that with their next train reply."""
-        replies, silent = self.send(nodes, round_idx, MessageType.EVALUATE)
+        policy releases the loss); during the job banks report that with their next train reply.
+
+        Only nodes bound to a bank get it (under secure aggregation: by a signed identify), and an
+        unsigned reply never re-binds a node. An aggregate most banks reject is quarantined here too.
+        """
+        replies, silent = self.send([n for n in nodes if n in self.node_bank], round_idx, MessageType.EVALUATE)
+        outcomes = []
         for node, reply in replies:
-            if reply.has_error():
-                logger.warning("closing round %d: node %s failed: %s", round_idx, node, reply.error.reason)
-                continue
-            ev = EvalReply.from_content(reply.content)
-            refused = self.bind(node, ev.bank_id)
-            if refused:
-                logger.warning("closing round %d: reply of node %s refused: %s", round_idx, node, refused)
-                continue
-            self.state.applied[ev.bank_id] = ev.applied_round
-            if ev.eval_loss is not None:  # only where the bank's policy releases it
-                self.record_eval(ev.bank_id, ev.applied_round, ev.eval_loss)
+            outcome = self.read_closing_reply(node, reply)
+            if outcome is not None:
+                outcomes.append(outcome)
         for node in silent:
-            logger.warning("closing round %d: node %s did not answer", round_idx, node)
+            logger.warning("closing round %d: %s did not answer", round_idx, self.label(node))
+        record = self.state.rounds[-1] if self.state.rounds else RoundRecord(round=round_idx)
+        self.quarantine_rejected(outcomes, record)
+        if record.quarantined:
+            quarantined = record.quarantined
+            self.state.end_reason += f"; aggregate(s) {quarantined} quarantined by the banks at the closing message"
+
+    def read_closing_reply(self, node: int, reply: Message) -> BankOutcome | None:
+        """A rejection as a typed outcome; a loss is recorded; anything else is logged."""
+        bank = self.node_bank[node]
+        if reply.has_error():
+            logger.warning("closing message: %s failed: %s", bank, reply.error.reason)
+            return None
+        ev = EvalReply.from_content(reply.content)
+        if ev.bank_id != bank:
+            logger.warning("closing message: node %s is %r; its reply claims %r (ignored)", node, bank, ev.bank_id)
+            return None
+        self.state.applied[bank] = ev.applied_round
+        if ev.rejected_round:
+            return BankOutcome(bank, Outcome.REJECTED_AGGREGATE, ev.reason, rejected_round=ev.rejected_round)
+        if ev.eval_loss is not None:  # only where the bank's policy releases it
+            self.record_eval(bank, ev.applied_round, ev.eval_loss)
+        return BankOutcome(bank, Outcome.CONTRIBUTED)
 
     def deliver_final(self, nodes: list[int]) -> None:
         """The closing message to every bank behind the last aggregate, whatever `evaluate` says."""

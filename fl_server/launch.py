@@ -435,6 +435,9 @@ def job_outcome(deployment: Deployment, result: subprocess.CompletedProcess, run
     state = json.loads(state_file.read_text())
     if not state.get("finished"):
         return f"job {run_config['job-id']!r} did not finish: {state.get('end_reason') or 'no reason recorded'}"
+    rounds = state.get("rounds") or [{}]
+    if not rounds[-1].get("aggregated"):  # never "completed" over a missing or quarantined last aggregate
+        return f"job {run_config['job-id']!r} has no valid final model: {state.get('end_reason')}"
     return ""
 
 
@@ -485,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_run_config(args.run_config)
         check_run_config(overrides, defaults)
         run_config = {**job_paths(args.root), **overrides}
+        if "synthetic-banks" not in overrides and args.banks > int(defaults.get("synthetic-banks", 0)):  # type: ignore[arg-type]
+            run_config["synthetic-banks"] = args.banks  # every bank gets its own slice (partition-id 0..N-1)
         min_banks = int(run_config.get("min-banks", defaults.get("min-banks", 1)))  # type: ignore[arg-type]
         if args.banks < 1 or args.banks < min_banks:
             raise LaunchError(

@@ -98,6 +98,21 @@ def _require(content: RecordDict, key: str, kind: str) -> object:
     return content[key]
 
 
+# A message's scalar fields travel in a ConfigRecord under kebab-case keys: (attribute, type) tables.
+Fields = tuple[tuple[str, type], ...]
+
+
+def _to_config(message: object, fields: Fields) -> ConfigRecord:
+    values = {name: getattr(message, name) for name, _ in fields}
+    return ConfigRecord({name.replace("_", "-"): str(v) if isinstance(v, StrEnum) else v for name, v in values.items()})
+
+
+def _from_config(config: object, fields: Fields) -> dict:
+    """The table's fields present in `config`, converted (an absent one keeps the dataclass default)."""
+    keys = {name: name.replace("_", "-") for name, _ in fields}
+    return {name: kind(config[keys[name]]) for name, kind in fields if keys[name] in config}
+
+
 @dataclass(frozen=True)
 class RoundRequest:
     """Server -> bank, for both train and evaluate: the round and the aggregates to catch up on."""
@@ -116,9 +131,9 @@ class RoundRequest:
             raise ConfigError(f"bank {bank_id}: message for job {self.job_id!r}, run config says {job_id!r}")
 
     def to_content(self) -> RecordDict:
-        config = {"job-id": self.job_id, "round": self.round, "key-id": self.key_id, "key-epoch": self.key_epoch}
+        config = _to_config(self, REQUEST_FIELDS)
         config["secagg-stage"] = "" if self.stage is None else str(self.stage)
-        content = RecordDict({"config": ConfigRecord(config), "aggregates": _aggregates_to_record(self.aggregates)})
+        content = RecordDict({"config": config, "aggregates": _aggregates_to_record(self.aggregates)})
         if self.secagg:
             content["secagg"] = _bytes_record({"message": self.secagg})
         return content
@@ -131,14 +146,14 @@ class RoundRequest:
         if stage and stage not in {s.value for s in SecAggStage}:
             raise ConfigError(f"round request: unknown secagg-stage {stage!r}; known {[str(s) for s in SecAggStage]}")
         return cls(
-            job_id=str(cfg["job-id"]),
-            round=int(cfg["round"]),
-            key_id=str(cfg["key-id"]),
-            key_epoch=int(cfg["key-epoch"]),
+            **_from_config(cfg, REQUEST_FIELDS),
             aggregates=_aggregates_from_record(aggregates),
             stage=SecAggStage(stage) if stage else None,
             secagg=_record_bytes(content["secagg"]).get("message", b"") if "secagg" in content else b"",
         )
+
+
+REQUEST_FIELDS: Fields = (("job_id", str), ("round", int), ("key_id", str), ("key_epoch", int))
 
 
 @dataclass(frozen=True)
@@ -158,19 +173,7 @@ class TrainReply:
     rejected_round: int = 0  # with AGGREGATE_REJECTED: the round whose aggregate failed validation
 
     def to_content(self) -> RecordDict:
-        info = ConfigRecord(
-            {
-                "bank-id": self.bank_id,
-                "round": self.round,
-                "status": str(self.status),
-                "applied-round": self.applied_round,
-                "start-hash": self.start_hash,
-                "reason": self.reason,
-                "ledger-commitment": self.ledger_commitment,
-                "rejected-round": self.rejected_round,
-            }
-        )
-        content = RecordDict({"bank": info, "metrics": MetricRecord(dict(self.metrics))})
+        content = RecordDict({"bank": _to_config(self, REPLY_FIELDS), "metrics": MetricRecord(dict(self.metrics))})
         if self.bundle:
             content["update"] = _bytes_record({"bundle": self.bundle})
         return content
@@ -180,18 +183,14 @@ class TrainReply:
         info = _require(content, "bank", "train reply")
         metrics = content["metrics"] if "metrics" in content else {}
         bundle = _record_bytes(content["update"]).get("bundle", b"") if "update" in content else b""
-        return cls(
-            bank_id=str(info["bank-id"]),
-            round=int(info["round"]),
-            status=TrainStatus(str(info["status"])),
-            applied_round=int(info["applied-round"]),
-            start_hash=str(info["start-hash"]),
-            bundle=bundle,
-            metrics={k: float(v) for k, v in dict(metrics).items()},
-            reason=str(info["reason"]),
-            ledger_commitment=str(info["ledger-commitment"]),
-            rejected_round=int(info.get("rejected-round", 0)),
-        )
+        metrics = {k: float(v) for k, v in dict(metrics).items()}
+        return cls(**_from_config(info, REPLY_FIELDS), bundle=bundle, metrics=metrics)
+
+
+REPLY_FIELDS: Fields = (
+    ("bank_id", str), ("round", int), ("status", TrainStatus), ("applied_round", int), ("start_hash", str),
+    ("reason", str), ("ledger_commitment", str), ("rejected_round", int),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -203,25 +202,21 @@ class EvalReply:
     round: int
     applied_round: int
     eval_loss: float | None = None
+    rejected_round: int = 0  # the round whose aggregate it found invalid (nothing of it applied)
+    reason: str = ""
 
     def to_content(self) -> RecordDict:
         metrics = {} if self.eval_loss is None else {"eval-loss": self.eval_loss}
-        return RecordDict(
-            {
-                "bank": ConfigRecord(
-                    {"bank-id": self.bank_id, "round": self.round, "applied-round": self.applied_round}
-                ),
-                "metrics": MetricRecord(metrics),
-            }
-        )
+        return RecordDict({"bank": _to_config(self, EVAL_FIELDS), "metrics": MetricRecord(metrics)})
 
     @classmethod
     def from_content(cls, content: RecordDict) -> EvalReply:
         info = _require(content, "bank", "eval reply")
         metrics = _require(content, "metrics", "eval reply")
-        return cls(
-            bank_id=str(info["bank-id"]),
-            round=int(info["round"]),
-            applied_round=int(info["applied-round"]),
-            eval_loss=float(metrics["eval-loss"]) if "eval-loss" in metrics else None,
-        )
+        eval_loss = float(metrics["eval-loss"]) if "eval-loss" in metrics else None
+        return cls(**_from_config(info, EVAL_FIELDS), eval_loss=eval_loss)
+
+
+EVAL_FIELDS: Fields = (
+    ("bank_id", str), ("round", int), ("applied_round", int), ("rejected_round", int), ("reason", str),
+)  # fmt: skip

@@ -202,3 +202,40 @@ def test_a_bank_that_cannot_afford_one_step_is_exhausted_not_reselected(tmp_path
     [ledger] = (tmp_path / "banks" / "bank-2").glob("privacy/*/ledger.jsonl")
     result = audit_ledgers([ledger])  # the refusal is on the bank's record, so the audit shows it
     assert result.ok and result.banks[0].rounds_refused == (1,)
+
+
+@pytest.mark.slow
+def test_a_poisoned_last_round_is_quarantined_at_the_closing_message(tmp_path, keys):
+    """The last aggregate reaches the banks only in the closing message: a rejection there counts too."""
+    config = run_config(tmp_path)  # 2 rounds: bank-2 poisons the last one
+
+    def poison(group, request, reply):
+        train = request.metadata.message_type == "train"  # (the closing message is in the same group)
+        if train and group.endswith("-r2") and request.metadata.dst_node_id == 102 and not reply.has_error():
+            return scaled_bundle(request, reply, tmp_path, 1e6)
+        return reply
+
+    grid = TamperingGrid(banks(3), config, tamper=poison)
+    state = Federation(grid=grid, job=JobConfig.from_run_config(config), reporter=SilentReporter()).run()
+    r1, r2 = state.rounds
+    assert r1.aggregated and not r2.aggregated and "above the bound" in r2.quarantine_reason
+    assert r2.quarantined == [2] and "quarantined by the banks at the closing message" in state.end_reason
+    for bank in ("bank-0", "bank-1", "bank-2"):  # nobody applied it
+        bank_state = json.loads((tmp_path / "banks" / bank / "jobs" / "hostile" / "state.json").read_text())
+        assert bank_state["applied_round"] == 1, bank
+
+
+@pytest.mark.slow
+def test_the_closing_message_goes_to_bound_nodes_only_and_never_rebinds_a_bank(tmp_path, keys):
+    """An unsigned closing reply once moved bank-0 to whichever node answered as bank-0 while bank-0's
+    own node was away, locking the real bank-0 out afterwards."""
+    config = run_config(tmp_path, **{"num-rounds": 1})
+    nodes = banks(3)
+    nodes[103] = {"bank-id": "bank-0", "partition-id": 0, "state-dir": str(tmp_path / "mallory")}
+    grid = LocalGrid(nodes, config)
+    federation = Federation(grid=grid, job=JobConfig.from_run_config(config), reporter=SilentReporter())
+    federation.run()
+    del grid.node_configs[100]  # bank-0's SuperNode is away; mallory (node 103) is still connected
+    federation.close([101, 102, 103], 1)
+    assert federation.node_bank == {100: "bank-0", 101: "bank-1", 102: "bank-2"}
+    assert not [d for d in grid.delivered if d[0] == 103 and d[1] == "evaluate"]
