@@ -10,8 +10,9 @@ either simulated inside the SuperLink (Flower's Ray backend) or as a real loopba
     server_s      the server's own compute (ServerSecAgg steps: key routing, share checks, summing
                   the BFV ciphertexts, removing the masks; CKKS: adding ciphertexts)
     bank_max_s    the slowest bank's training + sealing
-    memory_peak_mb  max over banks of the peak RSS of the process that trained it (a bank reports
-                  it; in simulation that is the Ray actor that ran several banks)
+and per job: the largest RSS any bank process reached (sampled from /proc every 0.5 s: a ClientApp
+process in the loopback deployment, a Ray ClientApp actor, which runs many banks, in simulation;
+banks do not report it: it grows with their dataset).
 Prints ONE JSON line.
 """
 
@@ -23,10 +24,30 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class PeakRss(threading.Thread):
+    """The largest RSS (MB) of any process whose command line contains one of `markers`."""
+
+    def __init__(self, markers: tuple[bytes, ...]) -> None:
+        super().__init__(daemon=True)
+        self.markers, self.peak_mb, self.done = markers, 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            for proc in Path("/proc").glob("[0-9]*"):
+                try:
+                    if any(m in (proc / "cmdline").read_bytes() for m in self.markers):
+                        status = (proc / "status").read_text().splitlines()
+                        kb = next(line for line in status if line.startswith("VmRSS"))
+                        self.peak_mb = max(self.peak_mb, int(kb.split()[1]) / 1024)
+                except (OSError, StopIteration):
+                    continue
 
 
 def run_job(banks: int, args: argparse.Namespace, root: Path) -> tuple[float, int]:
@@ -39,9 +60,13 @@ def run_job(banks: int, args: argparse.Namespace, root: Path) -> tuple[float, in
     if args.mode == "simulation":
         argv.append("--simulation")
     shutil.rmtree(root, ignore_errors=True)
+    sampler = PeakRss((b"flwr-clientapp", b"ClientAppActor"))
+    sampler.start()
     started = time.perf_counter()
     with open(root.parent / f"{root.name}.log", "w") as log:
         rc = subprocess.run(argv, cwd=REPO, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT).returncode
+    sampler.done.set()
+    args.peak_mb = round(sampler.peak_mb)
     return time.perf_counter() - started, rc
 
 
@@ -58,7 +83,6 @@ def rounds_of(root: Path) -> list[dict]:
             "server_s": round(r["seconds"].get("aggregate", 0.0), 2),
             "bank_max_s": round(max((m.get("seconds-train", 0) + m.get("seconds-encrypt", 0) for m in metrics),
                                     default=0.0), 1),
-            "memory_peak_mb": round(max((m.get("memory-peak-mb", 0) for m in metrics), default=0.0)),
         })  # fmt: skip
     return out
 
@@ -79,7 +103,7 @@ def main() -> None:
     for banks in (int(b) for b in args.banks.split(",")):
         root = args.out / f"{args.mode}-{banks}"
         wall, rc = run_job(banks, args, root)
-        entry = {"banks": banks, "rc": rc, "job_wall_s": round(wall, 1)}
+        entry = {"banks": banks, "rc": rc, "job_wall_s": round(wall, 1), "bank_process_peak_mb": args.peak_mb}
         if (root / "server" / "scale" / "state.json").exists():
             entry["rounds"] = rounds_of(root)
         results.append(entry)

@@ -27,7 +27,6 @@ applies exactly the same aggregates.
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -146,12 +145,22 @@ class Bank:
 
     def start_eval(self, data: BankData) -> dict[str, float]:
         """The held-out loss of the model the bank starts a round from (the global model after its
-        applied round), sent with the train reply: one exchange per round instead of a second one."""
+        applied round), sent with the train reply: one exchange per round instead of a second one.
+
+        Its duration stays in the bank's log: it grows with the held-out set, so it would tell the
+        server the dataset's size. A failed evaluation costs the loss, never the round.
+        """
         if not self.releases_eval():
             return {}
         started = time.perf_counter()
-        loss = self.eval_loss(data)
-        return {"eval-loss": loss, "seconds-eval": time.perf_counter() - started}
+        try:
+            loss = self.eval_loss(data)
+        except Exception:  # noqa: BLE001 - the round goes on without the loss
+            logger.exception("bank %s: evaluating the global model failed", self.config.bank_id)
+            return {}
+        logger.info("bank %s: eval loss %.4f after round %d (%.1f s)", self.config.bank_id, loss,
+                    self.state.applied_round, time.perf_counter() - started)  # fmt: skip
+        return {"eval-loss": loss}
 
     def keep_delta(self, round_idx: int, delta: torch.Tensor, weight: float) -> None:
         """Debug/test only (keep-plaintext-deltas): the bank's own plaintext delta, never sent."""
@@ -302,7 +311,6 @@ def seal_and_reply(
     started = time.perf_counter()
     bundle = sealer.seal(bank, round_idx, delta)
     result.metrics["seconds-encrypt"] = time.perf_counter() - started
-    result.metrics["memory-peak-mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process
     if bank.job.keep_plaintext_deltas:
         bank.keep_delta(round_idx, delta, 1.0)
     metrics = released_metrics(bank.config.policy, result.metrics)
@@ -315,8 +323,12 @@ def seal_and_reply(
 
 
 def released_metrics(policy: BankPolicy, metrics: dict[str, float]) -> dict[str, float]:
-    """Timings and memory always; loss values only where the bank's policy releases them (not DP-protected)."""
-    return {k: v for k, v in metrics.items() if k.startswith(("seconds-", "memory-")) or k in policy.release_metrics}
+    """Train and seal timings always; loss values only where the bank's policy releases them (not DP-protected)."""
+    return {k: v for k, v in metrics.items() if k in RELEASED_TIMINGS or k in policy.release_metrics}
+
+
+# Timings that do not grow with the dataset (Poisson batches have the same expected size whatever n).
+RELEASED_TIMINGS = ("seconds-train", "seconds-encrypt")
 
 
 def train_once(job: JobConfig, config: BankConfig, request: RoundRequest, opener: Opener, sealer: Sealer) -> TrainReply:
@@ -325,8 +337,8 @@ def train_once(job: JobConfig, config: BankConfig, request: RoundRequest, opener
         bank = open_bank(job, config, request, opener)
     except AggregateRejected as err:
         logger.error("bank %s: %s", config.bank_id, err)
-        status = TrainStatus.AGGREGATE_REJECTED
-        return TrainReply(config.bank_id, request.round, status, 0, "", reason=str(err), rejected_round=err.round)
+        bank = Bank(job, config)  # as it was: nothing of the rejected aggregate was applied
+        return bank.reply(request.round, TrainStatus.AGGREGATE_REJECTED, reason=str(err), rejected_round=err.round)
     repeat = bank.released_reply(request.round, sealer.binding)
     if repeat is not None:
         return repeat
@@ -345,8 +357,9 @@ def train_once(job: JobConfig, config: BankConfig, request: RoundRequest, opener
     if result.refused:
         bank.save()  # (only the aggregates it applied)
         return bank.reply(
-            request.round, TrainStatus.REFUSED, reason=result.refused, ledger_commitment=result.commitment
-        )
+            request.round, TrainStatus.REFUSED, reason=result.refused, ledger_commitment=result.commitment,
+            metrics=released_metrics(config.policy, start_metrics),
+        )  # fmt: skip
     result.metrics["seconds-train"] = time.perf_counter() - started
     result.metrics.update(start_metrics)
     return seal_and_reply(bank, sealer, request.round, global_flat, result)

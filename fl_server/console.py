@@ -75,7 +75,9 @@ def _timing(r: RoundRecord) -> list[str]:
     metrics = r.train_metrics.values()
     train_s = max((m.get("seconds-train", 0.0) for m in metrics), default=0.0)
     enc_s = max((m.get("seconds-encrypt", 0.0) for m in metrics), default=0.0)
-    transport = r.seconds.get("round-trip", 0.0) - train_s - enc_s + r.seconds.get("aggregate", 0.0)
+    transport = r.seconds.get("round-trip", 0.0) - train_s - enc_s
+    if "secagg-masked_input" not in r.seconds:  # CKKS adds the ciphertexts after the round trip
+        transport += r.seconds.get("aggregate", 0.0)
     return [str(len(r.participants)), f"{train_s:.1f}", f"{enc_s:.1f}", f"{transport:.1f}"]
 
 

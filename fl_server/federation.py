@@ -3,7 +3,8 @@
 A round is shaped like a Flower Strategy: select the banks once -> send each a train request
 with the encrypted aggregates it has not applied yet -> collect one typed `BankOutcome` per
 selected or known bank -> add the valid ciphertexts with `crypto` (public context only) ->
-record the round (state, ledger mirror) -> let the banks evaluate. A bank that fails, times out,
+record the round (state, ledger mirror, metrics.csv). Banks report the loss of the model they
+applied with their next reply; a closing message delivers the last aggregate. A bank that fails, times out,
 refuses or sends an invalid reply is left out with its outcome and reason; the round counts when
 at least `min-banks` contributions were valid. Printing is the reporter's job (fl_server.console).
 """
@@ -66,6 +67,8 @@ class BankOutcome:
     bundle: bytes = b""
     start_hash: str = ""
     rejected_round: int = 0
+    applied_round: int = 0
+    eval_loss: float | None = None  # of the global model after `applied_round`, measured before training
 
 
 class Reporter(Protocol):
@@ -172,9 +175,9 @@ class Federation:
             for node, request in requests.items()
         ]
         self.connected = set(self.grid.get_node_ids())
-        message_ids = list(self.grid.push_messages(messages))
-        node_of = dict(zip(message_ids, (m.metadata.dst_node_id for m in messages), strict=True))
-        replies = self.collect(node_of, f"round {round_idx} {message_type}")
+        stored = set(self.grid.push_messages(messages))  # a message the SuperLink did not store: silent
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set by the push
+        replies = self.collect({i: n for i, n in node_of.items() if i in stored}, f"round {round_idx} {message_type}")
         # Error replies made by the SuperLink (e.g. "node unavailable") come from the SuperLink,
         # not the bank: find the bank's node through the message they answer.
         pairs = [(node_of.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
@@ -188,9 +191,11 @@ class Federation:
         while waiting and time.monotonic() - started < self.job.round_timeout:
             for reply in self.grid.pull_messages(waiting):
                 answers = reply.metadata.reply_to_message_id
+                if answers not in waiting:  # a duplicate, or a reply to something not asked here
+                    continue
                 waiting.discard(answers)
                 replies.append(reply)
-                bank = self.label(node_of.get(answers, reply.metadata.src_node_id))
+                bank = self.label(node_of[answers])
                 pending = sorted(self.label(node_of[m]) for m in waiting)
                 self.reporter.answered(what, bank, pending, time.monotonic() - started)
             if waiting:
@@ -222,15 +227,14 @@ class Federation:
         if impostor:
             return BankOutcome(f"node-{node}", Outcome.INVALID_REPLY, impostor)
         self.state.applied[tr.bank_id] = tr.applied_round
-        eval_loss = tr.metrics.pop("eval-loss", None)  # of the model it started from: the last aggregate
-        if eval_loss is not None:
-            self.record_eval(tr.bank_id, tr.applied_round, eval_loss)
         if tr.status is TrainStatus.AGGREGATE_REJECTED:
             return BankOutcome(tr.bank_id, Outcome.REJECTED_AGGREGATE, tr.reason, rejected_round=tr.rejected_round)
         if tr.status is TrainStatus.ALREADY_RELEASED:
             return BankOutcome(tr.bank_id, Outcome.ALREADY_RELEASED, tr.reason)
         outcome = BankOutcome(tr.bank_id, Outcome.CONTRIBUTED, metrics=tr.metrics, bundle=tr.bundle)
         outcome.start_hash = tr.start_hash  # checked against the other banks' in check_start
+        outcome.applied_round = tr.applied_round
+        outcome.eval_loss = tr.metrics.pop("eval-loss", None)  # of the model it started from (filed in record)
         if tr.ledger_commitment or (self.job.dp and tr.status is TrainStatus.OK):
             try:  # the bank's commitment to its ledger entry for this round, mirrored at the end
                 outcome.commitment = check_commitment(
@@ -328,6 +332,9 @@ class Federation:
         record.outcomes = {o.bank: str(o.status) for o in outcomes}
         record.left_out = {o.bank: _left_out_text(o) for o in outcomes if o.status is not Outcome.CONTRIBUTED}
         self.state.seen = sorted({*self.state.seen, *record.outcomes})
+        for o in outcomes:  # a bank whose reply failed a check (e.g. another start model) has no loss to file
+            if o.eval_loss is not None and o.status in (Outcome.CONTRIBUTED, Outcome.REFUSED, Outcome.ABORTED):
+                self.record_eval(o.bank, o.applied_round, o.eval_loss)
         if bundle is not None:
             self.store.save_aggregate(record.round, bundle)
             record.aggregated = True
@@ -369,32 +376,34 @@ class Federation:
         policy releases the loss); during the job banks report that with their next train reply.
 
         Only nodes bound to a bank get it (under secure aggregation: by a signed identify), and an
-        unsigned reply never re-binds a node. An aggregate most banks reject is quarantined here too.
+        unsigned reply never re-binds a node. An aggregate most banks asked reject is quarantined here too.
         """
-        replies, silent = self.send([n for n in nodes if n in self.node_bank], round_idx, MessageType.EVALUATE)
-        outcomes = []
-        for node, reply in replies:
-            outcome = self.read_closing_reply(node, reply)
-            if outcome is not None:
-                outcomes.append(outcome)
-        for node in silent:
-            logger.warning("closing round %d: %s did not answer", round_idx, self.label(node))
+        bound = [n for n in nodes if n in self.node_bank]
+        replies, silent = self.send(bound, round_idx, MessageType.EVALUATE)
+        outcomes = [self.read_closing_reply(node, reply) for node, reply in replies]
+        outcomes += [BankOutcome(self.node_bank[n], Outcome.NO_REPLY, "closing message") for n in silent]
+        for o in outcomes:
+            if o.status not in (Outcome.CONTRIBUTED, Outcome.REJECTED_AGGREGATE):
+                logger.warning("closing message: %s %s: %s", o.bank, o.status, o.reason)
         record = self.state.rounds[-1] if self.state.rounds else RoundRecord(round=round_idx)
+        before = len(record.quarantined)
         self.quarantine_rejected(outcomes, record)
-        if record.quarantined:
-            quarantined = record.quarantined
-            self.state.end_reason += f"; aggregate(s) {quarantined} quarantined by the banks at the closing message"
+        if record.quarantined[before:]:
+            self.state.end_reason += (
+                f"; aggregate(s) {record.quarantined[before:]} quarantined by the banks at the closing message"
+            )
 
-    def read_closing_reply(self, node: int, reply: Message) -> BankOutcome | None:
-        """A rejection as a typed outcome; a loss is recorded; anything else is logged."""
+    def read_closing_reply(self, node: int, reply: Message) -> BankOutcome:
+        """A typed outcome of one closing reply (CONTRIBUTED: it applied the aggregates); losses are filed."""
         bank = self.node_bank[node]
         if reply.has_error():
-            logger.warning("closing message: %s failed: %s", bank, reply.error.reason)
-            return None
-        ev = EvalReply.from_content(reply.content)
+            return BankOutcome(bank, Outcome.CLIENT_ERROR, reply.error.reason)
+        try:
+            ev = EvalReply.from_content(reply.content)
+        except (ValueError, KeyError, TypeError) as err:
+            return BankOutcome(bank, Outcome.INVALID_REPLY, f"unreadable closing reply: {err}")
         if ev.bank_id != bank:
-            logger.warning("closing message: node %s is %r; its reply claims %r (ignored)", node, bank, ev.bank_id)
-            return None
+            return BankOutcome(bank, Outcome.INVALID_REPLY, f"node {node} is {bank!r}; its reply claims {ev.bank_id!r}")
         self.state.applied[bank] = ev.applied_round
         if ev.rejected_round:
             return BankOutcome(bank, Outcome.REJECTED_AGGREGATE, ev.reason, rejected_round=ev.rejected_round)
@@ -440,6 +449,7 @@ class Federation:
         if state.finished:
             self.reporter.note(f"job {self.job.job_id!r} already finished ({state.end_reason})")
             self.deliver_final(self.wait_for_banks())  # what a crash may have withheld
+            self.store.write_metrics(state)
             return state
         if state.completed_round:
             self.reporter.note(f"resuming job {self.job.job_id!r} after round {state.completed_round}")

@@ -116,16 +116,17 @@ class ServerStore:
         return path
 
     def write_metrics(self, state: ServerState) -> Path:
-        """metrics.csv, rewritten whole: a bank reports the loss of round r's model in round r + 1."""
+        """metrics.csv, rewritten whole: a bank reports the loss of round r's model in round r + 1.
+        `aggregated` 0: the round's aggregate is missing or quarantined (no bank applied it)."""
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(METRICS_COLUMNS)
         for bank, loss in sorted(state.eval_round0.items()):
-            writer.writerow([0, bank, "start", f"{loss:.6f}", "", "", "", ""])
+            writer.writerow([0, bank, "start", 1, f"{loss:.6f}", "", "", "", ""])
         for r in state.rounds:
             for bank, outcome in sorted(r.outcomes.items()):
                 metrics = r.train_metrics.get(bank, {})
-                row = [r.round, bank, outcome, r.eval_loss.get(bank), metrics.get("train-loss")]
+                row = [r.round, bank, outcome, int(r.aggregated), r.eval_loss.get(bank), metrics.get("train-loss")]
                 row += [metrics.get("seconds-train"), metrics.get("seconds-encrypt"), r.seconds.get("round")]
                 writer.writerow(["" if v is None else f"{v:.6f}" if isinstance(v, float) else v for v in row])
         path = self.root / "metrics.csv"
@@ -134,5 +135,6 @@ class ServerStore:
 
 
 METRICS_COLUMNS = (
-    "round", "bank", "outcome", "eval_loss", "train_loss", "seconds_train", "seconds_encrypt", "seconds_round",
+    "round", "bank", "outcome", "aggregated", "eval_loss", "train_loss",
+    "seconds_train", "seconds_encrypt", "seconds_round",
 )  # fmt: skip
