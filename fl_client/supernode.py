@@ -1,4 +1,4 @@
-"""`fedmoe-supernode`: Flower's `flower-supernode`, polling the SuperLink every 0.2 s instead of 3 s.
+"""`fedmoe-supernode`: Flower's `flower-supernode`, polling the SuperLink every 0.5 s instead of 3 s.
 
 An idle SuperNode (flwr 1.42, `start_client_internal`) sleeps a fixed 3 s between pulls and 0.5 s
 while it waits for its ClientApp's reply. A secure-aggregation round is five exchanges, so those
@@ -9,10 +9,13 @@ The poll costs the SuperLink one cheap pull per bank per POLL_SECONDS.
 
 from __future__ import annotations
 
+import os
 import time
 from types import SimpleNamespace
 
-POLL_SECONDS = 0.2
+# Every idle SuperNode pulls once per POLL_SECONDS, and each pull is a write to the SuperLink's
+# SQLite database: 15 banks at 0.2 s made it answer "database is locked". FEDMOE_SUPERNODE_POLL overrides.
+POLL_SECONDS = float(os.environ.get("FEDMOE_SUPERNODE_POLL", "0.5"))
 
 
 def _short_sleep(seconds: float) -> None:

@@ -230,7 +230,7 @@ def service_commands(topo: Topology) -> dict[str, list[str]]:
     for i, bank in enumerate(topo.banks):
         bank_secret = ["--superexec-auth-secret-file", bank.exec_secret] if bank.exec_secret else []
         commands[bank.bank_id] = [
-            "fedmoe-supernode",  # flower-supernode polling every 0.2 s instead of 3 s (pyproject scripts)
+            "fedmoe-supernode",  # flower-supernode polling every 0.5 s instead of 3 s (pyproject scripts)
             *client_tls,
             *(["--auth-supernode-private-key", bank.auth_key] if bank.auth_key else []),
             *bank_secret,

@@ -33,6 +33,7 @@ from protocol.messages import EvalReply, RoundRequest, SecAggStage, TrainReply, 
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2  # between pulls for replies while an exchange is open
+MAX_PULL_FAILURES = 50  # consecutive failed pulls (a SuperLink busy with many banks) before giving up
 
 
 class Outcome(StrEnum):
@@ -187,9 +188,18 @@ class Federation:
         """Pulls the replies to the pushed messages every POLL_SECONDS until all are in or the round
         timeout passes (Flower's send_and_receive sleeps 3 s between pulls: most of a short stage)."""
         waiting, replies = set(node_of), []
-        started = time.monotonic()
+        started, failures = time.monotonic(), 0
         while waiting and time.monotonic() - started < self.job.round_timeout:
-            for reply in self.grid.pull_messages(waiting):
+            try:
+                pulled = list(self.grid.pull_messages(waiting))
+                failures = 0
+            except Exception as err:  # noqa: BLE001 - e.g. HTTP 500 "database is locked" from a busy SuperLink
+                failures += 1
+                if failures > MAX_PULL_FAILURES:
+                    raise
+                logger.warning("%s: pulling replies failed (%s); retrying", what, err)
+                pulled = []
+            for reply in pulled:
                 answers = reply.metadata.reply_to_message_id
                 if answers not in waiting:  # a duplicate, or a reply to something not asked here
                     continue

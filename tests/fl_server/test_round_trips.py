@@ -111,3 +111,26 @@ class _Quiet:
 
     def job_done(self, federation):
         pass
+
+
+def test_a_busy_superlink_is_retried_not_fatal(tmp_path):
+    """15 banks polling at 0.2 s once made the SuperLink answer a pull with HTTP 500 ("database is
+    locked"), and the ServerApp died mid-round; a failed pull is now retried at the next poll."""
+    from types import SimpleNamespace
+
+    keygen(tmp_path / "keys")
+    config = {"job-id": "busy", "aggregation": "ckks", "model-preset": "tiny", "key-dir": str(tmp_path / "keys"),
+              "server-state-dir": str(tmp_path / "server"), "bank-state-root": str(tmp_path / "banks")}  # fmt: skip
+
+    class BusyGrid(LocalGrid):
+        failures = 3
+
+        def pull_messages(self, message_ids):
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("Server error '500 Internal Server Error' (database is locked)")
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=m)) for m in message_ids]
+
+    federation = Federation(grid=BusyGrid({}, config), job=JobConfig.from_run_config(config), reporter=_Quiet())
+    replies = federation.collect({"m-1": 100, "m-2": 101}, "round 1 train")
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m-1", "m-2"]
