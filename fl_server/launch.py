@@ -359,6 +359,8 @@ def loopback(
         policy_files=policy_files,
     )
     env = flwr_env(root, topo.superlink_address, topo.ca_path)
+    # Every idle SuperNode's poll is a write to the SuperLink's SQLite database: fewer per bank when many share it.
+    env.setdefault("FEDMOE_SUPERNODE_POLL", f"{max(0.5, n_banks / 10):g}")
     deployment = Deployment(topo, root, env, simulated_banks=n_banks * simulation)
     try:
         deployment.start(simulation=simulation)
@@ -424,6 +426,11 @@ def job_outcome(deployment: Deployment, result: subprocess.CompletedProcess, run
         return f"submitting the job failed (flwr run exit {result.returncode}): {result.stdout.strip()[-600:]}"
     rid = run_id(result)
     status = deployment.run_status(rid)
+    while status.get("status", "").startswith(("running", "starting", "pending")):
+        # the log stream ended (a SuperLink busy with many banks can drop it) but the job goes on
+        print(f"run {rid} is still {status.get('status')}: waiting for it (its output is in the logs)", flush=True)
+        time.sleep(10)
+        status = deployment.run_status(rid)
     if status.get("status") != "finished:completed":
         detail = status.get("status-details", "")
         return f"run {rid} ended {status.get('status')} {detail}\nServerApp's last error:\n" + deployment.last_error(
