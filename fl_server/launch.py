@@ -359,8 +359,10 @@ def loopback(
         policy_files=policy_files,
     )
     env = flwr_env(root, topo.superlink_address, topo.ca_path)
-    # Every idle SuperNode's poll is a write to the SuperLink's SQLite database: fewer per bank when many share it.
+    # Every idle SuperNode's poll is a write to the SuperLink's SQLite database, and every executor's
+    # poll costs CPU: when many banks share this host, each polls less often.
     env.setdefault("FEDMOE_SUPERNODE_POLL", f"{max(0.5, n_banks / 10):g}")
+    env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = f"{max(0.1, n_banks / 30):g}"
     deployment = Deployment(topo, root, env, simulated_banks=n_banks * simulation)
     try:
         deployment.start(simulation=simulation)
