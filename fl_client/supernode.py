@@ -1,4 +1,5 @@
-"""`fedmoe-supernode`: Flower's `flower-supernode`, polling the SuperLink every 0.5 s instead of 3 s.
+"""`fedmoe-supernode`: Flower's `flower-supernode`, polling the SuperLink every 0.5 s instead of 3 s
+and pushing a reply again when the SuperLink fails to store it.
 
 An idle SuperNode (flwr 1.42, `start_client_internal`) sleeps a fixed 3 s between pulls and 0.5 s
 while it waits for its ClientApp's reply. A secure-aggregation round is five exchanges, so those
@@ -9,17 +10,43 @@ The poll costs the SuperLink one cheap pull per bank per POLL_SECONDS.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
+
+logger = logging.getLogger(__name__)
 
 # Every idle SuperNode pulls once per POLL_SECONDS, and each pull is a write to the SuperLink's
 # SQLite database: 15 banks at 0.2 s made it answer "database is locked". FEDMOE_SUPERNODE_POLL overrides.
 POLL_SECONDS = float(os.environ.get("FEDMOE_SUPERNODE_POLL", "0.5"))
 
 
+PUSH_ATTEMPTS = 5  # a reply the SuperLink could not store ("database is locked") is sent again
+
+
 def _short_sleep(seconds: float) -> None:
     time.sleep(min(seconds, POLL_SECONDS))
+
+
+def retrying(call: Callable, give_up: tuple[type[BaseException], ...] = ()) -> Callable:
+    """`call`, tried PUSH_ATTEMPTS times with a growing pause: Flower's SuperNode logs a failed push
+    of a reply and drops it, and the server then waits the whole round timeout for that bank."""
+
+    def attempt(*args, **kwargs):
+        for k in range(1, PUSH_ATTEMPTS + 1):
+            try:
+                return call(*args, **kwargs)
+            except give_up:
+                raise
+            except Exception as err:  # noqa: BLE001 - transient SuperLink errors (HTTP 500, unavailable)
+                if k == PUSH_ATTEMPTS:
+                    raise
+                logger.warning("pushing a reply failed (%s); attempt %d of %d in %d s", err, k + 1, PUSH_ATTEMPTS, k)
+                time.sleep(k)
+
+    return attempt
 
 
 def main() -> None:
@@ -28,6 +55,13 @@ def main() -> None:
 
     # The module's only use of `time` is sleep (checked by tests/deploy/test_supernode_poll.py).
     start_client_internal.time = SimpleNamespace(sleep=_short_sleep)
+    push_messages = start_client_internal._push_messages
+    not_running = start_client_internal.RunNotRunningException
+
+    def push_with_retries(state, object_store, send, push_object) -> None:
+        push_messages(state, object_store, retrying(send, (not_running,)), retrying(push_object, (not_running,)))
+
+    start_client_internal._push_messages = push_with_retries
     flower_supernode()
 
 

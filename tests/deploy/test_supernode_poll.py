@@ -35,3 +35,36 @@ def test_every_bank_runs_the_short_poll_supernode_and_fast_executors():
     commands = service_commands(loopback_topology(3, root="/tmp/unused", key_path="/tmp/unused/keys"))
     assert all(commands[f"bank-{i}"][0] == "fedmoe-supernode" for i in range(3))
     assert float(FLOWER_ENV["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"]) <= 0.1
+
+
+def test_a_reply_the_superlink_failed_to_store_is_pushed_again(monkeypatch):
+    """15 banks on one SuperLink: "500 database is locked" on push-messages, and Flower's SuperNode
+    dropped the reply; the server then waited its whole round timeout for that bank."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    monkeypatch.setattr(supernode, "time", SimpleNamespace(sleep=lambda seconds: None))
+    calls = []
+
+    def flaky_send(message):
+        calls.append(message)
+        if len(calls) < 3:
+            raise RuntimeError("Server error '500 Internal Server Error' (database is locked)")
+        return "sent"
+
+    assert supernode.retrying(flaky_send)("reply") == "sent" and calls == ["reply"] * 3
+
+    class NotRunning(Exception):
+        pass
+
+    def finished_run(message):
+        calls.append(message)
+        raise NotRunning
+
+    calls.clear()
+    with pytest.raises(NotRunning):
+        supernode.retrying(finished_run, (NotRunning,))("reply")
+    assert calls == ["reply"]  # a finished run is not retried
+    params = list(inspect.signature(start_client_internal._push_messages).parameters)
+    assert params == ["state", "object_store", "send", "push_object"], "flwr's push loop changed: revisit"
