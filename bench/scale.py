@@ -53,7 +53,8 @@ class PeakRss(threading.Thread):
 def run_job(banks: int, args: argparse.Namespace, root: Path) -> tuple[float, int]:
     run_config = (
         f'job-id="scale" num-rounds={args.rounds} model-preset="{args.preset}" train-mode="lora" '
-        f"local-steps={args.local_steps} records-per-bank={args.records} min-banks=3 round-timeout=7200.0"
+        f"local-steps={args.local_steps} records-per-bank={args.records} min-banks=3 "
+        f"round-timeout={args.round_timeout} {args.run_config}"
     )
     argv = [sys.executable, "-m", "fl_server.launch", "--banks", str(banks), "--root", str(root)]
     argv += ["--port", str(args.port), "--run-config", run_config]
@@ -96,6 +97,8 @@ def main() -> None:
     p.add_argument("--local-steps", type=int, default=5)
     p.add_argument("--records", type=int, default=400, help="records per bank")
     p.add_argument("--port", type=int, default=8600)
+    p.add_argument("--round-timeout", type=float, default=1200.0, help="seconds a stage waits for the banks")
+    p.add_argument("--run-config", default="", help='more run-config overrides, e.g. aggregation="ckks" max-banks=128')
     p.add_argument("--out", type=Path, default=REPO / "runs" / "scale")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

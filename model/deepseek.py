@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -269,57 +270,16 @@ class ModelConfig:
         return out
 
 
-# Presets are data. Parameter counts (total / active per token) are printed by
-# `python -m model.deepseek`; the comments give them for the default vocab.
+# Presets are data: model/presets.json (ModelConfig keyword arguments; `python -m model.deepseek`
+# prints their parameter counts). tiny (~0.26M params, CPU unit tests) is ModelConfig() itself.
+PRESETS_FILE = Path(__file__).with_name("presets.json")
 PRESETS: dict[str, ModelConfig] = {
-    # ~0.26M params: CPU unit tests, seconds.
     "tiny": ModelConfig(),
-    # ~5.8M params (~1.6M active): CPU demo, 3 private banks x 3 rounds in minutes on 2 cores.
-    "small": ModelConfig(
-        hidden_size=256,
-        intermediate_size=512,
-        moe_intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        q_lora_rank=None,
-        kv_lora_rank=64,
-        qk_nope_head_dim=32,
-        qk_rope_head_dim=16,
-        v_head_dim=32,
-        n_routed_experts=16,
-        n_shared_experts=1,
-        num_experts_per_tok=4,
-        n_group=4,
-        topk_group=2,
-        routed_scaling_factor=1.0,
-        max_position_embeddings=1024,
-    ),
-    # DeepSeek-V2-Lite layer sizes (~15.7B params, 2.4B active): GPU benchmarks only.
-    "v2-lite-shape": ModelConfig(
-        vocab_size=102400,
-        hidden_size=2048,
-        intermediate_size=10944,
-        moe_intermediate_size=1408,
-        num_hidden_layers=27,
-        num_attention_heads=16,
-        q_lora_rank=None,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        n_routed_experts=64,
-        n_shared_experts=2,
-        num_experts_per_tok=6,
-        first_k_dense_replace=1,
-        n_group=1,
-        topk_group=1,
-        norm_topk_prob=False,
-        routed_scaling_factor=1.0,
-        scoring_func="softmax",
-        topk_method="greedy",
-        max_position_embeddings=4096,
-        model_type="deepseek_v2",
-    ),
+    **{
+        name: ModelConfig(**kwargs)
+        for name, kwargs in json.loads(PRESETS_FILE.read_text()).items()
+        if not name.startswith("_")
+    },
 }
 
 
