@@ -444,8 +444,8 @@ def job_outcome(deployment: Deployment, result: subprocess.CompletedProcess, run
     state = json.loads(state_file.read_text())
     if not state.get("finished"):
         return f"job {run_config['job-id']!r} did not finish: {state.get('end_reason') or 'no reason recorded'}"
-    rounds = state.get("rounds") or [{}]
-    if not rounds[-1].get("aggregated"):  # never "completed" over a missing or quarantined last aggregate
+    rounds = state.get("rounds") or []
+    if rounds and not rounds[-1].get("aggregated"):  # never "completed" over a missing or quarantined last aggregate
         return f"job {run_config['job-id']!r} has no valid final model: {state.get('end_reason')}"
     return ""
 

@@ -181,6 +181,12 @@ def test_job_outcome_names_what_failed(tmp_path):
     assert "only 1 bank(s) connected" in job_outcome(ok, _submitted(), config)
     (tmp_path / "j" / "state.json").write_text('{"finished": true, "end_reason": "completed 2 rounds"}')
     assert job_outcome(ok, _submitted(), config) == ""
+    # never "completed" over a quarantined or missing last aggregate
+    (tmp_path / "j" / "state.json").write_text(
+        '{"finished": true, "end_reason": "completed 2 rounds; aggregate(s) [2] quarantined", '
+        '"rounds": [{"aggregated": true}, {"aggregated": false}]}'
+    )
+    assert "no valid final model" in job_outcome(ok, _submitted(), config)
 
 
 def test_missing_public_context_is_refused(tmp_path):
