@@ -23,13 +23,13 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from test_federation_e2e import free_port_block, wait_for  # the shared loopback helpers
 
 from crypto.identity import ConsortiumPins, generate_identity, load_identity, load_pins, write_pins
 from crypto.keys import SECRET_FILE as CKKS_SECRET_FILE
@@ -49,21 +49,6 @@ ROOT = Path(__file__).resolve().parents[2]
 HOSTILE = Path(__file__).resolve().parent / "hostile"  # its sitecustomize.py makes bank-2 hostile
 BANKS = ["bank-0", "bank-1", "bank-2"]
 FACTOR = 1e6
-
-
-def free_port_block() -> int:
-    from test_federation_e2e import free_port_block as block
-
-    return block()
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def run_config(tmp_path: Path, job_id: str, **overrides: object) -> dict[str, object]:

@@ -10,11 +10,11 @@ three left.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_federation_e2e import free_port_block, wait_for  # the shared loopback helpers
 
 from crypto.identity import load_pins
 from crypto.secagg.bank import open_aggregate
@@ -27,21 +27,6 @@ from protocol.config import PINS_FILE
 from protocol.messages import unpack_secagg_result
 
 pytestmark = [pytest.mark.slow, pytest.mark.federation]
-
-
-def free_port_block() -> int:
-    from test_federation_e2e import free_port_block as block
-
-    return block()
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 @pytest.mark.parametrize(
