@@ -395,7 +395,7 @@ class Federation:
         for o in outcomes:
             if o.status not in (Outcome.CONTRIBUTED, Outcome.REJECTED_AGGREGATE):
                 logger.warning("closing message: %s %s: %s", o.bank, o.status, o.reason)
-        record = self.state.rounds[-1] if self.state.rounds else RoundRecord(round=round_idx)
+        record = self.state.rounds[-1]  # deliver_final sends it only once a round has an aggregate
         before = len(record.quarantined)
         self.quarantine_rejected(outcomes, record)
         if record.quarantined[before:]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from local_grid import LocalGrid
 from rich.console import Console
+from test_hostile_rounds import run_config as hostile_run_config
 
 from crypto import keygen
 from fl_server.console import ConsoleReporter, summary_table
@@ -25,19 +26,8 @@ DEMO_POLICY = REPO / "deploy" / "demo-bank-policy.toml"  # releases train and ev
 @pytest.mark.slow
 def test_one_train_exchange_per_round_and_one_closing_message(tmp_path):
     keygen(tmp_path / "keys")
-    run_config = {
-        "job-id": "trips",
-        "aggregation": "ckks",  # one train exchange per round (secure aggregation has its five stages)
-        "num-rounds": 2,
-        "min-banks": 2,
-        "model-preset": "tiny",
-        "local-steps": 2,
-        "records-per-bank": 160,
-        "seq-len": 32,
-        "key-dir": str(tmp_path / "keys"),
-        "server-state-dir": str(tmp_path / "server"),
-        "bank-state-root": str(tmp_path / "banks"),
-    }
+    # the hostile-rounds job (CKKS: one train exchange per round; secure aggregation has five stages)
+    run_config = hostile_run_config(tmp_path, **{"job-id": "trips", "evaluate": True})
     nodes = {100 + i: {"bank-id": f"bank-{i}", "partition-id": i, "policy-file": str(DEMO_POLICY)} for i in range(3)}
     grid = LocalGrid(nodes, run_config)
     state = Federation(grid=grid, job=JobConfig.from_run_config(run_config), reporter=_Quiet()).run()
