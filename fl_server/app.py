@@ -11,6 +11,7 @@ from rich.console import Console
 from fl_server.console import ConsoleReporter
 from fl_server.federation import Federation
 from protocol.config import JobConfig
+from protocol.flower import quick_object_pulls
 
 app = ServerApp()
 
@@ -18,6 +19,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     logging.getLogger("fl_server").setLevel(logging.INFO)
+    quick_object_pulls()  # a reply's missing objects: asked again after 0.02 s, not 1 s (protocol/flower.py)
     job = JobConfig.from_run_config(context.run_config)
     reporter = ConsoleReporter(Console(force_terminal=False, width=120))
     state = Federation(grid=grid, job=job, reporter=reporter).run()

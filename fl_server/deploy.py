@@ -9,7 +9,8 @@ Processes (flwr 1.42, `--isolation process`, so apps run in separate executors):
     superlink        flower-superlink: Fleet (/v1/fleet), Control (/v1/control) and Runtime APIs on one port
     serverapp        flower-superexec attached to the SuperLink's Runtime API: runs our ServerApp
     bank-<i>         flower-supernode for bank i, with its node-config (ids, paths, budget, policy)
-    bank-<i>-apps    flower-superexec attached to that SuperNode's ClientAppIo API: runs ClientApps
+    bank-<i>-apps    fedmoe-superexec attached to that SuperNode's ClientAppIo API: runs its ClientApps
+                     in one warm process (fl_client/executor.py)
 Runtime dependency installation stays off: banks have no internet. With `secure` topologies
 (compose, kits, `launch --tls`): TLS, SuperNode authentication (only registered bank keys join),
 and a shared secret between each Runtime API and its executor (nobody else can pose as one).
@@ -247,7 +248,7 @@ def service_commands(topo: Topology) -> dict[str, list[str]]:
             *_health(topo, bank.bank_id),
         ]
         commands[f"{bank.bank_id}-apps"] = [
-            "flower-superexec",
+            "fedmoe-superexec",  # flower-superexec running ClientApps in one warm process (pyproject scripts)
             "--insecure",  # executor <-> its own SuperNode: loopback, or the bank's private network
             *bank_secret,
             "--runtime-api-address",

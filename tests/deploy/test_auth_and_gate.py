@@ -4,26 +4,21 @@ app bundle the bank did not approve is refused before any of its code is unpacke
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from fl_client import app_gate as gate
+from fl_client.executor import WarmClientApps
 from fl_server.deploy import loopback_topology
 from fl_server.launch import Deployment, ensure_keys, ensure_tls, flwr_env
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def load_gate():
-    spec = importlib.util.spec_from_file_location("app_gate", REPO / "deploy" / "app_gate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def build_fab(app: Path) -> bytes:
@@ -53,27 +48,39 @@ def evil_app(tmp_path) -> Path:
 
 
 def test_gate_refuses_unapproved_bundle_before_install(tmp_path, evil_app, monkeypatch):
-    gate = load_gate()
-    from flwr.supernode.runtime import run_clientapp as runtime
+    """The bank's executor (fedmoe-superexec) checks every task's bundle before installing it."""
+    from types import SimpleNamespace
 
-    installed = []
-    monkeypatch.setattr(runtime, "install_from_fab", lambda fab, *a, **k: installed.append(fab) or tmp_path)
-    fab = build_fab(evil_app)
+    from flwr.supercore.fab import Fab
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    content = build_fab(evil_app)
+    digest = hashlib.sha256(content).hexdigest()
+    fab, run = Fab(digest, content, {}), SimpleNamespace(fab_id="mallory/evil", fab_version="1.0.0")
     approved = tmp_path / "approved-apps"
     approved.write_text("# nothing approved yet\n" + "0" * 64 + "  some other release\n")
-    gate.install_gate(approved)
-    with pytest.raises(gate.AppNotApproved, match=hashlib.sha256(fab).hexdigest()):
-        runtime.install_from_fab(fab, skip_prompt=True)
-    assert not installed and not (tmp_path / "code-ran").exists()
+    marker = tmp_path / "code-ran"
+    apps = WarmClientApps(str(approved))
+    with pytest.raises(gate.AppNotApproved, match=digest):
+        apps.load(run, fab)
+    assert not (tmp_path / "flwr-home").exists() and not marker.exists()  # nothing unpacked, nothing ran
 
-    # once the bank approves exactly this bundle it goes through to Flower's installer
-    approved.write_text(f"{hashlib.sha256(fab).hexdigest()}  evil 1.0.0, reviewed\n")
-    runtime.install_from_fab(fab, skip_prompt=True)
-    assert installed == [fab]
+    # once the bank approves exactly this bundle it is installed and imported, once
+    approved.write_text(f"{digest}  evil 1.0.0, reviewed\n")
+    app = apps.load(run, fab)
+    assert marker.read_text() == "ran"
+    marker.unlink()
+    assert apps.load(run, fab) is app and not marker.exists()  # kept loaded: not imported again
+
+    # a withdrawn approval holds from the next task on, without a restart
+    approved.write_text("# withdrawn\n")
+    with pytest.raises(gate.AppNotApproved):
+        apps.load(run, fab)
+    for name in [m for m in sys.modules if m.partition(".")[0] == "evil"]:
+        del sys.modules[name]
 
 
 def test_gate_fails_closed(tmp_path, evil_app):
-    gate = load_gate()
     fab = build_fab(evil_app)
     with pytest.raises(gate.AppNotApproved):
         gate.check_bundle(fab, tmp_path / "missing")  # no file: nothing approved

@@ -29,6 +29,9 @@ def test_sleeps_are_capped_at_the_poll_interval():
     started = time.perf_counter()
     supernode._short_sleep(3.0)  # Flower's idle wait between pulls
     assert time.perf_counter() - started < supernode.POLL_SECONDS + 0.15
+    started = time.perf_counter()
+    supernode._short_sleep(0.5)  # Flower's local wait for its executor's reply
+    assert time.perf_counter() - started < supernode.LOCAL_WAIT_SECONDS + 0.1
 
 
 def test_every_bank_runs_the_short_poll_supernode_and_fast_executors():

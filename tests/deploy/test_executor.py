@@ -1,0 +1,79 @@
+"""`fedmoe-superexec`: a bank's ClientApp tasks run in one warm process (fl_client/executor.py), and
+message objects are pulled again after 0.02 s instead of 1 s (protocol/flower.py). Both reach into
+flwr 1.42 (pinned in pyproject.toml); these tests fail if the pieces they use move."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import sys
+from types import SimpleNamespace
+
+from fl_client.executor import WarmClientApps, forget_app_modules, warm_executor_class
+from fl_server.deploy import loopback_topology, service_commands
+from protocol import flower
+from tests.deploy.test_auth_and_gate import build_fab, evil_app  # noqa: F401 - fixture
+
+
+def test_every_bank_executor_is_the_warm_one():
+    commands = service_commands(loopback_topology(3, root="/tmp/unused", key_path="/tmp/unused/keys"))
+    assert [commands[f"bank-{i}-apps"][0] for i in range(3)] == ["fedmoe-superexec"] * 3
+    assert commands["serverapp"][0] == "flower-superexec"  # the server's executor stays Flower's own
+
+
+def test_flower_pieces_the_executor_runs_a_task_with():
+    from flwr.supercore.superexec import run_superexec
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+    from flwr.supernode.runtime import run_clientapp
+
+    assert list(inspect.signature(run_clientapp.pull_task_input).parameters) == ["client"]
+    assert list(inspect.signature(run_clientapp.push_message).parameters) == ["client", "message", "context"]
+    assert list(inspect.signature(run_clientapp.push_task_output).parameters) == [
+        "client", "context", "sub_status", "details",
+    ]  # fmt: skip
+    assert "get_executor(" in inspect.getsource(run_superexec.run_superexec)  # looked up at call time
+    warm = warm_executor_class(None)
+    assert issubclass(warm, SubprocessExecutor)  # other task types: Flower's own subprocess launch
+
+
+def test_object_pulls_retry_quickly_everywhere():
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.superlink.grid import http_grid
+    from flwr.supernode import start_client_internal
+
+    flower.quick_object_pulls()
+    # One function object behind every caller: the SuperNode, the ServerApp's grid, the executor.
+    assert start_client_internal.pull_objects is http_grid.pull_objects is inflatable_utils.pull_objects
+    for function in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        defaults = function.__kwdefaults__
+        assert defaults["initial_backoff"] == flower.FIRST_RETRY_SECONDS
+        assert defaults["backoff_cap"] == flower.LONGEST_RETRY_SECONDS
+        # Flower's total limit still ends a hopeless pull, before the count of tries does
+        assert defaults["max_time"] / flower.LONGEST_RETRY_SECONDS < defaults["max_tries_per_object"]
+    assert "initial_backoff=initial_backoff" in inspect.getsource(inflatable_utils.pull_and_inflate_object_from_tree)
+
+
+def test_the_bundles_code_runs_not_an_older_copy(tmp_path, evil_app, monkeypatch):  # noqa: F811
+    """The executor's own package was imported from the venv; the bundle's copy must be what runs."""
+    from flwr.supercore.fab import Fab
+
+    stale = tmp_path / "stale"
+    (stale / "evil").mkdir(parents=True)
+    (stale / "evil" / "__init__.py").write_text("")
+    (stale / "evil" / "client.py").write_text("raise RuntimeError('the stale copy ran')\n")
+    monkeypatch.syspath_prepend(str(stale))
+    import evil  # noqa: F401 - the stale package, as the venv's fl_client is in the executor
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    content = build_fab(evil_app)
+    fab = Fab(hashlib.sha256(content).hexdigest(), content, {})
+    apps = WarmClientApps(None)  # no approved-apps file set: no gate (the loopback deployment)
+    try:
+        apps.load(SimpleNamespace(fab_id="mallory/evil", fab_version="1.0.0"), fab)
+        assert (tmp_path / "code-ran").read_text() == "ran"
+        assert str(tmp_path / "flwr-home") in sys.modules["evil.client"].__file__
+        forget_app_modules(apps.app_dir, apps.app_dir)
+        assert "evil" not in sys.modules and str(apps.app_dir) not in sys.path
+    finally:
+        for name in [m for m in sys.modules if m.partition(".")[0] == "evil"]:
+            del sys.modules[name]
