@@ -10,8 +10,8 @@ either simulated inside the SuperLink (Flower's Ray backend) or as a real loopba
     server_s      the server's own compute (ServerSecAgg steps: key routing, share checks, summing
                   the BFV ciphertexts, removing the masks; CKKS: adding ciphertexts)
     bank_max_s    the slowest bank's training + sealing
-and per job: the largest RSS any bank process reached (sampled from /proc every 0.5 s: a ClientApp
-process in the loopback deployment, a Ray ClientApp actor, which runs many banks, in simulation;
+and per job: the largest RSS any bank process reached (sampled from /proc every 0.5 s: a bank's warm
+executor, fedmoe-superexec, in the loopback deployment, a Ray ClientApp actor, which runs many banks, in simulation;
 banks do not report it: it grows with their dataset).
 Prints ONE JSON line.
 """
@@ -61,7 +61,7 @@ def run_job(banks: int, args: argparse.Namespace, root: Path) -> tuple[float, in
     if args.mode == "simulation":
         argv.append("--simulation")
     shutil.rmtree(root, ignore_errors=True)
-    sampler = PeakRss((b"flwr-clientapp", b"ClientAppActor"))
+    sampler = PeakRss((b"fedmoe-superexec", b"flwr-clientapp", b"ClientAppActor"))
     sampler.start()
     started = time.perf_counter()
     with open(root.parent / f"{root.name}.log", "w") as log:

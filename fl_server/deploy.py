@@ -10,7 +10,7 @@ Processes (flwr 1.42, `--isolation process`, so apps run in separate executors):
     serverapp        flower-superexec attached to the SuperLink's Runtime API: runs our ServerApp
     bank-<i>         flower-supernode for bank i, with its node-config (ids, paths, budget, policy)
     bank-<i>-apps    fedmoe-superexec attached to that SuperNode's ClientAppIo API: runs its ClientApps
-                     in one warm process (fl_client/executor.py)
+                     in one warm process (pyproject.toml scripts; docs/architecture.md)
 Runtime dependency installation stays off: banks have no internet. With `secure` topologies
 (compose, kits, `launch --tls`): TLS, SuperNode authentication (only registered bank keys join),
 and a shared secret between each Runtime API and its executor (nobody else can pose as one).
