@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -239,9 +239,26 @@ def later_stage(job: JobConfig, config: BankConfig, keys: SecAggKeys, request: R
     else:
         raise ConfigError(f"bank {config.bank_id}: no handler for secagg stage {request.stage!r}")
     save_round(job, config, secagg)
+    reply = _reply(config, request, out.to_bytes())
     if request.stage is SecAggStage.UNMASK:
         forget_rounds(job, config, through=request.round)
-    return _reply(config, request, out.to_bytes())
+        if request.secagg_next:
+            reply = replace(reply, next_bundle=advertise_ahead(job, config, keys, request))
+    return reply
+
+
+def advertise_ahead(job: JobConfig, config: BankConfig, keys: SecAggKeys, request: RoundRequest) -> bytes:
+    """The next round's advertisement, for the setup that came with this round's unmask order: the
+    same checks and keys as the advertise stage (so a later advertise of that setup gets the same
+    answer). Never fails the unmask: on any refusal the bank sends none, and the server runs the
+    advertise stage, where the bank's refusal reaches it as usual."""
+    ahead = replace(request, round=request.round + 1, stage=SecAggStage.ADVERTISE, secagg=request.secagg_next)
+    try:
+        reply = advertise(job, config, keys, ahead)
+    except (CryptoError, ConfigError, ValueError) as err:
+        logger.warning("bank %s: no advertisement ahead for round %d: %s", config.bank_id, ahead.round, err)
+        return b""
+    return reply.bundle if reply.status is TrainStatus.OK else b""
 
 
 def _reply(config: BankConfig, request: RoundRequest, payload: bytes) -> TrainReply:

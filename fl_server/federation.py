@@ -104,6 +104,9 @@ class Federation:
         self.layout_hash, self.n_elements = trainable_layout(self.job)
         self.node_bank: dict[int, str] = {int(k): v for k, v in self.state.node_bank.items()}
         self.connected: set[int] = set()  # the nodes connected when the current exchange started
+        # (next round's RoundSetup, {bank: its KeyAdvertisement bytes}) from the last unmask exchange
+        # (fl_server.secagg_round "advertising ahead"); in memory only: after a restart, a normal advertise
+        self.advertised_ahead: tuple[object, dict[str, bytes]] | None = None
 
     def save(self) -> None:
         self.state.node_bank = {str(node): bank for node, bank in self.node_bank.items()}
@@ -141,7 +144,13 @@ class Federation:
         return nodes
 
     def request(
-        self, node_id: int, round_idx: int, stage: SecAggStage | None = None, secagg: bytes = b"", catch_up: bool = True
+        self,
+        node_id: int,
+        round_idx: int,
+        stage: SecAggStage | None = None,
+        secagg: bytes = b"",
+        catch_up: bool = True,
+        secagg_next: bytes = b"",
     ) -> RoundRequest:
         """The request for one node; `catch_up`: with the aggregates its bank has not applied yet."""
         bank = self.node_bank.get(node_id)
@@ -154,6 +163,7 @@ class Federation:
             aggregates=self.store.aggregates_after(self.state, applied) if catch_up else {},
             stage=stage,
             secagg=secagg,
+            secagg_next=secagg_next,
         )
 
     def send(

@@ -6,13 +6,16 @@ exchange per stage, each sent as message type "train.secagg_<stage>" with a Roun
 
   identify      only nodes not yet bound to a bank: the bank signs (job, round, bank, node) with its
                 pinned identity key; the node is bound (Federation.bind) only if that verifies
-  advertise     RoundSetup (participants: the identified, selected banks) -> KeyAdvertisement
+  advertise     RoundSetup (participants: the identified, selected banks) -> KeyAdvertisement;
+                skipped when every participant advertised keys for exactly this setup "ahead", with
+                the previous round's unmask (the unmask order carries the next round's setup)
   share_keys    ShareKeysRequest -> ShareKeysReply
   masked_input  MaskedInputRequest + the aggregates the bank lacks -> the bank catches up, trains
                 once (DP-SGD, ledger first) and sends its masked, BFV-encrypted update (TrainReply:
                 status, start hash, ledger commitment, MaskedInput)
   consent       UnmaskRequest -> UnmaskConsent
-  unmask        UnmaskOrder -> UnmaskReply; the server removes the residual masks: SecureAggregate
+  unmask        UnmaskOrder (+ the next round's RoundSetup) -> UnmaskReply (+ the next round's
+                KeyAdvertisement); the server removes the residual masks: SecureAggregate
 
 A stage that times out moves on with the banks that answered (a missing bank counts as dropped).
 Every reply must come from the node bound to the bank it names; the secagg messages are signed
@@ -34,7 +37,7 @@ from crypto.errors import CryptoError
 from crypto.identity import ConsortiumPins, load_pins
 from crypto.secagg.bfv import PUBLIC_FILE as BFV_PUBLIC_FILE
 from crypto.secagg.bfv import BfvKey, load_bfv_public
-from crypto.secagg.messages import Exclusion, SecAggAbort, SecureAggregate
+from crypto.secagg.messages import Exclusion, RoundSetup, SecAggAbort, SecureAggregate
 from crypto.secagg.messages import Message as SecAggMessage
 from crypto.secagg.server import ServerSecAgg
 from fl_server.federation import BankOutcome, Federation, Outcome
@@ -70,6 +73,7 @@ class SecAggRound:
         self.trained: dict[str, BankOutcome] = {}  # masked-input replies: status, commitment, metrics
         self.abort_text = ""
         self.bytes_sent = self.bytes_received = 0
+        self.ahead: dict[str, bytes] = {}  # the next round's advertisements that came with the unmask replies
 
     # ---- the round --------------------------------------------------------------------------------
     def run(self, selected: list[int]) -> tuple[list[BankOutcome], bytes | None]:
@@ -95,7 +99,11 @@ class SecAggRound:
             logger.error("round %d: %s", self.round, self.abort_text)
         exclusions = server.exclusions if server is not None else []
         outcomes = self.settle(aggregate, exclusions)
-        stages = ", ".join(f"{k[7:]} {v:.1f}s" for k, v in self.record.seconds.items() if k.startswith("secagg-"))
+        stages = ", ".join(
+            "keys advertised ahead" if k.endswith("-ahead") else f"{k[7:]} {v:.1f}s"
+            for k, v in self.record.seconds.items()
+            if k.startswith("secagg-")
+        )
         self.fed.reporter.note(
             f"round {self.round} secure aggregation: {stages}; {self.bytes_sent / 1e6:.2f} MB to banks, "
             f"{self.bytes_received / 1e6:.2f} MB from banks"
@@ -105,9 +113,12 @@ class SecAggRound:
         return outcomes, pack_secagg_result(setup.to_bytes(), aggregate.to_bytes())
 
     def stages(self, server: ServerSecAgg) -> SecureAggregate:
-        """The five exchanges; each stage's missing banks count as dropped (ServerSecAgg decides)."""
+        """The five exchanges (four when the banks advertised this round's keys ahead, with the last
+        round's unmask); each stage's missing banks count as dropped (ServerSecAgg decides)."""
         setup = server.setup
-        replies = self.exchange(SecAggStage.ADVERTISE, dict.fromkeys(setup.participants, setup))
+        replies = self.advertised_ahead(setup)
+        if replies is None:
+            replies = self.exchange(SecAggStage.ADVERTISE, dict.fromkeys(setup.participants, setup))
         requests = self.server_work(server.receive_advertisements, replies)
         replies = self.exchange(SecAggStage.SHARE_KEYS, requests)
         masked_requests = self.server_work(server.receive_shares, replies)
@@ -115,7 +126,34 @@ class SecAggRound:
         unmask_requests = self.server_work(server.receive_masked_inputs, replies)
         replies = self.exchange(SecAggStage.CONSENT, unmask_requests)
         orders = self.server_work(server.receive_consents, replies)
-        return self.server_work(server.receive_unmask, self.exchange(SecAggStage.UNMASK, orders))
+        ahead = self.next_setup(setup)
+        replies = self.exchange(SecAggStage.UNMASK, orders, ahead=ahead)
+        if ahead is not None and set(self.ahead) == set(ahead.participants):
+            self.fed.advertised_ahead = (ahead, dict(self.ahead))
+        return self.server_work(server.receive_unmask, replies)
+
+    # ---- advertising ahead ----------------------------------------------------------------------
+    def next_setup(self, setup: RoundSetup) -> RoundSetup | None:
+        """The next round's setup for the same participants, sent with the unmask order: the banks
+        advertise its keys in that exchange. Used only if the next round's setup comes out equal."""
+        if self.round >= self.fed.job.num_rounds:
+            return None
+        try:
+            return ServerSecAgg.make_setup(
+                job_id=setup.job_id, round=self.round + 1, participants=setup.participants,
+                n_elements=setup.n_elements, key=self.keys.bfv, layout_hash=setup.layout_hash,
+                min_banks=self.fed.job.min_banks,
+            )  # fmt: skip
+        except CryptoError:
+            return None
+
+    def advertised_ahead(self, setup: RoundSetup) -> dict[str, bytes] | None:
+        """Every participant's advertisement for exactly this setup, if they came with the last unmask."""
+        ahead, self.fed.advertised_ahead = self.fed.advertised_ahead, None
+        if ahead is None or ahead[0] != setup:
+            return None
+        self.record.seconds["secagg-advertise-ahead"] = 0.0
+        return ahead[1]
 
     def server_work(self, step, replies):
         """One ServerSecAgg step; its time adds up in seconds["aggregate"] (the server's own compute)."""
@@ -161,14 +199,22 @@ class SecAggRound:
             self.fail(label, Outcome.INVALID_REPLY, refused)
 
     # ---- one exchange -----------------------------------------------------------------------------
-    def exchange(self, stage: SecAggStage, requests: dict[str, SecAggMessage]) -> dict[str, bytes]:
-        """Sends each bank its stage request; {bank: reply payload} of the banks that answered validly."""
+    def exchange(
+        self, stage: SecAggStage, requests: dict[str, SecAggMessage], ahead: RoundSetup | None = None
+    ) -> dict[str, bytes]:
+        """Sends each bank its stage request (+ the next round's setup `ahead`, with the unmask
+        order); {bank: reply payload} of the banks that answered validly."""
         catch_up = stage is SecAggStage.MASKED_INPUT
+        following = ahead.to_bytes() if ahead is not None else b""
         wire = {
-            self.nodes[b]: self.fed.request(self.nodes[b], self.round, stage, m.to_bytes(), catch_up=catch_up)
+            self.nodes[b]: self.fed.request(
+                self.nodes[b], self.round, stage, m.to_bytes(), catch_up=catch_up, secagg_next=following
+            )
             for b, m in requests.items()
         }
-        self.bytes_sent += sum(len(r.secagg) + sum(map(len, r.aggregates.values())) for r in wire.values())
+        self.bytes_sent += sum(
+            len(r.secagg) + len(r.secagg_next) + sum(map(len, r.aggregates.values())) for r in wire.values()
+        )
         started = time.perf_counter()
         pairs, silent = self.fed.exchange(wire, self.round, stage.message_type)
         self.record.seconds[f"secagg-{stage}"] = time.perf_counter() - started
@@ -204,6 +250,8 @@ class SecAggRound:
         if tr.status is not TrainStatus.OK or tr.round != self.round:
             self.fail(bank, Outcome.INVALID_REPLY, f"{stage}: status {tr.status} for round {tr.round}")
             return None
+        if stage is SecAggStage.UNMASK and tr.next_bundle:
+            self.ahead[bank] = tr.next_bundle  # checked like any advertisement when the next round uses it
         return tr.bundle
 
     def read(self, label: str, reply: Message) -> TrainReply | None:

@@ -147,6 +147,9 @@ class RoundRequest:
     aggregates: dict[int, bytes] = field(default_factory=dict)  # round -> encrypted sum bundle
     stage: SecAggStage | None = None  # a secure-aggregation exchange; None = a CKKS train / an evaluate
     secagg: bytes = b""  # the stage's crypto.secagg request message (to_bytes)
+    # with an unmask order: the next round's RoundSetup, so the bank advertises its next round keys in
+    # the same exchange (one exchange per round fewer; docs/secagg.md "Advertising ahead")
+    secagg_next: bytes = b""
 
     def check_job(self, job_id: str, bank_id: str) -> None:
         """Raises ConfigError when the message is for another job than the bank's run config."""
@@ -158,7 +161,8 @@ class RoundRequest:
         config["secagg-stage"] = "" if self.stage is None else str(self.stage)
         content = RecordDict({"config": config})
         _put_blobs(content, config, "aggregates", {f"round-{r:04d}": blob for r, blob in self.aggregates.items()})
-        _put_blobs(content, config, "secagg", {"message": self.secagg} if self.secagg else {})
+        blobs = {"message": self.secagg, "next": self.secagg_next}
+        _put_blobs(content, config, "secagg", {key: blob for key, blob in blobs.items() if blob})
         return content
 
     @classmethod
@@ -168,11 +172,13 @@ class RoundRequest:
         if stage and stage not in {s.value for s in SecAggStage}:
             raise ConfigError(f"round request: unknown secagg-stage {stage!r}; known {[str(s) for s in SecAggStage]}")
         aggregates = _get_blobs(content, cfg, "aggregates")
+        secagg = _get_blobs(content, cfg, "secagg")
         return cls(
             **_from_config(cfg, REQUEST_FIELDS),
             aggregates={int(key.split("-")[1]): blob for key, blob in aggregates.items()},
             stage=SecAggStage(stage) if stage else None,
-            secagg=_get_blobs(content, cfg, "secagg").get("message", b""),
+            secagg=secagg.get("message", b""),
+            secagg_next=secagg.get("next", b""),
         )
 
 
@@ -194,19 +200,26 @@ class TrainReply:
     reason: str = ""
     ledger_commitment: str = ""  # JSON commitment to the bank's ledger entry ("" if none): never n or epsilon
     rejected_round: int = 0  # with AGGREGATE_REJECTED: the round whose aggregate failed validation
+    next_bundle: bytes = b""  # after an unmask order that carried the next setup: the next round's KeyAdvertisement
 
     def to_content(self) -> RecordDict:
         config = _to_config(self, REPLY_FIELDS)
         _put_metrics(config, self.metrics)
         content = RecordDict({"bank": config})
-        _put_blobs(content, config, "update", {"bundle": self.bundle} if self.bundle else {})
+        blobs = {"bundle": self.bundle, "next": self.next_bundle}
+        _put_blobs(content, config, "update", {key: blob for key, blob in blobs.items() if blob})
         return content
 
     @classmethod
     def from_content(cls, content: RecordDict) -> TrainReply:
         info = _require(content, "bank", "train reply")
-        bundle = _get_blobs(content, info, "update").get("bundle", b"")
-        return cls(**_from_config(info, REPLY_FIELDS), bundle=bundle, metrics=_get_metrics(info))
+        blobs = _get_blobs(content, info, "update")
+        return cls(
+            **_from_config(info, REPLY_FIELDS),
+            bundle=blobs.get("bundle", b""),
+            next_bundle=blobs.get("next", b""),
+            metrics=_get_metrics(info),
+        )
 
 
 REPLY_FIELDS: Fields = (

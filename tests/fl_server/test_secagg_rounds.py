@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from fl_server.ceremony import loopback_ceremony
 from fl_server.console import SilentReporter
 from fl_server.federation import Federation
 from protocol.config import PINS_FILE, JobConfig, identity_file_name
-from protocol.messages import SecAggStage, unpack_secagg_result
+from protocol.messages import RoundRequest, SecAggStage, unpack_secagg_result
 
 pytestmark = [pytest.mark.slow, pytest.mark.federation]
 
@@ -162,6 +163,9 @@ def test_four_banks_aggregate_is_the_mean_of_their_deltas_and_an_impostor_is_nev
     assert r1.outcomes["node-104"] == "invalid reply" and "signature" in r1.left_out["node-104"]
     assert "104" not in state.node_bank and state.node_bank["100"] == "bank-0"
     assert not any(node == 104 and "advertise" in kind for node, kind, _ in grid.delivered)
+    # round 2's keys were advertised with round 1's unmask: round 2 is four exchanges, not five
+    advertised = sorted({group for _, kind, group in grid.delivered if kind == SecAggStage.ADVERTISE.message_type})
+    assert advertised == [f"{JOB}-r1"] and "secagg-advertise-ahead" in state.rounds[1].seconds
     for bank in four:  # trained once per round; the last aggregate reached every bank (closing message)
         assert ledger_rounds(tmp_path, bank) == [(1, "trained"), (2, "trained")]
         assert bank_state(tmp_path, bank)["applied_round"] == 2
@@ -189,6 +193,8 @@ def test_banks_dropping_before_and_after_their_masked_input_are_survived(tmp_pat
     assert (1, "trained") not in ledger_rounds(tmp_path, "bank-3")  # it never trained round 1
     # round 2: bank-2 sent its masked input, then went silent: its input counts (self mask reconstructed)
     assert r2.participants == ["bank-0", "bank-1", "bank-2", "bank-3"]
+    # bank-3 was silent at round 1's unmask, so round 2's keys were not all advertised ahead: a normal advertise
+    assert "secagg-advertise" in r2.seconds and "secagg-advertise-ahead" not in r2.seconds
     assert_mean_of_kept_deltas(tmp_path, 2, ["bank-0", "bank-1", "bank-2", "bank-3"])
     # bank-3 caught up with round 1 before training round 2; everyone ends on round 2's model
     assert all(bank_state(tmp_path, f"bank-{i}")["applied_round"] == 2 for i in range(4))
@@ -245,3 +251,34 @@ def test_a_server_restart_after_the_masked_inputs_never_makes_a_bank_train_or_ma
     assert_mean_of_kept_deltas(tmp_path, 2, ["bank-0", "bank-1", "bank-2", "bank-3"])
     for bank in ("bank-0", "bank-1", "bank-2", "bank-3"):
         assert ledger_rounds(tmp_path, bank) == [(1, "trained"), (2, "trained")]
+
+
+class AheadTamperingGrid(LocalGrid):
+    """A server that sends a bad "next round" setup with round 1's unmask orders: junk, or its own
+    round again (a bank must never re-key a round it has just unmasked)."""
+
+    def __init__(self, node_configs, run_config, ahead: bytes) -> None:
+        super().__init__(node_configs, run_config)
+        self.ahead = ahead
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for msg in messages:
+            if msg.metadata.message_type == SecAggStage.UNMASK.message_type:
+                request = RoundRequest.from_content(msg.content)
+                if request.secagg_next:
+                    msg.content = replace(request, secagg_next=self.ahead or request.secagg).to_content()
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+@pytest.mark.parametrize("ahead", [b"junk", b""], ids=["junk", "this-rounds-setup-again"])
+def test_a_bad_setup_ahead_never_costs_the_unmask(tmp_path, keys, ahead):
+    config = run_config(tmp_path)
+    grid = AheadTamperingGrid(banks(3), config, ahead)
+    state = run_job(tmp_path, grid, config)
+    r1, r2 = state.rounds
+    assert r1.aggregated and r2.aggregated  # every bank still unmasked round 1
+    assert_mean_of_kept_deltas(tmp_path, 1, ["bank-0", "bank-1", "bank-2"])
+    # no advertisement came back with the unmask: round 2 ran its own advertise stage
+    assert "secagg-advertise" in r2.seconds and "secagg-advertise-ahead" not in r2.seconds
+    assert_mean_of_kept_deltas(tmp_path, 2, ["bank-0", "bank-1", "bank-2"])

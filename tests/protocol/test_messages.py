@@ -25,7 +25,7 @@ def test_round_request_round_trip(size):
     blob = os.urandom(size)
     request = RoundRequest(
         job_id="j", round=3, key_id="k", key_epoch=1, aggregates={1: os.urandom(50), 2: blob},
-        stage=SecAggStage.MASKED_INPUT, secagg=blob,
+        stage=SecAggStage.MASKED_INPUT, secagg=blob, secagg_next=os.urandom(300),
     )  # fmt: skip
     assert RoundRequest.from_content(request.to_content()) == request
 
@@ -35,6 +35,7 @@ def test_train_reply_round_trip(size):
     reply = TrainReply(
         bank_id="bank-1", round=2, status=TrainStatus.OK, applied_round=1, start_hash="ab", reason="",
         ledger_commitment="cd", bundle=os.urandom(size), metrics={"train-loss": 5.5, "seconds-train": 2.0},
+        next_bundle=os.urandom(size // 2),
     )  # fmt: skip
     assert TrainReply.from_content(reply.to_content()) == reply
 
