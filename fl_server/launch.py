@@ -34,7 +34,14 @@ from pathlib import Path
 
 from crypto.keys import PUBLIC_FILE, SECRET_FILE, keygen
 from fl_server.ceremony import ensure_loopback_keys
-from fl_server.deploy import FLOWER_ENV, Topology, loopback_topology, service_commands, simulation_command
+from fl_server.deploy import (
+    FLOWER_ENV,
+    SERVICE_ENV,
+    Topology,
+    loopback_topology,
+    service_commands,
+    simulation_command,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONNECTION = "fedmoe-loopback"
@@ -114,7 +121,7 @@ class Deployment:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd=REPO_ROOT,
-            env=self.env,
+            env={**self.env, **SERVICE_ENV.get(name, {})},
             start_new_session=True,  # its own process group: stop() takes its children too
         )
         echo = _echo_progress if name.endswith("-apps") else None  # a bank's training progress, on the console
