@@ -1,9 +1,12 @@
 """One bank's side of a secure-aggregation round (docs/secagg.md): one function per Flower exchange.
 
-Every stage runs under the bank's round lock, in a fresh ClientApp process, so the round's
-secrets (`BankSecAgg.state_dict()`: X25519 keys, self-mask seed, shares held for peers) live in
-`<state-root>/jobs/<job>/secagg/round-NNNN.json` (mode 0600), deleted once the bank has answered
-the unmask stage (or when a later round starts). The bank trains exactly once per round, at the
+Every stage runs under the bank's round lock. The bank's executor keeps its process between
+messages, but nothing of a round lives only in memory (the executor may restart between two
+stages): the round's secrets (`BankSecAgg.state_dict()`: X25519 keys, self-mask seed, shares held
+for peers) live in `<state-root>/jobs/<job>/secagg/round-NNNN.json` (mode 0600), deleted once the
+bank has answered the unmask stage (or when a later round starts). With the unmask order may come
+the next round's setup: the bank then also advertises that round's keys (`advertise_ahead`).
+The bank trains exactly once per round, at the
 masked-input stage, through fl_client.bank.train_once (catch up, policy, DP-SGD, ledger entry
 first), masks `[1 * delta..., 1]` (weight 1: its dataset size never leaves it) and keeps the
 masked input for re-sending. A kept masked input is bound to the round keys it was masked under:
@@ -54,7 +57,7 @@ from protocol.messages import (
     unpack_secagg_result,
 )
 
-if TYPE_CHECKING:  # the stages other than masked input run without torch (a ClientApp process each)
+if TYPE_CHECKING:  # the stages other than masked input run without torch
     import torch
 
     from fl_client.bank import Bank, Opener
@@ -83,7 +86,7 @@ class SecAggKeys:
         return cls(identity, pins, load_bfv_secret(key_dir / BFV_SECRET_FILE))
 
 
-# ---- the round's secrets between ClientApp processes ---------------------------------------------
+# ---- the round's secrets between stages (on disk) ----------------------------------------
 def state_file(job: JobConfig, config: BankConfig, round_idx: int) -> Path:
     return config.job_dir(job.job_id) / "secagg" / f"round-{round_idx:04d}.json"
 
@@ -255,8 +258,8 @@ def advertise_ahead(job: JobConfig, config: BankConfig, keys: SecAggKeys, reques
     ahead = replace(request, round=request.round + 1, stage=SecAggStage.ADVERTISE, secagg=request.secagg_next)
     try:
         reply = advertise(job, config, keys, ahead)
-    except (CryptoError, ConfigError, ValueError) as err:
-        logger.warning("bank %s: no advertisement ahead for round %d: %s", config.bank_id, ahead.round, err)
+    except Exception as err:  # noqa: BLE001 - round r's secrets are gone: its unmask reply must go out
+        logger.warning("bank %s: no advertisement ahead for round %d: %r", config.bank_id, ahead.round, err)
         return b""
     return reply.bundle if reply.status is TrainStatus.OK else b""
 

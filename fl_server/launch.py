@@ -301,6 +301,9 @@ def flwr_env(root: Path, superlink_address: str, ca_cert: str = "") -> dict[str,
     env = dict(os.environ)
     env.update(FLOWER_ENV)  # every Flower process we start: no telemetry, no update check
     env["FLWR_HOME"] = str(home)
+    # The banks' executors run the bundle `flwr run` builds from this working tree: no release to
+    # approve on one's own machine. Deployed banks gate every bundle (deploy.py, provision.py).
+    env.setdefault("FEDMOE_APPROVED_APPS", "off")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
     env["PATH"] = os.pathsep.join([str(_venv_bin()), env.get("PATH", "")])
     return env

@@ -100,7 +100,10 @@ def _put_blobs(content: RecordDict, config: ConfigRecord, record: str, blobs: di
 
 def _get_blobs(content: RecordDict, config: ConfigRecord, record: str) -> dict[str, bytes]:
     prefix = f"{record}/"
-    blobs = {key[len(prefix) :]: bytes(value) for key, value in config.items() if key.startswith(prefix)}
+    blobs = {key[len(prefix) :]: value for key, value in config.items() if key.startswith(prefix)}
+    for key, value in blobs.items():  # bytes(<int>) from a hostile peer would allocate that many bytes
+        if not isinstance(value, bytes):
+            raise ValueError(f"record {record!r}: blob {key!r} is {type(value).__name__}, expected bytes")
     if record in content:
         blobs.update(_record_bytes(content[record]))
     return blobs
@@ -112,7 +115,11 @@ def _put_metrics(config: ConfigRecord, metrics: dict[str, float]) -> None:
 
 
 def _get_metrics(config: ConfigRecord) -> dict[str, float]:
-    return {key.removeprefix("metric/"): float(v) for key, v in config.items() if key.startswith("metric/")}
+    metrics = {key.removeprefix("metric/"): v for key, v in config.items() if key.startswith("metric/")}
+    for name, value in metrics.items():
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ValueError(f"metric {name!r} is {type(value).__name__}, expected a number")
+    return {name: float(value) for name, value in metrics.items()}
 
 
 def _require(content: RecordDict, key: str, kind: str) -> object:

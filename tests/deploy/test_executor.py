@@ -77,3 +77,47 @@ def test_the_bundles_code_runs_not_an_older_copy(tmp_path, evil_app, monkeypatch
     finally:
         for name in [m for m in sys.modules if m.partition(".")[0] == "evil"]:
             del sys.modules[name]
+
+
+def test_the_gate_is_on_unless_switched_off(monkeypatch):
+    from fl_client import executor
+
+    monkeypatch.delenv(executor.APPROVED_APPS_ENV, raising=False)
+    assert executor.approved_apps_file() == executor.DEFAULT_APPROVED_APPS  # fail closed: nothing approved
+    monkeypatch.setenv(executor.APPROVED_APPS_ENV, "")
+    assert executor.approved_apps_file() == executor.DEFAULT_APPROVED_APPS
+    monkeypatch.setenv(executor.APPROVED_APPS_ENV, "off")
+    assert executor.approved_apps_file() is None
+
+
+def test_only_client_app_tasks_are_claimed_or_run():
+    """An AgentApp task would run the server's bundle outside the gate."""
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResultStatus
+
+    executor = warm_executor_class(None)()
+    executor.apps.busy.wait(0)  # (warm-up may still run: busy, nothing is claimed)
+    all_types = set(TaskType)
+    offered, _ = executor.get_eligible_capacity(all_types)
+    assert offered <= {TaskType.CLIENT_APP}
+    executor.apps.busy.clear()
+    assert executor.get_eligible_capacity(all_types)[0] == {TaskType.CLIENT_APP}
+    spec = ExecutionSpec(TaskType.AGENT_APP, "127.0.0.1:1", "token", True, None, False, None, True, 7)
+    assert executor.launch(spec).status is LaunchResultStatus.FAILED
+    executor.apps.busy.set()  # a task running: the next one waits at the SuperNode, not in a queue here
+    assert executor.get_eligible_capacity(all_types)[0] == set()
+
+
+def test_a_bundle_must_be_the_one_its_hash_names(tmp_path, evil_app, monkeypatch):  # noqa: F811
+    """A server could label an approved bundle with another one's hash: refused before install."""
+    import pytest
+    from flwr.supercore.fab import Fab
+
+    from fl_client.executor import AppRefused
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    content = build_fab(evil_app)
+    apps = WarmClientApps(None)
+    with pytest.raises(AppRefused, match="sha256"):
+        apps.load(SimpleNamespace(fab_id="mallory/evil", fab_version="1.0.0"), Fab("0" * 64, content, {}))
+    assert not (tmp_path / "flwr-home").exists() and not (tmp_path / "code-ran").exists()

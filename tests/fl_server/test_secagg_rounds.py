@@ -267,7 +267,9 @@ class AheadTamperingGrid(LocalGrid):
             if msg.metadata.message_type == SecAggStage.UNMASK.message_type:
                 request = RoundRequest.from_content(msg.content)
                 if request.secagg_next:
-                    msg.content = replace(request, secagg_next=self.ahead or request.secagg).to_content()
+                    this_round = replace(RoundSetup.from_bytes(request.secagg_next), round=request.round)
+                    bad = self.ahead or this_round.to_bytes()  # junk, or round r's own setup replayed
+                    msg.content = replace(request, secagg_next=bad).to_content()
         return super().send_and_receive(messages, timeout=timeout)
 
 
