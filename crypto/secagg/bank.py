@@ -16,7 +16,7 @@ the bank's typed reply (one Flower message exchange each):
                                                                  dropped banks
 and, once the server has the sum, `open_aggregate` decrypts and dequantizes it.
 
-Flower starts a new ClientApp process per message, so the per-round secrets survive between stages
+A bank's executor may restart between two messages, so the per-round secrets survive between stages
 through `state_dict()` / `from_state()` (JSON with secrets in it: store it 0600 in the bank's state
 dir, e.g. protocol.files.atomic_write_json(path, state, mode=0o600), and delete it after the round).
 
