@@ -12,7 +12,7 @@ runs). Per round, from the server's state.json:
     overhead = round wall time - max over banks (seconds-train + seconds-encrypt)
 
 the definition of issue 16 (everything that is not the slowest bank's training and sealing:
-polling, process start-up and imports of each ClientApp, the secure-aggregation stages, server
+polling, start-up and imports, the secure-aggregation stages, server
 aggregation, evaluation). Prints ONE JSON line: per-round overheads and their mean for both
 versions, the ratio after/before, and the job wall times. The machine is noisy: only the ratio
 measured in one run means much.
