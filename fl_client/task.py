@@ -22,6 +22,7 @@ from fl_client.data import (
     pack_records,
     train_eval_split,
 )
+from fl_client.data.cache import cache_key, cached
 from fl_client.dp import DPConfig
 from model.checkpoint import load_pretrained
 from model.deepseek import DeepseekForCausalLM, preset
@@ -85,10 +86,24 @@ def data_fingerprint(records: list[dict], privacy_unit: str) -> str:
 
 
 def load_bank_data(job: JobConfig, bank: BankConfig, vocab_size: int) -> BankData:
-    """The bank's records -> packed train/eval samples (one record or customer per sample)."""
+    """The bank's records -> packed train/eval samples (one record or customer per sample); built
+    once per (data, tokenizer, packing) and cached in the bank's state dir (fl_client/data/cache.py)."""
     tokenizer = load_tokenizer(job.base_checkpoint or None)
     if tokenizer.vocab_size > vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids, model vocab_size is {vocab_size}")
+    parts = {
+        "tokenizer": [type(tokenizer).__name__, tokenizer.vocab_size, tokenizer.eos_id, tokenizer.pad_id],
+        "split-pack": [job.seq_len, job.privacy_unit, job.eval_fraction, job.seed],
+        "data": "file" if bank.data_path is not None else
+        ["synthetic", job.synthetic_banks, bank.partition_id, job.records_per_bank],
+    }  # fmt: skip
+    tokenizer_file = Path(job.base_checkpoint) / "tokenizer.json" if job.base_checkpoint else None
+    key = cache_key(parts, data_file=bank.data_path, tokenizer_file=tokenizer_file)
+    packed = cached(bank.state_root / "data-cache", key, lambda: _pack_bank_data(job, bank, tokenizer))
+    return BankData(packed["train"], packed["held_out"], packed["source"], packed["fingerprint"])
+
+
+def _pack_bank_data(job: JobConfig, bank: BankConfig, tokenizer) -> dict:
     if bank.data_path is not None:
         records = load_text_file(bank.data_path)
         source = str(bank.data_path)
@@ -112,8 +127,12 @@ def load_bank_data(job: JobConfig, bank: BankConfig, vocab_size: int) -> BankDat
         pad_id=tokenizer.pad_id,
         privacy_unit=job.privacy_unit,
     )
-    fingerprint = data_fingerprint(records, job.privacy_unit)
-    return BankData(pack_records(train, **pack), pack_records(held_out, **pack), source, fingerprint)
+    return {
+        "train": pack_records(train, **pack),
+        "held_out": pack_records(held_out, **pack),
+        "source": source,
+        "fingerprint": data_fingerprint(records, job.privacy_unit),
+    }
 
 
 def dp_config(job: JobConfig, bank: BankConfig) -> DPConfig:
