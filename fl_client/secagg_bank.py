@@ -197,7 +197,10 @@ def handle_stage(job: JobConfig, config: BankConfig, request: RoundRequest, node
             statement = identify_statement(
                 job_id=job.job_id, round=request.round, bank_id=config.bank_id, node_id=node_id
             )
-            return _reply(config, request, keys.identity.sign(statement))
+            reply = _reply(config, request, keys.identity.sign(statement))
+            if request.secagg_next:  # the server's guess at this round's setup: advertise with the binding
+                reply = replace(reply, next_bundle=advertise_ahead(job, config, keys, request, request.round))
+            return reply
         if request.stage is SecAggStage.ADVERTISE:
             return advertise(job, config, keys, request)
         if request.stage is SecAggStage.MASKED_INPUT:
@@ -246,19 +249,22 @@ def later_stage(job: JobConfig, config: BankConfig, keys: SecAggKeys, request: R
     if request.stage is SecAggStage.UNMASK:
         forget_rounds(job, config, through=request.round)
         if request.secagg_next:
-            reply = replace(reply, next_bundle=advertise_ahead(job, config, keys, request))
+            reply = replace(reply, next_bundle=advertise_ahead(job, config, keys, request, request.round + 1))
     return reply
 
 
-def advertise_ahead(job: JobConfig, config: BankConfig, keys: SecAggKeys, request: RoundRequest) -> bytes:
-    """The next round's advertisement, for the setup that came with this round's unmask order: the
-    same checks and keys as the advertise stage (so a later advertise of that setup gets the same
-    answer). Never fails the unmask: on any refusal the bank sends none, and the server runs the
-    advertise stage, where the bank's refusal reaches it as usual."""
-    ahead = replace(request, round=request.round + 1, stage=SecAggStage.ADVERTISE, secagg=request.secagg_next)
+def advertise_ahead(
+    job: JobConfig, config: BankConfig, keys: SecAggKeys, request: RoundRequest, round_idx: int
+) -> bytes:
+    """An advertisement for the setup that came with another stage's request (round r+1's with
+    round r's unmask order; round r's with its identify request): the same checks and keys as the
+    advertise stage (so a later advertise of that setup gets the same answer). Never fails the
+    carrying stage: on any refusal the bank sends none, and the server runs the advertise stage,
+    where the bank's refusal reaches it as usual."""
+    ahead = replace(request, round=round_idx, stage=SecAggStage.ADVERTISE, secagg=request.secagg_next)
     try:
         reply = advertise(job, config, keys, ahead)
-    except Exception as err:  # noqa: BLE001 - round r's secrets are gone: its unmask reply must go out
+    except Exception as err:  # noqa: BLE001 - the carrying stage's reply (an unmask, a binding) must go out
         logger.warning("bank %s: no advertisement ahead for round %d: %r", config.bank_id, ahead.round, err)
         return b""
     return reply.bundle if reply.status is TrainStatus.OK else b""

@@ -7,8 +7,9 @@ exchange per stage, each sent as message type "train.secagg_<stage>" with a Roun
   identify      only nodes not yet bound to a bank: the bank signs (job, round, bank, node) with its
                 pinned identity key; the node is bound (Federation.bind) only if that verifies
   advertise     RoundSetup (participants: the identified, selected banks) -> KeyAdvertisement;
-                skipped when every participant advertised keys for exactly this setup "ahead", with
-                the previous round's unmask (the unmask order carries the next round's setup)
+                skipped when every participant advertised keys for exactly this setup "ahead": with
+                the previous round's unmask (the unmask order carries the next round's setup), or
+                in a fresh job with its identify (the request carries the setup for all pinned banks)
   share_keys    ShareKeysRequest -> ShareKeysReply
   masked_input  MaskedInputRequest + the aggregates the bank lacks -> the bank catches up, trains
                 once (DP-SGD, ledger first) and sends its masked, BFV-encrypted update (TrainReply:
@@ -73,7 +74,7 @@ class SecAggRound:
         self.trained: dict[str, BankOutcome] = {}  # masked-input replies: status, commitment, metrics
         self.abort_text = ""
         self.bytes_sent = self.bytes_received = 0
-        self.ahead: dict[str, bytes] = {}  # the next round's advertisements that came with the unmask replies
+        self.ahead: dict[str, bytes] = {}  # advertisements that came with identify or unmask replies
 
     # ---- the round --------------------------------------------------------------------------------
     def run(self, selected: list[int]) -> tuple[list[BankOutcome], bytes | None]:
@@ -85,10 +86,7 @@ class SecAggRound:
             self.abort_text = f"only {len(participants)} identified bank(s), min-banks {job.min_banks}: no round"
             return self.settle(None, []), None
         try:
-            setup = ServerSecAgg.make_setup(
-                job_id=job.job_id, round=self.round, participants=participants, n_elements=self.fed.n_elements,
-                key=self.keys.bfv, layout_hash=self.fed.layout_hash, min_banks=job.min_banks,
-            )  # fmt: skip
+            setup = self.setup_for(self.round, participants)
             server = ServerSecAgg(setup, self.keys.pins, self.keys.bfv)
             aggregate = self.stages(server)
         except SecAggAbort as abort:
@@ -133,17 +131,30 @@ class SecAggRound:
         return self.server_work(server.receive_unmask, replies)
 
     # ---- advertising ahead ----------------------------------------------------------------------
+    def setup_for(self, round_idx: int, participants) -> RoundSetup:
+        return ServerSecAgg.make_setup(
+            job_id=self.fed.job.job_id, round=round_idx, participants=participants, n_elements=self.fed.n_elements,
+            key=self.keys.bfv, layout_hash=self.fed.layout_hash, min_banks=self.fed.job.min_banks,
+        )  # fmt: skip
+
     def next_setup(self, setup: RoundSetup) -> RoundSetup | None:
         """The next round's setup for the same participants, sent with the unmask order: the banks
         advertise its keys in that exchange. Used only if the next round's setup comes out equal."""
         if self.round >= self.fed.job.num_rounds:
             return None
         try:
-            return ServerSecAgg.make_setup(
-                job_id=setup.job_id, round=self.round + 1, participants=setup.participants,
-                n_elements=setup.n_elements, key=self.keys.bfv, layout_hash=setup.layout_hash,
-                min_banks=self.fed.job.min_banks,
-            )  # fmt: skip
+            return self.setup_for(self.round + 1, setup.participants)
+        except CryptoError:
+            return None
+
+    def guessed_setup(self, selected: list[int], unbound: list[int]) -> RoundSetup | None:
+        """When every selected node is new and there are as many as pinned banks (a fresh job): this
+        round's setup for all of them, sent with the identify request so each bank advertises with
+        its binding. Used only if the identified banks make exactly this setup."""
+        if len(unbound) != len(selected) or len(selected) != len(self.keys.pins.keys):
+            return None
+        try:
+            return self.setup_for(self.round, sorted(self.keys.pins.keys))
         except CryptoError:
             return None
 
@@ -168,12 +179,20 @@ class SecAggRound:
         """Binds unbound nodes to the pinned bank whose key signed their reply; picks the participants."""
         unbound = [n for n in selected if n not in self.fed.node_bank]
         if unbound:
-            requests = {n: self.fed.request(n, self.round, SecAggStage.IDENTIFY, catch_up=False) for n in unbound}
+            guess = self.guessed_setup(selected, unbound)
+            following = guess.to_bytes() if guess is not None else b""
+            requests = {
+                n: self.fed.request(n, self.round, SecAggStage.IDENTIFY, catch_up=False, secagg_next=following)
+                for n in unbound
+            }
             pairs, silent = self.fed.exchange(requests, self.round, SecAggStage.IDENTIFY.message_type)
             for node, reply in pairs:
                 self.bind_signed(node, reply)
             for node in silent:
                 self.fail(f"node-{node}", Outcome.NO_REPLY, self.silence(SecAggStage.IDENTIFY))
+            if guess is not None and set(self.ahead) == set(guess.participants):
+                self.fed.advertised_ahead = (guess, dict(self.ahead))
+            self.ahead = {}
         for node in selected:
             bank = self.fed.node_bank.get(node)
             if bank is None:
@@ -197,6 +216,8 @@ class SecAggRound:
         refused = self.fed.bind(node, tr.bank_id)
         if refused:
             self.fail(label, Outcome.INVALID_REPLY, refused)
+        elif tr.next_bundle:  # its advertisement for the guessed setup: checked when the round uses it
+            self.ahead[tr.bank_id] = tr.next_bundle
 
     # ---- one exchange -----------------------------------------------------------------------------
     def exchange(

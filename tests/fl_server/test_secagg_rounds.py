@@ -284,3 +284,16 @@ def test_a_bad_setup_ahead_never_costs_the_unmask(tmp_path, keys, ahead):
     # no advertisement came back with the unmask: round 2 ran its own advertise stage
     assert "secagg-advertise" in r2.seconds and "secagg-advertise-ahead" not in r2.seconds
     assert_mean_of_kept_deltas(tmp_path, 2, ["bank-0", "bank-1", "bank-2"])
+
+
+def test_a_fresh_job_advertises_round_1_with_the_binding(tmp_path):
+    """Every pinned bank's node is new: the identify request carries round 1's setup for all of them,
+    so no round of the job has an advertise exchange of its own."""
+    loopback_ceremony(tmp_path / "keys", ["bank-0", "bank-1", "bank-2"])
+    config = run_config(tmp_path)
+    grid = LocalGrid(banks(3), config)
+    state = run_job(tmp_path, grid, config)
+    assert all(r.aggregated and "secagg-advertise-ahead" in r.seconds for r in state.rounds)
+    assert not any(kind == SecAggStage.ADVERTISE.message_type for _, kind, _ in grid.delivered)
+    for round_idx in (1, 2):
+        assert_mean_of_kept_deltas(tmp_path, round_idx, ["bank-0", "bank-1", "bank-2"])
