@@ -148,9 +148,10 @@ class SecAggRound:
             return None
 
     def guessed_setup(self, selected: list[int], unbound: list[int]) -> RoundSetup | None:
-        """When every selected node is new and there are as many as pinned banks (a fresh job): this
-        round's setup for all of them, sent with the identify request so each bank advertises with
-        its binding. Used only if the identified banks make exactly this setup."""
+        """When every selected node is new and there are as many as pinned banks (a fresh job, or every
+        SuperNode restarted): this round's setup for all of them, sent with the identify request so
+        each bank advertises with its binding. Used only if the identified banks make exactly this
+        setup; it replaces any set advertised ahead (the banks' round keys are now the guess's)."""
         if len(unbound) != len(selected) or len(selected) != len(self.keys.pins.keys):
             return None
         try:
@@ -190,8 +191,9 @@ class SecAggRound:
                 self.bind_signed(node, reply)
             for node in silent:
                 self.fail(f"node-{node}", Outcome.NO_REPLY, self.silence(SecAggStage.IDENTIFY))
-            if guess is not None and set(self.ahead) == set(guess.participants):
-                self.fed.advertised_ahead = (guess, dict(self.ahead))
+            if guess is not None:  # the banks' round keys are now the guess's: an older set ahead is stale
+                complete = set(self.ahead) == set(guess.participants)
+                self.fed.advertised_ahead = (guess, dict(self.ahead)) if complete else None
             self.ahead = {}
         for node in selected:
             bank = self.fed.node_bank.get(node)
