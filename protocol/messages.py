@@ -154,8 +154,8 @@ class RoundRequest:
     aggregates: dict[int, bytes] = field(default_factory=dict)  # round -> encrypted sum bundle
     stage: SecAggStage | None = None  # a secure-aggregation exchange; None = a CKKS train / an evaluate
     secagg: bytes = b""  # the stage's crypto.secagg request message (to_bytes)
-    # with an unmask order: the next round's RoundSetup, so the bank advertises its next round keys in
-    # the same exchange (one exchange per round fewer; docs/secagg.md "Advertising ahead")
+    # a RoundSetup the bank advertises keys for in the same exchange: the next round's with an unmask
+    # order, this round's with an identify request (docs/secagg.md "Advertising ahead")
     secagg_next: bytes = b""
 
     def check_job(self, job_id: str, bank_id: str) -> None:

@@ -12,6 +12,7 @@ keeps the last entries in memory. A cache file that does not load is rebuilt.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -33,16 +34,21 @@ def cache_key(parts: dict, *, data_file: Path | None = None, tokenizer_file: Pat
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
     for path in (data_file, tokenizer_file):
         digest.update(b"\0" + (_file_digest(path) if path is not None and path.exists() else b"-"))
-    for module in sorted(Path(__file__).parent.glob("*.py")):  # the code the samples come from
-        digest.update(b"\0" + module.read_bytes())
+    digest.update(b"\0" + _code_digest())
     return digest.hexdigest()
 
 
 def _file_digest(path: Path) -> bytes:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+        return hashlib.file_digest(f, "sha256").digest()
+
+
+@functools.cache
+def _code_digest() -> bytes:
+    """The code the samples come from (this package's modules): read once per process, not per message."""
+    digest = hashlib.sha256()
+    for module in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(b"\0" + module.read_bytes())
     return digest.digest()
 
 
