@@ -111,8 +111,9 @@ class SecAggRound:
         return outcomes, pack_secagg_result(setup.to_bytes(), aggregate.to_bytes())
 
     def stages(self, server: ServerSecAgg) -> SecureAggregate:
-        """The five exchanges (four when the banks advertised this round's keys ahead, with the last
-        round's unmask); each stage's missing banks count as dropped (ServerSecAgg decides)."""
+        """Up to five exchanges: advertise is skipped when the banks advertised this round's keys ahead
+        (with the last round's unmask or this job's identify), consent when no bank dropped before
+        unmasking; each stage's missing banks count as dropped (ServerSecAgg decides)."""
         setup = server.setup
         replies = self.advertised_ahead(setup)
         if replies is None:
@@ -122,8 +123,10 @@ class SecAggRound:
         masked_requests = self.server_work(server.receive_shares, replies)
         replies = self.exchange(SecAggStage.MASKED_INPUT, masked_requests)
         unmask_requests = self.server_work(server.receive_masked_inputs, replies)
-        replies = self.exchange(SecAggStage.CONSENT, unmask_requests)
-        orders = self.server_work(server.receive_consents, replies)
+        orders = server.orders_without_consent()  # nobody dropped: no consent exchange
+        if orders is None:
+            replies = self.exchange(SecAggStage.CONSENT, unmask_requests)
+            orders = self.server_work(server.receive_consents, replies)
         ahead = self.next_setup(setup)
         replies = self.exchange(SecAggStage.UNMASK, orders, ahead=ahead)
         if ahead is not None and set(self.ahead) == set(ahead.participants):

@@ -314,55 +314,62 @@ class BankSecAgg:
         max(t, min_banks) survivors or a survivor without a valid signed receipt, disagrees with this
         bank on who masked with whom, or differs from a view it already signed.
         """
+        started = time.perf_counter()
+        view = self._accept_view(request, "consent")
+        consent = messages.UnmaskConsent.signed(self.identity, **self._ids(), view_sha256=view)
+        self.timings["unmask"] = time.perf_counter() - started
+        return consent
+
+    def _accept_view(self, request: messages.UnmaskRequest, where: str) -> bytes:
+        """The checks behind a consent; the view becomes this round's one view. Returns its digest."""
         setup = self._setup()
-        self._check_round(request.job_id, request.round, "consent")
+        self._check_round(request.job_id, request.round, where)
         view = request.view_sha256()
         if self.stage in ("consented", "unmasked"):
             if view != self.unmask_digest:
                 raise CryptoError(
-                    f"consent(bank {self.bank_id!r}): a second, different unmask view this round; refused",
+                    f"{where}(bank {self.bank_id!r}): a second, different unmask view this round; refused",
                     reason="inconsistent",
                 )
         else:
             self._expect_stage("masked")
-        started = time.perf_counter()
         survivors, dropped = set(request.survivors), set(request.dropped)
         if survivors & dropped:
             raise CryptoError(
-                f"consent: banks {sorted(survivors & dropped)} are both survivors and dropped; a bank never "
+                f"{where}: banks {sorted(survivors & dropped)} are both survivors and dropped; a bank never "
                 f"releases both shares of one peer",
                 reason="inconsistent",
             )
         if list(request.survivors) != sorted(survivors) or list(request.dropped) != sorted(dropped):
-            raise CryptoError("consent: survivors and dropped must be sorted and distinct", reason="inconsistent")
+            raise CryptoError(f"{where}: survivors and dropped must be sorted and distinct", reason="inconsistent")
         if not (survivors | dropped) <= set(self.senders) or self.bank_id not in survivors:
-            raise CryptoError("consent: survivor/dropped sets do not match the stage-1 senders", reason="inconsistent")
+            raise CryptoError(f"{where}: survivor/dropped sets do not match the stage-1 senders", reason="inconsistent")
         need = max(setup.threshold, setup.min_banks, self.min_banks)
         if len(survivors) < need:
             raise messages.SecAggAbort(
-                f"consent: {len(survivors)} survivors, need {need}; nothing released", reason="too_few"
+                f"{where}: {len(survivors)} survivors, need {need}; nothing released", reason="too_few"
             )
         receipts = {r.bank_id: r for r in request.receipts}
         if set(receipts) != survivors or len(receipts) != len(request.receipts):
-            raise CryptoError("consent: exactly one receipt per survivor expected", reason="inconsistent")
+            raise CryptoError(f"{where}: exactly one receipt per survivor expected", reason="inconsistent")
         for r in receipts.values():
             verify_receipt(r, setup, self.pins)
             if r.bank_id in self._neighbours() and (self.bank_id in r.masked_with) != (r.bank_id in self.masked_with):
                 raise CryptoError(
-                    f"consent: survivor {r.bank_id!r} and this bank disagree on masking with each other",
+                    f"{where}: survivor {r.bank_id!r} and this bank disagree on masking with each other",
                     reason="inconsistent",
                 )
-        consent = messages.UnmaskConsent.signed(self.identity, **self._ids(), view_sha256=view)
         if self.stage == "masked":
             self.stage, self.unmask_digest = "consented", view
-        self.timings["unmask"] = time.perf_counter() - started
-        return consent
+        return view
 
     def unmask(self, order: messages.UnmaskOrder) -> messages.UnmaskReply:
         """Release self-mask shares of survivors and mask-key shares of dropped banks.
 
         Only for the view this bank consented to, and only with at least `consent_quorum` distinct
-        survivors' valid consents on it; a retry of the same order gets the same shares.
+        survivors' valid consents on it; a retry of the same order gets the same shares. An order
+        without consents is taken when every stage-1 sender survived (nothing dropped): the bank
+        runs the consent checks itself and the view becomes its one view of the round.
 
         Raises:
             CryptoError: reason "inconsistent" (another view), "too_few" (not enough consents),
@@ -371,11 +378,17 @@ class BankSecAgg:
         setup = self._setup()
         request = order.request
         self._check_round(request.job_id, request.round, "unmask")
-        if self.stage not in ("consented", "unmasked") or request.view_sha256() != self.unmask_digest:
+        started = time.perf_counter()
+        without_consents = not order.consents and not request.dropped and set(request.survivors) == set(self.senders)
+        if without_consents:
+            # Without consents: only when nobody dropped. Such a view asks for self-mask shares only,
+            # and it is this bank's one view of the round like a signed one, so no holder releases a
+            # peer's mask key after it (see docs/secagg.md, "Unmask without consents").
+            self._accept_view(request, "unmask")
+        elif self.stage not in ("consented", "unmasked") or request.view_sha256() != self.unmask_digest:
             raise CryptoError(
                 f"unmask(bank {self.bank_id!r}): not the view this bank consented to", reason="inconsistent"
             )
-        started = time.perf_counter()
         survivors, dropped = set(request.survivors), set(request.dropped)
         signers = set()
         for c in order.consents:
@@ -385,7 +398,7 @@ class BankSecAgg:
             if (c.job_id, c.round) != (setup.job_id, setup.round):
                 raise CryptoError(f"unmask: consent of {c.bank_id!r} for another round", reason="replay")
             signers.add(c.bank_id)
-        quorum = consent_quorum(setup, self.colluding)
+        quorum = 0 if without_consents else consent_quorum(setup, self.colluding)
         if len(signers) < quorum:
             raise messages.SecAggAbort(
                 f"unmask: {len(signers)} banks consented to this view, need {quorum}; nothing released",

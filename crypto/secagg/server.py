@@ -276,6 +276,20 @@ class ServerSecAgg:
         order = messages.UnmaskOrder(request=self.request, consents=tuple(valid))
         return dict.fromkeys(self.consenting, order)
 
+    def orders_without_consent(self) -> dict[str, messages.UnmaskOrder] | None:
+        """When every stage-1 sender survived: the unmask order with no consents, skipping stage 3.
+
+        Such a view asks only for self-mask shares, and each bank checks it as it would before
+        consenting and takes it as its one view of the round (BankSecAgg.unmask), so a split view
+        still needs a consent quorum for any mask key. None when a bank dropped: consents needed.
+        """
+        self._enter("consistency")
+        if self.dropped:
+            return None
+        self.consenting = self.survivors
+        self._stage = "unmask"
+        return dict.fromkeys(self.survivors, messages.UnmaskOrder(request=self.request, consents=()))
+
     def receive_unmask(self, replies: Mapping[str, messages.UnmaskReply | bytes]) -> messages.SecureAggregate:
         """Reconstruct survivors' self-mask seeds and dropped banks' mask keys, remove their masks from the sum.
 

@@ -70,8 +70,10 @@ def run_round(
     drop_before_consent: tuple[str, ...] = (),
     drop_before_unmask: tuple[str, ...] = (),
     hooks: dict[str, Hook] | None = None,
+    skip_consent: bool = False,
 ) -> SecureAggregate:
-    """Run all stages through bytes (as Flower would carry them); hooks[stage] may rewrite replies."""
+    """Run all stages through bytes (as Flower would carry them); hooks[stage] may rewrite replies.
+    skip_consent: no consent stage when nobody dropped (ServerSecAgg.orders_without_consent)."""
     hooks = hooks or {}
 
     def deliver(stage: str, replies: dict[str, Any]) -> dict[str, Any]:
@@ -91,8 +93,10 @@ def run_round(
     }
     reqs = r.server.receive_masked_inputs(deliver("masked_input", replies))
     r.seen["unmask_requests"] = {b: q.to_bytes() for b, q in reqs.items()}
-    replies = {b: r.banks[b].consent(q) for b, q in reqs.items() if b not in drop_before_consent}
-    orders = r.server.receive_consents(deliver("consistency", replies))
+    orders = r.server.orders_without_consent() if skip_consent else None  # as fl_server does
+    if orders is None:
+        replies = {b: r.banks[b].consent(q) for b, q in reqs.items() if b not in drop_before_consent}
+        orders = r.server.receive_consents(deliver("consistency", replies))
     replies = {b: r.banks[b].unmask(q) for b, q in orders.items() if b not in drop_before_unmask}
     r.aggregate = SecureAggregate.from_bytes(r.server.receive_unmask(deliver("unmask", replies)).to_bytes())
     return r.aggregate

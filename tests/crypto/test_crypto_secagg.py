@@ -290,6 +290,52 @@ def test_split_view_attack_gets_no_quorum(identities, bfv_public) -> None:
     assert r.banks["bank1"].unmask(UnmaskOrder(request=honest, consents=sig_a)).shares
 
 
+def test_no_consent_stage_when_nobody_dropped(identities, bfv_public, bfv_secret) -> None:
+    ids, pins = identities
+    r = start_round(ids[:4], pins, bfv_public, N)
+    banks = list(r.banks)
+    updates, weights = make_updates(banks, N, seed=7)
+    run_round(r, updates, weights, bfv_public, skip_consent=True, drop_before_unmask=("bank3",))
+    assert "consistency" not in r.seen  # the order went out without consents
+    _check_sum(r, updates, weights, banks, bfv_secret, pins)  # bank3's self mask rebuilt from 3 shares
+    # once a bank dropped before its masked input, the server must collect consents
+    r = start_round(ids[:4], pins, bfv_public, N)
+    _through_masked_input(r, updates, weights, bfv_public, skip=("bank3",))
+    assert r.server.dropped == ("bank3",) and r.server.orders_without_consent() is None
+    assert r.server.receive_consents({b: r.banks[b].consent(r.server.request) for b in ("bank0", "bank1", "bank2")})
+
+
+def test_an_order_without_consents_is_the_banks_one_view(identities, bfv_public) -> None:
+    """Without consents a bank unmasks only a view in which every stage-1 sender survived, and that
+    view binds it like a signature: it releases no mask key of the round afterwards."""
+    ids, pins = identities
+    r = start_round(ids[:5], pins, bfv_public, N)
+    updates, weights = make_updates(list(r.banks), N)
+    honest = _through_masked_input(r, updates, weights, bfv_public)["bank0"]
+    others = [x for x in honest.receipts if x.bank_id != "bank4"]
+    claims_dropped = dataclasses.replace(
+        honest, survivors=("bank0", "bank1", "bank2", "bank3"), dropped=("bank4",), receipts=tuple(others)
+    )
+    leaves_out = dataclasses.replace(claims_dropped, dropped=())  # bank4 neither survived nor dropped
+    for view in (claims_dropped, leaves_out):  # a view that is not "every sender survived" needs consents
+        with pytest.raises(CryptoError) as e:
+            r.banks["bank0"].unmask(UnmaskOrder(request=view, consents=()))
+        assert e.value.reason == "inconsistent" and r.banks["bank0"].stage == "masked"
+    reply = r.banks["bank0"].unmask(UnmaskOrder(request=honest, consents=()))
+    assert sorted(s.dealer for s in reply.shares) == sorted(r.banks) and {s.kind for s in reply.shares} == {"self_mask"}
+    # bank0 now neither signs nor unmasks the view in which bank4 dropped, quorum or not
+    quorum = _consents(r, claims_dropped, ["bank1", "bank2", "bank3"])
+    with pytest.raises(CryptoError, match="second") as e:
+        r.banks["bank0"].consent(claims_dropped)
+    with pytest.raises(CryptoError, match="consented to"):
+        r.banks["bank0"].unmask(UnmaskOrder(request=claims_dropped, consents=quorum))
+    assert set(r.banks["bank0"].released.values()) == {"self_mask"}
+    # bank1 signed the view with bank4 dropped: it refuses the order without consents
+    with pytest.raises(CryptoError, match="second") as e:
+        r.banks["bank1"].unmask(UnmaskOrder(request=honest, consents=()))
+    assert e.value.reason == "inconsistent" and r.banks["bank1"].released == {}
+
+
 def test_unsigned_survivor_is_refused(identities, bfv_public) -> None:
     ids, pins = identities
     r = start_round(ids[:4], pins, bfv_public, N)

@@ -1,6 +1,6 @@
 """Secure aggregation over a real loopback federation: SuperLink, 4 SuperNodes, executors, DP-SGD, BFV.
 
-bank-3 is killed either once its masked input of round 1 is in (the consent request reached it):
+bank-3 is killed either once its masked input of round 1 is in (the unmask order reached it):
 round 1 still aggregates all four inputs (its self mask is rebuilt from the others' shares); or as
 soon as the masked-input request reaches it, before it can answer: round 1 aggregates the three
 others (its pairwise masks are rebuilt from its mask-key shares and removed). Round 2 runs with the
@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.federation]
 
 @pytest.mark.parametrize(
     "kill_on,round1_banks",
-    [("train.secagg_consent", 4), ("train.secagg_masked_input", 3)],
+    [("train.secagg_unmask", 4), ("train.secagg_masked_input", 3)],
     ids=["killed-after-its-masked-input", "killed-before-its-masked-input"],
 )
 def test_four_banks_secagg_survives_a_bank_killed_around_its_masked_input(tmp_path, kill_on, round1_banks):

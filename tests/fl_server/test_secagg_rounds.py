@@ -163,9 +163,10 @@ def test_four_banks_aggregate_is_the_mean_of_their_deltas_and_an_impostor_is_nev
     assert r1.outcomes["node-104"] == "invalid reply" and "signature" in r1.left_out["node-104"]
     assert "104" not in state.node_bank and state.node_bank["100"] == "bank-0"
     assert not any(node == 104 and "advertise" in kind for node, kind, _ in grid.delivered)
-    # round 2's keys were advertised with round 1's unmask: round 2 is four exchanges, not five
+    # round 2's keys were advertised with round 1's unmask, and nobody dropped: no consent exchange
     advertised = sorted({group for _, kind, group in grid.delivered if kind == SecAggStage.ADVERTISE.message_type})
     assert advertised == [f"{JOB}-r1"] and "secagg-advertise-ahead" in state.rounds[1].seconds
+    assert not any(kind == SecAggStage.CONSENT.message_type for _, kind, _ in grid.delivered)
     for bank in four:  # trained once per round; the last aggregate reached every bank (closing message)
         assert ledger_rounds(tmp_path, bank) == [(1, "trained"), (2, "trained")]
         assert bank_state(tmp_path, bank)["applied_round"] == 2
@@ -182,8 +183,9 @@ def test_four_banks_aggregate_is_the_mean_of_their_deltas_and_an_impostor_is_nev
 
 def test_banks_dropping_before_and_after_their_masked_input_are_survived(tmp_path, keys):
     config = run_config(tmp_path)
-    drops = {(1, 103): SecAggStage.MASKED_INPUT, (2, 102): SecAggStage.CONSENT}
-    state = run_job(tmp_path, DroppingGrid(banks(4), config, drops), config)
+    drops = {(1, 103): SecAggStage.MASKED_INPUT, (2, 102): SecAggStage.UNMASK}
+    grid = DroppingGrid(banks(4), config, drops)
+    state = run_job(tmp_path, grid, config)
     r1, r2 = state.rounds
     assert r1.aggregated and r2.aggregated
     # round 1: bank-3 shared its keys, then went silent: its pairwise masks were removed, it is not in the sum
@@ -191,7 +193,11 @@ def test_banks_dropping_before_and_after_their_masked_input_are_survived(tmp_pat
     assert r1.outcomes["bank-3"] == "no reply" and "masked_input" in r1.left_out["bank-3"]
     assert_mean_of_kept_deltas(tmp_path, 1, ["bank-0", "bank-1", "bank-2"])
     assert (1, "trained") not in ledger_rounds(tmp_path, "bank-3")  # it never trained round 1
-    # round 2: bank-2 sent its masked input, then went silent: its input counts (self mask reconstructed)
+    # a bank dropped before unmasking: the survivors consented to the view before any share went out
+    consented = {group for _, kind, group in grid.delivered if kind == SecAggStage.CONSENT.message_type}
+    assert consented == {f"{JOB}-r1"} and "secagg-consent" in r1.seconds and "secagg-consent" not in r2.seconds
+    # round 2: bank-2 sent its masked input, then went silent at unmask: its input counts (its self
+    # mask rebuilt from the others' shares)
     assert r2.participants == ["bank-0", "bank-1", "bank-2", "bank-3"]
     # bank-3 was silent at round 1's unmask, so round 2's keys were not all advertised ahead: a normal advertise
     assert "secagg-advertise" in r2.seconds and "secagg-advertise-ahead" not in r2.seconds
