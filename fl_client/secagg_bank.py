@@ -4,9 +4,11 @@ Every stage runs under the bank's round lock. The bank's executor keeps its proc
 messages, but nothing of a round lives only in memory (the executor may restart between two
 stages): the round's secrets (`BankSecAgg.state_dict()`: X25519 keys, self-mask seed, shares held
 for peers) live in `<state-root>/jobs/<job>/secagg/round-NNNN.json` (mode 0600), deleted once the
-bank has answered the unmask stage (or when a later round starts). With the unmask order may come
-the next round's setup: the bank then also advertises that round's keys (`advertise_ahead`).
-The bank trains exactly once per round, at the
+bank has answered the unmask stage (or when a later round starts). Requests may carry the next
+round's first stages (`RoundRequest.secagg_next`): with the masked-input request its setup (the
+bank advertises that round's keys after masking, `advertise_ahead`), with the unmask order its
+share-keys request (the bank shares those keys after unmasking, `share_ahead`). Neither ever fails
+the stage that carries it. The bank trains exactly once per round, at the
 masked-input stage, through fl_client.bank.train_once (catch up, policy, DP-SGD, ledger entry
 first), masks `[1 * delta..., 1]` (weight 1: its dataset size never leaves it) and keeps the
 masked input for re-sending. A kept masked input is bound to the round keys it was masked under:
@@ -208,16 +210,22 @@ def handle_stage(job: JobConfig, config: BankConfig, request: RoundRequest, node
 
             secagg = load_round(job, config, keys, request.round)
             sealer = SecAggSealer(job, config, keys, secagg, MaskedInputRequest.from_bytes(request.secagg))
-            return train_once(job, config, request, secagg_opener(job, config, keys), sealer)
+            reply = train_once(job, config, request, secagg_opener(job, config, keys), sealer)
+            if request.secagg_next and reply.status is TrainStatus.OK:  # the next round's setup
+                reply = replace(reply, next_bundle=advertise_ahead(job, config, keys, request, request.round + 1))
+            return reply
         return later_stage(job, config, keys, request)
 
 
-def advertise(job: JobConfig, config: BankConfig, keys: SecAggKeys, request: RoundRequest) -> TrainReply:
-    """Stage 0: fresh round keys, signed (a repeat of the same setup gets the same advertisement)."""
+def advertise(
+    job: JobConfig, config: BankConfig, keys: SecAggKeys, request: RoundRequest, forget_through: int | None = None
+) -> TrainReply:
+    """Stage 0: fresh round keys, signed (a repeat of the same setup gets the same advertisement).
+    Older rounds' secrets are deleted, through `forget_through` (default: the round before)."""
     setup = RoundSetup.from_bytes(request.secagg)
     if (setup.job_id, setup.round) != (job.job_id, request.round):
         raise CryptoError(f"advertise: setup for job {setup.job_id!r} round {setup.round}", reason="replay")
-    forget_rounds(job, config, through=request.round - 1)
+    forget_rounds(job, config, through=request.round - 1 if forget_through is None else forget_through)
     path = state_file(job, config, request.round)
     if path.exists():
         old = BankSecAgg.from_state(read_json(path), keys.identity, keys.pins)
@@ -248,8 +256,8 @@ def later_stage(job: JobConfig, config: BankConfig, keys: SecAggKeys, request: R
     reply = _reply(config, request, out.to_bytes())
     if request.stage is SecAggStage.UNMASK:
         forget_rounds(job, config, through=request.round)
-        if request.secagg_next:
-            reply = replace(reply, next_bundle=advertise_ahead(job, config, keys, request, request.round + 1))
+        if request.secagg_next:  # the next round's share-keys request
+            reply = replace(reply, next_bundle=share_ahead(job, config, keys, request))
     return reply
 
 
@@ -257,17 +265,36 @@ def advertise_ahead(
     job: JobConfig, config: BankConfig, keys: SecAggKeys, request: RoundRequest, round_idx: int
 ) -> bytes:
     """An advertisement for the setup that came with another stage's request (round r+1's with
-    round r's unmask order; round r's with its identify request): the same checks and keys as the
-    advertise stage (so a later advertise of that setup gets the same answer). Never fails the
-    carrying stage: on any refusal the bank sends none, and the server runs the advertise stage,
-    where the bank's refusal reaches it as usual."""
+    round r's masked-input request; round r's with its identify request): the same checks and keys
+    as the advertise stage (so a later advertise of that setup gets the same answer), keeping the
+    carrying round's secrets. Never fails the carrying stage: on any refusal the bank sends none,
+    and the server runs the advertise stage, where the bank's refusal reaches it as usual."""
     ahead = replace(request, round=round_idx, stage=SecAggStage.ADVERTISE, secagg=request.secagg_next)
     try:
-        reply = advertise(job, config, keys, ahead)
-    except Exception as err:  # noqa: BLE001 - the carrying stage's reply (an unmask, a binding) must go out
+        reply = advertise(job, config, keys, ahead, forget_through=request.round - 1)
+    except Exception as err:  # noqa: BLE001 - the carrying stage's reply (a masked input, a binding) must go out
         logger.warning("bank %s: no advertisement ahead for round %d: %r", config.bank_id, ahead.round, err)
         return b""
     return reply.bundle if reply.status is TrainStatus.OK else b""
+
+
+def share_ahead(job: JobConfig, config: BankConfig, keys: SecAggKeys, request: RoundRequest) -> bytes:
+    """Round r+1's ShareKeysReply for the share-keys request that came with round r's unmask order,
+    for the keys this bank advertised with its masked input; b"" on any refusal (the unmask reply
+    still goes out, and the server runs round r+1's advertise stage: a bank whose keys were shared
+    takes fresh ones there)."""
+    next_round = request.round + 1
+    try:
+        share_request = ShareKeysRequest.from_bytes(request.secagg_next)
+        if (share_request.setup.job_id, share_request.setup.round) != (job.job_id, next_round):
+            raise CryptoError(f"share-keys request for round {share_request.setup.round}", reason="replay")
+        secagg = load_round(job, config, keys, next_round)
+        out = secagg.share_keys(share_request)
+        save_round(job, config, secagg)
+    except Exception as err:  # noqa: BLE001 - the unmask reply must go out
+        logger.warning("bank %s: no key shares ahead for round %d: %r", config.bank_id, next_round, err)
+        return b""
+    return out.to_bytes()
 
 
 def _reply(config: BankConfig, request: RoundRequest, payload: bytes) -> TrainReply:

@@ -70,6 +70,7 @@ class BankOutcome:
     rejected_round: int = 0
     applied_round: int = 0
     eval_loss: float | None = None  # of the global model after `applied_round`, measured before training
+    next_bundle: bytes = b""  # secure aggregation: the next round's KeyAdvertisement, sent with the masked input
 
 
 class Reporter(Protocol):
@@ -104,9 +105,10 @@ class Federation:
         self.layout_hash, self.n_elements = trainable_layout(self.job)
         self.node_bank: dict[int, str] = {int(k): v for k, v in self.state.node_bank.items()}
         self.connected: set[int] = set()  # the nodes connected when the current exchange started
-        # (next round's RoundSetup, {bank: its KeyAdvertisement bytes}) from the last unmask exchange
-        # (fl_server.secagg_round "advertising ahead"); in memory only: after a restart, a normal advertise
-        self.advertised_ahead: tuple[object, dict[str, bytes]] | None = None
+        # The next secure-aggregation round's keys, advertised (and shared) during the last round or
+        # this job's identify: a fl_server.secagg_round.Ahead. In memory only: after a restart the
+        # round advertises and shares its keys in exchanges of its own.
+        self.secagg_ahead: object | None = None
 
     def save(self) -> None:
         self.state.node_bank = {str(node): bank for node, bank in self.node_bank.items()}
@@ -252,6 +254,7 @@ class Federation:
         if tr.status is TrainStatus.ALREADY_RELEASED:
             return BankOutcome(tr.bank_id, Outcome.ALREADY_RELEASED, tr.reason)
         outcome = BankOutcome(tr.bank_id, Outcome.CONTRIBUTED, metrics=tr.metrics, bundle=tr.bundle)
+        outcome.next_bundle = tr.next_bundle
         outcome.start_hash = tr.start_hash  # checked against the other banks' in check_start
         outcome.applied_round = tr.applied_round
         outcome.eval_loss = tr.metrics.pop("eval-loss", None)  # of the model it started from (filed in record)

@@ -8,17 +8,22 @@ exchange per stage, each sent as message type "train.secagg_<stage>" with a Roun
                 pinned identity key; the node is bound (Federation.bind) only if that verifies
   advertise     RoundSetup (participants: the identified, selected banks) -> KeyAdvertisement;
                 skipped when every participant advertised keys for exactly this setup "ahead": with
-                the previous round's unmask (the unmask order carries the next round's setup), or
+                the previous round's masked input (its request carries the next round's setup), or
                 in a fresh job with its identify (the request carries the setup for all pinned banks)
-  share_keys    ShareKeysRequest -> ShareKeysReply
-  masked_input  MaskedInputRequest + the aggregates the bank lacks -> the bank catches up, trains
-                once (DP-SGD, ledger first) and sends its masked, BFV-encrypted update (TrainReply:
-                status, start hash, ledger commitment, MaskedInput)
-  consent       UnmaskRequest -> UnmaskConsent
-  unmask        UnmaskOrder (+ the next round's RoundSetup) -> UnmaskReply (+ the next round's
-                KeyAdvertisement); the server removes the residual masks: SecureAggregate
+  share_keys    ShareKeysRequest -> ShareKeysReply; skipped when every participant shared its keys
+                for exactly this setup with the previous round's unmask (the order carries the next
+                round's ShareKeysRequest)
+  masked_input  MaskedInputRequest + the aggregates the bank lacks (+ the next round's RoundSetup) ->
+                the bank catches up, trains once (DP-SGD, ledger first) and sends its masked,
+                BFV-encrypted update (TrainReply: status, start hash, ledger commitment, MaskedInput;
+                + its KeyAdvertisement for the next round)
+  consent       UnmaskRequest -> UnmaskConsent; only when a bank dropped before unmasking
+  unmask        UnmaskOrder (+ the next round's ShareKeysRequest) -> UnmaskReply (+ the next round's
+                ShareKeysReply); the server removes the residual masks: SecureAggregate
 
-A stage that times out moves on with the banks that answered (a missing bank counts as dropped).
+So a steady round is two exchanges (masked input, unmask); round 1 of a fresh job four (identify,
+share keys, masked input, unmask). A stage that times out moves on with the banks that answered
+(a missing bank counts as dropped).
 Every reply must come from the node bound to the bank it names; the secagg messages are signed
 with that bank's pinned key and ServerSecAgg checks them. A round that cannot be unmasked raises
 SecAggAbort: nothing is stored, its typed reason and each bank's exclusion are recorded. The
@@ -57,6 +62,18 @@ class SecAggServerKeys:
     pins: ConsortiumPins
 
 
+@dataclass(frozen=True)
+class Ahead:
+    """A round's secure-aggregation stages done before it started: its participants' advertisements
+    (with the last round's masked inputs, or this job's identify), and when they also shared their
+    keys (with the last round's unmask) the round's ServerSecAgg and its masked-input requests."""
+
+    setup: RoundSetup
+    advertisements: dict[str, bytes] | None = None
+    server: ServerSecAgg | None = None
+    masked_requests: dict[str, SecAggMessage] | None = None
+
+
 def load_secagg_keys(job: JobConfig) -> SecAggServerKeys:
     return SecAggServerKeys(
         load_bfv_public(f"{job.key_dir}/{BFV_PUBLIC_FILE}"), load_pins(f"{job.key_dir}/{PINS_FILE}")
@@ -74,7 +91,9 @@ class SecAggRound:
         self.trained: dict[str, BankOutcome] = {}  # masked-input replies: status, commitment, metrics
         self.abort_text = ""
         self.bytes_sent = self.bytes_received = 0
-        self.ahead: dict[str, bytes] = {}  # advertisements that came with identify or unmask replies
+        self.ahead: dict[str, bytes] = {}  # this round's advertisements that came with identify replies
+        self.next_ads: dict[str, bytes] = {}  # the next round's, with masked-input replies
+        self.next_shares: dict[str, bytes] = {}  # the next round's ShareKeysReply, with unmask replies
 
     # ---- the round --------------------------------------------------------------------------------
     def run(self, selected: list[int]) -> tuple[list[BankOutcome], bytes | None]:
@@ -87,8 +106,9 @@ class SecAggRound:
             return self.settle(None, []), None
         try:
             setup = self.setup_for(self.round, participants)
-            server = ServerSecAgg(setup, self.keys.pins, self.keys.bfv)
-            aggregate = self.stages(server)
+            ahead = self.take_ahead(setup)
+            server = ahead.server if ahead.server is not None else ServerSecAgg(setup, self.keys.pins, self.keys.bfv)
+            aggregate = self.stages(server, ahead)
         except SecAggAbort as abort:
             self.abort_text = f"secure aggregation aborted ({abort.reason}): {abort}"
         except CryptoError as err:  # the setup itself breaks the policy (e.g. too few banks for a threshold)
@@ -98,7 +118,7 @@ class SecAggRound:
         exclusions = server.exclusions if server is not None else []
         outcomes = self.settle(aggregate, exclusions)
         stages = ", ".join(
-            "keys advertised ahead" if k.endswith("-ahead") else f"{k[7:]} {v:.1f}s"
+            f"{k[7:-6].replace('_', ' ')} ahead" if k.endswith("-ahead") else f"{k[7:]} {v:.1f}s"
             for k, v in self.record.seconds.items()
             if k.startswith("secagg-")
         )
@@ -110,30 +130,36 @@ class SecAggRound:
             return outcomes, None
         return outcomes, pack_secagg_result(setup.to_bytes(), aggregate.to_bytes())
 
-    def stages(self, server: ServerSecAgg) -> SecureAggregate:
-        """Up to five exchanges: advertise is skipped when the banks advertised this round's keys ahead
-        (with the last round's unmask or this job's identify), consent when no bank dropped before
-        unmasking; each stage's missing banks count as dropped (ServerSecAgg decides)."""
+    def stages(self, server: ServerSecAgg, ahead: Ahead) -> SecureAggregate:
+        """Advertise and share keys unless done ahead, then masked input, consent (only after a drop)
+        and unmask, carrying the next round's advertise and share-keys stages; each stage's missing
+        banks count as dropped (ServerSecAgg decides)."""
         setup = server.setup
-        replies = self.advertised_ahead(setup)
-        if replies is None:
-            replies = self.exchange(SecAggStage.ADVERTISE, dict.fromkeys(setup.participants, setup))
-        requests = self.server_work(server.receive_advertisements, replies)
-        replies = self.exchange(SecAggStage.SHARE_KEYS, requests)
-        masked_requests = self.server_work(server.receive_shares, replies)
-        replies = self.exchange(SecAggStage.MASKED_INPUT, masked_requests)
+        if ahead.masked_requests is not None:
+            masked_requests = ahead.masked_requests
+        else:
+            replies = ahead.advertisements
+            if replies is None:
+                replies = self.exchange(SecAggStage.ADVERTISE, dict.fromkeys(setup.participants, setup))
+            requests = self.server_work(server.receive_advertisements, replies)
+            replies = self.exchange(SecAggStage.SHARE_KEYS, requests)
+            masked_requests = self.server_work(server.receive_shares, replies)
+        next_setup = self.next_setup(setup)
+        following = dict.fromkeys(masked_requests, next_setup.to_bytes()) if next_setup is not None else {}
+        replies = self.exchange(SecAggStage.MASKED_INPUT, masked_requests, following)
         unmask_requests = self.server_work(server.receive_masked_inputs, replies)
         orders = server.orders_without_consent()  # nobody dropped: no consent exchange
         if orders is None:
             replies = self.exchange(SecAggStage.CONSENT, unmask_requests)
             orders = self.server_work(server.receive_consents, replies)
-        ahead = self.next_setup(setup)
-        replies = self.exchange(SecAggStage.UNMASK, orders, ahead=ahead)
-        if ahead is not None and set(self.ahead) == set(ahead.participants):
-            self.fed.advertised_ahead = (ahead, dict(self.ahead))
+        next_server, share_requests = self.server_work(self.next_share_requests, next_setup)
+        following = {b: q.to_bytes() for b, q in share_requests.items() if b in orders}
+        replies = self.exchange(SecAggStage.UNMASK, orders, following)
+        if next_server is not None:
+            self.fed.secagg_ahead = self.server_work(self.next_masked_requests, next_server)
         return self.server_work(server.receive_unmask, replies)
 
-    # ---- advertising ahead ----------------------------------------------------------------------
+    # ---- the next round's keys, ahead ------------------------------------------------------------
     def setup_for(self, round_idx: int, participants) -> RoundSetup:
         return ServerSecAgg.make_setup(
             job_id=self.fed.job.job_id, round=round_idx, participants=participants, n_elements=self.fed.n_elements,
@@ -141,8 +167,8 @@ class SecAggRound:
         )  # fmt: skip
 
     def next_setup(self, setup: RoundSetup) -> RoundSetup | None:
-        """The next round's setup for the same participants, sent with the unmask order: the banks
-        advertise its keys in that exchange. Used only if the next round's setup comes out equal."""
+        """The next round's setup for the same participants, sent with the masked-input requests: the
+        banks advertise its keys in that exchange. Used only if the next round's setup comes out equal."""
         if self.round >= self.fed.job.num_rounds:
             return None
         try:
@@ -150,25 +176,60 @@ class SecAggRound:
         except CryptoError:
             return None
 
+    def next_share_requests(self, next_setup: RoundSetup | None) -> tuple[ServerSecAgg | None, dict]:
+        """The next round's ServerSecAgg and share-keys requests (sent with the unmask orders), when
+        every participant advertised for it with its masked input and every advertisement verified.
+        Otherwise nothing: the next round advertises in an exchange of its own."""
+        ads, self.next_ads = self.next_ads, {}
+        if next_setup is None or set(ads) != set(next_setup.participants):
+            return None, {}
+        next_server = ServerSecAgg(next_setup, self.keys.pins, self.keys.bfv)
+        try:
+            requests = next_server.receive_advertisements(ads)
+        except CryptoError:
+            return None, {}
+        if next_server.exclusions or set(requests) != set(next_setup.participants):
+            return None, {}
+        return next_server, requests
+
+    def next_masked_requests(self, next_server: ServerSecAgg) -> Ahead | None:
+        """The next round ready to start at its masked input, if every participant shared its keys with
+        its unmask reply. Any gap: the banks that shared may not share again, so the next round
+        advertises afresh (a bank re-keys a round whose keys it already shared)."""
+        shares, self.next_shares = self.next_shares, {}
+        setup = next_server.setup
+        if set(shares) != set(setup.participants):
+            return None
+        try:
+            requests = next_server.receive_shares(shares)
+        except CryptoError:
+            return None
+        if next_server.exclusions or set(requests) != set(setup.participants):
+            return None
+        return Ahead(setup, server=next_server, masked_requests=requests)
+
+    def take_ahead(self, setup: RoundSetup) -> Ahead:
+        """What was done ahead for exactly this setup (nothing if the setup differs), recorded as
+        `secagg-<stage>-ahead` in the round's seconds."""
+        ahead, self.fed.secagg_ahead = self.fed.secagg_ahead, None
+        if not isinstance(ahead, Ahead) or ahead.setup != setup:
+            return Ahead(setup)
+        self.record.seconds["secagg-advertise-ahead"] = 0.0
+        if ahead.masked_requests is not None:
+            self.record.seconds["secagg-share_keys-ahead"] = 0.0
+        return ahead
+
     def guessed_setup(self, selected: list[int], unbound: list[int]) -> RoundSetup | None:
         """When every selected node is new and there are as many as pinned banks (a fresh job, or every
         SuperNode restarted): this round's setup for all of them, sent with the identify request so
         each bank advertises with its binding. Used only if the identified banks make exactly this
-        setup; it replaces any set advertised ahead (the banks' round keys are now the guess's)."""
+        setup; it replaces anything done ahead (the banks' round keys are now the guess's)."""
         if len(unbound) != len(selected) or len(selected) != len(self.keys.pins.keys):
             return None
         try:
             return self.setup_for(self.round, sorted(self.keys.pins.keys))
         except CryptoError:
             return None
-
-    def advertised_ahead(self, setup: RoundSetup) -> dict[str, bytes] | None:
-        """Every participant's advertisement for exactly this setup, if they came with the last unmask."""
-        ahead, self.fed.advertised_ahead = self.fed.advertised_ahead, None
-        if ahead is None or ahead[0] != setup:
-            return None
-        self.record.seconds["secagg-advertise-ahead"] = 0.0
-        return ahead[1]
 
     def server_work(self, step, replies):
         """One ServerSecAgg step; its time adds up in seconds["aggregate"] (the server's own compute)."""
@@ -196,7 +257,7 @@ class SecAggRound:
                 self.fail(f"node-{node}", Outcome.NO_REPLY, self.silence(SecAggStage.IDENTIFY))
             if guess is not None:  # the banks' round keys are now the guess's: an older set ahead is stale
                 complete = set(self.ahead) == set(guess.participants)
-                self.fed.advertised_ahead = (guess, dict(self.ahead)) if complete else None
+                self.fed.secagg_ahead = Ahead(guess, advertisements=dict(self.ahead)) if complete else None
             self.ahead = {}
         for node in selected:
             bank = self.fed.node_bank.get(node)
@@ -226,15 +287,15 @@ class SecAggRound:
 
     # ---- one exchange -----------------------------------------------------------------------------
     def exchange(
-        self, stage: SecAggStage, requests: dict[str, SecAggMessage], ahead: RoundSetup | None = None
+        self, stage: SecAggStage, requests: dict[str, SecAggMessage], following: dict[str, bytes] | None = None
     ) -> dict[str, bytes]:
-        """Sends each bank its stage request (+ the next round's setup `ahead`, with the unmask
-        order); {bank: reply payload} of the banks that answered validly."""
+        """Sends each bank its stage request (+ `following[bank]`: the next round's stage it carries);
+        {bank: reply payload} of the banks that answered validly."""
         catch_up = stage is SecAggStage.MASKED_INPUT
-        following = ahead.to_bytes() if ahead is not None else b""
+        following = following or {}
         wire = {
             self.nodes[b]: self.fed.request(
-                self.nodes[b], self.round, stage, m.to_bytes(), catch_up=catch_up, secagg_next=following
+                self.nodes[b], self.round, stage, m.to_bytes(), catch_up=catch_up, secagg_next=following.get(b, b"")
             )
             for b, m in requests.items()
         }
@@ -263,7 +324,11 @@ class SecAggRound:
         if stage is SecAggStage.MASKED_INPUT:
             outcome = self.fed.read_train_reply(node, reply, self.round)
             self.trained[outcome.bank] = outcome
-            return outcome.bundle if outcome.status is Outcome.CONTRIBUTED else None
+            if outcome.status is not Outcome.CONTRIBUTED:
+                return None
+            if outcome.next_bundle:  # checked like any advertisement when the next round uses it
+                self.next_ads[outcome.bank] = outcome.next_bundle
+            return outcome.bundle
         tr = self.read(bank, reply)
         if tr is None:
             return None
@@ -277,7 +342,7 @@ class SecAggRound:
             self.fail(bank, Outcome.INVALID_REPLY, f"{stage}: status {tr.status} for round {tr.round}")
             return None
         if stage is SecAggStage.UNMASK and tr.next_bundle:
-            self.ahead[bank] = tr.next_bundle  # checked like any advertisement when the next round uses it
+            self.next_shares[bank] = tr.next_bundle  # checked by the next round's ServerSecAgg
         return tr.bundle
 
     def read(self, label: str, reply: Message) -> TrainReply | None:

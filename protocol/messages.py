@@ -154,8 +154,9 @@ class RoundRequest:
     aggregates: dict[int, bytes] = field(default_factory=dict)  # round -> encrypted sum bundle
     stage: SecAggStage | None = None  # a secure-aggregation exchange; None = a CKKS train / an evaluate
     secagg: bytes = b""  # the stage's crypto.secagg request message (to_bytes)
-    # a RoundSetup the bank advertises keys for in the same exchange: the next round's with an unmask
-    # order, this round's with an identify request (docs/secagg.md "Advertising ahead")
+    # a later stage the bank runs in the same exchange (docs/secagg.md "Stages ahead"): with an
+    # identify request this round's RoundSetup, with a masked-input request the next round's (the
+    # bank advertises keys for it); with an unmask order the next round's ShareKeysRequest
     secagg_next: bytes = b""
 
     def check_job(self, job_id: str, bank_id: str) -> None:
@@ -207,7 +208,7 @@ class TrainReply:
     reason: str = ""
     ledger_commitment: str = ""  # JSON commitment to the bank's ledger entry ("" if none): never n or epsilon
     rejected_round: int = 0  # with AGGREGATE_REJECTED: the round whose aggregate failed validation
-    next_bundle: bytes = b""  # after an unmask order that carried the next setup: the next round's KeyAdvertisement
+    next_bundle: bytes = b""  # the reply to `RoundRequest.secagg_next`: a KeyAdvertisement or a ShareKeysReply
 
     def to_content(self) -> RecordDict:
         config = _to_config(self, REPLY_FIELDS)

@@ -163,10 +163,16 @@ def test_four_banks_aggregate_is_the_mean_of_their_deltas_and_an_impostor_is_nev
     assert r1.outcomes["node-104"] == "invalid reply" and "signature" in r1.left_out["node-104"]
     assert "104" not in state.node_bank and state.node_bank["100"] == "bank-0"
     assert not any(node == 104 and "advertise" in kind for node, kind, _ in grid.delivered)
-    # round 2's keys were advertised with round 1's unmask, and nobody dropped: no consent exchange
-    advertised = sorted({group for _, kind, group in grid.delivered if kind == SecAggStage.ADVERTISE.message_type})
-    assert advertised == [f"{JOB}-r1"] and "secagg-advertise-ahead" in state.rounds[1].seconds
-    assert not any(kind == SecAggStage.CONSENT.message_type for _, kind, _ in grid.delivered)
+    # round 2's keys were advertised with round 1's masked inputs and shared with its unmask orders,
+    # and nobody dropped (no consent exchange): round 2 was two exchanges
+    exchanges = {
+        (kind.removeprefix("train.secagg_"), group)
+        for node, kind, group in grid.delivered
+        if node != 104 and kind.startswith("train.secagg_")
+    }
+    assert sorted(kind for kind, group in exchanges if group == f"{JOB}-r2") == ["masked_input", "unmask"]
+    assert {"secagg-advertise-ahead", "secagg-share_keys-ahead"} <= set(state.rounds[1].seconds)
+    assert ("advertise", f"{JOB}-r1") in exchanges and ("consent", f"{JOB}-r1") not in exchanges
     for bank in four:  # trained once per round; the last aggregate reached every bank (closing message)
         assert ledger_rounds(tmp_path, bank) == [(1, "trained"), (2, "trained")]
         assert bank_state(tmp_path, bank)["applied_round"] == 2
@@ -260,35 +266,44 @@ def test_a_server_restart_after_the_masked_inputs_never_makes_a_bank_train_or_ma
 
 
 class AheadTamperingGrid(LocalGrid):
-    """A server that sends a bad "next round" setup with round 1's unmask orders: junk, or its own
-    round again (a bank must never re-key a round it has just unmasked)."""
+    """A server that sends a bad "next round" stage with round 1's messages: with the masked-input
+    requests junk or round 1's own setup again (a bank must never re-key a round it is masking), with
+    the unmask orders a junk share-keys request."""
 
-    def __init__(self, node_configs, run_config, ahead: bytes) -> None:
+    def __init__(self, node_configs, run_config, stage: SecAggStage, ahead: bytes) -> None:
         super().__init__(node_configs, run_config)
-        self.ahead = ahead
+        self.stage, self.ahead = stage, ahead
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
         for msg in messages:
-            if msg.metadata.message_type == SecAggStage.UNMASK.message_type:
+            if msg.metadata.message_type == self.stage.message_type:
                 request = RoundRequest.from_content(msg.content)
-                if request.secagg_next:
-                    this_round = replace(RoundSetup.from_bytes(request.secagg_next), round=request.round)
-                    bad = self.ahead or this_round.to_bytes()  # junk, or round r's own setup replayed
+                if request.secagg_next:  # junk, or round r's own setup replayed
+                    bad = self.ahead or self.this_round(request).to_bytes()
                     msg.content = replace(request, secagg_next=bad).to_content()
         return super().send_and_receive(messages, timeout=timeout)
 
+    @staticmethod
+    def this_round(request: RoundRequest) -> RoundSetup:
+        return replace(RoundSetup.from_bytes(request.secagg_next), round=request.round)
 
-@pytest.mark.parametrize("ahead", [b"junk", b""], ids=["junk", "this-rounds-setup-again"])
-def test_a_bad_setup_ahead_never_costs_the_unmask(tmp_path, keys, ahead):
+
+@pytest.mark.parametrize(
+    ("stage", "ahead"),
+    [(SecAggStage.MASKED_INPUT, b"junk"), (SecAggStage.MASKED_INPUT, b""), (SecAggStage.UNMASK, b"junk")],
+    ids=["junk-setup", "this-rounds-setup-again", "junk-share-request"],
+)
+def test_a_bad_stage_ahead_never_costs_the_carrying_stage(tmp_path, keys, stage, ahead):
     config = run_config(tmp_path)
-    grid = AheadTamperingGrid(banks(3), config, ahead)
+    grid = AheadTamperingGrid(banks(3), config, stage, ahead)
     state = run_job(tmp_path, grid, config)
     r1, r2 = state.rounds
-    assert r1.aggregated and r2.aggregated  # every bank still unmasked round 1
+    assert r1.aggregated and r2.aggregated  # every bank still masked and unmasked round 1
     assert_mean_of_kept_deltas(tmp_path, 1, ["bank-0", "bank-1", "bank-2"])
-    # no advertisement came back with the unmask: round 2 ran its own advertise stage
-    assert "secagg-advertise" in r2.seconds and "secagg-advertise-ahead" not in r2.seconds
+    # nothing usable came back ahead: round 2 ran its own advertise and share-keys stages
+    assert {"secagg-advertise", "secagg-share_keys"} <= set(r2.seconds)
+    assert "secagg-share_keys-ahead" not in r2.seconds
     assert_mean_of_kept_deltas(tmp_path, 2, ["bank-0", "bank-1", "bank-2"])
 
 
