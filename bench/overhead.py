@@ -82,6 +82,7 @@ def main() -> None:
     p.add_argument("--aggregation", default="secagg", choices=["secagg", "ckks"])
     p.add_argument("--out", type=Path, default=REPO / "runs" / "overhead")
     args = p.parse_args()
+    args.out = args.out.resolve()  # the `before` job runs in its own worktree: a relative path would land there
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"bench": "overhead", "banks": args.banks, "rounds": args.rounds, "aggregation": args.aggregation}
     if args.before:
