@@ -308,6 +308,6 @@ def handle_secagg_evaluate(job: JobConfig, config: BankConfig, request: RoundReq
     request.check_job(job.job_id, config.bank_id)
     keys = SecAggKeys.load(config)
     reply = handle_evaluate(job, config, request, opener=secagg_opener(job, config, keys))
-    # the job's closing message: no round of it is open, but keys advertised ahead may be on disk
-    forget_rounds(job, config, through=request.round + 1)
+    with exclusive_lock(config.lock_file):  # the job's closing message: keys advertised ahead go
+        forget_rounds(job, config, through=request.round + 1)
     return reply

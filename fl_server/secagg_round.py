@@ -155,7 +155,7 @@ class SecAggRound:
         next_server, share_requests = self.server_work(self.next_share_requests, next_setup)
         following = {b: q.to_bytes() for b, q in share_requests.items() if b in orders}
         replies = self.exchange(SecAggStage.UNMASK, orders, following)
-        if next_server is not None:
+        if next_server is not None:  # kept even if this round aborts below: the next round's keys are its own
             self.fed.secagg_ahead = self.server_work(self.next_masked_requests, next_server)
         return self.server_work(server.receive_unmask, replies)
 
@@ -183,8 +183,8 @@ class SecAggRound:
         ads, self.next_ads = self.next_ads, {}
         if next_setup is None or set(ads) != set(next_setup.participants):
             return None, {}
-        next_server = ServerSecAgg(next_setup, self.keys.pins, self.keys.bfv)
         try:
+            next_server = ServerSecAgg(next_setup, self.keys.pins, self.keys.bfv)
             requests = next_server.receive_advertisements(ads)
         except CryptoError:
             return None, {}

@@ -21,8 +21,10 @@ through `state_dict()` / `from_state()` (JSON with secrets in it: store it 0600 
 dir, e.g. protocol.files.atomic_write_json(path, state, mode=0o600), and delete it after the round).
 
 Never released, whatever the server asks: both shares of one peer in one round, its own mask-key
-share, any share before the bank saw t survivors with signed receipts and a quorum of banks'
-signatures on the same survivor/dropped view.
+share, any share before the bank saw t survivors with signed receipts, and any mask-key share (or
+any share at all under k-regular neighbourhoods) before a quorum of banks' signatures on the same
+survivor/dropped view. Without consents a bank releases only self-mask shares, only when everyone
+neighbours everyone and nobody dropped (`unmask`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from crypto.secagg.bfv import BfvKey, encrypt_residues
 from crypto.secagg.bfv_secret import decrypt_residues
 from crypto.secagg.common import (
     check_setup,
+    complete_graph,
     consent_quorum,
     pair_context,
     pair_mask,
@@ -369,7 +372,8 @@ class BankSecAgg:
         Only for the view this bank consented to, and only with at least `consent_quorum` distinct
         survivors' valid consents on it; a retry of the same order gets the same shares. An order
         without consents is taken when every stage-1 sender survived (nothing dropped): the bank
-        runs the consent checks itself and the view becomes its one view of the round.
+        runs the consent checks itself and the view becomes its one view of the round (only when
+        everyone neighbours everyone).
 
         Raises:
             CryptoError: reason "inconsistent" (another view), "too_few" (not enough consents),
@@ -381,9 +385,14 @@ class BankSecAgg:
         started = time.perf_counter()
         without_consents = not order.consents and not request.dropped and set(request.survivors) == set(self.senders)
         if without_consents:
-            # Without consents: only when nobody dropped. Such a view asks for self-mask shares only,
-            # and it is this bank's one view of the round like a signed one, so no holder releases a
-            # peer's mask key after it (see docs/secagg.md, "Unmask without consents").
+            # Only when nobody dropped and everyone neighbours everyone: such a view asks for
+            # self-mask shares only and is this bank's one view of the round, like a signed one.
+            # Under k-regular neighbourhoods the quorum (> t) is what keeps different banks on one
+            # view, so it is never skipped there (docs/secagg.md, "Unmask without consents").
+            if not complete_graph(setup):
+                raise CryptoError(
+                    "unmask: an order without consents under k-regular neighbourhoods; refused", reason="inconsistent"
+                )
             self._accept_view(request, "unmask")
         elif self.stage not in ("consented", "unmasked") or request.view_sha256() != self.unmask_digest:
             raise CryptoError(

@@ -53,8 +53,14 @@ def check_setup(setup: RoundSetup, bank_id: str, pins: ConsortiumPins, *, min_ba
     return holders
 
 
+def complete_graph(setup: RoundSetup) -> bool:
+    """Everyone neighbours everyone: every bank's shares are held by all participants."""
+    return setup.neighbours_k == 0 or setup.neighbours_k >= len(setup.participants) - 1
+
+
 def consent_quorum(setup: RoundSetup, colluding: int = 1) -> int:
-    """Consents on one unmask view needed before any share is released.
+    """Consents on one unmask view needed before a share is released (in a complete graph, a view
+    with nobody dropped needs none: it asks only for self-mask shares, BankSecAgg.unmask).
 
     Two different views each with q signatures need 2(q - c) honest signers out of n - c (honest
     banks sign one view), impossible when q > (n + c) / 2. With everyone neighbouring everyone this

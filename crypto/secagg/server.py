@@ -38,6 +38,7 @@ from crypto.secagg import messages
 from crypto.secagg.bfv import BfvKey, load_bfv_chunks, parse_bfv_bundle, serialize_sum
 from crypto.secagg.common import (
     check_setup,
+    complete_graph,
     consent_quorum,
     pair_mask,
     pair_seed,
@@ -281,10 +282,11 @@ class ServerSecAgg:
 
         Such a view asks only for self-mask shares, and each bank checks it as it would before
         consenting and takes it as its one view of the round (BankSecAgg.unmask), so a split view
-        still needs a consent quorum for any mask key. None when a bank dropped: consents needed.
+        still needs a consent quorum for any mask key. None when a bank dropped, or under k-regular
+        neighbourhoods: consents needed.
         """
         self._enter("consistency")
-        if self.dropped:
+        if self.dropped or not complete_graph(self.setup):  # k-regular: the quorum keeps banks on one view
             return None
         self.consenting = self.survivors
         self._stage = "unmask"

@@ -385,6 +385,24 @@ def test_k_regular_neighbourhoods(identities, bfv_public, bfv_secret) -> None:
             assert len(bank._neighbours()) == 4
 
 
+def test_k_regular_neighbourhoods_always_collect_consents(identities, bfv_public, bfv_secret) -> None:
+    """Under k-regular neighbourhoods the quorum (> t) is what keeps banks on one view: with views
+    that need no consent, a server could pair self-mask releases of a victim's holders with a
+    quorum view that drops the victim's masking partners. So nobody skips consents there."""
+    ids, pins = identities
+    r = start_round(ids[:8], pins, bfv_public, 500, neighbours_k=4)
+    updates, weights = make_updates(list(r.banks), 500)
+    request = _through_masked_input(r, updates, weights, bfv_public)["bank0"]
+    assert r.server.dropped == () and r.server.orders_without_consent() is None
+    with pytest.raises(CryptoError, match="k-regular") as e:
+        r.banks["bank0"].unmask(UnmaskOrder(request=request, consents=()))
+    assert e.value.reason == "inconsistent" and r.banks["bank0"].stage == "masked" and not r.banks["bank0"].released
+    r = start_round(ids[:8], pins, bfv_public, 500, neighbours_k=4)
+    run_round(r, updates, weights, bfv_public, skip_consent=True)  # the server collects consents anyway
+    assert "consistency" in r.seen
+    _check_sum(r, updates, weights, list(r.banks), bfv_secret, pins)
+
+
 def test_state_survives_a_process_per_stage(identities, bfv_public, bfv_secret) -> None:
     """Flower runs each message in a new ClientApp process: rebuild every bank from JSON between stages."""
     ids, pins = identities
