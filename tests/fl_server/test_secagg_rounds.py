@@ -28,7 +28,7 @@ from fl_server.ceremony import loopback_ceremony
 from fl_server.console import SilentReporter
 from fl_server.federation import Federation
 from protocol.config import PINS_FILE, JobConfig, identity_file_name
-from protocol.messages import RoundRequest, SecAggStage, unpack_secagg_result
+from protocol.messages import RoundRequest, SecAggStage, TrainReply, unpack_secagg_result
 
 pytestmark = [pytest.mark.slow, pytest.mark.federation]
 
@@ -305,6 +305,63 @@ def test_a_bad_stage_ahead_never_costs_the_carrying_stage(tmp_path, keys, stage,
     assert {"secagg-advertise", "secagg-share_keys"} <= set(r2.seconds)
     assert "secagg-share_keys-ahead" not in r2.seconds
     assert_mean_of_kept_deltas(tmp_path, 2, ["bank-0", "bank-1", "bank-2"])
+
+
+class ShareAheadGrid(LocalGrid):
+    """Junks round 1's share-keys request ahead for one node, or dies (like a SIGKILL) at round 2's
+    first message; keeps each bank's round-2 advertisements: sent ahead, and from an advertise stage."""
+
+    def __init__(self, node_configs, run_config, *, junk_node: int = 0, crash: bool = False) -> None:
+        super().__init__(node_configs, run_config)
+        self.junk_node, self.crash = junk_node, crash
+        self.ads: dict[tuple[str, str], bytes] = {}  # ("ahead" | "advertise", bank) -> KeyAdvertisement
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for msg in messages:
+            if self.crash and msg.metadata.group_id.endswith("-r2"):
+                raise KeyboardInterrupt("server killed before round 2")
+            if (
+                msg.metadata.message_type == SecAggStage.UNMASK.message_type
+                and msg.metadata.dst_node_id == self.junk_node
+            ):
+                msg.content = replace(RoundRequest.from_content(msg.content), secagg_next=b"junk").to_content()
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for reply in replies:
+            kind, group = reply.metadata.message_type, reply.metadata.group_id
+            if reply.has_error() or not kind.startswith("train.secagg_"):
+                continue
+            tr = TrainReply.from_content(reply.content)
+            if kind == SecAggStage.MASKED_INPUT.message_type and group.endswith("-r1"):
+                self.ads["ahead", tr.bank_id] = tr.next_bundle
+            elif kind == SecAggStage.ADVERTISE.message_type and group.endswith("-r2"):
+                self.ads["advertise", tr.bank_id] = tr.bundle
+        return replies
+
+
+@pytest.mark.parametrize("how", ["one-bank-did-not-share", "server-restart"])
+def test_keys_shared_ahead_are_never_shared_twice(tmp_path, keys, how):
+    """When round 2 cannot start from what was shared ahead, it advertises again: a bank whose keys
+    were shared takes fresh keys (two Shamir sharings of one secret must never leave a bank), and
+    one that only advertised keeps its keys."""
+    config = run_config(tmp_path)
+    job = JobConfig.from_run_config(config)
+    three = ["bank-0", "bank-1", "bank-2"]
+    shared = {"bank-0", "bank-2"} if how == "one-bank-did-not-share" else set(three)
+    grid = ShareAheadGrid(banks(3), config, junk_node=101 if how == "one-bank-did-not-share" else 0)
+    if how == "server-restart":
+        crashed = ShareAheadGrid(banks(3), config, crash=True)
+        with pytest.raises(KeyboardInterrupt):
+            Federation(grid=crashed, job=job, reporter=SilentReporter()).run()
+        grid.ads = dict(crashed.ads)  # round 2's advertisements sent ahead, before the crash
+    state = run_job(tmp_path, grid, config)
+    r2 = state.rounds[-1]
+    assert r2.round == 2 and r2.aggregated and r2.participants == three
+    assert {"secagg-advertise", "secagg-share_keys"} <= set(r2.seconds)
+    assert_mean_of_kept_deltas(tmp_path, 2, three)
+    for bank in three:  # fresh keys where they were shared ahead, the same advertisement elsewhere
+        assert grid.ads["ahead", bank] and grid.ads["advertise", bank]
+        assert (grid.ads["advertise", bank] != grid.ads["ahead", bank]) == (bank in shared), bank
 
 
 def test_a_fresh_job_advertises_round_1_with_the_binding(tmp_path):
