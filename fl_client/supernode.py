@@ -2,7 +2,7 @@
 and pushing a reply again when the SuperLink fails to store it.
 
 An idle SuperNode (flwr 1.42, `start_client_internal`) sleeps a fixed 3 s between pulls and 0.5 s
-while it waits for its ClientApp's reply. A secure-aggregation round is five exchanges, so those
+while it waits for its ClientApp's reply. A secure-aggregation round is several exchanges, so those
 sleeps were most of a round's framework overhead (docs/architecture.md). Same arguments, same
 behaviour otherwise; flwr is pinned to 1.42.x in pyproject.toml because this reaches into its module.
 The poll costs the SuperLink one cheap pull per bank per POLL_SECONDS.

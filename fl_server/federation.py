@@ -322,7 +322,7 @@ class Federation:
     def secagg_round(
         self, round_idx: int, selected: list[int], outcomes: list[BankOutcome], record: RoundRecord
     ) -> RoundRecord:
-        """The five secure-aggregation exchanges (fl_server.secagg_round), then the same bookkeeping."""
+        """The secure-aggregation exchanges (fl_server.secagg_round), then the same bookkeeping."""
         from fl_server.secagg_round import SecAggRound
 
         started = time.perf_counter()

@@ -81,7 +81,7 @@ def load_secagg_keys(job: JobConfig) -> SecAggServerKeys:
 
 
 class SecAggRound:
-    """One round: identify -> five stages -> typed outcome per bank (+ the stored aggregate)."""
+    """One round: identify -> the secagg stages -> typed outcome per bank (+ the stored aggregate)."""
 
     def __init__(self, federation: Federation, round_idx: int, record: RoundRecord) -> None:
         self.fed, self.round, self.record = federation, round_idx, record
@@ -118,7 +118,7 @@ class SecAggRound:
         exclusions = server.exclusions if server is not None else []
         outcomes = self.settle(aggregate, exclusions)
         stages = ", ".join(
-            f"{k[7:-6].replace('_', ' ')} ahead" if k.endswith("-ahead") else f"{k[7:]} {v:.1f}s"
+            f"{k[7:-6].replace('_', ' ')} ahead" if k.endswith("-ahead") else f"{k[7:].replace('_', ' ')} {v:.1f}s"
             for k, v in self.record.seconds.items()
             if k.startswith("secagg-")
         )
@@ -152,7 +152,7 @@ class SecAggRound:
         if orders is None:
             replies = self.exchange(SecAggStage.CONSENT, unmask_requests)
             orders = self.server_work(server.receive_consents, replies)
-        next_server, share_requests = self.server_work(self.next_share_requests, next_setup)
+        next_server, share_requests = self.server_work(self.next_share_requests, (next_setup, set(orders)))
         following = {b: q.to_bytes() for b, q in share_requests.items() if b in orders}
         replies = self.exchange(SecAggStage.UNMASK, orders, following)
         if next_server is not None:  # kept even if this round aborts below: the next round's keys are its own
@@ -176,12 +176,15 @@ class SecAggRound:
         except CryptoError:
             return None
 
-    def next_share_requests(self, next_setup: RoundSetup | None) -> tuple[ServerSecAgg | None, dict]:
+    def next_share_requests(self, ahead: tuple[RoundSetup | None, set[str]]) -> tuple[ServerSecAgg | None, dict]:
         """The next round's ServerSecAgg and share-keys requests (sent with the unmask orders), when
-        every participant advertised for it with its masked input and every advertisement verified.
-        Otherwise nothing: the next round advertises in an exchange of its own."""
-        ads, self.next_ads = self.next_ads, {}
-        if next_setup is None or set(ads) != set(next_setup.participants):
+        every participant advertised for it with its masked input, every advertisement verified, each
+        gets an unmask order and none has spent its budget (else the next round's setup will differ
+        and the shares would be dealt for nothing). Otherwise the next round advertises itself."""
+        (next_setup, ordered), ads, self.next_ads = ahead, self.next_ads, {}
+        if next_setup is None or set(ads) != set(next_setup.participants) or set(ordered) != set(ads):
+            return None, {}
+        if set(ads) & set(self.fed.state.exhausted):
             return None, {}
         try:
             next_server = ServerSecAgg(next_setup, self.keys.pins, self.keys.bfv)
@@ -250,6 +253,7 @@ class SecAggRound:
                 n: self.fed.request(n, self.round, SecAggStage.IDENTIFY, catch_up=False, secagg_next=following)
                 for n in unbound
             }
+            self.bytes_sent += sum(len(r.secagg_next) for r in requests.values())
             pairs, silent = self.fed.exchange(requests, self.round, SecAggStage.IDENTIFY.message_type)
             for node, reply in pairs:
                 self.bind_signed(node, reply)
@@ -284,6 +288,7 @@ class SecAggRound:
             self.fail(label, Outcome.INVALID_REPLY, refused)
         elif tr.next_bundle:  # its advertisement for the guessed setup: checked when the round uses it
             self.ahead[tr.bank_id] = tr.next_bundle
+            self.bytes_received += len(tr.next_bundle)
 
     # ---- one exchange -----------------------------------------------------------------------------
     def exchange(
@@ -328,6 +333,7 @@ class SecAggRound:
                 return None
             if outcome.next_bundle:  # checked like any advertisement when the next round uses it
                 self.next_ads[outcome.bank] = outcome.next_bundle
+                self.bytes_received += len(outcome.next_bundle)
             return outcome.bundle
         tr = self.read(bank, reply)
         if tr is None:
@@ -343,6 +349,7 @@ class SecAggRound:
             return None
         if stage is SecAggStage.UNMASK and tr.next_bundle:
             self.next_shares[bank] = tr.next_bundle  # checked by the next round's ServerSecAgg
+            self.bytes_received += len(tr.next_bundle)
         return tr.bundle
 
     def read(self, label: str, reply: Message) -> TrainReply | None:

@@ -3,7 +3,7 @@
 A Flower message's content travels as separate objects. A receiver that is told of a message
 before all of its objects arrived (a SuperNode stores the message, then pulls its objects; the
 executor, or the ServerApp for a reply, may ask in between) waits `initial_backoff` before asking
-again: 1 s in flwr 1.42, doubling up to 10 s. A secure-aggregation round is five exchanges, so
+again: 1 s in flwr 1.42, doubling up to 10 s. A secure-aggregation round is several exchanges, so
 that second was most of what each light exchange cost once ClientApps ran warm
 (docs/performance.md). Here the first retry comes after 0.02 s, doubling up to 0.25 s: the
 missing objects are in flight on the same host or the next hop, not minutes away. Flower's limit

@@ -205,7 +205,7 @@ def test_banks_dropping_before_and_after_their_masked_input_are_survived(tmp_pat
     # round 2: bank-2 sent its masked input, then went silent at unmask: its input counts (its self
     # mask rebuilt from the others' shares)
     assert r2.participants == ["bank-0", "bank-1", "bank-2", "bank-3"]
-    # bank-3 was silent at round 1's unmask, so round 2's keys were not all advertised ahead: a normal advertise
+    # bank-3 was silent from round 1's masked input on, so round 2's keys were not all advertised ahead
     assert "secagg-advertise" in r2.seconds and "secagg-advertise-ahead" not in r2.seconds
     assert_mean_of_kept_deltas(tmp_path, 2, ["bank-0", "bank-1", "bank-2", "bank-3"])
     # bank-3 caught up with round 1 before training round 2; everyone ends on round 2's model
@@ -273,6 +273,7 @@ class AheadTamperingGrid(LocalGrid):
     def __init__(self, node_configs, run_config, stage: SecAggStage, ahead: bytes) -> None:
         super().__init__(node_configs, run_config)
         self.stage, self.ahead = stage, ahead
+        self.tampered = 0
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
@@ -282,6 +283,7 @@ class AheadTamperingGrid(LocalGrid):
                 if request.secagg_next:  # junk, or round r's own setup replayed
                     bad = self.ahead or self.this_round(request).to_bytes()
                     msg.content = replace(request, secagg_next=bad).to_content()
+                    self.tampered += 1
         return super().send_and_receive(messages, timeout=timeout)
 
     @staticmethod
@@ -299,6 +301,7 @@ def test_a_bad_stage_ahead_never_costs_the_carrying_stage(tmp_path, keys, stage,
     grid = AheadTamperingGrid(banks(3), config, stage, ahead)
     state = run_job(tmp_path, grid, config)
     r1, r2 = state.rounds
+    assert grid.tampered == 3  # round 1's stage carried the next round's to each bank, spoiled here
     assert r1.aggregated and r2.aggregated  # every bank still masked and unmasked round 1
     assert_mean_of_kept_deltas(tmp_path, 1, ["bank-0", "bank-1", "bank-2"])
     # nothing usable came back ahead: round 2 ran its own advertise and share-keys stages
@@ -362,6 +365,32 @@ def test_keys_shared_ahead_are_never_shared_twice(tmp_path, keys, how):
     for bank in three:  # fresh keys where they were shared ahead, the same advertisement elsewhere
         assert grid.ads["ahead", bank] and grid.ads["advertise", bank]
         assert (grid.ads["advertise", bank] != grid.ads["ahead", bank]) == (bank in shared), bank
+
+
+def test_no_keys_are_shared_ahead_for_a_bank_whose_budget_is_spent(tmp_path, keys):
+    """bank-3 plans one round: its round-1 reply says its budget is spent, so round 2 is the other
+    three and no bank deals shares of round 2's keys for the four (they would be dealt for nothing)."""
+    config = run_config(tmp_path)
+    nodes = banks(4)
+    nodes[103]["planned-rounds"] = 1
+    grid = ShareAheadGrid(nodes, config)
+    sent_ahead: list[bytes] = []
+    deliver = grid.send_and_receive
+
+    def recording(messages, *, timeout=None):
+        messages = list(messages)
+        for msg in messages:
+            if msg.metadata.message_type == SecAggStage.UNMASK.message_type:
+                sent_ahead.append(RoundRequest.from_content(msg.content).secagg_next)
+        return deliver(messages, timeout=timeout)
+
+    grid.send_and_receive = recording
+    state = run_job(tmp_path, grid, config)
+    r1, r2 = state.rounds
+    assert "bank-3" in state.exhausted and r2.participants == ["bank-0", "bank-1", "bank-2"]
+    assert r1.aggregated and r2.aggregated and len(sent_ahead) == 4 + 3 and not any(sent_ahead)
+    assert {"secagg-advertise", "secagg-share_keys"} <= set(r2.seconds)
+    assert not list((tmp_path / "banks" / "bank-0" / "jobs" / JOB / "secagg").glob("*.json"))
 
 
 def test_a_fresh_job_advertises_round_1_with_the_binding(tmp_path):
