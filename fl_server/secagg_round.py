@@ -152,8 +152,8 @@ class SecAggRound:
         if orders is None:
             replies = self.exchange(SecAggStage.CONSENT, unmask_requests)
             orders = self.server_work(server.receive_consents, replies)
-        next_server, share_requests = self.server_work(self.next_share_requests, (next_setup, set(orders)))
-        following = {b: q.to_bytes() for b, q in share_requests.items() if b in orders}
+        next_server, share_requests = self.server_work(self.next_share_requests, next_setup, set(orders))
+        following = {b: q.to_bytes() for b, q in share_requests.items()}
         replies = self.exchange(SecAggStage.UNMASK, orders, following)
         if next_server is not None:  # kept even if this round aborts below: the next round's keys are its own
             self.fed.secagg_ahead = self.server_work(self.next_masked_requests, next_server)
@@ -176,24 +176,22 @@ class SecAggRound:
         except CryptoError:
             return None
 
-    def next_share_requests(self, ahead: tuple[RoundSetup | None, set[str]]) -> tuple[ServerSecAgg | None, dict]:
+    def next_share_requests(self, next_setup: RoundSetup | None, ordered: set[str]) -> tuple[ServerSecAgg | None, dict]:
         """The next round's ServerSecAgg and share-keys requests (sent with the unmask orders), when
         every participant advertised for it with its masked input, every advertisement verified, each
         gets an unmask order and none has spent its budget (else the next round's setup will differ
         and the shares would be dealt for nothing). Otherwise the next round advertises itself."""
-        (next_setup, ordered), ads, self.next_ads = ahead, self.next_ads, {}
-        if next_setup is None or set(ads) != set(next_setup.participants) or set(ordered) != set(ads):
+        ads, self.next_ads = self.next_ads, {}
+        if next_setup is None or set(ads) != set(next_setup.participants) or ordered != set(ads):
             return None, {}
         if set(ads) & set(self.fed.state.exhausted):
             return None, {}
         try:
             next_server = ServerSecAgg(next_setup, self.keys.pins, self.keys.bfv)
-            requests = next_server.receive_advertisements(ads)
         except CryptoError:
             return None, {}
-        if next_server.exclusions or set(requests) != set(next_setup.participants):
-            return None, {}
-        return next_server, requests
+        requests = _all_accepted(next_server, next_server.receive_advertisements, ads)
+        return (next_server, requests) if requests is not None else (None, {})
 
     def next_masked_requests(self, next_server: ServerSecAgg) -> Ahead | None:
         """The next round ready to start at its masked input, if every participant shared its keys with
@@ -203,13 +201,8 @@ class SecAggRound:
         setup = next_server.setup
         if set(shares) != set(setup.participants):
             return None
-        try:
-            requests = next_server.receive_shares(shares)
-        except CryptoError:
-            return None
-        if next_server.exclusions or set(requests) != set(setup.participants):
-            return None
-        return Ahead(setup, server=next_server, masked_requests=requests)
+        requests = _all_accepted(next_server, next_server.receive_shares, shares)
+        return Ahead(setup, server=next_server, masked_requests=requests) if requests is not None else None
 
     def take_ahead(self, setup: RoundSetup) -> Ahead:
         """What was done ahead for exactly this setup (nothing if the setup differs), recorded as
@@ -234,11 +227,11 @@ class SecAggRound:
         except CryptoError:
             return None
 
-    def server_work(self, step, replies):
+    def server_work(self, step, *args):
         """One ServerSecAgg step; its time adds up in seconds["aggregate"] (the server's own compute)."""
         started = time.perf_counter()
         try:
-            return step(replies)
+            return step(*args)
         finally:
             self.record.seconds["aggregate"] = self.record.seconds.get("aggregate", 0.0) + time.perf_counter() - started
 
@@ -393,3 +386,15 @@ class SecAggRound:
             else:  # identified, but the round ended before it was asked anything
                 outcomes.append(BankOutcome(who, Outcome.ABORTED, self.abort_text))
         return outcomes
+
+
+def _all_accepted(server: ServerSecAgg, step, replies: dict[str, bytes]) -> dict | None:
+    """`step(replies)` on the next round's ServerSecAgg, only if it excludes nobody and answers every
+    participant: a round prepared ahead starts with all of them or is not prepared at all."""
+    try:
+        requests = step(replies)
+    except CryptoError:
+        return None
+    if server.exclusions or set(requests) != set(server.setup.participants):
+        return None
+    return requests
