@@ -5,16 +5,37 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 RUNS   := runs
 
-.PHONY: venv test test-federation demo audit local-demo federation simulation lint format clean provision compose-test experiment
+.PHONY: venv test test-latest lock test-federation demo audit local-demo federation simulation lint format clean provision compose-test experiment
 
 # torch==2.13.0 first: it is the CPU wheel; any other torch spec would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# The environment is installed with the versions of one passing resolve ($(LOCK), `make lock` writes
+# it); `make test-latest` resolves afresh without it, so an upstream change shows up as a named failure
+# there instead of a broken fresh clone.
+LOCK := constraints.txt
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -c $(LOCK) -e ".[test]"
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# A virtualenv resolved from nothing, no constraints (the newest of every range in pyproject.toml),
+# then the suite in it. Run before every stop; when it passes, `make lock` records that resolve.
+LATEST := .venv-latest
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install --quiet torch==2.13.0
+	$(LATEST)/bin/pip install --quiet -e ".[test]"
+	$(LATEST)/bin/pip freeze --exclude-editable | grep -v '^#' | sed 's/+cpu$$//' > $(LATEST)/resolved.txt
+	$(LATEST)/bin/python -m pytest -q -m "not federation"
+
+# Record the versions of the last `make test-latest` resolve as the lock (only after it passed).
+lock:
+	@test -f $(LATEST)/resolved.txt || { echo "run make test-latest first"; exit 2; }
+	{ echo "# Versions of one passing resolve (make test-latest, then make lock). make test and .ci/run"; \
+	  echo "# install with it: pip install -c constraints.txt -e '.[test]'."; cat $(LATEST)/resolved.txt; } > $(LOCK)
 
 # The suite (< 10 minutes); whole federations (real Flower processes, secure-aggregation rounds) are
 # `make test-federation`, which CI runs after it.
@@ -33,14 +54,14 @@ DEMO_ROOT := $(RUNS)/demo
 DEMO_POLICY := deploy/demo-bank-policy.toml
 demo: $(STAMP)
 	@if [ -d $(DEMO_ROOT) ]; then rm -rf $(DEMO_ROOT).prev && mv $(DEMO_ROOT) $(DEMO_ROOT).prev; fi
-	$(BIN)/python -m fl_server.launch --banks 3 --root $(DEMO_ROOT) \
+	$(BIN)/fedmoe-launch --banks 3 --root $(DEMO_ROOT) \
 		--policy bank-0=$(DEMO_POLICY) --policy bank-1=$(DEMO_POLICY) --policy bank-2=$(DEMO_POLICY) \
 		--run-config 'job-id="demo" num-rounds=3 model-preset="small" train-mode="lora" epsilon=8.0'
 	$(MAKE) --no-print-directory audit LEDGERS="$(DEMO_ROOT)/banks/*/privacy/*/ledger.jsonl $(DEMO_ROOT)/server/demo/ledger-mirror/*.jsonl" \
 		PINS="$(DEMO_ROOT)/keys/pins.json"
-	$(BIN)/python -m fl_client.export --job $(DEMO_ROOT)/server/demo/job.json \
+	$(BIN)/fedmoe-export --job $(DEMO_ROOT)/server/demo/job.json \
 		--node-config "bank-id='bank-0' state-dir='$(DEMO_ROOT)/banks/bank-0'" --out $(DEMO_ROOT)/final
-	$(BIN)/python -m model generate $(DEMO_ROOT)/final/merged --threads 1 --max-new-tokens 48 \
+	$(BIN)/fedmoe-generate $(DEMO_ROOT)/final/merged --threads 1 --max-new-tokens 48 \
 		--prompt "Card payment of" --prompt "Transfer to"
 
 # Privacy audit: verify hash chains and signatures, recompute epsilon (PLD + RDP), table + report.
@@ -48,19 +69,19 @@ LEDGERS ?= $(RUNS)/demo/banks/*/privacy/*/ledger.jsonl $(RUNS)/demo/server/demo/
 PINS ?= $(RUNS)/demo/keys/pins.json
 AUDIT_OUT ?= $(RUNS)/demo/audit
 audit: $(STAMP)
-	$(BIN)/python -m audit --out $(AUDIT_OUT) $$(for p in $(PINS); do printf -- '--pins %s ' "$$p"; done) $(LEDGERS)
+	$(BIN)/fedmoe-audit --out $(AUDIT_OUT) $$(for p in $(PINS); do printf -- '--pins %s ' "$$p"; done) $(LEDGERS)
 
 # The loopback deployment with the pyproject job config (override with RUN_CONFIG='k=v ...').
 federation: $(STAMP)
-	$(BIN)/python -m fl_server.launch --banks 3 --root $(RUNS)/federation --run-config '$(RUN_CONFIG)'
+	$(BIN)/fedmoe-launch --banks 3 --root $(RUNS)/federation --run-config '$(RUN_CONFIG)'
 
 # The same job with the banks simulated inside the SuperLink (Ray backend).
 simulation: $(STAMP)
-	$(BIN)/python -m fl_server.launch --simulation --banks 3 --root $(RUNS)/simulation --run-config '$(RUN_CONFIG)'
+	$(BIN)/fedmoe-launch --simulation --banks 3 --root $(RUNS)/simulation --run-config '$(RUN_CONFIG)'
 
 # One bank, no federation, no DP: fine-tune the small preset and report eval loss before/after.
 local-demo: $(STAMP)
-	$(BIN)/python -m fl_client.local --preset small --bank 0 --out $(RUNS)/local-demo
+	$(BIN)/fedmoe local --preset small --bank 0 --out $(RUNS)/local-demo
 
 # The experiment a consortium decides on (issue 16; docs/utility.md): every bank's held-out loss alone
 # with DP, federated with DP at 3/5/10/15 banks (same epsilon, same steps), and central without DP;
@@ -85,7 +106,7 @@ clean:
 # Per-site startup kits (server + one per bank: compose file, own certificates/keys only, node-config,
 # README) and the release every bank pins; the one-host docker-compose.yml reads its secrets from here.
 provision: $(STAMP)
-	$(BIN)/python -m fl_server.provision --out deploy/kits --banks 3 --app .
+	$(BIN)/fedmoe-provision --out deploy/kits --banks 3 --app .
 
 # The compose federation for real (Docker): build, 3-round tiny job with TLS + SuperNode auth, a bank
 # killed and restarted mid-job, an unapproved app refused, teardown. 10-20 min on 2 cores (not in CI).

@@ -4,10 +4,10 @@
 
 Prints ONE JSON line. For each train mode ("lora": FFA-LoRA on attention + experts; and
 "router+experts": the router and full expert banks) and each variant:
-    nonprivate  forward + backward + global-norm clip + AdamW (as fl_client.train.train_local)
+    nonprivate  forward + backward + global-norm clip + AdamW (as fedmoe.fl_client.train.train_local)
     hooks       Opacus GradSampleModule + DPOptimizer (every per-sample gradient instantiated)
     ghost       Opacus fast gradient clipping, ghost norms everywhere (two backward passes)
-    mixed       book-keeping mixed ghost clipping (one backward pass; fl_client.dp.bookkeeping)
+    mixed       book-keeping mixed ghost clipping (one backward pass; fedmoe.fl_client.dp.bookkeeping)
     mixed-secure  mixed with secure_mode: noise from the OS CSPRNG (the default of every deployment);
                 `secure_cost_ratio` = mixed-secure / mixed, measured in the same run
 one logical batch = one physical batch of --batch samples of --seq-len tokens, AdamW, noise on.
@@ -36,10 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fl_client.dp import DPConfig, make_private  # noqa: E402
-from model.deepseek import DeepseekForCausalLM, lm_loss, preset  # noqa: E402
-from model.lora import LoraConfig, configure_trainable  # noqa: E402
-from model.trainable import TrainableView  # noqa: E402
+from fedmoe.fl_client.dp import DPConfig, make_private  # noqa: E402
+from fedmoe.model.deepseek import DeepseekForCausalLM, lm_loss, preset  # noqa: E402
+from fedmoe.model.lora import LoraConfig, configure_trainable  # noqa: E402
+from fedmoe.model.trainable import TrainableView  # noqa: E402
 
 MODES = ("lora", "router+experts")
 VARIANTS = ("nonprivate", "hooks", "ghost", "mixed", "mixed-secure")

@@ -4,7 +4,7 @@ Prints one JSON line per update size: first 1M floats, then --elements (default 
 `small` preset's trainable size). K banks (default 10) each encrypt a distinct random update with
 a sample-count weight; the server aggregates with the public context only; a bank decrypts the mean.
 
-Also measured, to back the choices documented in crypto/:
+Also measured, to back the choices documented in fedmoe/crypto/:
   encrypt_public_raw_s / encrypt_symmetric_s: the same chunks encrypted with TenSEAL's public-key
       mode (what crypto uses) and its symmetric mode (needs the secret key), with their own error.
   add_s: the K-1 in-place adds alone, on already deserialized ciphertexts (aggregate_s adds the
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import tenseal as ts  # noqa: E402
 
-from crypto import (  # noqa: E402
+from fedmoe.crypto import (  # noqa: E402
     ExpectedHeader,
     aggregate,
     decrypt_bundle,
@@ -49,8 +49,8 @@ from crypto import (  # noqa: E402
     load_secret_context,
     parse_bundle,
 )
-from crypto.keys import CkksKey  # noqa: E402
-from crypto.packing import BundleHeader, CiphertextRef, load_chunk  # noqa: E402
+from fedmoe.crypto.keys import CkksKey  # noqa: E402
+from fedmoe.crypto.packing import BundleHeader, CiphertextRef, load_chunk  # noqa: E402
 
 T = TypeVar("T")
 LAYOUT = "bench-layout"
@@ -60,7 +60,7 @@ ROUND = 1
 def run_case(n: int, banks: int, secret: CkksKey, public: CkksKey, *, workers: int, repeat: int, seed: int) -> dict:
     load_at_start = round(os.getloadavg()[0], 2)
     rng = np.random.default_rng(seed)
-    # DP-noised LoRA-B deltas are small; weights are raw sample counts (see crypto/packing.py).
+    # DP-noised LoRA-B deltas are small; weights are raw sample counts (see fedmoe/crypto/packing.py).
     updates = [(rng.standard_normal(n) * 1e-3).astype(np.float32) for _ in range(banks)]
     weights = [float(w) for w in rng.integers(1_000, 10_000, size=banks)]
 
@@ -165,7 +165,7 @@ def time_adds_only(bundles: dict[str, bytes], public: CkksKey) -> float:
     return time.perf_counter() - t
 
 
-# ---- process-parallel variant (experiment; crypto.aggregate stays single-process) -------------
+# ---- process-parallel variant (experiment; fedmoe.crypto.aggregate stays single-process) -------------
 _worker_ctx: ts.Context | None = None
 
 

@@ -8,9 +8,9 @@ memory) and reports:
     load_over_size    (peak - baseline) / checkpoint bytes   <- the number the issue bounds (~1.3x)
     peak_over_size    peak / checkpoint bytes (includes the interpreter and torch itself)
 Loaders:
-    old          model/checkpoint.py as of commit OLD_COMMIT (git show), imported from a temp file:
+    old          fedmoe/model/checkpoint.py as of commit OLD_COMMIT (git show), imported from a temp file:
                  read every tensor, stack experts, build a random fp32 model, cast, copy
-    new          model.checkpoint.load_pretrained(dtype=bf16): headers first, meta-device model,
+    new          fedmoe.model.checkpoint.load_pretrained(dtype=bf16): headers first, meta-device model,
                  tensor-by-tensor reads into final storage
     transformers AutoModelForCausalLM.from_pretrained(dtype=bf16) (only with --transformers)
 Both our loaders must produce the same weights (sha256 over the state dict, compared).
@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OLD_COMMIT = "bfc5b03e3e4400f61da8d079848689793339ac58"  # last model/checkpoint.py before the meta loader
+# the last model/checkpoint.py before the meta loader (the tree had no fedmoe/ namespace then)
+OLD_COMMIT = "bfc5b03e3e4400f61da8d079848689793339ac58"
 
 
 def _status_mb(field: str) -> float:
@@ -44,8 +45,8 @@ def make_checkpoint(out_dir: Path, size_mb: int) -> int:
     """Random bf16 weights with a DeepSeek-V3 layout; experts sized to reach size_mb."""
     import torch
 
-    from model.checkpoint import base_state_dict, write_checkpoint
-    from model.deepseek import DeepseekForCausalLM, preset
+    from fedmoe.model.checkpoint import base_state_dict, write_checkpoint
+    from fedmoe.model.deepseek import DeepseekForCausalLM, preset
 
     D, F, E = 1024, 512, 32  # one MoE layer's experts: 3 * D * F * E * 2 bytes ~ 100 MB
     per_layer = 3 * D * F * E * 2
@@ -69,14 +70,14 @@ def child(loader: str, ckpt: Path, old_module: Path | None) -> None:
     """Runs in a fresh process: load once, report memory (and a hash of what was loaded)."""
     import torch
 
-    import model.checkpoint  # noqa: F401  (counted in the baseline, like the imports of a real caller)
+    import fedmoe.model.checkpoint  # noqa: F401  (counted in the baseline, like the imports of a real caller)
 
     if loader == "transformers":
         import transformers  # noqa: F401
     baseline = _status_mb("VmRSS")
     started = time.perf_counter()
     if loader == "new":
-        from model.checkpoint import load_pretrained
+        from fedmoe.model.checkpoint import load_pretrained
 
         loaded = load_pretrained(ckpt, dtype=torch.bfloat16)
     elif loader == "old":

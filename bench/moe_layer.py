@@ -11,7 +11,7 @@ Entries:
     dense_ceiling  one dense MLP over the same N = T*K rows: same FLOPs, no routing overhead
     dp_*           DP-SGD book-keeping step on the same layer: backward for activation grads
                    only, per-sample grad norms of both expert banks, clip, then the clipped
-                   weight grads in one pass (kernels.per_sample)
+                   weight grads in one pass (fedmoe.kernels.per_sample)
 TFLOP/s counts the expert GEMMs only, forward + backward (3 x 2 N (2FD + FD)), for every entry
 (DP entries do extra norm work on top, so theirs is an effective rate).
 
@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels import (
+from fedmoe.kernels import (
     RoutingSpec,
     align_by_expert,
     expert_grad_norm2,
@@ -39,7 +39,7 @@ from kernels import (
     expert_weight_grad_clipped,
     route,
 )
-from kernels.backend import triton_reason
+from fedmoe.kernels.backend import triton_reason
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ def run_job(repo: Path, root: Path, banks: int, rounds: int, aggregation: str, p
         f'job-id="overhead" num-rounds={rounds} model-preset="tiny" train-mode="lora" local-steps=5 '
         f'records-per-bank=400 aggregation="{aggregation}" round-timeout=600.0'
     )
-    argv = [sys.executable, "-m", "fl_server.launch", "--banks", str(banks), "--root", str(root)]
+    argv = [sys.executable, "-m", "fedmoe.fl_server.launch", "--banks", str(banks), "--root", str(root)]
     argv += ["--port", str(port), "--run-config", run_config]
     for i in range(banks):
         argv += ["--policy", f"bank-{i}={POLICY}"]

@@ -56,7 +56,7 @@ def run_job(banks: int, args: argparse.Namespace, root: Path) -> tuple[float, in
         f"local-steps={args.local_steps} records-per-bank={args.records} min-banks=3 "
         f"round-timeout={args.round_timeout} {args.run_config}"
     )
-    argv = [sys.executable, "-m", "fl_server.launch", "--banks", str(banks), "--root", str(root)]
+    argv = [sys.executable, "-m", "fedmoe.fl_server.launch", "--banks", str(banks), "--root", str(root)]
     argv += ["--port", str(args.port), "--run-config", run_config]
     if args.mode == "simulation":
         argv.append("--simulation")

@@ -12,7 +12,7 @@ torch is missing). For each bank count (default 3, 5, 10, 15) it runs one full r
             unmasking (Shamir reconstruction, residual masks, one plaintext add, serialization)
   bytes_sent_per_bank: advertisement + share reply + masked input + consent + unmask reply
   bytes_per_float: the masked-input bundle over the update length
-  ckks: the shared-key CKKS path on the same updates (crypto.encrypt_update / aggregate / decrypt_mean)
+  ckks: the shared-key CKKS path on the same updates (fedmoe.crypto.encrypt_update / aggregate / decrypt_mean)
 Timings are single runs on a shared box (loadavg is reported); 2 cores here.
 Run: .venv/bin/python bench/secagg.py [--banks 3,5,10,15] [--elements N]
 """
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import tenseal as ts  # noqa: E402
 
-from crypto import (  # noqa: E402
+from fedmoe.crypto import (  # noqa: E402
     ExpectedHeader,
     aggregate,
     decrypt_mean,
@@ -45,20 +45,20 @@ from crypto import (  # noqa: E402
     load_public_context,
     load_secret_context,  # noqa: E402
 )
-from crypto.identity import ConsortiumPins, generate_identity  # noqa: E402
-from crypto.secagg.bank import BankSecAgg, open_aggregate  # noqa: E402
-from crypto.secagg.bfv import load_bfv_public  # noqa: E402
-from crypto.secagg.bfv_secret import bfv_keygen, load_bfv_secret  # noqa: E402
-from crypto.secagg.server import ServerSecAgg  # noqa: E402
+from fedmoe.crypto.identity import ConsortiumPins, generate_identity  # noqa: E402
+from fedmoe.crypto.secagg.bank import BankSecAgg, open_aggregate  # noqa: E402
+from fedmoe.crypto.secagg.bfv import load_bfv_public  # noqa: E402
+from fedmoe.crypto.secagg.bfv_secret import bfv_keygen, load_bfv_secret  # noqa: E402
+from fedmoe.crypto.secagg.server import ServerSecAgg  # noqa: E402
 
 SMALL_LORA_FLOATS = 219_136  # `small` preset, LoRA rank 8, B only (fallback when torch is missing)
 
 
 def small_view_size() -> tuple[int, str]:
     try:
-        from model.deepseek import PRESETS, DeepseekForCausalLM
-        from model.lora import LoraConfig, configure_trainable
-        from model.trainable import TrainableView
+        from fedmoe.model.deepseek import PRESETS, DeepseekForCausalLM
+        from fedmoe.model.lora import LoraConfig, configure_trainable
+        from fedmoe.model.trainable import TrainableView
     except ImportError:
         return SMALL_LORA_FLOATS, "constant"
     model = DeepseekForCausalLM(PRESETS["small"])

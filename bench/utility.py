@@ -3,7 +3,7 @@
     .venv/bin/python bench/utility.py [--banks 3,5,10,15] [--rounds 4] [--local-steps 10] ...
     make experiment
 
-On the synthetic non-IID bank corpus (fl_client.data: each bank its own locale, products,
+On the synthetic non-IID bank corpus (fedmoe.fl_client.data: each bank its own locale, products,
 templates), with the same compute and the same epsilon per bank, for every bank:
     alone       the bank trains alone with DP: the same rounds x local steps on its own data only,
                 the same epsilon (a federation of one, through the same code);
@@ -12,7 +12,7 @@ templates), with the same compute and the same epsilon per bank, for every bank:
     central     plain (non-private) training on the union of every bank's training data: the
                 ceiling, with the same total steps (rounds x local steps at the same batch size).
 Each loss is the mean next-token cross-entropy on the bank's own held-out records
-(fl_client.train.evaluate), and
+(fedmoe.fl_client.train.evaluate), and
     gap_share = (loss_alone - loss_federated) / (loss_alone - loss_central)
 is the share of the gap between training alone and the non-private ceiling that federating
 closes (1 = federated reaches the ceiling, 0 = no better than alone, < 0 = worse). The goal for
@@ -20,17 +20,17 @@ the defaults: gap_share >= 0.5 for every bank at 3 banks, and more banks close m
 Prints ONE JSON line and writes a plot (--plot, default runs/experiment/utility.png).
 
 How a round runs (in-process: no Flower, no encryption). Every member starts from the global
-trainable view, runs `fl_client.dp.train_private_round` (real Poisson sampling, per-sample
+trainable view, runs `fedmoe.fl_client.dp.train_private_round` (real Poisson sampling, per-sample
 clipping, Gaussian noise, the real PRV accountant calibrating sigma for the planned rounds and
 checking the budget before every round), its delta = local - global; the mean of the deltas with
 weight 1 per bank is applied to the global view. That is exactly what the encrypted path computes
-(fl_client/bank.py + crypto: the secure aggregate of the deltas differs from the plaintext mean by
-~1e-10). Data: `fl_client.task.load_bank_data` with a `protocol.config.JobConfig` and a
-`fl_client.config.BankConfig` (partition-id = bank index). The corpus is always drawn with
+(fedmoe/fl_client/bank.py + crypto: the secure aggregate of the deltas differs from the plaintext mean by
+~1e-10). Data: `fedmoe.fl_client.task.load_bank_data` with a `fedmoe.protocol.config.JobConfig` and a
+`fedmoe.fl_client.config.BankConfig` (partition-id = bank index). The corpus is always drawn with
 `synthetic-banks` = the largest federation, because `make_bank_profiles` draws every profile from
 one stream: bank 0's data must be the same records in every federation it joins.
 
-Noise is seeded (`secure-mode=false`, seeds from `fl_client.task.round_seed`) so that runs are
+Noise is seeded (`secure-mode=false`, seeds from `fedmoe.fl_client.task.round_seed`) so that runs are
 reproducible and every method sees the same batches and noise draws for a given bank and round;
 shipped runs draw sampling and noise from the OS CSPRNG (secure_mode), which changes the draws,
 not the mechanism, sigma or the accounting.
@@ -60,7 +60,7 @@ round (fresh AdamW every round, plain mean) federating makes 14 of 15 banks wors
 Part 2 options (experiments, not shipped behaviour; fl_client is not edited):
     --keep-optimizer-state   each bank keeps its AdamW moments across its rounds (fl_client
                              builds a fresh optimizer every round); done by wrapping
-                             `fl_client.dp.engine._base_optimizer` for the bank's round.
+                             `fedmoe.fl_client.dp.engine._base_optimizer` for the bank's round.
     --server-opt scaled|avgm|adam   a server-side step on the mean delta (server_lr x mean,
                              FedAvgM, FedAdam; Reddi et al., ICLR 2021): post-processing of DP
                              outputs, a pure function of the aggregates, applied identically by
@@ -93,16 +93,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fl_client.dp.accountant as accountant_module  # noqa: E402
-import fl_client.dp.engine as engine_module  # noqa: E402
-import fl_client.dp.trainer as trainer_module  # noqa: E402
-from fl_client.config import BankConfig  # noqa: E402
-from fl_client.dp import train_private_round  # noqa: E402
-from fl_client.dp.accountant import AccountantState  # noqa: E402
-from fl_client.task import BankData, build_model, dp_config, load_bank_data, round_seed  # noqa: E402
-from fl_client.train import TrainConfig, evaluate, train_local  # noqa: E402
-from model.trainable import TrainableView  # noqa: E402
-from protocol.config import JobConfig  # noqa: E402
+import fedmoe.fl_client.dp.accountant as accountant_module  # noqa: E402
+import fedmoe.fl_client.dp.engine as engine_module  # noqa: E402
+import fedmoe.fl_client.dp.trainer as trainer_module  # noqa: E402
+from fedmoe.fl_client.config import BankConfig  # noqa: E402
+from fedmoe.fl_client.dp import train_private_round  # noqa: E402
+from fedmoe.fl_client.dp.accountant import AccountantState  # noqa: E402
+from fedmoe.fl_client.task import BankData, build_model, dp_config, load_bank_data, round_seed  # noqa: E402
+from fedmoe.fl_client.train import TrainConfig, evaluate, train_local  # noqa: E402
+from fedmoe.model.trainable import TrainableView  # noqa: E402
+from fedmoe.protocol.config import JobConfig  # noqa: E402
 
 logger = logging.getLogger("bench.utility")
 
@@ -166,7 +166,7 @@ def bank_config(i: int, root: Path) -> BankConfig:
 def memoized_accounting() -> Iterator[None]:
     """Memoizes sigma calibration per plan (ignoring the bank's name) and epsilon per history.
 
-    Both are pure functions of plain numbers (fl_client.dp.accountant); every bank here has the
+    Both are pure functions of plain numbers (fedmoe.fl_client.dp.accountant); every bank here has the
     same plan, so one computation serves all of them. Restored on exit.
     """
     calibrate, epsilon = trainer_module.noise_multiplier_for, accountant_module.epsilon_for_history

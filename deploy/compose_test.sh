@@ -61,7 +61,7 @@ IMAGE_SIZE=$(docker image inspect -f '{{.Size}}' fedmoe:latest)
 # ---- kits and the federation ---------------------------------------------------------------------
 log "provisioning deploy/kits (CA, SuperLink cert, bank keys, released app pinned by every bank)"
 find deploy/kits -mindepth 1 -maxdepth 1 ! -name .gitignore -exec rm -rf {} +
-$PY -m fl_server.provision --out deploy/kits --banks 3 --app "$SRC" > "$OUT/provision.log"
+$PY -m fedmoe.fl_server.provision --out deploy/kits --banks 3 --app "$SRC" > "$OUT/provision.log"
 APP=deploy/kits/release/app
 DIGEST=$(cut -d' ' -f1 deploy/kits/release/app.sha256)
 PORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')

@@ -1,6 +1,6 @@
 """The ledger audit: chains, independent epsilon, mirror cross-checks, the report and the CLI.
 
-The job's ledgers are realistic: every history and epsilon comes from fl_client.dp's own
+The job's ledgers are realistic: every history and epsilon comes from fedmoe.fl_client.dp's own
 calibration and accountant (`noise_multiplier_for`, `check_budget`), exactly what
 `train_private_round` reports, without the (irrelevant here) local steps.
 """
@@ -15,14 +15,29 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from audit import audit_ledgers, render_table, write_html_report
-from audit.__main__ import main
-from crypto.identity import ConsortiumPins, generate_identity, write_pins
-from fl_client.dp import AccountantState, BudgetExceeded, DPConfig, HistoryEntry, RoundPrivacyReport, check_budget
-from fl_client.dp.accountant import noise_multiplier_for, sample_rate_for
-from fl_client.ledger import round_entry
-from protocol.accounting import epsilon_pld, epsilon_rdp
-from protocol.ledger import CHAIN_FIELDS, Ledger, canonical_json, commitment_of, entry_hash, mirror_entry, mirror_path
+from fedmoe.audit import audit_ledgers, render_table, write_html_report
+from fedmoe.audit.__main__ import main
+from fedmoe.crypto.identity import ConsortiumPins, generate_identity, write_pins
+from fedmoe.fl_client.dp import (
+    AccountantState,
+    BudgetExceeded,
+    DPConfig,
+    HistoryEntry,
+    RoundPrivacyReport,
+    check_budget,
+)
+from fedmoe.fl_client.dp.accountant import noise_multiplier_for, sample_rate_for
+from fedmoe.fl_client.ledger import round_entry
+from fedmoe.protocol.accounting import epsilon_pld, epsilon_rdp
+from fedmoe.protocol.ledger import (
+    CHAIN_FIELDS,
+    Ledger,
+    canonical_json,
+    commitment_of,
+    entry_hash,
+    mirror_entry,
+    mirror_path,
+)
 
 JOB, N = "job-7", 48
 _KEYS = Path(tempfile.mkdtemp(prefix="identities-"))

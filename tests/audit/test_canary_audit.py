@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from audit import (
+from fedmoe.audit import (
     AuditError,
     CanaryAuditConfig,
     count_guesses,
@@ -19,7 +19,7 @@ from audit import (
     p_value,
     run_canary_audit,
 )
-from audit.__main__ import main
+from fedmoe.audit.__main__ import main
 
 
 def test_p_value_is_the_binomial_tail_plus_the_delta_term():

@@ -1,7 +1,7 @@
 """The audit report a privacy officer signs: self-contained HTML, findings.json, sign-off.
 
-Ledgers are written by the real writer (`protocol.ledger.Ledger` + `fl_client.ledger.round_entry`,
-signed by each bank's identity key), from fl_client.dp's own calibration and budget check
+Ledgers are written by the real writer (`fedmoe.protocol.ledger.Ledger` + `fedmoe.fl_client.ledger.round_entry`,
+signed by each bank's identity key), from fedmoe.fl_client.dp's own calibration and budget check
 (test_audit's helpers); crafted variants edit fields and re-chain, as test_audit does.
 """
 
@@ -19,10 +19,10 @@ import pytest
 from rich.console import Console
 from test_audit import N, accountant_round, dp_config, read
 
-from audit import audit_ledgers, render_table
-from audit.__main__ import main
-from audit.canary import CanaryAuditResult
-from audit.report import (
+from fedmoe.audit import audit_ledgers, render_table
+from fedmoe.audit.__main__ import main
+from fedmoe.audit.canary import CanaryAuditResult
+from fedmoe.audit.report import (
     CHAIN_BROKEN,
     REPORT_FILE,
     SHA256_FILE,
@@ -33,13 +33,13 @@ from audit.report import (
     sha256_of,
     write_report,
 )
-from audit.signoff import SIGNOFF_FILE, SignOffError, sign_off, verify_sign_off
-from audit.verify import AuditResult, BankSummary, RoundPoint
-from crypto.identity import ConsortiumPins, generate_identity
-from fl_client.dp import AccountantState, BudgetExceeded, HistoryEntry
-from fl_client.dp.accountant import noise_multiplier_for, sample_rate_for
-from fl_client.ledger import round_entry
-from protocol.ledger import CHAIN_FIELDS, Ledger, commitment_of, mirror_entry, mirror_path
+from fedmoe.audit.signoff import SIGNOFF_FILE, SignOffError, sign_off, verify_sign_off
+from fedmoe.audit.verify import AuditResult, BankSummary, RoundPoint
+from fedmoe.crypto.identity import ConsortiumPins, generate_identity
+from fedmoe.fl_client.dp import AccountantState, BudgetExceeded, HistoryEntry
+from fedmoe.fl_client.dp.accountant import noise_multiplier_for, sample_rate_for
+from fedmoe.fl_client.ledger import round_entry
+from fedmoe.protocol.ledger import CHAIN_FIELDS, Ledger, commitment_of, mirror_entry, mirror_path
 
 JOB = "job-report"
 BANKS = ("bank-a", "bank-b", "bank-c")

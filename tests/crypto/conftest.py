@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from crypto import CkksKey, KeyFiles, keygen, load_public_context, load_secret_context
+from fedmoe.crypto import CkksKey, KeyFiles, keygen, load_public_context, load_secret_context
 
 
 @pytest.fixture(scope="session")
@@ -28,26 +28,26 @@ def other_key_files(tmp_path_factory: pytest.TempPathFactory) -> KeyFiles:
     return keygen(tmp_path_factory.mktemp("other_keys"))
 
 
-# ---- secure aggregation (crypto/secagg): BFV keys and bank identities, made once per session
+# ---- secure aggregation (fedmoe/crypto/secagg): BFV keys and bank identities, made once per session
 
 
 @pytest.fixture(scope="session")
 def bfv_files(tmp_path_factory: pytest.TempPathFactory):
-    from crypto.secagg.bfv_secret import bfv_keygen
+    from fedmoe.crypto.secagg.bfv_secret import bfv_keygen
 
     return bfv_keygen(tmp_path_factory.mktemp("bfv"))
 
 
 @pytest.fixture(scope="session")
 def bfv_secret(bfv_files):
-    from crypto.secagg.bfv_secret import load_bfv_secret
+    from fedmoe.crypto.secagg.bfv_secret import load_bfv_secret
 
     return load_bfv_secret(bfv_files.secret_path)
 
 
 @pytest.fixture(scope="session")
 def bfv_public(bfv_files):
-    from crypto.secagg.bfv import load_bfv_public
+    from fedmoe.crypto.secagg.bfv import load_bfv_public
 
     return load_bfv_public(bfv_files.public_path)
 
@@ -55,7 +55,7 @@ def bfv_public(bfv_files):
 @pytest.fixture(scope="session")
 def identities(tmp_path_factory: pytest.TempPathFactory):
     """Eight bank identities (bank0..bank7) and their pins."""
-    from crypto.identity import ConsortiumPins, generate_identity
+    from fedmoe.crypto.identity import ConsortiumPins, generate_identity
 
     folder = tmp_path_factory.mktemp("ids")
     ids = [generate_identity(folder / f"bank{i}.identity.secret", f"bank{i}") for i in range(8)]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crypto import CkksKey, ExpectedHeader, encrypt_update
+from fedmoe.crypto import CkksKey, ExpectedHeader, encrypt_update
 
 LAYOUT = "3f1c" * 16  # stands in for the model side's layout hash (64 hex chars)
 ROUND = 3

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from crypto.identity import ConsortiumPins, Identity
-from crypto.secagg.bank import BankSecAgg
-from crypto.secagg.bfv import BfvKey
-from crypto.secagg.messages import RoundSetup, SecureAggregate
-from crypto.secagg.server import ServerSecAgg
+from fedmoe.crypto.identity import ConsortiumPins, Identity
+from fedmoe.crypto.secagg.bank import BankSecAgg
+from fedmoe.crypto.secagg.bfv import BfvKey
+from fedmoe.crypto.secagg.messages import RoundSetup, SecureAggregate
+from fedmoe.crypto.secagg.server import ServerSecAgg
 
 JOB = "job-secagg"
 

@@ -13,7 +13,7 @@ import pytest
 import tenseal as ts
 from crypto_helpers import LAYOUT, ROUND, encrypt_all, expected_for, make_updates, plain_weighted_mean
 
-from crypto import (
+from fedmoe.crypto import (
     CkksKey,
     CryptoError,
     aggregate,
@@ -24,7 +24,7 @@ from crypto import (
     load_secret_context,
     parse_bundle,
 )
-from crypto.packing import BundleHeader, pack_bundle
+from fedmoe.crypto.packing import BundleHeader, pack_bundle
 
 K = 5
 N = 3 * 4096 + 5  # 4 chunks, the last one partly filled

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from crypto_helpers import path_mode
 
-from crypto.errors import CryptoError
-from crypto.secagg.bfv import encrypt_residues, load_bfv_public
-from crypto.secagg.bfv_secret import bfv_keygen, decrypt_residues
-from crypto.secagg.ceremony import KeyDelivery, KeyRequest, accept_key, deliver_key, request_key
+from fedmoe.crypto.errors import CryptoError
+from fedmoe.crypto.secagg.bfv import encrypt_residues, load_bfv_public
+from fedmoe.crypto.secagg.bfv_secret import bfv_keygen, decrypt_residues
+from fedmoe.crypto.secagg.ceremony import KeyDelivery, KeyRequest, accept_key, deliver_key, request_key
 
 
 def test_key_reaches_each_bank_sealed_and_signed(tmp_path: Path, identities) -> None:

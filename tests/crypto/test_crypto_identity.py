@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from crypto_helpers import path_mode
 
-from crypto.errors import CryptoError
-from crypto.identity import ConsortiumPins, generate_identity, load_identity, load_pins, write_pins
+from fedmoe.crypto.errors import CryptoError
+from fedmoe.crypto.identity import ConsortiumPins, generate_identity, load_identity, load_pins, write_pins
 
 
 def test_identity_file_is_private_and_round_trips(tmp_path: Path) -> None:
@@ -78,8 +78,8 @@ def test_pins_file_round_trip(tmp_path: Path) -> None:
 
 
 def test_cli_identity_pins_and_bfv_keygen(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from crypto.__main__ import main as cli_main
-    from crypto.secagg.bfv import load_bfv_public
+    from fedmoe.crypto.__main__ import main as cli_main
+    from fedmoe.crypto.secagg.bfv import load_bfv_public
 
     lines = []
     for bank in ("bank-a", "bank-b"):

@@ -15,9 +15,9 @@ import pytest
 import tenseal as ts
 from crypto_helpers import LAYOUT, path_mode
 
-import crypto.keys
-import protocol.files
-from crypto import (
+import fedmoe.crypto.keys
+import fedmoe.protocol.files
+from fedmoe.crypto import (
     CkksParams,
     CryptoError,
     ExpectedHeader,
@@ -30,7 +30,7 @@ from crypto import (
     load_public_context,
     load_secret_context,
 )
-from crypto.__main__ import main as cli_main
+from fedmoe.crypto.__main__ import main as cli_main
 
 
 def test_keygen_writes_private_files_without_leftovers(key_files: KeyFiles) -> None:
@@ -119,7 +119,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest
     def boom(src: str, dst: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(protocol.files.os, "replace", boom)  # the one atomic-write helper
+    monkeypatch.setattr(fedmoe.protocol.files.os, "replace", boom)  # the one atomic-write helper
     with pytest.raises(OSError, match="disk full"):
         keygen(tmp_path)
     assert list(tmp_path.iterdir()) == []  # neither the key file nor its temp file
@@ -163,18 +163,18 @@ def test_cli_keygen(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_cli_runs_as_module(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "crypto", "keygen", "--out", str(tmp_path / "k")],
+        [sys.executable, "-m", "fedmoe.crypto", "keygen", "--out", str(tmp_path / "k")],
         capture_output=True,
         text=True,
         check=False,
-        cwd=Path(crypto.keys.__file__).resolve().parents[1],  # repo root, as `make test` runs it
+        cwd=Path(fedmoe.crypto.keys.__file__).resolve().parents[2],  # repo root, as `make test` runs it
     )
     assert proc.returncode == 0, proc.stderr
     assert "key id:" in proc.stdout
 
 
 def test_logs_carry_ids_not_key_material(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.DEBUG, logger="crypto"):
+    with caplog.at_level(logging.DEBUG, logger="fedmoe.crypto"):
         files = keygen(tmp_path)
         secret = load_secret_context(files.secret_path)
         public = load_public_context(files.public_path)

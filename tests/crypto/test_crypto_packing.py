@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from crypto_helpers import LAYOUT, ROUND, expected_for, make_updates
 
-from crypto import CryptoError, decrypt_bundle, decrypt_mean, encrypt_update, load_secret_context, parse_bundle
-from crypto.packing import n_chunks_for
+from fedmoe.crypto import CryptoError, decrypt_bundle, decrypt_mean, encrypt_update, load_secret_context, parse_bundle
+from fedmoe.crypto.packing import n_chunks_for
 
 SLOTS = 4096  # N/2 at the default N=8192
 

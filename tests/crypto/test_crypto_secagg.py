@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from secagg_helpers import JOB, make_updates, run_round, start_round, weighted_mean
 
-from crypto.errors import CryptoError
-from crypto.secagg.bank import BankSecAgg, open_aggregate
-from crypto.secagg.bfv_secret import decrypt_residues
-from crypto.secagg.common import consent_quorum, pair_mask, pair_seed, self_mask
-from crypto.secagg.messages import (
+from fedmoe.crypto.errors import CryptoError
+from fedmoe.crypto.secagg.bank import BankSecAgg, open_aggregate
+from fedmoe.crypto.secagg.bfv_secret import decrypt_residues
+from fedmoe.crypto.secagg.common import consent_quorum, pair_mask, pair_seed, self_mask
+from fedmoe.crypto.secagg.messages import (
     EncryptedShare,
     KeyAdvertisement,
     MaskedInput,
@@ -25,9 +25,9 @@ from crypto.secagg.messages import (
     UnmaskOrder,
     UnmaskReply,
 )
-from crypto.secagg.params import default_threshold, dequantize, min_secure_threshold, sub_mod
-from crypto.secagg.primitives import shamir_combine
-from crypto.secagg.server import ServerSecAgg
+from fedmoe.crypto.secagg.params import default_threshold, dequantize, min_secure_threshold, sub_mod
+from fedmoe.crypto.secagg.primitives import shamir_combine
+from fedmoe.crypto.secagg.server import ServerSecAgg
 
 N = 3 * 4096 + 11  # 4 chunks (N + 1 values), the last one partly filled
 
@@ -163,7 +163,7 @@ def test_replayed_advertisement_is_refused(identities, bfv_public, bfv_secret) -
     bank = BankSecAgg(ids[0], pins)
     bank.advertise(r.setup)
     with pytest.raises(CryptoError) as e:
-        from crypto.secagg.common import verify_advertisement
+        from fedmoe.crypto.secagg.common import verify_advertisement
 
         verify_advertisement(KeyAdvertisement.from_bytes(old_adv), r.setup, pins)
     assert e.value.reason == "replay"
@@ -451,8 +451,9 @@ def test_server_refuses_a_secret_key_and_imports_no_secret_code(identities, bfv_
     with pytest.raises(CryptoError, match="secret key"):
         ServerSecAgg(setup, pins, bfv_secret)
     code = (
-        "import sys, crypto.secagg.server; "
-        "bad = [m for m in ('crypto.secagg.bank', 'crypto.secagg.bfv_secret', 'crypto.secagg.ceremony') "
+        "import sys, fedmoe.crypto.secagg.server; "
+        "bad = [m for m in ('fedmoe.crypto.secagg.bank', 'fedmoe.crypto.secagg.bfv_secret', "
+        "'fedmoe.crypto.secagg.ceremony') "
         "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )
     root = Path(__file__).resolve().parents[2]

@@ -8,9 +8,17 @@ import secrets
 import numpy as np
 import pytest
 
-from crypto.errors import CryptoError
-from crypto.secagg.params import SecAggParams, dequantize, is_prime, neighbourhood, plain_modulus_for, quantize
-from crypto.secagg.primitives import derive_key, new_x25519, open_sealed, prg_mod, seal, shamir_combine, shamir_split
+from fedmoe.crypto.errors import CryptoError
+from fedmoe.crypto.secagg.params import SecAggParams, dequantize, is_prime, neighbourhood, plain_modulus_for, quantize
+from fedmoe.crypto.secagg.primitives import (
+    derive_key,
+    new_x25519,
+    open_sealed,
+    prg_mod,
+    seal,
+    shamir_combine,
+    shamir_split,
+)
 
 
 def test_shamir_any_t_shares_recover_fewer_do_not() -> None:

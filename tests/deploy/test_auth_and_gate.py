@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from fl_client import app_gate as gate
-from fl_client.executor import WarmClientApps
-from fl_server.deploy import loopback_topology
-from fl_server.launch import Deployment, ensure_keys, ensure_tls, flwr_env
+from fedmoe.fl_client import app_gate as gate
+from fedmoe.fl_client.executor import WarmClientApps
+from fedmoe.fl_server.deploy import loopback_topology, service_commands
+from fedmoe.fl_server.launch import Deployment, ensure_keys, ensure_tls, flwr_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,7 +91,7 @@ def test_gate_fails_closed(tmp_path, evil_app):
 
 def test_rebuilt_bundle_has_the_released_hash(tmp_path):
     """The hash `provision release` prints is the fab-hash `flwr run <staged app>` submits."""
-    from fl_server.provision import release
+    from fedmoe.fl_server.provision import release
 
     staged, digest = release(REPO, tmp_path / "release")
     assert hashlib.sha256(build_fab(staged)).hexdigest() == digest
@@ -117,7 +117,7 @@ def test_unregistered_supernode_cannot_join(tmp_path):
     topo = loopback_topology(
         2, root=str(root), key_path=str(root / "keys" / "k"), base_port=_free_port(), tls_dir=tls_dir, auth_dir=auth_dir
     )
-    assert "--enable-supernode-auth" in __import__("fl_server.deploy").deploy.service_commands(topo)["superlink"]
+    assert "--enable-supernode-auth" in service_commands(topo)["superlink"]
     deployment = Deployment(topo, root, flwr_env(root, topo.superlink_address, topo.ca_path))
     try:
         deployment.restart("superlink")

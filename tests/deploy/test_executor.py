@@ -1,5 +1,5 @@
-"""`fedmoe-superexec`: a bank's ClientApp tasks run in one warm process (fl_client/executor.py), and
-message objects are pulled again after 0.02 s instead of 1 s (protocol/flower.py). Both reach into
+"""`fedmoe-superexec`: a bank's ClientApp tasks run in one warm process (fedmoe/fl_client/executor.py), and
+message objects are pulled again after 0.02 s instead of 1 s (fedmoe/protocol/flower.py). Both reach into
 flwr 1.42 (pinned in pyproject.toml); these tests fail if the pieces they use move."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import inspect
 import sys
 from types import SimpleNamespace
 
-from fl_client.executor import WarmClientApps, forget_app_modules, warm_executor_class
-from fl_server.deploy import loopback_topology, service_commands
-from protocol import flower
+from fedmoe.fl_client.executor import WarmClientApps, forget_app_modules, warm_executor_class
+from fedmoe.fl_server.deploy import loopback_topology, service_commands
+from fedmoe.protocol import flower
 from tests.deploy.test_auth_and_gate import build_fab, evil_app  # noqa: F401 - fixture
 
 
@@ -80,7 +80,7 @@ def test_the_bundles_code_runs_not_an_older_copy(tmp_path, evil_app, monkeypatch
 
 
 def test_the_gate_is_on_unless_switched_off(monkeypatch):
-    from fl_client import executor
+    from fedmoe.fl_client import executor
 
     monkeypatch.delenv(executor.APPROVED_APPS_ENV, raising=False)
     assert executor.approved_apps_file() == executor.DEFAULT_APPROVED_APPS  # fail closed: nothing approved
@@ -113,7 +113,7 @@ def test_a_bundle_must_be_the_one_its_hash_names(tmp_path, evil_app, monkeypatch
     import pytest
     from flwr.supercore.fab import Fab
 
-    from fl_client.executor import AppRefused
+    from fedmoe.fl_client.executor import AppRefused
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     content = build_fab(evil_app)

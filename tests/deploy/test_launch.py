@@ -1,4 +1,4 @@
-"""fl_server.launch: refuses what cannot work before starting anything, reports failed jobs with a
+"""fedmoe.fl_server.launch: refuses what cannot work before starting anything, reports failed jobs with a
 non-zero exit and the failing component's error, stops every process on SIGTERM, logs without ANSI."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_server.launch import LaunchError, check_run_config, job_defaults, main, parse_run_config
+from fedmoe.fl_server.launch import LaunchError, check_run_config, job_defaults, main, parse_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = (
@@ -95,7 +95,7 @@ def _launch(root: Path, port: int, run_config: str) -> subprocess.Popen:
         [
             sys.executable,
             "-m",
-            "fl_server.launch",
+            "fedmoe.fl_server.launch",
             "--banks",
             "2",
             "--root",
@@ -166,7 +166,7 @@ def _submitted(rc: int = 0) -> subprocess.CompletedProcess:
 
 
 def test_job_outcome_names_what_failed(tmp_path):
-    from fl_server.launch import job_outcome
+    from fedmoe.fl_server.launch import job_outcome
 
     config = {"server-state-dir": str(tmp_path), "job-id": "j"}
     failed = job_outcome(_StubDeployment("finished:failed", tmp_path), _submitted(), config)
@@ -190,8 +190,8 @@ def test_job_outcome_names_what_failed(tmp_path):
 
 
 def test_missing_public_context_is_refused(tmp_path):
-    from crypto.keys import PUBLIC_FILE
-    from fl_server.launch import ensure_keys
+    from fedmoe.crypto.keys import PUBLIC_FILE
+    from fedmoe.fl_server.launch import ensure_keys
 
     ensure_keys(tmp_path / "keys")
     (tmp_path / "keys" / PUBLIC_FILE).unlink()
@@ -200,7 +200,7 @@ def test_missing_public_context_is_refused(tmp_path):
 
 
 def test_data_and_policy_reach_the_banks_node_config():
-    from fl_server.deploy import loopback_topology, service_commands
+    from fedmoe.fl_server.deploy import loopback_topology, service_commands
 
     topo = loopback_topology(
         2, root="/r", key_path="/r/k", data_paths={"bank-0": "/d/b0.jsonl"}, policy_files={"bank-1": "/p/b1.toml"}

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fl_server.provision import BankSpec, main, provision
+from fedmoe.fl_server.provision import BankSpec, main, provision
 
-PRIVATE_MARKERS = (b"PRIVATE KEY", b"FMIDKEY1")  # PEM/OpenSSH private keys, crypto.identity secrets
+PRIVATE_MARKERS = (b"PRIVATE KEY", b"FMIDKEY1")  # PEM/OpenSSH private keys, fedmoe.crypto.identity secrets
 
 
 def private_files(root: Path) -> dict[str, bytes]:

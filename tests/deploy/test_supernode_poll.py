@@ -9,8 +9,8 @@ import time
 
 from flwr.supernode import start_client_internal
 
-from fl_client import supernode
-from fl_server.deploy import FLOWER_ENV, loopback_topology, service_commands
+from fedmoe.fl_client import supernode
+from fedmoe.fl_server.deploy import FLOWER_ENV, loopback_topology, service_commands
 
 
 def test_flowers_supernode_loop_uses_time_only_to_sleep():

@@ -7,14 +7,14 @@ import json
 import torch
 from test_bank_policy import bank_config, make_job, train
 
-from fl_client.bank import Bank
-from fl_client.export import main
-from model.checkpoint import load_pretrained
-from protocol.messages import TrainStatus
+from fedmoe.fl_client.bank import Bank
+from fedmoe.fl_client.export import main
+from fedmoe.model.checkpoint import load_pretrained
+from fedmoe.protocol.messages import TrainStatus
 
 
 def test_the_exported_merged_model_has_the_banks_adapted_logits(tmp_path):
-    from crypto import keygen
+    from fedmoe.crypto import keygen
 
     keygen(tmp_path / "keys")
     job = make_job(tmp_path / "keys", tmp_path)

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from audit import audit_ledgers
-from crypto import keygen, load_public_context
-from crypto.keys import PUBLIC_FILE
-from fl_client.bank import handle_train
-from fl_client.config import BankConfig
-from protocol.config import JobConfig
-from protocol.ledger import Ledger
-from protocol.messages import RoundRequest, TrainStatus
+from fedmoe.audit import audit_ledgers
+from fedmoe.crypto import keygen, load_public_context
+from fedmoe.crypto.keys import PUBLIC_FILE
+from fedmoe.fl_client.bank import handle_train
+from fedmoe.fl_client.config import BankConfig
+from fedmoe.protocol.config import JobConfig
+from fedmoe.protocol.ledger import Ledger
+from fedmoe.protocol.messages import RoundRequest, TrainStatus
 
 
 @pytest.fixture(scope="module")

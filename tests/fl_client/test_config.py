@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fl_client.config import BankConfig, JobConfig
-from fl_client.errors import ConfigError
-from fl_client.policy import BankPolicy
+from fedmoe.fl_client.config import BankConfig, JobConfig
+from fedmoe.fl_client.errors import ConfigError
+from fedmoe.fl_client.policy import BankPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = ROOT / "pyproject.toml"

@@ -1,4 +1,4 @@
-"""fl_client.data: synthetic bank corpus, file loading and validation, split, packing."""
+"""fedmoe.fl_client.data: synthetic bank corpus, file loading and validation, split, packing."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fl_client.data import (
+from fedmoe.fl_client.data import (
     BANK_LOCALES,
     KINDS,
     LOCALE_STYLES,
@@ -27,7 +27,7 @@ from fl_client.data import (
     train_eval_split,
     write_jsonl,
 )
-from fl_client.errors import DataError
+from fedmoe.fl_client.errors import DataError
 
 EOS, PAD = 256, 257
 
@@ -437,7 +437,7 @@ def test_the_synthetic_corpus_is_the_same_in_every_process():
 
     code = (
         "import hashlib, json\n"
-        "from fl_client.data import make_bank_profiles, generate_bank_corpus\n"
+        "from fedmoe.fl_client.data import make_bank_profiles, generate_bank_corpus\n"
         "ps = make_bank_profiles(8, seed=0)\n"
         "print([hashlib.sha256(json.dumps(generate_bank_corpus(p, 20, seed=0), sort_keys=True, default=str)"
         ".encode()).hexdigest() for p in ps])\n"

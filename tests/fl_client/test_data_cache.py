@@ -8,10 +8,10 @@ import stat
 
 import torch
 
-import fl_client.task as task
-from fl_client.config import BankConfig
-from fl_client.data import cache
-from protocol.config import JobConfig
+import fedmoe.fl_client.task as task
+from fedmoe.fl_client.config import BankConfig
+from fedmoe.fl_client.data import cache
+from fedmoe.protocol.config import JobConfig
 
 
 def job_and_bank(tmp_path, **overrides) -> tuple[JobConfig, BankConfig]:

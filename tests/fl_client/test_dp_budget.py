@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_dp_helpers import packed, single_thread, tiny_model  # noqa: F401  (single_thread: autouse fixture)
 
-from fl_client.dp import (
+from fedmoe.fl_client.dp import (
     AccountantState,
     BudgetExceeded,
     DPConfig,
@@ -17,8 +17,8 @@ from fl_client.dp import (
     epsilon_for_history,
     train_private_round,
 )
-from model.deepseek import Router
-from model.trainable import TrainableView
+from fedmoe.model.deepseek import Router
+from fedmoe.model.trainable import TrainableView
 
 N, L = 48, 8
 
@@ -192,7 +192,7 @@ def test_config_errors_name_bank_field_expected_and_got(field, value, message):
 
 
 def test_packed_data_from_fl_client_data_is_accepted():
-    data_mod = pytest.importorskip("fl_client.data")
+    data_mod = pytest.importorskip("fedmoe.fl_client.data")
     records = [{"text": f"payment {i} to merchant {i % 7}", "customer_id": f"c{i % 10}"} for i in range(40)]
 
     def encode(text: str) -> list[int]:

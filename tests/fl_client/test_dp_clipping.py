@@ -10,7 +10,7 @@ from dp_accounting import dp_event
 from dp_accounting.pld import PLDAccountant
 from test_dp_helpers import reference_per_sample_grads, single_thread, tiny_model, token_batch, total_norms, trainable  # noqa: F401  (single_thread: autouse fixture)
 
-from fl_client.dp import DPConfig, HistoryEntry, epsilon_for_history, make_private, noise_multiplier_for
+from fedmoe.fl_client.dp import DPConfig, HistoryEntry, epsilon_for_history, make_private, noise_multiplier_for
 
 B, T = 6, 10
 

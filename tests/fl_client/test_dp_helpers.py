@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from model.deepseek import DeepseekForCausalLM, lm_loss, preset
-from model.lora import LoraConfig, configure_trainable
+from fedmoe.model.deepseek import DeepseekForCausalLM, lm_loss, preset
+from fedmoe.model.lora import LoraConfig, configure_trainable
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +64,7 @@ def token_batch(n: int, seq_len: int, *, vocab: int = 320, seed: int = 0) -> tup
 
 
 def packed(n: int, seq_len: int, *, seed: int = 0) -> SimpleNamespace:
-    """A stand-in for fl_client.data.PackedData: one unit (record) per sample."""
+    """A stand-in for fedmoe.fl_client.data.PackedData: one unit (record) per sample."""
     inputs, targets = token_batch(n, seq_len, seed=seed)
     return SimpleNamespace(
         inputs=inputs,
@@ -109,10 +109,10 @@ def test_reference_is_batch_independent():
 
 
 def test_step_progress_logs_a_tenth_of_the_round_at_a_time_with_the_time_left(caplog):
-    from fl_client.dp.trainer import StepProgress
+    from fedmoe.fl_client.dp.trainer import StepProgress
 
     progress = StepProgress(total=20, bank_id="bank-7")
-    with caplog.at_level("INFO", logger="fl_client.dp.trainer"):
+    with caplog.at_level("INFO", logger="fedmoe.fl_client.dp.trainer"):
         for step in range(1, 21):
             progress.step(step, mean_loss=5.0 - step / 100)
     lines = [r.getMessage() for r in caplog.records]

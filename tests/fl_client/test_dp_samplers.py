@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
 from test_dp_helpers import reference_per_sample_grads, single_thread, tiny_model, token_batch, total_norms, trainable  # noqa: F401  (single_thread: autouse fixture)
 
-from fl_client.dp import DPConfig, DPError, check_model, plan_norm_methods
-from fl_client.dp.bookkeeping import BookKeepingClipper
-from fl_client.dp.samplers.common import NORM_METHOD_ATTR, ghost_is_cheaper
-from fl_client.dp.samplers.expert import expert_grad_norm2_bucketed
-from kernels import expert_grad_sample, expert_weight_grad_clipped
-from model.deepseek import DeepseekForCausalLM, lm_loss, preset
-from model.lora import configure_trainable
+from fedmoe.fl_client.dp import DPConfig, DPError, check_model, plan_norm_methods
+from fedmoe.fl_client.dp.bookkeeping import BookKeepingClipper
+from fedmoe.fl_client.dp.samplers.common import NORM_METHOD_ATTR, ghost_is_cheaper
+from fedmoe.fl_client.dp.samplers.expert import expert_grad_norm2_bucketed
+from fedmoe.kernels import expert_grad_sample, expert_weight_grad_clipped
+from fedmoe.model.deepseek import DeepseekForCausalLM, lm_loss, preset
+from fedmoe.model.lora import configure_trainable
 
 MODES = ["lora", "router+experts", "full"]
 ROUTINGS = {

@@ -9,11 +9,11 @@ import pytest
 import torch
 from test_dp_helpers import packed, tiny_model
 
-from fl_client.dp import AccountantState, BudgetExceeded, DPConfig, train_private_round
-from fl_client.dp.accountant import HistoryEntry, noise_multiplier_for, sample_rate_for
-from fl_client.ledger import accountant_state_from_ledger, round_entry
-from protocol.accounting import epsilon_pld, epsilon_rdp
-from protocol.ledger import (
+from fedmoe.fl_client.dp import AccountantState, BudgetExceeded, DPConfig, train_private_round
+from fedmoe.fl_client.dp.accountant import HistoryEntry, noise_multiplier_for, sample_rate_for
+from fedmoe.fl_client.ledger import accountant_state_from_ledger, round_entry
+from fedmoe.protocol.accounting import epsilon_pld, epsilon_rdp
+from fedmoe.protocol.ledger import (
     BANK_SCHEMA,
     GENESIS_HASH,
     MIRROR_SCHEMA,

@@ -12,7 +12,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_client.app import app as client_app
+from fedmoe.fl_client.app import app as client_app
 
 
 class LocalGrid(Grid):

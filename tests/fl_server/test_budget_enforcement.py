@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from local_grid import LocalGrid
 
-from crypto import keygen
-from fl_server.console import SilentReporter
-from fl_server.federation import Federation
-from protocol.config import JobConfig
+from fedmoe.crypto import keygen
+from fedmoe.fl_server.console import SilentReporter
+from fedmoe.fl_server.federation import Federation
+from fedmoe.protocol.config import JobConfig
 
 
 @pytest.mark.slow
@@ -62,7 +62,7 @@ def test_exhausted_banks_are_dropped_then_job_ends(tmp_path):
     for record in state.rounds:  # the server never saw an epsilon (or anything that gives away n)
         assert all("epsilon-total" not in metrics for metrics in record.train_metrics.values())
     # the banks' ledgers verify, and the server's mirrors say who was received, dropped or skipped
-    from protocol.ledger import verify_chain
+    from fedmoe.protocol.ledger import verify_chain
 
     mirror_dir = Path(job.server_state_dir) / "budget" / "ledger-mirror"
     for bank in ("bank-0", "bank-1", "bank-2"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fl_server.deploy import FLOWER_ENV, compose_topology, loopback_topology, render_compose, service_commands
+from fedmoe.fl_server.deploy import FLOWER_ENV, compose_topology, loopback_topology, render_compose, service_commands
 
 REPO = Path(__file__).resolve().parents[2]
 # Flags whose values are deployment data (hosts, ports, paths); everything else must be identical.

@@ -1,6 +1,6 @@
 """End-to-end federations on 127.0.0.1: real SuperLink, SuperNodes, executors, DP-SGD and CKKS.
 
-These start real Flower processes (fl_server.launch), so they are the slowest tests in the suite.
+These start real Flower processes (fedmoe.fl_server.launch), so they are the slowest tests in the suite.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from crypto import ExpectedHeader, decrypt_mean, load_secret_context
-from crypto.keys import SECRET_FILE
-from fl_client.config import JobConfig
-from fl_client.state import load_tensors
-from fl_server.launch import job_paths, loopback
+from fedmoe.crypto import ExpectedHeader, decrypt_mean, load_secret_context
+from fedmoe.crypto.keys import SECRET_FILE
+from fedmoe.fl_client.config import JobConfig
+from fedmoe.fl_client.state import load_tensors
+from fedmoe.fl_server.launch import job_paths, loopback
 
 pytestmark = [pytest.mark.slow, pytest.mark.federation]
 

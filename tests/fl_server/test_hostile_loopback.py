@@ -31,17 +31,17 @@ import torch
 from safetensors import safe_open
 from test_federation_e2e import free_port_block, wait_for  # the shared loopback helpers
 
-from crypto.identity import ConsortiumPins, generate_identity, load_identity, load_pins, write_pins
-from crypto.keys import SECRET_FILE as CKKS_SECRET_FILE
-from crypto.secagg.bank import open_aggregate
-from crypto.secagg.bfv import SECRET_FILE as BFV_SECRET_FILE
-from crypto.secagg.bfv_secret import load_bfv_secret
-from crypto.secagg.messages import RoundSetup, SecureAggregate
-from fl_client.state import load_tensors
-from fl_server.deploy import BankNode, service_commands
-from fl_server.launch import job_paths, loopback, wait_for_port
-from protocol.config import PINS_FILE, identity_file_name
-from protocol.messages import unpack_secagg_result
+from fedmoe.crypto.identity import ConsortiumPins, generate_identity, load_identity, load_pins, write_pins
+from fedmoe.crypto.keys import SECRET_FILE as CKKS_SECRET_FILE
+from fedmoe.crypto.secagg.bank import open_aggregate
+from fedmoe.crypto.secagg.bfv import SECRET_FILE as BFV_SECRET_FILE
+from fedmoe.crypto.secagg.bfv_secret import load_bfv_secret
+from fedmoe.crypto.secagg.messages import RoundSetup, SecureAggregate
+from fedmoe.fl_client.state import load_tensors
+from fedmoe.fl_server.deploy import BankNode, service_commands
+from fedmoe.fl_server.launch import job_paths, loopback, wait_for_port
+from fedmoe.protocol.config import PINS_FILE, identity_file_name
+from fedmoe.protocol.messages import unpack_secagg_result
 
 pytestmark = [pytest.mark.slow, pytest.mark.federation]
 
@@ -113,7 +113,7 @@ def test_a_poisoned_masked_input_is_applied_by_no_honest_bank_and_its_round_is_q
     installed = Path(attacks[0]["fl_client"]).resolve().parent
     assert installed.is_relative_to((tmp_path / "flwr-home" / "apps").resolve()), installed
     for name in ("secagg_bank.py", "bank.py", "aggregate_check.py"):
-        assert (installed / name).read_bytes() == (ROOT / "fl_client" / name).read_bytes(), name
+        assert (installed / name).read_bytes() == (ROOT / "fedmoe" / "fl_client" / name).read_bytes(), name
 
     # The poisoned masked input was valid: round 2's sum holds d0 + d1 + 1e6 * d2 (BFV secret: test only).
     key = load_bfv_secret(tmp_path / "keys" / BFV_SECRET_FILE)
@@ -241,8 +241,8 @@ def test_an_impersonating_node_is_refused_recorded_against_its_node_and_never_en
     # the privacy officer's audit passes for the honest bank-0 (its ledger + the server's mirror)
     [ledger] = (tmp_path / "banks" / "bank-0").glob("privacy/*/ledger.jsonl")
     audit = subprocess.run(
-        [sys.executable, "-m", "audit", "--out", str(tmp_path / "audit"), "--pins", str(tmp_path / "keys" / PINS_FILE),
-         str(ledger), str(mirror / "bank-0.jsonl")],
+        [sys.executable, "-m", "fedmoe.audit", "--out", str(tmp_path / "audit"),
+         "--pins", str(tmp_path / "keys" / PINS_FILE), str(ledger), str(mirror / "bank-0.jsonl")],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-3000:]

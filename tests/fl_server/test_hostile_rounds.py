@@ -16,14 +16,14 @@ import pytest
 import torch
 from local_grid import LocalGrid
 
-from audit import audit_ledgers
-from crypto import keygen, load_secret_context
-from crypto.keys import SECRET_FILE
-from crypto.packing import decrypt_bundle, encrypt_update
-from fl_server.console import SilentReporter
-from fl_server.federation import Federation
-from protocol.config import JobConfig
-from protocol.messages import TrainReply
+from fedmoe.audit import audit_ledgers
+from fedmoe.crypto import keygen, load_secret_context
+from fedmoe.crypto.keys import SECRET_FILE
+from fedmoe.crypto.packing import decrypt_bundle, encrypt_update
+from fedmoe.fl_server.console import SilentReporter
+from fedmoe.fl_server.federation import Federation
+from fedmoe.protocol.config import JobConfig
+from fedmoe.protocol.messages import TrainReply
 
 CARD = "4111111111111111"
 
@@ -51,7 +51,7 @@ def banks(n: int) -> dict[int, dict]:
 
 
 def replica(tmp_path: Path, bank: str, job: str = "hostile") -> dict:
-    from fl_client.state import load_tensors
+    from fedmoe.fl_client.state import load_tensors
 
     return load_tensors(tmp_path / "banks" / bank / "jobs" / job / "replica.safetensors")
 

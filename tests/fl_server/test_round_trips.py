@@ -13,11 +13,11 @@ from local_grid import LocalGrid
 from rich.console import Console
 from test_hostile_rounds import run_config as hostile_run_config
 
-from crypto import keygen
-from fl_server.console import ConsoleReporter, summary_table
-from fl_server.federation import Federation
-from fl_server.state import RoundRecord, ServerState
-from protocol.config import JobConfig
+from fedmoe.crypto import keygen
+from fedmoe.fl_server.console import ConsoleReporter, summary_table
+from fedmoe.fl_server.federation import Federation
+from fedmoe.fl_server.state import RoundRecord, ServerState
+from fedmoe.protocol.config import JobConfig
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_POLICY = REPO / "deploy" / "demo-bank-policy.toml"  # releases train and eval losses

@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 from test_federation_e2e import free_port_block, wait_for  # the shared loopback helpers
 
-from crypto.identity import load_pins
-from crypto.secagg.bank import open_aggregate
-from crypto.secagg.bfv import SECRET_FILE as BFV_SECRET_FILE
-from crypto.secagg.bfv_secret import load_bfv_secret
-from crypto.secagg.messages import RoundSetup, SecureAggregate
-from fl_client.state import load_tensors
-from fl_server.launch import job_paths, loopback
-from protocol.config import PINS_FILE
-from protocol.messages import unpack_secagg_result
+from fedmoe.crypto.identity import load_pins
+from fedmoe.crypto.secagg.bank import open_aggregate
+from fedmoe.crypto.secagg.bfv import SECRET_FILE as BFV_SECRET_FILE
+from fedmoe.crypto.secagg.bfv_secret import load_bfv_secret
+from fedmoe.crypto.secagg.messages import RoundSetup, SecureAggregate
+from fedmoe.fl_client.state import load_tensors
+from fedmoe.fl_server.launch import job_paths, loopback
+from fedmoe.protocol.config import PINS_FILE
+from fedmoe.protocol.messages import unpack_secagg_result
 
 pytestmark = [pytest.mark.slow, pytest.mark.federation]
 

@@ -18,17 +18,17 @@ import numpy as np
 import pytest
 from local_grid import LocalGrid
 
-from crypto.identity import ConsortiumPins, generate_identity, load_identity, load_pins, write_pins
-from crypto.secagg.bank import open_aggregate
-from crypto.secagg.bfv import SECRET_FILE as BFV_SECRET_FILE
-from crypto.secagg.bfv_secret import load_bfv_secret
-from crypto.secagg.messages import RoundSetup, SecureAggregate
-from fl_client.state import load_tensors
-from fl_server.ceremony import loopback_ceremony
-from fl_server.console import SilentReporter
-from fl_server.federation import Federation
-from protocol.config import PINS_FILE, JobConfig, identity_file_name
-from protocol.messages import RoundRequest, SecAggStage, TrainReply, unpack_secagg_result
+from fedmoe.crypto.identity import ConsortiumPins, generate_identity, load_identity, load_pins, write_pins
+from fedmoe.crypto.secagg.bank import open_aggregate
+from fedmoe.crypto.secagg.bfv import SECRET_FILE as BFV_SECRET_FILE
+from fedmoe.crypto.secagg.bfv_secret import load_bfv_secret
+from fedmoe.crypto.secagg.messages import RoundSetup, SecureAggregate
+from fedmoe.fl_client.state import load_tensors
+from fedmoe.fl_server.ceremony import loopback_ceremony
+from fedmoe.fl_server.console import SilentReporter
+from fedmoe.fl_server.federation import Federation
+from fedmoe.protocol.config import PINS_FILE, JobConfig, identity_file_name
+from fedmoe.protocol.messages import RoundRequest, SecAggStage, TrainReply, unpack_secagg_result
 
 pytestmark = [pytest.mark.slow, pytest.mark.federation]
 

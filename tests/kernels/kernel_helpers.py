@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.backend import triton_importable, triton_interpreting
-from kernels.expert_gemm import expert_linear_reference
+from fedmoe.kernels.backend import triton_importable, triton_interpreting
+from fedmoe.kernels.expert_gemm import expert_linear_reference
 
 HAS_CUDA = torch.cuda.is_available()
 # Triton runs compiled on CUDA, else under the interpreter on CPU tensors (see conftest.py).

@@ -2,8 +2,8 @@
 
 import torch
 
-from kernels import expert_linear
-from kernels.backend import choose_backend, triton_interpreting
+from fedmoe.kernels import expert_linear
+from fedmoe.kernels.backend import choose_backend, triton_interpreting
 
 
 def test_auto_skips_interpreted_triton(monkeypatch):

@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from kernels import KernelError, choose_backend
-from kernels.backend import ENV_VAR, grouped_mm_reason, triton_reason
+from fedmoe.kernels import KernelError, choose_backend
+from fedmoe.kernels.backend import ENV_VAR, grouped_mm_reason, triton_reason
 
 BOTH_OK = {"triton": None, "grouped_mm": None}
 
@@ -59,11 +59,11 @@ def test_unknown_names_raise(monkeypatch) -> None:
 def test_choice_is_logged_once(monkeypatch, caplog) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as on a GPU box: Triton qualifies for auto
     monkeypatch.delenv(ENV_VAR, raising=False)
-    with caplog.at_level(logging.INFO, logger="kernels.backend"):
+    with caplog.at_level(logging.INFO, logger="fedmoe.kernels.backend"):
         for _ in range(3):
             choose_backend("log_once_probe", "auto", BOTH_OK)
     assert [r.getMessage() for r in caplog.records].count(
-        "kernels.log_once_probe: running the triton backend (auto)"
+        "fedmoe.kernels.log_once_probe: running the triton backend (auto)"
     ) == 1
 
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 from kernel_helpers import TRITON_DEVICE, TRITON_DTYPES, assert_close, needs_cuda, needs_triton, randn, routed_rows
 
-from kernels import (
+from fedmoe.kernels import (
     KernelError,
     align_by_expert,
     expert_linear,
     expert_linear_reference,
 )
-from kernels.backend import grouped_mm_reason
+from fedmoe.kernels.backend import grouped_mm_reason
 
 # (rows, experts, in width, out width, expert with no rows)
 LINEAR_CASES = [
@@ -144,7 +144,7 @@ def test_validation_messages() -> None:
 
 
 def test_env_forces_reference_through_the_dispatcher(monkeypatch) -> None:
-    import kernels.expert_gemm as expert_gemm
+    import fedmoe.kernels.expert_gemm as expert_gemm
 
     calls = []
     original = expert_gemm.expert_linear_reference

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.deepseek import DeepseekForCausalLM, lm_loss, preset
-from model.lora import LoraConfig, configure_trainable
+from fedmoe.model.deepseek import DeepseekForCausalLM, lm_loss, preset
+from fedmoe.model.lora import LoraConfig, configure_trainable
 
 
 def logits_and_grads(backend: str, monkeypatch, mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -15,7 +15,7 @@ from kernel_helpers import (
     routed_rows,
 )
 
-from kernels import (
+from fedmoe.kernels import (
     KernelError,
     align_by_expert,
     expert_grad_norm2,
@@ -25,7 +25,7 @@ from kernels import (
     expert_weight_grad_clipped,
     expert_weight_grad_clipped_reference,
 )
-from kernels.backend import grouped_mm_reason
+from fedmoe.kernels.backend import grouped_mm_reason
 
 # (rows, experts, samples, in width, out width, expert with no rows)
 CASES = [

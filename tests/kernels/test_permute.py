@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_helpers import TRITON_DEVICE, needs_triton, routed_rows
 
-from kernels import KernelError, align_by_expert, align_reference
+from fedmoe.kernels import KernelError, align_by_expert, align_reference
 
 # (rows, experts, samples): one row, one block, several blocks (BLOCK = 64), many samples
 CASES = [(1, 3, 1), (1, 3, 2), (37, 5, 1), (37, 5, 3), (300, 7, 4), (64, 4, 16)]

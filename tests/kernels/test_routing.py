@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_helpers import TRITON_DEVICE, assert_close, needs_triton, randn
 
-from kernels import KernelError, RoutingSpec, route, route_reference
+from fedmoe.kernels import KernelError, RoutingSpec, route, route_reference
 
 SPECS = {
     "v3_groups_bias": RoutingSpec(

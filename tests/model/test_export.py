@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from model.checkpoint import load_pretrained, save_pretrained
-from model.deepseek import DeepseekForCausalLM, lm_loss, preset
-from model.errors import CheckpointError
-from model.export import (
+from fedmoe.model.checkpoint import load_pretrained, save_pretrained
+from fedmoe.model.deepseek import DeepseekForCausalLM, lm_loss, preset
+from fedmoe.model.errors import CheckpointError
+from fedmoe.model.export import (
     EXPERT_WEIGHTS,
     PEFT_CONFIG,
     PEFT_WEIGHTS,
@@ -21,8 +21,8 @@ from model.export import (
     load_model,
     load_trainable,
 )
-from model.lora import LoraConfig, configure_trainable, lora_modules, merge_and_unload
-from model.trainable import TrainableView
+from fedmoe.model.lora import LoraConfig, configure_trainable, lora_modules, merge_and_unload
+from fedmoe.model.trainable import TrainableView
 
 YARN = {
     "rope_type": "yarn",

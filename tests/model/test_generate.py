@@ -1,5 +1,5 @@
 """Generation with MLA's compressed KV cache vs without; expert trace vs the model's own counts;
-perplexity vs a direct loss; the `python -m model` commands end to end."""
+perplexity vs a direct loss; the `python -m fedmoe.model` commands end to end."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
-from model.__main__ import main
-from model.checkpoint import save_pretrained
-from model.deepseek import DeepseekForCausalLM, lm_loss, preset
-from model.evaluate import load_texts, perplexity, token_windows
-from model.generate import SamplingConfig, generate
-from model.tokenizer import ByteTokenizer
-from model.trace import ExpertTracer
+from fedmoe.model.__main__ import main
+from fedmoe.model.checkpoint import save_pretrained
+from fedmoe.model.deepseek import DeepseekForCausalLM, lm_loss, preset
+from fedmoe.model.evaluate import load_texts, perplexity, token_windows
+from fedmoe.model.generate import SamplingConfig, generate
+from fedmoe.model.tokenizer import ByteTokenizer
+from fedmoe.model.trace import ExpertTracer
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "mscale_all_dim": 1.0}
 CONFIGS = {
@@ -109,7 +109,7 @@ def test_expert_trace_sums_to_the_models_own_routing_counts(tmp_path):
     prompt = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(12))
     with ExpertTracer(model, tmp_path / "experts.jsonl") as tracer:
         result = generate(model, prompt, SamplingConfig(max_new_tokens=12), on_forward=tracer.set_context)
-    own = torch.stack(model.expert_load()).to(torch.int64)  # (L_moe, E), from kernels.route
+    own = torch.stack(model.expert_load()).to(torch.int64)  # (L_moe, E), from fedmoe.kernels.route
     assert torch.equal(tracer.counts_LE, own)
     n_tokens = 2 * (9 + 12 - 1)  # every position fed once (the last sampled token is never fed)
     assert own.sum() == n_tokens * model.config.num_experts_per_tok * len(tracer.layers)
@@ -169,8 +169,8 @@ def test_cli_export_generate_evaluate(tmp_path, capsys):
     """The commands a user runs: replica -> export -> generate with a trace -> evaluate."""
     from safetensors.torch import save_file
 
-    from model.lora import LoraConfig, configure_trainable
-    from model.trainable import TrainableView
+    from fedmoe.model.lora import LoraConfig, configure_trainable
+    from fedmoe.model.trainable import TrainableView
 
     torch.manual_seed(0)
     base = DeepseekForCausalLM(preset("tiny"))

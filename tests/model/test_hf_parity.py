@@ -7,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from model.checkpoint import load_pretrained, save_pretrained  # noqa: E402
+from fedmoe.model.checkpoint import load_pretrained, save_pretrained  # noqa: E402
 
 TINY = dict(
     vocab_size=300,

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import load_pretrained, save_pretrained
-from model.deepseek import DeepseekForCausalLM, preset
-from model.errors import CheckpointError
+from fedmoe.model.checkpoint import load_pretrained, save_pretrained
+from fedmoe.model.deepseek import DeepseekForCausalLM, preset
+from fedmoe.model.errors import CheckpointError
 
 EXPERT = "model.layers.1.mlp.experts.3"
 

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from kernels import RoutingSpec, route
-from model.checkpoint import load_pretrained, save_pretrained
-from model.deepseek import DeepseekForCausalLM, ModelConfig, lm_loss, preset
-from model.errors import CheckpointError, ModelError
-from model.lora import LoraConfig, configure_trainable
-from model.tokenizer import ByteTokenizer, load_tokenizer
-from model.trainable import TrainableView
+from fedmoe.kernels import RoutingSpec, route
+from fedmoe.model.checkpoint import load_pretrained, save_pretrained
+from fedmoe.model.deepseek import DeepseekForCausalLM, ModelConfig, lm_loss, preset
+from fedmoe.model.errors import CheckpointError, ModelError
+from fedmoe.model.lora import LoraConfig, configure_trainable
+from fedmoe.model.tokenizer import ByteTokenizer, load_tokenizer
+from fedmoe.model.trainable import TrainableView
 
 
 def tiny_model(seed: int = 0, **overrides) -> DeepseekForCausalLM:

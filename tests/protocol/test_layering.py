@@ -16,24 +16,25 @@ def loaded_after(statement: str) -> set[str]:
 
 
 def test_server_round_loads_no_client_code_no_opacus_no_torch():
-    modules = loaded_after("import fl_server.federation, fl_server.app, fl_server.state")
+    modules = loaded_after("import fedmoe.fl_server.federation, fedmoe.fl_server.app, fedmoe.fl_server.state")
     assert not {m for m in modules if m == "opacus" or m.startswith("opacus.")}
-    assert not {m for m in modules if m == "fl_client" or m.startswith("fl_client.")}
+    assert not {m for m in modules if m == "fedmoe.fl_client" or m.startswith("fedmoe.fl_client.")}
     assert "torch" not in modules  # the layout is computed lazily, on the meta device
 
 
 def test_protocol_imports_neither_torch_nor_tenseal():
     modules = loaded_after(
-        "import protocol.config, protocol.ledger, protocol.messages, protocol.files, protocol.accounting"
+        "import fedmoe.protocol.config, fedmoe.protocol.ledger, fedmoe.protocol.messages, fedmoe.protocol.files, "
+        "fedmoe.protocol.accounting"
     )
     assert "torch" not in modules and "tenseal" not in modules
-    assert not {m for m in modules if m.startswith(("fl_client", "fl_server", "audit"))}
+    assert not {m for m in modules if m.startswith(("fedmoe.fl_client", "fedmoe.fl_server", "fedmoe.audit"))}
 
 
 def test_no_fl_client_import_anywhere_in_fl_server():
     offenders = [
         f"{path.relative_to(ROOT)}:{number}"
-        for path in sorted((ROOT / "fl_server").rglob("*.py"))
+        for path in sorted((ROOT / "fedmoe" / "fl_server").rglob("*.py"))
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
         if "fl_client" in line
     ]
@@ -41,10 +42,10 @@ def test_no_fl_client_import_anywhere_in_fl_server():
 
 
 def test_server_layout_matches_the_banks_built_model():
-    from fl_client.task import build_model
-    from fl_server.layout import trainable_layout
-    from model.trainable import TrainableView
-    from protocol.config import JobConfig
+    from fedmoe.fl_client.task import build_model
+    from fedmoe.fl_server.layout import trainable_layout
+    from fedmoe.model.trainable import TrainableView
+    from fedmoe.protocol.config import JobConfig
 
     for job in (JobConfig(model_preset="tiny"), JobConfig(model_preset="tiny", train_mode="router+experts")):
         view = TrainableView(build_model(job))

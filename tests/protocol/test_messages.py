@@ -8,7 +8,7 @@ import os
 import pytest
 from flwr.app import Message
 
-from protocol.messages import INLINE_BYTES, EvalReply, RoundRequest, SecAggStage, TrainReply, TrainStatus
+from fedmoe.protocol.messages import INLINE_BYTES, EvalReply, RoundRequest, SecAggStage, TrainReply, TrainStatus
 
 
 def flower_objects(content) -> list[str]:

@@ -2,7 +2,7 @@
 
 This folder goes first on PYTHONPATH of every Flower process the test starts, so Python imports
 this module at start-up. It does nothing unless FEDMOE_HOSTILE_BANK is set; then, once
-`fl_client.secagg_bank` is imported (in a ClientApp process), `SecAggSealer.seal` of the bank whose
+`fedmoe.fl_client.secagg_bank` is imported (in a ClientApp process), `SecAggSealer.seal` of the bank whose
 node-config bank id equals FEDMOE_HOSTILE_BANK (read at call time: every process sees the same
 environment) masks its delta multiplied by FEDMOE_HOSTILE_FACTOR in the rounds listed in
 FEDMOE_HOSTILE_ROUNDS (comma separated; empty = every round). Its masked input is otherwise valid:
@@ -15,13 +15,13 @@ from __future__ import annotations
 import os
 import sys
 
-TARGET_MODULE = "fl_client.secagg_bank"
+TARGET_MODULE = "fedmoe.fl_client.secagg_bank"
 
 
 def _patch(module) -> None:
     import json
 
-    import fl_client
+    from fedmoe import fl_client
 
     bank_id = os.environ["FEDMOE_HOSTILE_BANK"]
     factor = float(os.environ.get("FEDMOE_HOSTILE_FACTOR", "1e6"))

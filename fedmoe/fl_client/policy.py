@@ -1,0 +1,157 @@
+"""A bank's own privacy policy: what any job may ask of this bank's data, decided by the bank.
+
+The job's run config is written by whoever submits the job (the server's operator). Every
+privacy setting in it is only a *request*: the bank checks it against this policy and refuses a
+job that asks for weaker privacy than the policy allows, naming the key, the job's value and the
+policy's bound. The server can therefore not turn DP off, raise epsilon or delta, weaken the
+privacy unit, or ask for predictable (seeded) noise.
+
+The policy lives in a TOML file the bank's node-config points to (`policy-file`); without one,
+the defaults below hold (the strict ones). Example: deploy/bank-policy.example.toml.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedmoe.protocol.config import PRIVACY_UNITS, JobConfig
+from fedmoe.protocol.errors import ConfigError
+from fedmoe.protocol.files import read_document
+
+# Metrics a policy may let leave the bank. None of them is DP-protected: off by default.
+RELEASABLE_METRICS: tuple[str, ...] = ("train-loss", "eval-loss")
+# Privacy units from weakest to strongest: protecting a whole customer covers each of its records.
+UNIT_STRENGTH = {unit: rank for rank, unit in enumerate(PRIVACY_UNITS)}
+
+
+@dataclass(frozen=True)
+class BankPolicy:
+    """The bank's rules; every field has a strict default.
+
+    Attributes:
+        epsilon: lifetime budget for this dataset, over every job that ever trains on it.
+        max_delta: the largest delta a job may use; the bank also refuses delta > 1/n.
+        min_noise_multiplier: rounds calibrated below this sigma are refused.
+        privacy_unit: the weakest privacy unit the bank accepts ("record" < "customer").
+        clip_norm_min, clip_norm_max: accepted range of the job's clip norm.
+        allow_no_dp: whether a job may train without DP at all (never by default).
+        seeded_noise: reproducible-experiment mode: sampling and noise seeded from job values,
+            which anyone holding the update can reproduce (epsilon = infinity in practice). Logged
+            loudly, recorded in every ledger entry, and a failing finding of the audit.
+        release_metrics: plain metrics the bank may send to the server (not DP-protected).
+        source: where the policy came from (file path or "defaults"), for messages.
+    """
+
+    epsilon: float = 8.0
+    max_delta: float = 1e-5
+    min_noise_multiplier: float = 0.3
+    privacy_unit: str = "record"
+    clip_norm_min: float = 1e-3
+    clip_norm_max: float = 10.0
+    allow_no_dp: bool = False
+    seeded_noise: bool = False
+    release_metrics: tuple[str, ...] = ()
+    source: str = field(default="defaults", compare=False)
+
+    def __post_init__(self) -> None:
+        def bad(key: str, expected: str, got: Any) -> ConfigError:
+            return ConfigError(f"bank policy {self.source}: '{key}' expected {expected}, got {got!r}")
+
+        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise bad("epsilon", "a finite number > 0", self.epsilon)
+        if not 0 < self.max_delta < 1:
+            raise bad("max-delta", "a number in (0, 1)", self.max_delta)
+        if not (math.isfinite(self.min_noise_multiplier) and self.min_noise_multiplier >= 0):
+            raise bad("min-noise-multiplier", "a finite number >= 0", self.min_noise_multiplier)
+        if self.privacy_unit not in PRIVACY_UNITS:
+            raise bad("privacy-unit", " or ".join(map(repr, PRIVACY_UNITS)), self.privacy_unit)
+        if not 0 < self.clip_norm_min <= self.clip_norm_max < math.inf:
+            raise bad("clip-norm-min/clip-norm-max", "0 < min <= max < inf", (self.clip_norm_min, self.clip_norm_max))
+        unknown = sorted(set(self.release_metrics) - set(RELEASABLE_METRICS))
+        if unknown:
+            raise bad("release-metrics", f"a subset of {list(RELEASABLE_METRICS)}", unknown)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> BankPolicy:
+        """Reads a TOML policy; unknown keys, wrong types and inconsistent bounds name the file and key."""
+        missing = "file not found (node-config 'policy-file')"
+        raw = read_document(path, ConfigError, fmt="toml", where=f"bank policy {path}", missing=missing)
+        return cls.from_mapping(raw, source=str(path), **overrides)
+
+    @classmethod
+    def from_mapping(cls, raw: dict[str, Any], *, source: str, **overrides: Any) -> BankPolicy:
+        known = {f.name.replace("_", "-"): f for f in fields(cls) if f.name != "source"}
+        kwargs: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"bank policy {source}: unknown key {key!r}{hint}; known: {sorted(known)}")
+            kwargs[known[key].name] = _typed(source, key, value, known[key].default)
+        return cls(**{**kwargs, **overrides}, source=source)
+
+
+def _typed(source: str, key: str, value: Any, default: Any) -> Any:
+    expected = {bool: "true/false", float: "a number", str: "a string", tuple: "a list of strings"}[type(default)]
+    ok = {
+        bool: isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        tuple: isinstance(value, list) and all(isinstance(v, str) for v in value),
+    }[type(default)]
+    if not ok:
+        raise ConfigError(f"bank policy {source}: '{key}' expected {expected}, got {value!r}")
+    return tuple(value) if isinstance(default, tuple) else type(default)(value)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A job setting the bank's policy does not allow: the key, the job's value, the bound."""
+
+    key: str
+    got: Any
+    bound: str
+
+    def __str__(self) -> str:
+        return f"run config '{self.key}' = {self.got!r} is refused by the bank's policy: {self.bound}"
+
+
+def check_job(job: JobConfig, policy: BankPolicy) -> list[Refusal]:
+    """Every job setting that would spend more privacy than the policy allows (empty = accepted)."""
+    out: list[Refusal] = []
+    if not job.dp and not policy.allow_no_dp:
+        out.append(Refusal("dp", job.dp, "this bank never trains without DP ('allow-no-dp' is false)"))
+    if job.epsilon > policy.epsilon:
+        out.append(Refusal("epsilon", job.epsilon, f"the bank's lifetime budget is epsilon <= {policy.epsilon:g}"))
+    if job.delta > policy.max_delta:
+        out.append(Refusal("delta", job.delta, f"'max-delta' is {policy.max_delta:g}"))
+    if not job.secure_mode and not policy.seeded_noise:
+        out.append(
+            Refusal("secure-mode", job.secure_mode, "noise must come from the OS CSPRNG ('seeded-noise' is false)")
+        )
+    if UNIT_STRENGTH[job.privacy_unit] < UNIT_STRENGTH[policy.privacy_unit]:
+        out.append(Refusal("privacy-unit", job.privacy_unit, f"the bank protects at least a {policy.privacy_unit!r}"))
+    if not policy.clip_norm_min <= job.clip_norm <= policy.clip_norm_max:
+        bounds = f"[{policy.clip_norm_min:g}, {policy.clip_norm_max:g}]"
+        out.append(Refusal("clip-norm", job.clip_norm, f"the policy accepts clip norms in {bounds}"))
+    return out
+
+
+def check_round(policy: BankPolicy, *, delta: float, n_samples: int, noise_multiplier: float) -> list[Refusal]:
+    """Checks that need the bank's data: delta <= 1/n and the calibrated sigma >= the policy's floor."""
+    out: list[Refusal] = []
+    if delta > 1.0 / max(n_samples, 1):
+        out.append(Refusal("delta", delta, f"delta must be <= 1/n = {1.0 / max(n_samples, 1):.3g} for this dataset"))
+    if noise_multiplier < policy.min_noise_multiplier:
+        out.append(
+            Refusal(
+                "epsilon",
+                f"sigma {noise_multiplier:.3f}",
+                f"'min-noise-multiplier' is {policy.min_noise_multiplier:g}: the job's budget per round is too large",
+            )
+        )
+    return out

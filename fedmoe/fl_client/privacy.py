@@ -1,0 +1,168 @@
+"""A bank's privacy bookkeeping for one train message: policy checks, DP config, ledger, accountant.
+
+The budget belongs to the bank's *dataset*, not to a job: the ledger and the accountant live in
+`<state-root>/privacy/<dataset fingerprint>/`, so a new job on the same data continues from the
+epsilon already spent. Everything here runs under the bank's round lock (fedmoe.fl_client.bank).
+
+What leaves the bank about its privacy is a commitment to each ledger entry (ids, status, chain
+position, hash, and the bank's own "exhausted" verdict): never n, q, sigma or epsilon, from which
+the dataset size would follow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fedmoe.crypto.identity import ConsortiumPins, generate_identity, load_identity, write_pins
+from fedmoe.fl_client.config import BankConfig
+from fedmoe.fl_client.dp import AccountantState, BudgetExceeded, DPConfig, DPError, HistoryEntry, train_private_round
+from fedmoe.fl_client.dp.accountant import noise_multiplier_for, sample_rate_for
+from fedmoe.fl_client.ledger import accountant_state_from_ledger, round_entry
+from fedmoe.fl_client.policy import Refusal, check_job, check_round
+from fedmoe.fl_client.task import BankData, dp_config, round_seed
+from fedmoe.protocol.config import JobConfig
+from fedmoe.protocol.errors import ConfigError
+from fedmoe.protocol.ledger import Ledger, Signer, bank_exhausted, commitment_of, skipped_rounds, utc_now
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundResult:
+    """What a bank's local round produced: metrics and its ledger commitment, or why it refused."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    commitment: str = ""  # JSON of the commitment to the stored ledger entry
+    refused: str = ""  # the reason, when the bank's policy or budget said no
+
+
+def bank_signer(config: BankConfig) -> Signer:
+    """The bank's ledger signer from its identity key; a bank without one creates it on first use.
+
+    A created key's public half is written next to it as a pins file (`identity.pins.json`): the
+    consortium pins it, and the audit checks every entry's signature against the pinned key.
+    """
+    path = config.identity_path
+    if path.exists():
+        identity = load_identity(path)
+    else:
+        identity = generate_identity(path, config.bank_id)
+        write_pins(path.with_name("identity.pins.json"), ConsortiumPins.from_identities([identity]))
+        logger.warning("bank %s: created its identity key %s; pin its public key", config.bank_id, path.name)
+    if identity.bank_id != config.bank_id:
+        raise ConfigError(f"identity key {path.name}: belongs to {identity.bank_id!r}, this bank is {config.bank_id!r}")
+    return identity.public_key.hex(), identity.sign
+
+
+def _load_accountant(path: Path, cfg: DPConfig) -> AccountantState:
+    if not path.exists():
+        return AccountantState.fresh(cfg)
+    return AccountantState.from_json(path.read_text(encoding="utf-8"), source=str(path)).rekeyed(cfg)
+
+
+class BankPrivacy:
+    """The ledger (read once), the accountant and the DP config of one bank for one message."""
+
+    def __init__(self, job: JobConfig, config: BankConfig, data: BankData) -> None:
+        self.job, self.config, self.policy = job, config, config.policy
+        self.cfg = dp_config(job, config)
+        self.n_samples, self.fingerprint = len(data.train), data.fingerprint
+        self.dir = config.privacy_dir(data.fingerprint)
+        self.ledger = Ledger(self.dir / "ledger.jsonl")
+        self.signer = bank_signer(config)
+        self.entries = self.ledger.entries()
+        accountant = _load_accountant(self.dir / "accountant.json", self.cfg)
+        from_ledger = accountant_state_from_ledger(self.entries, self.cfg)
+        # After a crash between ledger append and accountant save, the (longer) ledger wins.
+        longer = from_ledger is not None and len(from_ledger.history) > len(accountant.history)
+        self.accountant = from_ledger if longer else accountant
+
+    @property
+    def seeded(self) -> bool:
+        return not self.cfg.secure_mode  # only reachable when the bank's policy allows seeded noise
+
+    def append(self, round_idx: int, status: str, **details) -> dict:
+        noise = "none" if status == "non-private" else ("seeded" if self.seeded else "csprng")
+        entry = round_entry(
+            job_id=self.job.job_id,
+            bank_id=self.config.bank_id,
+            round=round_idx,
+            status=status,
+            cfg=self.cfg,
+            n_samples=self.n_samples,
+            budget_epsilon=self.cfg.target_epsilon,
+            noise_source=noise,
+            dataset_fingerprint=self.fingerprint,
+            **({"report": None, "state": self.accountant} | details),
+        )
+        return self.ledger.append(entry, signer=self.signer)
+
+    def commit(self, stored: dict, *, exhausted: bool) -> str:
+        return json.dumps(commitment_of(stored, exhausted=exhausted))
+
+    def record_missed(self, upcoming_round: int, attempted: set[int]) -> None:
+        """Rounds since the last entry: "failed" where the bank started and crashed, else "skipped"."""
+        job_entries = [e for e in self.entries if e.get("job_id") == self.job.job_id]
+        for missed in skipped_rounds(job_entries, upcoming_round):
+            if missed in attempted:
+                self.append(missed, "failed", reason="the bank's handler failed before it recorded this round")
+            else:
+                self.append(missed, "skipped", reason="the bank was not asked to train in this round")
+
+    def refuse(self, round_idx: int, reason: str) -> RoundResult:
+        """Nothing trained, nothing spent; the refusal is on the bank's record and the server sees why."""
+        logger.warning("bank %s refuses round %d: %s", self.config.bank_id, round_idx, reason)
+        stored = self.append(round_idx, "refused", reason=reason, planned=self.planned())
+        return RoundResult(commitment=self.commit(stored, exhausted=True), refused=reason)
+
+    def planned(self) -> HistoryEntry | None:
+        """The mechanism the next round would run (None when no noise can meet the budget)."""
+        try:
+            n = self.n_samples
+            return HistoryEntry(noise_multiplier_for(self.cfg, n), sample_rate_for(self.cfg, n), self.cfg.local_steps)
+        except DPError:
+            return None
+
+    def policy_refusals(self) -> list[Refusal]:
+        refusals = check_job(self.job, self.policy)
+        planned = self.planned() if not refusals and self.job.dp else None
+        if planned is not None:
+            sigma = planned.noise_multiplier
+            refusals += check_round(self.policy, delta=self.cfg.delta, n_samples=self.n_samples, noise_multiplier=sigma)
+        return refusals
+
+    def train(self, model: torch.nn.Module, data: BankData, round_idx: int) -> RoundResult:
+        """DP-SGD from the global view; the privacy spent is in the ledger before anything leaves."""
+        seed = round_seed(self.job, self.config.bank_id, round_idx) if self.seeded else None
+        if self.seeded:
+            logger.warning(
+                "bank %s round %d: SEEDED NOISE (bank policy 'seeded-noise'): anyone holding the update can "
+                "reproduce it; for experiments only, the audit fails this ledger",
+                self.config.bank_id,
+                round_idx,
+            )
+        started_at = utc_now()
+        try:
+            report = train_private_round(model, data.train, self.cfg, self.accountant, seed=seed)
+        except BudgetExceeded as err:
+            return self.refuse(round_idx, str(err))
+        except DPError as err:  # e.g. a budget too small for a single step: exhausted, not an error
+            return self.refuse(round_idx, f"cannot train within the budget: {err}")
+        # Ledger first, then accountant: a crash can over-count, never under-count. round_entry records
+        # what one more identical round would bring epsilon to: the bank's own "exhausted" verdict.
+        stored = self.append(round_idx, "trained", report=report, state=None, started_at=started_at)
+        report.accountant_state.save(self.dir / "accountant.json")
+        exhausted = bank_exhausted(stored)
+        return RoundResult(
+            metrics={"train-loss": report.mean_loss}, commitment=self.commit(stored, exhausted=exhausted)
+        )
+
+    def record_non_private(self, round_idx: int, metrics: dict[str, float]) -> RoundResult:
+        """A round without DP (only where the bank's policy allows it): on the record, as such."""
+        stored = self.append(round_idx, "non-private", reason="job dp=false, allowed by the bank's policy")
+        return RoundResult(metrics=metrics, commitment=self.commit(stored, exhausted=False))

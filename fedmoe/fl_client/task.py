@@ -1,0 +1,160 @@
+"""A bank's task code: the job's model, the bank's data, its DP settings, its round seed.
+
+One module used by the ClientApp (fedmoe.fl_client.bank), the local CLI and the canary audit, so all of
+them build the same model from the same job and read the same data the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedmoe.fl_client.config import BankConfig
+from fedmoe.fl_client.data import (
+    PackedData,
+    generate_bank_corpus,
+    load_text_file,
+    make_bank_profiles,
+    pack_records,
+    train_eval_split,
+)
+from fedmoe.fl_client.data.cache import cache_key, cached
+from fedmoe.fl_client.dp import DPConfig
+from fedmoe.model.checkpoint import load_pretrained
+from fedmoe.model.deepseek import DeepseekForCausalLM, preset
+from fedmoe.model.lora import LoraConfig, configure_trainable
+from fedmoe.model.tokenizer import load_tokenizer
+from fedmoe.protocol.config import JobConfig
+from fedmoe.protocol.errors import ConfigError
+
+
+def checkpoint_fingerprint(folder: str | Path) -> str:
+    """SHA-256 over a checkpoint folder's files (names and contents, sorted): what a job pins."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"run config: 'base-checkpoint' expected a folder, got {str(folder)!r} (not found)")
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def build_model(job: JobConfig) -> DeepseekForCausalLM:
+    """The job's base model with its trainable view configured: identical at every bank.
+
+    A base checkpoint is checked against the job's pin (`base-checkpoint-sha256`) first, so a
+    bank never trains from a copy that differs from everyone else's.
+    """
+    if job.base_checkpoint:
+        if job.base_checkpoint_sha256:
+            found = checkpoint_fingerprint(job.base_checkpoint)
+            if found != job.base_checkpoint_sha256:
+                raise ConfigError(
+                    f"base checkpoint {job.base_checkpoint!r}: content hash {found[:16]}..., the job pins "
+                    f"'base-checkpoint-sha256' = {job.base_checkpoint_sha256[:16]}...; refusing to train from it"
+                )
+        model = load_pretrained(job.base_checkpoint)
+    else:
+        torch.manual_seed(job.seed)  # seeded init: every bank builds the same weights
+        model = DeepseekForCausalLM(preset(job.model_preset))
+    lora = LoraConfig(rank=job.lora_rank, alpha=job.lora_alpha, seed=job.seed)
+    return configure_trainable(model, job.train_mode, lora)
+
+
+@dataclass
+class BankData:
+    train: PackedData  # one privacy unit (record or customer) per sample
+    held_out: PackedData
+    source: str
+    fingerprint: str  # of the records and the privacy unit: the key of the bank's lifetime budget
+
+
+def data_fingerprint(records: list[dict], privacy_unit: str) -> str:
+    """SHA-256 of the bank's records (canonical JSON) and privacy unit: same data, same budget."""
+    digest = hashlib.sha256(f"{privacy_unit}\n".encode())
+    for record in records:
+        digest.update(json.dumps(record, sort_keys=True, default=str, ensure_ascii=False).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def load_bank_data(job: JobConfig, bank: BankConfig, vocab_size: int) -> BankData:
+    """The bank's records -> packed train/eval samples (one record or customer per sample); built
+    once per (data, tokenizer, packing) and cached in the bank's state dir (fedmoe/fl_client/data/cache.py)."""
+    tokenizer = load_tokenizer(job.base_checkpoint or None)
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids, model vocab_size is {vocab_size}")
+    parts = {
+        "tokenizer": [type(tokenizer).__name__, tokenizer.vocab_size, tokenizer.eos_id, tokenizer.pad_id],
+        "split-pack": [job.seq_len, job.privacy_unit, job.eval_fraction, job.seed],
+        "data": "file" if bank.data_path is not None else
+        ["synthetic", job.synthetic_banks, bank.partition_id, job.records_per_bank],
+    }  # fmt: skip
+    tokenizer_file = Path(job.base_checkpoint) / "tokenizer.json" if job.base_checkpoint else None
+    key = cache_key(parts, data_file=bank.data_path, tokenizer_file=tokenizer_file)
+    packed = cached(bank.state_root / "data-cache", key, lambda: _pack_bank_data(job, bank, tokenizer))
+    return BankData(packed["train"], packed["held_out"], packed["source"], packed["fingerprint"])
+
+
+def _pack_bank_data(job: JobConfig, bank: BankConfig, tokenizer) -> dict:
+    if bank.data_path is not None:
+        records = load_text_file(bank.data_path)
+        source = str(bank.data_path)
+    else:
+        profiles = make_bank_profiles(job.synthetic_banks, seed=job.seed)
+        if not 0 <= bank.partition_id < len(profiles):
+            raise ConfigError(
+                f"node config of {bank.bank_id}: 'partition-id' expected 0..{len(profiles) - 1} "
+                f"(synthetic-banks={job.synthetic_banks}), got {bank.partition_id}"
+            )
+        profile = profiles[bank.partition_id]
+        records = generate_bank_corpus(profile, job.records_per_bank, seed=job.seed)
+        source = f"synthetic {profile.bank_id} ({profile.locale})"
+    train, held_out = train_eval_split(
+        records, eval_fraction=job.eval_fraction, seed=job.seed, privacy_unit=job.privacy_unit
+    )
+    pack = dict(
+        encode=tokenizer.encode,
+        seq_len=job.seq_len,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+        privacy_unit=job.privacy_unit,
+    )
+    return {
+        "train": pack_records(train, **pack),
+        "held_out": pack_records(held_out, **pack),
+        "source": source,
+        "fingerprint": data_fingerprint(records, job.privacy_unit),
+    }
+
+
+def dp_config(job: JobConfig, bank: BankConfig) -> DPConfig:
+    """The DP settings of a round: the job's requests (checked against the bank's policy) + its shape."""
+    return DPConfig(
+        target_epsilon=job.epsilon,  # what the job asks; the policy check refused it if above the bank's
+        delta=job.delta,
+        clip_norm=job.clip_norm,
+        planned_rounds=bank.planned_rounds or job.num_rounds,
+        local_steps=job.local_steps,
+        expected_batch_size=job.batch_size,
+        physical_batch_size=job.batch_size,
+        accountant=job.accountant,
+        grad_sample_mode=job.grad_sample_mode,
+        privacy_unit=job.privacy_unit,
+        secure_mode=job.secure_mode,
+        lr=job.lr,
+        bank_id=bank.bank_id,
+    )
+
+
+def round_seed(job: JobConfig, bank_id: str, round_idx: int) -> int:
+    """Reproducible per-(job, bank, round) seed for simulations; secure_mode uses no seed at all."""
+    digest = hashlib.sha256(f"{job.job_id}|{job.seed}|{bank_id}|{round_idx}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")

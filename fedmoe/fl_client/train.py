@@ -1,0 +1,129 @@
+"""Local (non-private) fine-tuning loop and evaluation for one bank's replica.
+
+Deterministic under a seed: batch order comes from a seeded generator, and the model's own
+randomness (none at train time: no dropout) cannot differ between runs on the same machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from fedmoe.model.deepseek import DeepseekForCausalLM, lm_loss
+from fedmoe.model.trainable import TrainableView
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, float], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    grad_clip: float = 1.0  # global-norm clip for non-private training (DP clips per sample instead)
+    eval_batch_size: int = 32
+    seed: int = 0
+    balance_routing: bool = True  # aux-loss-free bias update after each step (off under DP)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name}: expected >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr: expected > 0, got {self.lr}")
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up then cosine decay to 10% of the peak."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model: DeepseekForCausalLM, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = list(TrainableView(model).params.values())
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+
+
+@torch.no_grad()
+def evaluate(model: DeepseekForCausalLM, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 32) -> float:
+    """Mean next-token cross-entropy over all non-padding target tokens."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, inputs.shape[0], batch_size):
+        x, y = inputs[start : start + batch_size], targets[start : start + batch_size]
+        n = int((y != -100).sum())
+        if n:
+            total += lm_loss(model(x), y).item() * n
+            count += n
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluate: the eval set has no target tokens")
+    return total / count
+
+
+def train_local(
+    model: DeepseekForCausalLM,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    on_step: StepCallback | None = None,
+) -> TrainResult:
+    """Plain AdamW fine-tuning of the model's trainable view on packed samples.
+
+    Args:
+        inputs, targets: LongTensor [n, L] (targets -100 where ignored).
+        cfg: steps, batch size, schedule, seed.
+        on_step: called as on_step(step, loss) after every step (progress bars, logs).
+    """
+    if inputs.shape != targets.shape or inputs.dim() != 2:
+        raise ValueError(f"train_local: inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must be [n, L]")
+    n = inputs.shape[0]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    optimizer = make_optimizer(model, cfg)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    result = TrainResult()
+    model.train()
+    start = time.perf_counter()
+    order = torch.randperm(n, generator=gen)
+    cursor = 0
+    for step in range(cfg.steps):
+        if cursor + cfg.batch_size > n:
+            order, cursor = torch.randperm(n, generator=gen), 0
+        idx = order[cursor : cursor + cfg.batch_size]
+        cursor += cfg.batch_size
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        loss = lm_loss(model(inputs[idx]), targets[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        if cfg.balance_routing:
+            model.update_routing_bias()
+        result.losses.append(loss.item())
+        result.tokens += int((targets[idx] != -100).sum())
+        if on_step is not None:
+            on_step(step, result.losses[-1])
+    result.seconds = time.perf_counter() - start
+    logger.info("trained %d steps in %.1fs (%.0f tok/s)", cfg.steps, result.seconds, result.tokens / result.seconds)
+    return result

@@ -1,0 +1,445 @@
+"""Per-sample gradients of an expert bank, for DP-SGD: norms, instantiated grads, clipped sum.
+
+A bank y_n = x_n W[e_n]^T (fedmoe/kernels/expert_gemm.py) has per-sample weight gradient
+    dW_b[e] = sum_{n: sample_n = b, expert_n = e} g_n x_n^T        (g_n = dL/dy_n)
+Ops, with segment (b, e) = the rows of sample b routed to expert e:
+    expert_grad_norm2           norm2_b = sum_e ||dW_b[e]||_F^2
+                                 ghost form per segment: sum_{n,m} <x_n, x_m> <g_n, g_m>
+    expert_grad_sample          dW_b[e] instantiated, [B, E, O, I] (the DP "hooks mode" reference)
+    expert_weight_grad_clipped  dW[e] = sum_n c_{sample_n} g_n x_n^T   (book-keeping: clip factors
+                                 folded into the one weight-gradient GEMM, no second backward)
+Rows are grouped by (expert, sample) with align_by_expert, so each segment is one contiguous run;
+per-segment results are summed per sample through a dense [E, B] table, so the order of the sum
+does not depend on scheduling (deterministic on every backend).
+
+Backends (fedmoe/kernels/backend.py): reference (per-segment matmuls, any dtype; float64 for DP tests),
+grouped_mm (one grouped GEMM over the segments), triton (ghost or instantiating kernel chosen
+per segment by cost; fedmoe/kernels/per_sample_triton.py, fedmoe/kernels/expert_gemm_triton.py).
+Beside the dispatcher, `expert_grad_norm2_bucketed` takes the ghost form on any device with
+batched Grams of zero-padded segments: the CPU paths above instantiate every segment's O x I
+gradient, and where the DP plan asks for the ghost form this is ~2.5x faster on CPU
+(fedmoe/fl_client/dp/samplers/expert.py calls it there).
+
+Legend: N rows, B samples, E experts, I input width, O output width, S non-empty segments,
+L longest segment of a bucket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from fedmoe.kernels.backend import Backend, choose_backend, grouped_mm_reason, triton_reason
+from fedmoe.kernels.errors import KernelError
+from fedmoe.kernels.permute import ExpertAlignment, align_by_expert
+
+NormMethod = Literal["auto", "ghost", "instantiate"]
+_GROUPED_MM_CHUNK = 1 << 24  # elements of instantiated [segments, O, I] grads per grouped_mm call
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _per_sample_sum(seg_values_S: torch.Tensor, align: ExpertAlignment) -> torch.Tensor:
+    """Sum segment values per sample via a dense [E, B] table (no atomics, fixed order)."""
+    table_EB = seg_values_S.new_zeros(align.n_experts * align.n_samples)
+    table_EB[align.segment_expert_S * align.n_samples + align.segment_sample_S] = seg_values_S
+    return table_EB.view(align.n_experts, align.n_samples).sum(dim=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# References (the spec)
+# ---------------------------------------------------------------------------------------------
+
+
+def _segments(align: ExpertAlignment) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield (expert, sample, rows) for every non-empty segment, rows as original indices."""
+    offsets = align.segment_offsets_S1.tolist()
+    experts, samples = align.segment_expert_S.tolist(), align.segment_sample_S.tolist()
+    for s, (e, b) in enumerate(zip(experts, samples, strict=True)):
+        yield e, b, align.order_N[offsets[s] : offsets[s + 1]]
+
+
+def expert_grad_norm2_reference(
+    x_NI: torch.Tensor,
+    grad_NO: torch.Tensor,
+    expert_ids_N: torch.Tensor,
+    sample_ids_N: torch.Tensor,
+    n_samples: int,
+    n_experts: int,
+) -> torch.Tensor:
+    """norm2_b = sum_e ||G_be^T X_be||_F^2 by one matmul per segment; fp32 (fp64 for fp64 input)."""
+    acc = _acc_dtype(x_NI.dtype)
+    align = align_by_expert(expert_ids_N, n_experts, sample_ids_N, n_samples, backend="reference")
+    norm2_B = torch.zeros(n_samples, dtype=acc, device=x_NI.device)
+    for _, b, rows in _segments(align):
+        norm2_B[b] += (grad_NO[rows].to(acc).t() @ x_NI[rows].to(acc)).square().sum()
+    return norm2_B
+
+
+def expert_grad_sample_reference(
+    x_NI: torch.Tensor,
+    grad_NO: torch.Tensor,
+    expert_ids_N: torch.Tensor,
+    sample_ids_N: torch.Tensor,
+    n_samples: int,
+    n_experts: int,
+) -> torch.Tensor:
+    """dW_b[e] = G_be^T X_be, [B, E, O, I] in x's dtype; zero where sample b skips expert e."""
+    align = align_by_expert(expert_ids_N, n_experts, sample_ids_N, n_samples, backend="reference")
+    out = x_NI.new_zeros(n_samples, n_experts, grad_NO.shape[1], x_NI.shape[1])
+    for e, b, rows in _segments(align):
+        out[b, e] = grad_NO[rows].t() @ x_NI[rows]
+    return out
+
+
+def expert_weight_grad_clipped_reference(
+    x_NI: torch.Tensor,
+    grad_NO: torch.Tensor,
+    expert_ids_N: torch.Tensor,
+    sample_ids_N: torch.Tensor,
+    clip_factor_B: torch.Tensor,
+    n_experts: int,
+) -> torch.Tensor:
+    """dW[e] = sum_n c_{sample_n} g_n x_n^T, [E, O, I] in x's dtype."""
+    scaled_NO = (grad_NO.to(_acc_dtype(grad_NO.dtype)) * clip_factor_B.to(grad_NO.device)[sample_ids_N, None]).to(
+        grad_NO.dtype
+    )
+    align = align_by_expert(expert_ids_N, n_experts, backend="reference")
+    out = x_NI.new_zeros(n_experts, grad_NO.shape[1], x_NI.shape[1])
+    for e, _, rows in _segments(align):
+        out[e] = scaled_NO[rows].t() @ x_NI[rows]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Ghost norm by bucketed segment Grams (any device; the DP samplers' CPU path)
+# ---------------------------------------------------------------------------------------------
+
+
+def _segment_buckets(
+    x_NI: torch.Tensor, grad_NO: torch.Tensor, key_N: torch.Tensor, n_segments: int, n_buckets: int = 4
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Rows grouped into segments by key, zero-padded per bucket of similar-length segments.
+
+    Padding every segment to the longest one costs (longest / mean)^2 in Gram work once routing is
+    skewed; ranking segments by length and padding each of `n_buckets` groups to its own longest
+    keeps the waste small. Yields (segment ids [k], x [k, L, I], g [k, L, O]) for non-empty segments.
+    Here S counts every segment, empty or not.
+    """
+    counts_S = torch.bincount(key_N, minlength=n_segments)
+    by_len_S = torch.argsort(counts_S, descending=True, stable=True)  # segment ids, longest first
+    rank_S = torch.empty_like(by_len_S)
+    rank_S[by_len_S] = torch.arange(n_segments, device=key_N.device)
+    row_rank_N = rank_S[key_N]
+    order_N = torch.argsort(row_rank_N, stable=True)  # rows by segment rank: buckets are row ranges
+    rank_sorted_N = row_rank_N[order_N]
+    len_sorted_S = counts_S[by_len_S]
+    start_S = torch.cumsum(len_sorted_S, 0) - len_sorted_S
+    pos_N = torch.arange(key_N.numel(), device=key_N.device) - start_S[rank_sorted_N]
+    x_sorted, g_sorted = x_NI[order_N], grad_NO[order_N]
+    n_live = int((len_sorted_S > 0).sum())
+    lengths, starts = len_sorted_S.tolist(), start_S.tolist()
+    chunk = max(1, -(-n_live // n_buckets))
+    for lo in range(0, n_live, chunk):
+        hi = min(lo + chunk, n_live)
+        r0, r1 = starts[lo], starts[hi - 1] + lengths[hi - 1]
+        x_pad = x_NI.new_zeros(hi - lo, lengths[lo], x_NI.shape[1])
+        g_pad = grad_NO.new_zeros(hi - lo, lengths[lo], grad_NO.shape[1])
+        slot, pos = rank_sorted_N[r0:r1] - lo, pos_N[r0:r1]
+        x_pad[slot, pos] = x_sorted[r0:r1]
+        g_pad[slot, pos] = g_sorted[r0:r1]
+        yield by_len_S[lo:hi], x_pad, g_pad
+
+
+def expert_grad_norm2_bucketed(
+    x_NI: torch.Tensor,
+    grad_NO: torch.Tensor,
+    expert_ids_N: torch.Tensor,
+    sample_ids_N: torch.Tensor,
+    n_samples: int,
+    n_experts: int,
+) -> torch.Tensor:
+    """Squared per-sample gradient norms [B] by the ghost form (segment Grams), any dtype/device."""
+    norm2_B = grad_NO.new_zeros(n_samples)
+    key_N = sample_ids_N * n_experts + expert_ids_N
+    for segs, x_pad, g_pad in _segment_buckets(x_NI, grad_NO, key_N, n_samples * n_experts):
+        gram_x = torch.bmm(x_pad, x_pad.transpose(1, 2))  # (k, L, L) <x_s, x_s'>
+        gram_g = torch.bmm(g_pad, g_pad.transpose(1, 2))  # (k, L, L) <g_s, g_s'>
+        norm2_B.index_add_(0, segs // n_experts, (gram_x * gram_g).sum(dim=(1, 2)))
+    return norm2_B.clamp(min=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped_mm path: all segments' G^T X in grouped GEMMs
+# ---------------------------------------------------------------------------------------------
+
+
+def _grouped_outer(g_sorted_NO: torch.Tensor, x_sorted_NI: torch.Tensor, run_ends_R: torch.Tensor) -> torch.Tensor:
+    """[R, O, I] = G_r^T X_r for consecutive runs of sorted rows ending at run_ends (exclusive)."""
+    if g_sorted_NO.shape[0] == 0:  # grouped_mm rejects empty operands
+        return g_sorted_NO.new_zeros(run_ends_R.shape[0], g_sorted_NO.shape[1], x_sorted_NI.shape[1])
+    # G^T as a column-major view: grouped_mm takes it as is, whatever N is.
+    return F.grouped_mm(g_sorted_NO.contiguous().t(), x_sorted_NI.contiguous(), offs=run_ends_R.to(torch.int32))
+
+
+def _norm2_grouped_mm(x_NI: torch.Tensor, grad_NO: torch.Tensor, align: ExpertAlignment) -> torch.Tensor:
+    acc = _acc_dtype(x_NI.dtype)
+    if x_NI.device.type == "cpu":  # fp32 grouped_mm exists on CPU: instantiate in fp32
+        x_NI, grad_NO = x_NI.to(acc), grad_NO.to(acc)
+    x_sorted, g_sorted = x_NI[align.order_N], grad_NO[align.order_N]
+    offsets = align.segment_offsets_S1.tolist()
+    per_chunk = max(1, _GROUPED_MM_CHUNK // (x_NI.shape[1] * grad_NO.shape[1]))
+    parts = []
+    for s0 in range(0, align.n_segments, per_chunk):
+        s1 = min(s0 + per_chunk, align.n_segments)
+        r0, r1 = offsets[s0], offsets[s1]
+        ends = align.segment_offsets_S1[s0 + 1 : s1 + 1] - r0
+        parts.append(_grouped_outer(g_sorted[r0:r1], x_sorted[r0:r1], ends).to(acc).square().sum(dim=(1, 2)))
+    seg_norm2_S = torch.cat(parts) if parts else x_NI.new_zeros(0, dtype=acc)
+    return _per_sample_sum(seg_norm2_S, align)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton path
+# ---------------------------------------------------------------------------------------------
+
+
+def _norm2_triton(
+    x_NI: torch.Tensor, grad_NO: torch.Tensor, align: ExpertAlignment, method: NormMethod
+) -> torch.Tensor:
+    from fedmoe.kernels.expert_gemm_triton import segment_outer_norm2
+    from fedmoe.kernels.per_sample_triton import ghost_norm2_triton
+
+    width_in, width_out = x_NI.shape[1], grad_NO.shape[1]
+    counts_S = align.segment_offsets_S1.diff()
+    if method == "auto":  # ghost ~ n^2 (I + O) / 2 vs instantiate ~ n O I multiply-adds
+        ghost_S = counts_S * (width_in + width_out) <= 2 * width_in * width_out
+    else:
+        ghost_S = torch.full_like(counts_S, method == "ghost", dtype=torch.bool)
+    ghost_ids = ghost_S.nonzero().squeeze(1)
+    inst_ids = (~ghost_S).nonzero().squeeze(1)
+    seg_norm2_S = torch.zeros(align.n_segments, dtype=torch.float32, device=x_NI.device)
+    seg_norm2_S[ghost_ids] = ghost_norm2_triton(x_NI, grad_NO, align.order_N, align.segment_offsets_S1, ghost_ids)
+    seg_norm2_S[inst_ids] = segment_outer_norm2(
+        grad_NO, x_NI, align.order_N, align.segment_offsets_S1, inst_ids, gather_g=True, gather_x=True
+    )
+    # The ghost sum is a square norm in exact arithmetic; rounding may leave a -0-ish residue.
+    return _per_sample_sum(seg_norm2_S.clamp(min=0), align)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and dispatch
+# ---------------------------------------------------------------------------------------------
+
+
+def _validate(
+    op: str, x_NI: torch.Tensor, grad_NO: torch.Tensor, expert_ids_N: torch.Tensor, sample_ids_N: torch.Tensor
+) -> None:
+    if x_NI.dim() != 2 or grad_NO.dim() != 2 or grad_NO.shape[0] != x_NI.shape[0]:
+        raise KernelError(
+            f"{op}: expected x [N, I] and grad [N, O] with the same N, "
+            f"got {tuple(x_NI.shape)} and {tuple(grad_NO.shape)}"
+        )
+    if x_NI.dtype != grad_NO.dtype or x_NI.device != grad_NO.device:
+        raise KernelError(f"{op}: x is {x_NI.dtype} on {x_NI.device}, grad is {grad_NO.dtype} on {grad_NO.device}")
+    n_rows = x_NI.shape[0]
+    for name, ids in (("expert_ids", expert_ids_N), ("sample_ids", sample_ids_N)):
+        if ids.shape != (n_rows,) or ids.dtype not in (torch.int32, torch.int64):
+            raise KernelError(f"{op}: {name} must be int [N={n_rows}], got {ids.dtype} {tuple(ids.shape)}")
+
+
+def _choose(
+    op: str,
+    backend: str,
+    x_NI: torch.Tensor,
+    grad_NO: torch.Tensor,
+    expert_ids_N: torch.Tensor,
+    sample_ids_N: torch.Tensor,
+) -> str:
+    return choose_backend(
+        op,
+        backend,
+        {
+            "triton": triton_reason(x_NI, grad_NO, expert_ids_N, sample_ids_N),
+            "grouped_mm": grouped_mm_reason(x_NI, grad_NO, widths=(x_NI.shape[1], grad_NO.shape[1])),
+        },
+    )
+
+
+def _sample_alignment(
+    op: str,
+    alignment: ExpertAlignment | None,
+    expert_ids_N: torch.Tensor,
+    sample_ids_N: torch.Tensor,
+    n_samples: int,
+    n_experts: int,
+    chosen: str,
+) -> ExpertAlignment:
+    if alignment is None:
+        align_backend = "triton" if chosen == "triton" else "reference"
+        return align_by_expert(expert_ids_N, n_experts, sample_ids_N, n_samples, backend=align_backend)
+    alignment.check(op, expert_ids_N.shape[0], n_experts, n_samples)
+    return alignment
+
+
+def expert_grad_norm2(
+    x_NI: torch.Tensor,
+    grad_NO: torch.Tensor,
+    expert_ids_N: torch.Tensor,
+    sample_ids_N: torch.Tensor,
+    n_samples: int,
+    n_experts: int,
+    *,
+    alignment: ExpertAlignment | None = None,
+    method: NormMethod = "auto",
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Per-sample squared Frobenius norm of an expert bank's weight gradient.
+
+    Args:
+        x_NI: the bank's input rows, [N, I].
+        grad_NO: dL/dy for the bank's output rows, [N, O] (same row order as x).
+        expert_ids_N: expert of each row, int [N] in [0, n_experts).
+        sample_ids_N: sample owning each row, int [N] in [0, n_samples).
+        n_samples: B.
+        n_experts: E.
+        alignment: `align_by_expert(expert_ids_N, E, sample_ids_N, B)` if already built.
+        method: triton only: "ghost", "instantiate", or "auto" (cheaper one per segment).
+        backend: "auto", "reference", "grouped_mm" or "triton" (see fedmoe.kernels.backend).
+
+    Returns:
+        norm2_B = sum_e ||sum_{n in (b, e)} g_n x_n^T||_F^2, fp32 (fp64 for fp64 inputs).
+
+    Raises:
+        KernelError: on mismatched shapes/dtypes, ids out of range, an alignment built for other
+            rows, an unknown method, or an explicit backend that cannot run here.
+    """
+    op = "expert_grad_norm2"
+    _validate(op, x_NI, grad_NO, expert_ids_N, sample_ids_N)
+    if method not in ("auto", "ghost", "instantiate"):
+        raise KernelError(f"{op}: method expected 'auto', 'ghost' or 'instantiate', got {method!r}")
+    chosen = _choose(op, backend, x_NI, grad_NO, expert_ids_N, sample_ids_N)
+    if chosen == "reference":
+        return expert_grad_norm2_reference(x_NI, grad_NO, expert_ids_N, sample_ids_N, n_samples, n_experts)
+    align = _sample_alignment(op, alignment, expert_ids_N, sample_ids_N, n_samples, n_experts, chosen)
+    if chosen == "grouped_mm":
+        return _norm2_grouped_mm(x_NI, grad_NO, align)
+    return _norm2_triton(x_NI, grad_NO, align, method)
+
+
+def expert_grad_sample(
+    x_NI: torch.Tensor,
+    grad_NO: torch.Tensor,
+    expert_ids_N: torch.Tensor,
+    sample_ids_N: torch.Tensor,
+    n_samples: int,
+    n_experts: int,
+    *,
+    alignment: ExpertAlignment | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Instantiated per-sample weight gradients of an expert bank.
+
+    Args:
+        x_NI, grad_NO, expert_ids_N, sample_ids_N, n_samples, n_experts, alignment, backend:
+            as in `expert_grad_norm2`.
+
+    Returns:
+        grad_sample [B, E, O, I] in x's dtype; grad_sample[b, e] = sum_{n in (b, e)} g_n x_n^T,
+        zero where sample b sent no row to expert e.
+
+    Raises:
+        KernelError: as `expert_grad_norm2`.
+    """
+    op = "expert_grad_sample"
+    _validate(op, x_NI, grad_NO, expert_ids_N, sample_ids_N)
+    chosen = _choose(op, backend, x_NI, grad_NO, expert_ids_N, sample_ids_N)
+    if chosen == "reference":
+        return expert_grad_sample_reference(x_NI, grad_NO, expert_ids_N, sample_ids_N, n_samples, n_experts)
+    align = _sample_alignment(op, alignment, expert_ids_N, sample_ids_N, n_samples, n_experts, chosen)
+    width_out, width_in = grad_NO.shape[1], x_NI.shape[1]
+    slot_S = align.segment_sample_S * n_experts + align.segment_expert_S
+    if chosen == "grouped_mm":
+        out = x_NI.new_zeros(n_samples * n_experts, width_out, width_in)
+        out[slot_S] = _grouped_outer(grad_NO[align.order_N], x_NI[align.order_N], align.segment_offsets_S1[1:])
+        return out.view(n_samples, n_experts, width_out, width_in)
+    from fedmoe.kernels.expert_gemm_triton import segment_outer
+
+    out = segment_outer(
+        grad_NO,
+        x_NI,
+        align.order_N,
+        align.segment_offsets_S1,
+        slot_S,
+        n_slots=n_samples * n_experts,
+        gather_g=True,
+        gather_x=True,
+        zero_fill=True,
+    )
+    return out.view(n_samples, n_experts, width_out, width_in)
+
+
+def expert_weight_grad_clipped(
+    x_NI: torch.Tensor,
+    grad_NO: torch.Tensor,
+    expert_ids_N: torch.Tensor,
+    sample_ids_N: torch.Tensor,
+    clip_factor_B: torch.Tensor,
+    n_experts: int,
+    *,
+    alignment: ExpertAlignment | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Sum of clipped per-sample gradients of an expert bank, in one weight-gradient pass.
+
+    Args:
+        x_NI, grad_NO, expert_ids_N, sample_ids_N: as in `expert_grad_norm2`.
+        clip_factor_B: per-sample factor c_b = min(1, C / ||grad_b||) (any float dtype), [B].
+        n_experts: E.
+        alignment: any `align_by_expert` of these rows (with or without sample ids).
+        backend: "auto", "reference", "grouped_mm" or "triton" (see fedmoe.kernels.backend).
+
+    Returns:
+        dW [E, O, I] in x's dtype: dW[e] = sum_{n: expert_n = e} c_{sample_n} g_n x_n^T.
+
+    Raises:
+        KernelError: as `expert_grad_norm2`, or a clip_factor that is not a float vector.
+    """
+    op = "expert_weight_grad_clipped"
+    _validate(op, x_NI, grad_NO, expert_ids_N, sample_ids_N)
+    if clip_factor_B.dim() != 1 or not clip_factor_B.is_floating_point():
+        raise KernelError(
+            f"{op}: clip_factor must be a float vector [B], got {clip_factor_B.dtype} {tuple(clip_factor_B.shape)}"
+        )
+    n_samples = clip_factor_B.shape[0]
+    chosen = _choose(op, backend, x_NI, grad_NO, expert_ids_N, sample_ids_N)
+    if chosen == "reference":
+        return expert_weight_grad_clipped_reference(x_NI, grad_NO, expert_ids_N, sample_ids_N, clip_factor_B, n_experts)
+    if alignment is None:
+        align_backend = "triton" if chosen == "triton" else "reference"
+        alignment = align_by_expert(expert_ids_N, n_experts, sample_ids_N, n_samples, backend=align_backend)
+    alignment.check(op, x_NI.shape[0], n_experts)
+    scale_N = clip_factor_B.to(device=x_NI.device, dtype=torch.float32)[sample_ids_N].contiguous()
+    if chosen == "grouped_mm":
+        scaled_NO = (grad_NO.float() * scale_N[:, None]).to(grad_NO.dtype)
+        order_N = alignment.order_N
+        return _grouped_outer(scaled_NO[order_N], x_NI[order_N], alignment.expert_offsets_E1[1:])
+    from fedmoe.kernels.expert_gemm_triton import segment_outer
+
+    experts_E = torch.arange(n_experts, device=x_NI.device)
+    return segment_outer(
+        grad_NO,
+        x_NI,
+        alignment.order_N,
+        alignment.expert_offsets_E1,
+        experts_E,
+        n_slots=n_experts,
+        gather_g=True,
+        gather_x=True,
+        row_scale_N=scale_N,
+    )

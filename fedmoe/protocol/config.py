@@ -1,0 +1,141 @@
+"""The job config: Flower run config -> a frozen dataclass, identical at the server and every bank.
+
+Config flows one way (STYLE 2): kebab-case keys in pyproject `[tool.flwr.app.config]` (the job,
+identical for every party) are turned into typed dataclasses here, validated once at entry. Code
+below takes typed fields, never string keys. A bank's own settings (node-config, privacy policy)
+live in fedmoe.fl_client.config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from fedmoe.protocol.errors import ConfigError
+
+PRIVACY_UNITS: tuple[str, ...] = ("record", "customer")
+AGGREGATIONS: tuple[str, ...] = ("secagg", "ckks")
+
+# Secure aggregation's files in a key folder (the job's key-dir; a bank's: the folder of its key-path).
+PINS_FILE = "pins.json"  # the consortium's pinned Ed25519 identity keys (public)
+
+
+def identity_file_name(bank_id: str) -> str:
+    """A bank's Ed25519 identity key file (mode 0600; only in that bank's key folder)."""
+    return f"{bank_id}.identity.secret"
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(cls_name: str, key: str, value: Any, default: Any) -> Any:
+    """Casts a TOML/CLI value to the type of the field's default, naming the key on failure."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{cls_name}: '{key}' expected true/false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ConfigError(f"{cls_name}: '{key}' expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{cls_name}: '{key}' expected an integer, got {value!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{cls_name}: '{key}' expected a number, got {value!r}") from None
+    return str(value)
+
+
+def from_mapping(cls: type, raw: Mapping[str, Any], *, source: str, strict: bool = False) -> Any:
+    """Builds dataclass `cls` from kebab-case keys; unknown keys are errors when `strict`."""
+    known = {_kebab(f.name): f for f in fields(cls)}
+    if strict:
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for key, f in known.items():
+        if key in raw:
+            default = f.default if f.default is not dataclasses.MISSING else None
+            kwargs[f.name] = _coerce(source, key, raw[key], default) if default is not None else raw[key]
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One federated fine-tuning job: identical at the server and every bank."""
+
+    job_id: str = "demo"
+    num_rounds: int = 3
+    seed: int = 0
+    # model
+    model_preset: str = "small"
+    base_checkpoint: str = ""  # HF-format folder on local disk; empty = preset with seeded init
+    base_checkpoint_sha256: str = ""  # content pin every bank checks its copy against ("" = no pin)
+    train_mode: str = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    seq_len: int = 128
+    # local training per round
+    local_steps: int = 20
+    batch_size: int = 16  # expected (Poisson) batch size under DP
+    lr: float = 0.01
+    # data (synthetic corpus when a bank has no data-path)
+    synthetic_banks: int = 3
+    records_per_bank: int = 2000
+    eval_fraction: float = 0.1
+    # privacy
+    dp: bool = True
+    epsilon: float = 8.0  # what the job asks each bank to allow; a bank refuses more than its policy
+    delta: float = 1e-5  # asked of each bank; a bank refuses more than its policy's max-delta
+    clip_norm: float = 1.0
+    privacy_unit: str = "record"
+    accountant: str = "prv"
+    grad_sample_mode: str = "mixed"
+    secure_mode: bool = True  # OS CSPRNG for sampling and noise; false = seeded, only if the bank policy allows
+    # federation
+    # secagg: pairwise + self masks, then BFV (the server plus one bank cannot read another bank's
+    # update); ckks: one shared CKKS key (one institution federating its own silos)
+    aggregation: str = "secagg"
+    min_banks: int = 3
+    max_banks: int = 64  # banks reject an aggregate whose total weight says more contributed
+    round_timeout: float = 900.0
+    keep_plaintext_deltas: bool = False  # debug/test only: banks keep their deltas on disk
+    evaluate: bool = True
+    # paths (server and simulated banks resolve them relative to the working directory)
+    key_dir: str = "runs/keys"
+    server_state_dir: str = "runs/server"
+    bank_state_root: str = "runs/banks"
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1:
+            raise ConfigError(f"run config: 'num-rounds' expected >= 1, got {self.num_rounds}")
+        if self.min_banks < 1:
+            raise ConfigError(f"run config: 'min-banks' expected >= 1, got {self.min_banks}")
+        if self.max_banks < self.min_banks:
+            raise ConfigError(f"run config: 'max-banks' expected >= min-banks {self.min_banks}, got {self.max_banks}")
+        if not self.job_id or "/" in self.job_id:
+            raise ConfigError(f"run config: 'job-id' expected a non-empty name without '/', got {self.job_id!r}")
+        if self.privacy_unit not in PRIVACY_UNITS:
+            units = " or ".join(map(repr, PRIVACY_UNITS))
+            raise ConfigError(f"run config: 'privacy-unit' expected {units}, got {self.privacy_unit!r}")
+        if self.aggregation not in AGGREGATIONS:
+            names = " or ".join(map(repr, AGGREGATIONS))
+            raise ConfigError(f"run config: 'aggregation' expected {names}, got {self.aggregation!r}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"run config: 'delta' expected in (0, 1), got {self.delta}")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> JobConfig:
+        return from_mapping(cls, run_config, source="run config")
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {_kebab(f.name): getattr(self, f.name) for f in fields(self)}

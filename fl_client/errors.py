@@ -1,9 +1,0 @@
-"""The fl_client package's exception types (ConfigError is shared with the server: protocol.errors)."""
-
-from protocol.errors import ConfigError
-
-__all__ = ["ConfigError", "DataError"]
-
-
-class DataError(ValueError):
-    """Bad bank data or data arguments; the message names the file/line/field (or record), expected vs got."""
