@@ -1,4 +1,10 @@
-"""Load and save HF-layout safetensors checkpoints of DeepSeek-V2/V3 models.
+"""Load and save HF-layout safetensors checkpoints of DeepSeek-V2/V3, Llama, Qwen2-MoE and Mixtral models.
+
+Family key names are mapped to ours on the way in and back on the way out (`family_key`):
+  Qwen2-MoE  mlp.shared_expert.*                 <-> mlp.shared_experts.*
+  Mixtral    block_sparse_moe.gate               <-> mlp.gate
+             block_sparse_moe.experts.{e}.w1/w3/w2 <-> mlp.experts.{e}.gate_proj/up_proj/down_proj
+Llama and DeepSeek keys are ours already.
 
 Two expert layouts exist on disk:
   per-expert (hub checkpoints, and what transformers 5 writes with save_pretrained):
@@ -48,6 +54,21 @@ _PER_EXPERT = re.compile(r"^(model\.layers\.(\d+)\.mlp\.experts)\.(\d+)\.(gate_p
 _FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _INTERNAL_BANK = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)\.weight$")
+_MIXTRAL_NAMES = (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))
+
+
+def family_key(key: str, model_type: str, *, to_internal: bool) -> str:
+    """A checkpoint key of a model family as our key (to_internal) or ours as the family's."""
+    pairs: list[tuple[str, str]] = []
+    if model_type == "qwen2_moe":
+        pairs = [(".mlp.shared_expert.", ".mlp.shared_experts.")]
+    elif model_type == "mixtral":
+        pairs = [(f".{a}.weight", f".{b}.weight") for a, b in _MIXTRAL_NAMES if ".experts." in key]
+        pairs.append((".block_sparse_moe.", ".mlp."))
+    for theirs, ours in pairs:
+        key = key.replace(theirs, ours) if to_internal else key.replace(ours, theirs)
+    return key
+
 
 # safetensors dtype names; the fp8 family is listed so it can be refused by name.
 _DTYPES: dict[str, torch.dtype] = {
@@ -437,7 +458,7 @@ def load_pretrained(
         except ModelError as err:
             raise CheckpointError(str(err)) from None
     files = checkpoint_files(ckpt_dir)
-    infos = read_headers(files)
+    infos = {family_key(k, config.model_type, to_internal=True): v for k, v in read_headers(files).items()}
 
     with torch.device("meta"):
         model = DeepseekForCausalLM(config)
@@ -463,6 +484,13 @@ def _majority_dtype(infos: dict[str, TensorInfo]) -> torch.dtype:
     for info in infos.values():
         by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.end - info.begin
     return max(by_dtype, key=by_dtype.__getitem__)
+
+
+def _majority_dtype_of(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    by_dtype: dict[torch.dtype, int] = {}
+    for t in tensors.values():
+        by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.numel() * t.element_size()
+    return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else torch.float32
 
 
 def keep_router_fp32(model: DeepseekForCausalLM) -> None:
@@ -587,12 +615,19 @@ def write_checkpoint(
     out_dir = Path(out_dir)
     if layout not in ("per_expert", "fused"):
         raise CheckpointError(f"save_pretrained: layout must be 'per_expert' or 'fused', got {layout!r}")
+    if layout == "fused" and not config.model_type.startswith("deepseek"):
+        raise CheckpointError(f"save_pretrained: layout 'fused' is for DeepSeek folders, got {config.model_type!r}")
+    try:
+        hf_config = config.to_hf_dict()
+    except ModelError as err:
+        raise CheckpointError(f"{out_dir}: {err}") from None
     tensors = {}
     for key, tensor in internal_to_hf(state, layout).items():
         t = tensor.detach()
         if dtype is not None and t.is_floating_point() and not _is_router_tensor(key):
             t = t.to(dtype)
-        tensors[key] = t.contiguous().cpu()
+        tensors[family_key(key, config.model_type, to_internal=False)] = t.contiguous().cpu()
+    hf_config["dtype"] = str(_majority_dtype_of(tensors)).removeprefix("torch.")  # a bf16 folder loads as bf16
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -605,7 +640,7 @@ def write_checkpoint(
         size += nbytes
 
     with atomic_folder(out_dir) as tmp:
-        atomic_write_json(tmp / "config.json", config.to_hf_dict())
+        atomic_write_json(tmp / "config.json", hf_config)
         if len(shards) == 1:
             write_safetensors(tmp / SINGLE_FILE, shards[0])
         else:

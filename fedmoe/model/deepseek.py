@@ -54,10 +54,20 @@ class ModelConfig:
     qk_nope_head_dim: int = 16
     qk_rope_head_dim: int = 8
     v_head_dim: int = 16
-    attention_bias: bool = False
+    attention_bias: bool = False  # MLA: q_a/kv_a/o biases; GQA: q/k/v/o biases (Llama's field)
+    # "mla": DeepSeek's Multi-head Latent Attention; "gqa": Llama/Qwen2/Mixtral grouped-query
+    # attention (q/k/v/o projections, rotate-half RoPE over the whole head_dim)
+    attention: Literal["mla", "gqa"] = "mla"
+    num_key_value_heads: int | None = None  # GQA only; None = num_attention_heads
+    head_dim: int | None = None  # GQA only; None = hidden_size // num_attention_heads
+    qkv_bias: bool = False  # GQA only: biases on q/k/v but not o (Qwen2's field)
     # MoE
     n_routed_experts: int = 8
     n_shared_experts: int = 1
+    # Shared expert width; None = moe_intermediate_size * n_shared_experts (Qwen2-MoE sets its own)
+    shared_expert_intermediate_size: int | None = None
+    # Qwen2-MoE: the shared expert's output is scaled by sigmoid(x . w_gate), w_gate [1, D]
+    shared_expert_gate: bool = False
     num_experts_per_tok: int = 2
     first_k_dense_replace: int = 1
     moe_layer_freq: int = 1
@@ -80,7 +90,8 @@ class ModelConfig:
     rope_interleave: bool = True
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
-    model_type: Literal["deepseek_v2", "deepseek_v3"] = "deepseek_v3"
+    # Which HF family config.json and the checkpoint keys follow (see fedmoe.model.families).
+    model_type: Literal["deepseek_v2", "deepseek_v3", "llama", "qwen2_moe", "mixtral"] = "deepseek_v3"
     # Not architectural: who uses the tokens.
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -101,6 +112,13 @@ class ModelConfig:
             f"topk_method: expected noaux_tc|group_limited_greedy|greedy, got {self.topk_method!r}",
         )
         need(self.num_hidden_layers >= 1, f"num_hidden_layers must be >= 1, got {self.num_hidden_layers}")
+        need(self.attention in ("mla", "gqa"), f"attention: expected 'mla' or 'gqa', got {self.attention!r}")
+        if self.attention == "gqa":
+            need(
+                self.num_attention_heads % self.kv_heads == 0,
+                f"num_attention_heads={self.num_attention_heads} not divisible by num_key_value_heads={self.kv_heads}",
+            )
+            need(self.attn_head_dim % 2 == 0, f"head_dim must be even, got {self.attn_head_dim}")
         if self.has_moe:
             need(
                 self.n_routed_experts % max(self.n_group, 1) == 0,
@@ -111,6 +129,27 @@ class ModelConfig:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def attn_head_dim(self) -> int:
+        """Query/key width per head: nope + rope dims (MLA) or head_dim (GQA)."""
+        if self.attention == "mla":
+            return self.qk_head_dim
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_dim(self) -> int:
+        return self.qk_rope_head_dim if self.attention == "mla" else self.attn_head_dim
+
+    @property
+    def shared_width(self) -> int:
+        if self.shared_expert_intermediate_size is not None:
+            return self.shared_expert_intermediate_size
+        return self.moe_intermediate_size * self.n_shared_experts
 
     @property
     def has_moe(self) -> bool:
@@ -148,10 +187,16 @@ class ModelConfig:
     # ---- HF config.json ------------------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
-        """Reads a DeepSeek-V2 or V3 HF config dict (hub or transformers-5 field names)."""
+        """Reads an HF config dict: DeepSeek-V2/V3 (hub or transformers-5 field names), Llama,
+        Qwen2-MoE or Mixtral (the last three with grouped-query attention)."""
         model_type = raw.get("model_type")
+        if model_type in GQA_FAMILIES:
+            return _gqa_config_from_hf(cls, raw, source)
         if model_type not in ("deepseek_v2", "deepseek_v3"):
-            raise ModelError(f"{source}: model_type: expected 'deepseek_v2' or 'deepseek_v3', got {model_type!r}")
+            raise ModelError(
+                f"{source}: model_type: expected one of {['deepseek_v2', 'deepseek_v3', *GQA_FAMILIES]}, "
+                f"got {model_type!r}"
+            )
         is_v3 = model_type == "deepseek_v3"
 
         required = (
@@ -245,6 +290,10 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """HF-style config.json (hub field names, readable by transformers and by us)."""
+        if self.model_type in GQA_FAMILIES:
+            return _gqa_config_to_hf(self)
+        if self.attention != "mla":
+            raise ModelError(f"model_type {self.model_type!r} needs attention='mla', got {self.attention!r}")
         out: dict[str, Any] = {
             "architectures": ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"],
             "model_type": self.model_type,
@@ -267,7 +316,178 @@ class ModelConfig:
         out["num_nextn_predict_layers"] = 0  # MTP layers are not exported
         out["num_key_value_heads"] = self.num_attention_heads
         out["fedmoe_bias_update_speed"] = self.bias_update_speed
+        for f in ("attention", "num_key_value_heads", "head_dim", "qkv_bias", "shared_expert_gate"):
+            out.pop(f)
+        out.pop("shared_expert_intermediate_size")
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# Llama / Qwen2-MoE / Mixtral config.json (grouped-query attention families)
+# --------------------------------------------------------------------------------------------
+
+GQA_FAMILIES = ("llama", "qwen2_moe", "mixtral")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
+
+
+def _gqa_rope(raw: dict[str, Any], source: str) -> float:
+    """rope_theta; only plain RoPE (rope_type 'default') is supported for these families."""
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ModelError(f"{source}: rope_parameters: expected an object, got {rope!r}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ModelError(f"{source}: rope type: expected 'default' for {raw['model_type']}, got {rope_type!r}")
+    return float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+
+
+def _gqa_moe_fields(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """The MoE fields of a Qwen2-MoE or Mixtral config (softmax scoring, no group limit)."""
+    common = dict(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1, moe_layer_freq=1)
+    if raw["model_type"] == "mixtral":
+        if raw.get("sliding_window") is not None:
+            raise ModelError(f"{source}: sliding_window: expected null (full attention), got {raw['sliding_window']!r}")
+        return dict(
+            common,
+            n_routed_experts=raw.get("num_local_experts", 8),
+            moe_intermediate_size=raw["intermediate_size"],
+            n_shared_experts=0,
+            num_experts_per_tok=raw.get("num_experts_per_tok", 2),
+            norm_topk_prob=True,
+            first_k_dense_replace=0,
+        )
+    step, dense = raw.get("decoder_sparse_step", 1), list(raw.get("mlp_only_layers") or [])
+    if step != 1 or dense != list(range(len(dense))):
+        raise ModelError(
+            f"{source}: decoder_sparse_step={step}, mlp_only_layers={dense}: expected decoder_sparse_step=1 and "
+            "mlp_only_layers = the first k layers (the layouts this model can express)"
+        )
+    if raw.get("use_sliding_window"):
+        raise ModelError(f"{source}: use_sliding_window: expected false, got {raw['use_sliding_window']!r}")
+    shared = raw.get("shared_expert_intermediate_size", 0)
+    return dict(
+        common,
+        n_routed_experts=raw.get("num_experts", 60),
+        moe_intermediate_size=raw.get("moe_intermediate_size", 1408),
+        n_shared_experts=1 if shared else 0,
+        shared_expert_intermediate_size=shared,
+        shared_expert_gate=bool(shared),
+        num_experts_per_tok=raw.get("num_experts_per_tok", 4),
+        norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+        first_k_dense_replace=len(dense),
+        qkv_bias=bool(raw.get("qkv_bias", True)),
+    )
+
+
+def _gqa_config_from_hf(cls: type[ModelConfig], raw: dict[str, Any], source: str) -> ModelConfig:
+    model_type = raw["model_type"]
+    _require(
+        raw, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"), source
+    )
+    if raw.get("mlp_bias"):
+        raise ModelError(f"{source}: mlp_bias: expected false, got {raw['mlp_bias']!r}")
+    fields: dict[str, Any] = dict(
+        model_type=model_type,
+        attention="gqa",
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_hidden_layers=raw["num_hidden_layers"],
+        num_attention_heads=raw["num_attention_heads"],
+        num_key_value_heads=raw.get("num_key_value_heads"),
+        head_dim=raw.get("head_dim"),
+        attention_bias=bool(raw.get("attention_bias", False)),
+        rope_theta=_gqa_rope(raw, source),
+        rope_interleave=False,
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=raw.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        hidden_act=raw.get("hidden_act", "silu"),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_id=_first(raw.get("eos_token_id")),
+        n_routed_experts=0,
+        n_shared_experts=0,
+        first_k_dense_replace=0,
+    )
+    if model_type != "llama":
+        fields.update(_gqa_moe_fields(raw, source))
+    try:
+        return cls(**fields)
+    except (ModelError, TypeError, ValueError) as err:
+        raise ModelError(f"{source}: {err}") from None
+
+
+def _first(value: Any) -> Any:
+    return value[0] if isinstance(value, list) and value else value
+
+
+def _require(raw: dict[str, Any], required: tuple[str, ...], source: str) -> None:
+    for name in required:
+        if raw.get(name) is None:
+            near = difflib.get_close_matches(name, [k for k in raw if k not in required], n=1, cutoff=0.8)
+            hint = f" (found {near[0]!r}: a typo?)" if near else ""
+            raise ModelError(f"{source}: missing required field {name!r}{hint}")
+
+
+def _gqa_family_check(c: ModelConfig) -> None:
+    """Refuses a config the family's transformers class could not express (before writing it)."""
+    problems = []
+    if c.attention != "gqa":
+        problems.append(f"attention={c.attention!r} (expected 'gqa')")
+    if c.has_moe and (c.scoring_func, c.topk_method, c.routed_scaling_factor) != ("softmax", "greedy", 1.0):
+        problems.append("routing must be softmax scoring, topk_method='greedy', routed_scaling_factor=1.0")
+    if c.model_type == "llama" and c.n_routed_experts:
+        problems.append(f"n_routed_experts={c.n_routed_experts} (Llama is dense)")
+    if c.model_type == "qwen2_moe" and (c.attention_bias or not c.shared_width or not c.shared_expert_gate):
+        problems.append("Qwen2-MoE needs a gated shared expert and no o_proj bias")
+    if c.model_type == "mixtral" and (c.shared_width or c.first_k_dense_replace or not c.norm_topk_prob):
+        problems.append("Mixtral has no shared expert, no dense layers and renormalized top-k weights")
+    if c.model_type != "qwen2_moe" and c.qkv_bias:
+        problems.append("qkv_bias is a Qwen2-MoE field")
+    if c.rope_scaling:
+        problems.append(f"rope_scaling={c.rope_scaling} (plain RoPE only)")
+    if problems:
+        raise ModelError(f"config for model_type {c.model_type!r}: " + "; ".join(problems))
+
+
+def _gqa_config_to_hf(c: ModelConfig) -> dict[str, Any]:
+    _gqa_family_check(c)
+    out: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[c.model_type]],
+        "model_type": c.model_type,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.moe_intermediate_size if c.model_type == "mixtral" else c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.kv_heads,
+        "head_dim": c.attn_head_dim,
+        "hidden_act": c.hidden_act,
+        "rms_norm_eps": c.rms_norm_eps,
+        "max_position_embeddings": c.max_position_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "rope_theta": c.rope_theta,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": c.eos_token_id,
+    }
+    if c.model_type == "llama":
+        out.update(attention_bias=c.attention_bias, mlp_bias=False)
+    elif c.model_type == "mixtral":
+        out.update(num_local_experts=c.n_routed_experts, num_experts_per_tok=c.num_experts_per_tok, sliding_window=None)
+    else:
+        out.update(
+            num_experts=c.n_routed_experts,
+            moe_intermediate_size=c.moe_intermediate_size,
+            shared_expert_intermediate_size=c.shared_width,
+            num_experts_per_tok=c.num_experts_per_tok,
+            norm_topk_prob=c.norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=list(range(c.first_k_dense_replace)),
+            qkv_bias=c.qkv_bias,
+            use_sliding_window=False,
+        )
+    return out
 
 
 # Presets are data: fedmoe/model/presets.json (ModelConfig keyword arguments; `python -m fedmoe.model.deepseek`
@@ -318,7 +538,7 @@ def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     YaRN (Peng et al., 2023) blends interpolated and extrapolated frequencies with a linear ramp
     between the correction dims of beta_fast/beta_slow rotations, as DeepSeek's checkpoints expect.
     """
-    dim = config.qk_rope_head_dim
+    dim = config.rope_dim
     base = config.rope_theta
     pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     inv_freq = 1.0 / pos_freqs
@@ -353,7 +573,7 @@ def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 def softmax_scale(config: ModelConfig) -> float:
-    scale = config.qk_head_dim**-0.5
+    scale = config.attn_head_dim**-0.5
     rs = config.rope_scaling
     if rs and rs.get("mscale_all_dim"):
         # DeepSeek folds YaRN's temperature into the softmax scale (mscale^2).
@@ -405,8 +625,17 @@ class LayerKVCache:
     kv_b_RX: torch.Tensor | None = None
 
 
+@dataclass
+class LayerGQACache:
+    """Grouped-query attention's cache for one layer: rotated keys and values per KV head,
+    [B, H_kv, S_max, head_dim] each (H_kv heads, not H: the point of GQA)."""
+
+    k_BHSX: torch.Tensor
+    v_BHSX: torch.Tensor
+
+
 class KVCache:
-    """Per-layer compressed caches plus the number of positions already filled.
+    """Per-layer caches (MLA: compressed; GQA: per KV head) plus the number of positions filled.
 
     Args:
         config: the model's config.
@@ -431,6 +660,16 @@ class KVCache:
             raise ModelError(f"KVCache: max_len {max_len} > max_position_embeddings {config.max_position_embeddings}")
         self.max_len = max_len
         self.length = 0
+        self.layers: list[LayerKVCache | LayerGQACache]
+        if config.attention == "gqa":
+            shape = (batch_size, config.kv_heads, max_len, config.attn_head_dim)
+            self.layers = [
+                LayerGQACache(
+                    torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+                )
+                for _ in range(config.num_hidden_layers)
+            ]
+            return
         self.layers = [
             LayerKVCache(
                 torch.zeros(batch_size, max_len, config.kv_lora_rank, dtype=dtype, device=device),
@@ -441,7 +680,12 @@ class KVCache:
         ]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.c_kv_BSR, layer.k_rope_BSR))
+        return sum(
+            t.numel() * t.element_size()
+            for layer in self.layers
+            for t in vars(layer).values()
+            if isinstance(t, torch.Tensor) and t is not getattr(layer, "kv_b_RX", None)
+        )
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -511,11 +755,7 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v_BHSV = kv_BHSX.split([self.nope_dim, self.v_dim], dim=-1)
         q_BHTQ = torch.cat([q_nope, q_rope], dim=-1)
         k_BHSQ = torch.cat([k_nope, k_rope_BTR.unsqueeze(1).expand(B, H, S, self.rope_dim)], dim=-1)
-        if S == T:  # no past: plain causal mask
-            out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHSQ, v_BHSV, is_causal=True, scale=self.scale)
-        else:  # query t sits at position S - T + t and sees keys 0..S - T + t (bottom-right aligned)
-            mask_TS = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(diagonal=S - T)
-            out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHSQ, v_BHSV, attn_mask=mask_TS, scale=self.scale)
+        out_BHTV = _causal_attention(q_BHTQ, k_BHSQ, v_BHSV, self.scale)
         return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
     def _attend_absorbed(
@@ -550,6 +790,58 @@ class MultiHeadLatentAttention(nn.Module):
         probs_BHTS = torch.softmax(scores_BHTS.float(), dim=-1).to(c_kv_BSR.dtype)
         out_lat_BHTR = torch.einsum("bhts,bsr->bhtr", probs_BHTS, c_kv_BSR)
         return torch.einsum("bhtr,hrv->bhtv", out_lat_BHTR, w_uv_HRV)
+
+
+def _causal_attention(q_BHTX: torch.Tensor, k_BHSX: torch.Tensor, v_BHSV: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal SDPA; with S > T (a cache), query t sits at position S - T + t (bottom-right aligned)."""
+    T, S = q_BHTX.shape[2], k_BHSX.shape[2]
+    if S == T:
+        return F.scaled_dot_product_attention(q_BHTX, k_BHSX, v_BHSV, is_causal=True, scale=scale)
+    mask_TS = torch.ones(T, S, dtype=torch.bool, device=q_BHTX.device).tril(diagonal=S - T)
+    return F.scaled_dot_product_attention(q_BHTX, k_BHSX, v_BHSV, attn_mask=mask_TS, scale=scale)
+
+
+class GroupedQueryAttention(nn.Module):
+    """GQA (Llama, Qwen2, Mixtral): H query heads share H_kv key/value heads, H / H_kv each.
+
+    Rotate-half RoPE over the whole head_dim (`rope_interleave=False`). Every projection is a plain
+    nn.Linear, so LoRA and the DP grad samplers for nn.Linear cover it unchanged.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.kv_heads, config.attn_head_dim
+        D, H, X = config.hidden_size, self.n_heads, self.head_dim
+        qkv_bias = config.attention_bias or config.qkv_bias
+        self.q_proj = nn.Linear(D, H * X, bias=qkv_bias)
+        self.k_proj = nn.Linear(D, self.n_kv * X, bias=qkv_bias)
+        self.v_proj = nn.Linear(D, self.n_kv * X, bias=qkv_bias)
+        self.o_proj = nn.Linear(H * X, D, bias=config.attention_bias)
+        self.scale = softmax_scale(config)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        rotary: RotaryEmbedding,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerGQACache | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        H, G, X = self.n_heads, self.n_kv, self.head_dim
+        q_BHTX = rotary.rotate(self.q_proj(x_BTD).view(B, T, H, X).transpose(1, 2), cos, sin)
+        k_BGTX = rotary.rotate(self.k_proj(x_BTD).view(B, T, G, X).transpose(1, 2), cos, sin)
+        v_BGTX = self.v_proj(x_BTD).view(B, T, G, X).transpose(1, 2)
+        if cache is not None:
+            cache.k_BHSX[:, :, start : start + T] = k_BGTX
+            cache.v_BHSX[:, :, start : start + T] = v_BGTX
+            k_BGTX, v_BGTX = cache.k_BHSX[:, :, : start + T], cache.v_BHSX[:, :, : start + T]
+        # query head h reads KV head h // (H / G), as transformers' repeat_kv
+        k_BHSX = k_BGTX.repeat_interleave(H // G, dim=1)
+        v_BHSX = v_BGTX.repeat_interleave(H // G, dim=1)
+        out_BHTX = _causal_attention(q_BHTX, k_BHSX, v_BHSX, self.scale)
+        return self.o_proj(out_BHTX.transpose(1, 2).reshape(B, T, H * X))
 
 
 class MLP(nn.Module):
@@ -651,11 +943,9 @@ class MoE(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.gate = Router(config)
         self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
-        self.shared_experts = (
-            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
-            if config.n_shared_experts
-            else None
-        )
+        self.shared_experts = MLP(config.hidden_size, config.shared_width) if config.shared_width else None
+        # Qwen2-MoE: sigmoid(x . w) scales the shared expert; an nn.Linear, so DP/LoRA treat it as one
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
@@ -667,7 +957,10 @@ class MoE(nn.Module):
         # Combine outside the expert bank: weighted sum over the K slots.
         y_BTD = (y_BSD.view(B, T, K, D) * weights_BTK.unsqueeze(-1).to(y_BSD.dtype)).sum(dim=2)
         if self.shared_experts is not None:
-            y_BTD = y_BTD + self.shared_experts(x_BTD)
+            shared_BTD = self.shared_experts(x_BTD)
+            if self.shared_expert_gate is not None:
+                shared_BTD = torch.sigmoid(self.shared_expert_gate(x_BTD)) * shared_BTD
+            y_BTD = y_BTD + shared_BTD
         return y_BTD
 
 
@@ -675,7 +968,9 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MultiHeadLatentAttention(config)
+        self.self_attn: nn.Module = (
+            GroupedQueryAttention(config) if config.attention == "gqa" else MultiHeadLatentAttention(config)
+        )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: nn.Module = (
             MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
@@ -687,7 +982,7 @@ class Block(nn.Module):
         rotary: RotaryEmbedding,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: LayerKVCache | None = None,
+        cache: LayerKVCache | LayerGQACache | None = None,
         start: int = 0,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rotary, cos, sin, cache, start)

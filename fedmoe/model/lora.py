@@ -21,13 +21,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmoe.model.deepseek import DeepseekForCausalLM, ExpertLinear, MultiHeadLatentAttention, RoutedExperts, Router
+from fedmoe.model.deepseek import (
+    DeepseekForCausalLM,
+    ExpertLinear,
+    GroupedQueryAttention,
+    MultiHeadLatentAttention,
+    RoutedExperts,
+    Router,
+)
 from fedmoe.model.errors import ModelError
 
 TrainMode = Literal["lora", "router+experts", "full"]
 TRAIN_MODES: tuple[str, ...] = ("lora", "router+experts", "full")
-# Attention projections and the routed expert banks; "shared_experts" and "mlp" (dense) also allowed.
-ATTENTION_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+# Attention projections (MLA's and GQA's) and the routed expert banks; "shared_experts" and "mlp"
+# (dense) also allowed.
+ATTENTION_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "k_proj", "v_proj")
 ALL_TARGETS = (*ATTENTION_TARGETS, "experts", "shared_experts", "mlp")
 
 
@@ -124,7 +132,8 @@ def apply_lora(model: DeepseekForCausalLM, cfg: LoraConfig) -> list[str]:
         for child_name, child in list(parent.named_children()):
             full = f"{parent_name}.{child_name}" if parent_name else child_name
             gen = _generator(cfg.seed, fingerprint, full)
-            if isinstance(parent, MultiHeadLatentAttention) and child_name in targets and type(child) is nn.Linear:
+            attention = isinstance(parent, (MultiHeadLatentAttention, GroupedQueryAttention))
+            if attention and child_name in targets and type(child) is nn.Linear:
                 setattr(parent, child_name, LoRALinear(child, cfg.rank, cfg.scaling, gen))
             elif isinstance(parent, RoutedExperts) and "experts" in targets and type(child) is ExpertLinear:
                 setattr(parent, child_name, LoRAExpertLinear(child, cfg.rank, cfg.scaling, gen))

@@ -128,7 +128,7 @@ def test_config_reads_hub_rope_scaling_and_errors_name_the_field(tmp_path):
     raw["rope_scaling"] = {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128, "mscale": 0.7}
     cfg = ModelConfig.from_hf_dict(raw)
     assert cfg.rope_theta == 5000.0 and cfg.rope_scaling["rope_type"] == "yarn"
-    bad = dict(raw, model_type="llama")
+    bad = dict(raw, model_type="gpt2")
     (tmp_path / "config.json").write_text(json.dumps(bad))
     with pytest.raises(ModelError, match=r"config\.json: model_type"):
         ModelConfig.from_json_file(tmp_path / "config.json")
