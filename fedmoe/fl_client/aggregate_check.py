@@ -8,9 +8,17 @@ defence works on the aggregate, identically at every honest bank (decryption is 
   an integer within [min-banks, max-banks] of the job;
 - no coordinate of the mean update larger than what honest training can produce.
 
-The bound on a coordinate. Banks train with AdamW (betas 0.9/0.999, no weight decay). One step
-moves a coordinate by lr * |m_hat| / (sqrt(v_hat) + eps). By Cauchy-Schwarz over the
-exponential averages, |m_hat| / sqrt(v_hat) <= sqrt((1-b1)^2 / (1-b2) * 1 / (1 - b1^2/b2))
+The bound on a coordinate, update rules adam and sgdm (DP-FedSGD, fedmoe.fl_client.fedopt). Every
+bank clamps each coordinate of its released update to `update_clamp` = local-lr x local-steps x
+clip-norm before it leaves (post-processing of its DP output). The mean of honest updates then lies
+within the same bound by construction, so the check accepts every honest aggregate; secure
+aggregation's fixed-point error (<= 2^-21 per coordinate) is covered by `QUANTIZATION_SLACK`.
+The check bounds the mean, not the optimizer's step: Adam's step is bounded whatever the input, but
+a huge poisoned coordinate would freeze that coordinate's second moment for many rounds.
+
+The bound on a coordinate, update rule mean (the old round). Banks train with AdamW (betas
+0.9/0.999, no weight decay). One step moves a coordinate by lr * |m_hat| / (sqrt(v_hat) + eps).
+By Cauchy-Schwarz over the exponential averages, |m_hat| / sqrt(v_hat) <= sqrt((1-b1)^2 / (1-b2) * 1 / (1 - b1^2/b2))
 = sqrt(10 * 5.29) ~= 7.27 for any step count and any gradients (noise included). A round of
 `local-steps` steps therefore moves each coordinate by at most 7.27 * lr * steps; the mean of
 honest banks' updates obeys the same bound. We allow `ADAM_STEP_BOUND` = 8 per step.
@@ -25,9 +33,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedmoe.fl_client.fedopt import update_clamp
 from fedmoe.protocol.config import JobConfig
 
 ADAM_STEP_BOUND = 8.0  # > 7.27, the AdamW per-step bound derived above
+QUANTIZATION_SLACK = 1e-5  # > 2^-21, the largest fixed-point error of the decrypted mean
 
 
 class AggregateRejected(Exception):
@@ -40,7 +50,15 @@ class AggregateRejected(Exception):
 
 def coordinate_bound(job: JobConfig) -> float:
     """The largest |coordinate| of a mean update honest banks can produce in one round."""
-    return ADAM_STEP_BOUND * job.lr * job.local_steps
+    if job.update_rule == "mean":
+        return ADAM_STEP_BOUND * job.lr * job.local_steps
+    return update_clamp(job) + QUANTIZATION_SLACK
+
+
+def _bound_text(job: JobConfig) -> str:
+    if job.update_rule == "mean":
+        return f"{ADAM_STEP_BOUND:g} x lr {job.lr:g} x local-steps {job.local_steps}"
+    return f"local-lr {job.local_lr:g} x local-steps {job.local_steps} x clip-norm {job.clip_norm:g}, the banks' clamp"
 
 
 def check_aggregate(job: JobConfig, round_idx: int, mean: np.ndarray, total_weight: float) -> None:
@@ -60,6 +78,6 @@ def check_aggregate(job: JobConfig, round_idx: int, mean: np.ndarray, total_weig
     if peak > bound:
         raise AggregateRejected(
             round_idx,
-            f"largest |coordinate| of the mean update is {peak:.3g}, above the bound {bound:.3g} "
-            f"(= {ADAM_STEP_BOUND:g} x lr {job.lr:g} x local-steps {job.local_steps})",
+            f"largest |coordinate| of the mean update is {peak:.3g}, "
+            f"above the bound {bound:.3g} (= {_bound_text(job)})",
         )

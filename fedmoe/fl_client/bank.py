@@ -6,7 +6,8 @@ between rounds lives in its state dir (DESIGN.md, "State on disk"):
 
     <state-root>/jobs/<job-id>/
         state.json             job id, layout hash, start hash, last applied round, rounds trained
-        replica.safetensors    the trainable view of the global model after `applied_round`
+        replica.safetensors    the trainable view of the global model after `applied_round`, and the
+                               update rule's optimizer state (fedmoe.fl_client.fedopt): one atomic file
         released/round-NNNN.*  what the bank released for a round (re-sent, never re-trained)
         secagg/round-NNNN.json the round's secure-aggregation secrets (0600; fedmoe.fl_client.secagg_bank)
         deltas/round-NNNN.safetensors   plaintext deltas, only with keep-plaintext-deltas (tests)
@@ -16,7 +17,9 @@ between rounds lives in its state dir (DESIGN.md, "State on disk"):
 A train message, under the bank's round lock, in three steps: catch up (check key, decrypt,
 validate and apply the aggregates not yet applied) -> a local round (the bank's policy decides
 whether to train at all; DP-SGD from the global view; ledger entry before anything leaves) ->
-seal the delta (weight 1: the dataset size never leaves the bank) and reply. `train_once` is that
+seal the delta (clamped per coordinate, weight 1: the dataset size never leaves the bank) and reply.
+Applying an aggregate is the job's update rule on the decrypted mean (Adam by default), computed
+identically by every bank from the same state. `train_once` is that
 sequence; an `Opener` and a `Sealer` say how aggregates are opened and the delta sealed: CKKS
 here (`handle_train`), masks + BFV at the masked-input stage of secure aggregation
 (fedmoe/fl_client/secagg_bank.py). The
@@ -39,6 +42,7 @@ from safetensors import safe_open
 from fedmoe.crypto import CkksKey, CryptoError, ExpectedHeader, decrypt_mean, encrypt_update, load_secret_context
 from fedmoe.fl_client.aggregate_check import AggregateRejected, check_aggregate
 from fedmoe.fl_client.config import BankConfig
+from fedmoe.fl_client.fedopt import FedOptimizer, FedOptState, fed_step, update_clamp
 from fedmoe.fl_client.policy import BankPolicy
 from fedmoe.fl_client.privacy import BankPrivacy, RoundResult
 from fedmoe.fl_client.state import atomic_save_tensors, load_tensors
@@ -70,6 +74,8 @@ class Bank:
         self.job, self.config = job, config
         self.model = build_model(job)
         self.view = TrainableView(self.model)
+        self.optimizer = FedOptimizer.of(job)
+        self.optimizer_state = FedOptState.fresh(self.view.numel)
         self.state_dir = config.job_dir(job.job_id)
         self.state = self._load_or_init_state()
 
@@ -101,6 +107,7 @@ class Bank:
             saved = load_tensors(self.replica_file)
             flat = torch.cat([saved[spec.name].reshape(-1).float() for spec in self.view.specs])
             self.view.load_flat_(flat)
+            self.optimizer_state = FedOptState.from_tensors(saved, self.view.numel, source=str(self.replica_file))
             # The replica file is the commit point: the round it holds travels inside it, so a
             # crash between the replica and state.json can never make an aggregate apply twice.
             with safe_open(str(self.replica_file), framework="pt") as handle:
@@ -108,20 +115,26 @@ class Bank:
         return state
 
     def save(self) -> None:
-        """Replica (with its applied round) first, then state.json; each write is atomic."""
+        """Replica (with its applied round and optimizer state) first, then state.json; each write is atomic."""
         metadata = {"applied_round": str(self.state.applied_round), "job_id": self.job.job_id}
-        atomic_save_tensors(self.replica_file, dict(self.view.params), metadata=metadata)
+        tensors = dict(self.view.params)
+        if self.optimizer.stateful:
+            tensors |= self.optimizer_state.to_tensors()
+        atomic_save_tensors(self.replica_file, tensors, metadata=metadata)
         atomic_write_json(self.state_file, asdict(self.state))
 
     # ---- round steps ---------------------------------------------------------------------------
     def apply_mean_delta(self, round_idx: int, mean_delta: torch.Tensor) -> None:
         """Moves the replica to the global model after `round_idx`; older rounds are no-ops.
 
-        Rounds that ended with too few banks have no aggregate, so round numbers may skip.
+        The replica moves by the job's update rule applied to the mean (fedmoe.fl_client.fedopt):
+        the same state and the same mean give every bank the same bits. Rounds that ended with too
+        few banks have no aggregate, so round numbers may skip.
         """
         if round_idx <= self.state.applied_round:
             return
-        self.view.add_flat_(mean_delta)
+        update, self.optimizer_state = fed_step(self.optimizer, self.optimizer_state, mean_delta)
+        self.view.add_flat_(update)
         self.state.applied_round = round_idx
 
     def train_plain(self, data: BankData, round_idx: int) -> dict[str, float]:
@@ -305,8 +318,15 @@ class CkksSealer:
 def seal_and_reply(
     bank: Bank, sealer: Sealer, round_idx: int, global_flat: torch.Tensor, result: RoundResult
 ) -> TrainReply:
-    """Seals the delta (weight 1 per bank), resets the replica, persists, replies."""
+    """Seals the delta (weight 1 per bank), resets the replica, persists, replies.
+
+    Under adam/sgdm the delta is clamped per coordinate to `update_clamp` (post-processing of the
+    DP output), so the aggregate check's bound holds for every honest mean.
+    """
     delta = bank.view.flatten() - global_flat
+    if bank.optimizer.stateful:
+        bound = update_clamp(bank.job)
+        delta = delta.clamp(-bound, bound)
     bank.view.load_flat_(global_flat)  # the replica stays at the global model
     started = time.perf_counter()
     bundle = sealer.seal(bank, round_idx, delta)

@@ -22,6 +22,7 @@ from fedmoe.crypto.identity import ConsortiumPins, generate_identity, load_ident
 from fedmoe.fl_client.config import BankConfig
 from fedmoe.fl_client.dp import AccountantState, BudgetExceeded, DPConfig, DPError, HistoryEntry, train_private_round
 from fedmoe.fl_client.dp.accountant import noise_multiplier_for, sample_rate_for
+from fedmoe.fl_client.fedopt import local_dp_config
 from fedmoe.fl_client.ledger import accountant_state_from_ledger, round_entry
 from fedmoe.fl_client.policy import Refusal, check_job, check_round
 from fedmoe.fl_client.task import BankData, dp_config, round_seed
@@ -70,7 +71,7 @@ class BankPrivacy:
 
     def __init__(self, job: JobConfig, config: BankConfig, data: BankData) -> None:
         self.job, self.config, self.policy = job, config, config.policy
-        self.cfg = dp_config(job, config)
+        self.cfg = local_dp_config(job, dp_config(job, config))
         self.n_samples, self.fingerprint = len(data.train), data.fingerprint
         self.dir = config.privacy_dir(data.fingerprint)
         self.ledger = Ledger(self.dir / "ledger.jsonl")

@@ -17,6 +17,8 @@ from fedmoe.protocol.errors import ConfigError
 
 PRIVACY_UNITS: tuple[str, ...] = ("record", "customer")
 AGGREGATIONS: tuple[str, ...] = ("secagg", "ckks")
+# What every bank applies to the decrypted mean update (fedmoe.fl_client.fedopt).
+UPDATE_RULES: tuple[str, ...] = ("adam", "sgdm", "mean")
 
 # Secure aggregation's files in a key folder (the job's key-dir; a bank's: the folder of its key-path).
 PINS_FILE = "pins.json"  # the consortium's pinned Ed25519 identity keys (public)
@@ -84,10 +86,17 @@ class JobConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     seq_len: int = 128
-    # local training per round
-    local_steps: int = 20
-    batch_size: int = 16  # expected (Poisson) batch size under DP
-    lr: float = 0.01
+    # the round (fedmoe.fl_client.fedopt): each bank runs local-steps DP-SGD steps of plain SGD at
+    # local-lr and releases its clamped update; every bank applies update-rule to the decrypted mean
+    update_rule: str = "adam"  # adam | sgdm (momentum beta1) | mean (local AdamW at lr, the mean as is)
+    local_steps: int = 1
+    local_lr: float = 1.0
+    lr: float = 0.01  # of update-rule on the mean (mean: of the local AdamW)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    batch_size: int = 16  # expected (Poisson) batch size under DP; the accountant calibrates sigma for it
+    physical_batch_size: int = 0  # most samples per forward/backward (memory); 0 = batch-size
     # data (synthetic corpus when a bank has no data-path)
     synthetic_banks: int = 3
     records_per_bank: int = 2000
@@ -132,6 +141,24 @@ class JobConfig:
             raise ConfigError(f"run config: 'aggregation' expected {names}, got {self.aggregation!r}")
         if not 0 < self.delta < 1:
             raise ConfigError(f"run config: 'delta' expected in (0, 1), got {self.delta}")
+        self._check_round()
+
+    def _check_round(self) -> None:
+        if self.update_rule not in UPDATE_RULES:
+            rules = list(UPDATE_RULES)
+            raise ConfigError(f"run config: 'update-rule' expected one of {rules}, got {self.update_rule!r}")
+        for key, value, ok, expected in (
+            ("local-steps", self.local_steps, self.local_steps >= 1, ">= 1"),
+            ("batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
+            ("physical-batch-size", self.physical_batch_size, self.physical_batch_size >= 0, ">= 0 (0 = batch-size)"),
+            ("lr", self.lr, self.lr > 0, "> 0"),
+            ("local-lr", self.local_lr, self.local_lr > 0, "> 0"),
+            ("beta1", self.beta1, 0 <= self.beta1 < 1, "in [0, 1)"),
+            ("beta2", self.beta2, 0 <= self.beta2 < 1, "in [0, 1)"),
+            ("adam-eps", self.adam_eps, self.adam_eps > 0, "> 0"),
+        ):
+            if not ok:
+                raise ConfigError(f"run config: '{key}' expected {expected}, got {value}")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> JobConfig:
