@@ -3,7 +3,9 @@
 After a job, every bank's replica holds the global model of the last aggregate it applied (the
 server's closing message delivers the final one). This writes it in every form `fedmoe.model.export`
 knows: merged (LoRA folded in, a Hugging Face folder), adapter (PEFT + the expert companion) and,
-for a preset base, the base itself.
+for a preset base, the base itself. Beside them, `optimizer.safetensors`: the update rule's state
+(fedmoe.fl_client.fedopt: Adam's moments and step count after the last aggregate), so a follow-up
+job can continue the same optimizer from the exported model.
 
     python -m fedmoe.fl_client.export --job runs/demo/server/demo/job.json \\
         --node-config "bank-id='bank-0' state-dir='runs/demo/banks/bank-0'" --out runs/demo/final
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from fedmoe.fl_client.bank import Bank
 from fedmoe.fl_client.config import BankConfig
+from fedmoe.fl_client.state import atomic_save_tensors
 from fedmoe.model.export import export_job
 from fedmoe.protocol.config import JobConfig
 from fedmoe.protocol.errors import ConfigError
@@ -53,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     written = export_job(bank.model, args.out, base_dir=job.base_checkpoint or None, seed=job.seed)
+    if bank.optimizer.stateful:
+        meta = {"update_rule": job.update_rule, "applied_round": str(bank.state.applied_round)}
+        tensors = bank.optimizer_state.to_tensors()
+        written["optimizer"] = atomic_save_tensors(args.out / "optimizer.safetensors", tensors, metadata=meta)
     print(f"job {job.job_id}, bank {bank.config.bank_id}: global model after round {bank.state.applied_round}")
     for form, path in written.items():
         print(f"  {form}: {path}")

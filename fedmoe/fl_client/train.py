@@ -80,6 +80,50 @@ def evaluate(model: DeepseekForCausalLM, inputs: torch.Tensor, targets: torch.Te
     return total / count
 
 
+@dataclass(frozen=True)
+class TaskScore:
+    """Held-out loss (nats/token) and next-field accuracy (share of records completed exactly)."""
+
+    loss: float
+    field_accuracy: float
+
+
+@torch.no_grad()
+def evaluate_task(
+    model: DeepseekForCausalLM,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    spans: list[tuple[int, int]],
+    *,
+    batch_size: int = 32,
+) -> TaskScore:
+    """Loss, and the share of samples whose task field the model completes exactly (greedy).
+
+    `spans[i]` = token positions [start, end) of sample i's field value (one record per sample,
+    fedmoe.fl_client.data.consortium.field_spans). Teacher-forced argmax at every position of the
+    value equals greedy decoding of the value from its prefix, so one forward pass scores both.
+
+    Raises:
+        ValueError: spans and samples disagree in number, or a span lies outside the sample.
+    """
+    n, length = inputs.shape
+    if len(spans) != n or any(not 1 <= a < b <= length + 1 for a, b in spans):
+        raise ValueError(f"evaluate_task: expected {n} spans within [1, {length + 1}], got {len(spans)}")
+    was_training = model.training
+    model.eval()
+    total, count, correct = 0.0, 0, 0
+    for start in range(0, n, batch_size):
+        x, y = inputs[start : start + batch_size], targets[start : start + batch_size]
+        logits_BTV = model(x)
+        total += lm_loss(logits_BTV, y).item() * int((y != -100).sum())
+        count += int((y != -100).sum())
+        guess_BT = logits_BTV.argmax(-1)
+        for row, (a, b) in enumerate(spans[start : start + batch_size]):
+            correct += bool(torch.equal(guess_BT[row, a - 1 : b - 1], y[row, a - 1 : b - 1]))
+    model.train(was_training)
+    return TaskScore(total / max(count, 1), correct / n)
+
+
 def train_local(
     model: DeepseekForCausalLM,
     inputs: torch.Tensor,
