@@ -77,8 +77,7 @@ def market(seed: int) -> dict[str, list[Merchant]]:
     out: dict[str, list[Merchant]] = {}
     for category, (_, words) in CATEGORIES.items():
         out[category] = [
-            Merchant(f"{rng.choice(_SURNAMES)} {rng.choice(words)}", category)
-            for _ in range(_MERCHANTS_PER_CATEGORY)
+            Merchant(f"{rng.choice(_SURNAMES)} {rng.choice(words)}", category) for _ in range(_MERCHANTS_PER_CATEGORY)
         ]
     return out
 
@@ -140,10 +139,7 @@ def _record(
     amount = round(median * rng.lognormvariate(0.0, 0.5), 2)
     day = date(2024, 1, 1) + timedelta(days=rng.randrange(366))
     ref = f" ref {bank.reference_prefix}-{rng.randrange(10_000):04d}" if channel == "standing" else ""
-    text = (
-        f"{day:%m-%d} {channel} {segment}{ref} | {merchant.name} | "
-        f"{amount:.2f} | {TASK_FIELD}{merchant.category}"
-    )
+    text = f"{day:%m-%d} {channel} {segment}{ref} | {merchant.name} | {amount:.2f} | {TASK_FIELD}{merchant.category}"
     return {
         "text": text,
         "customer_id": f"{bank.bank_id}-c{customer:05d}",
