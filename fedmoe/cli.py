@@ -4,6 +4,7 @@
     fedmoe provision ...   per-site kits and the release banks pin (python -m fedmoe.fl_server.provision)
     fedmoe compose ...     the one-host docker-compose file (python -m fedmoe.fl_server.deploy)
     fedmoe keys ...        key ceremonies and identities (python -m fedmoe.crypto)
+    fedmoe site ...        a bank's own site: keys born there, checks, status (python -m fedmoe.fl_client.site)
     fedmoe export ...      a bank writes the job's global model (python -m fedmoe.fl_client.export)
     fedmoe local ...       one bank, no federation (python -m fedmoe.fl_client.local)
     fedmoe model ...       export / generate / evaluate a checkpoint (python -m fedmoe.model)
@@ -35,6 +36,7 @@ COMMANDS: dict[str, Command] = {
     "provision": Command("fedmoe.fl_server.provision", "write per-site kits and the release banks pin"),
     "compose": Command("fedmoe.fl_server.deploy", "write the one-host docker-compose file", ("compose",)),
     "keys": Command("fedmoe.crypto.__main__", "key ceremonies, identities, pins"),
+    "site": Command("fedmoe.fl_client.site", "a bank's own site: keys, pins, checks, status, officer bundle"),
     "export": Command("fedmoe.fl_client.export", "a bank writes the job's global model"),
     "local": Command("fedmoe.fl_client.local", "fine-tune one bank locally (no federation, no DP)"),
     "model": Command("fedmoe.model.__main__", "export / generate / evaluate a checkpoint"),
@@ -80,6 +82,7 @@ def _script(name: str) -> Callable[[], int]:
 launch = _script("launch")
 provision = _script("provision")
 keys = _script("keys")
+site = _script("site")
 export = _script("export")
 model = _script("model")
 generate = _script("generate")

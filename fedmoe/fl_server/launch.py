@@ -321,7 +321,8 @@ def ensure_keys(key_dir: Path) -> None:
 
 def ensure_tls(root: Path, n_banks: int) -> tuple[str, str]:
     """CA + SuperLink certificate for 127.0.0.1, a SuperNode key pair and executor secret per bank."""
-    from fedmoe.fl_server.provision import issue_server_cert, make_ca, make_node_key, make_secret
+    from fedmoe.crypto.node_keys import make_node_key, make_secret
+    from fedmoe.fl_server.provision import issue_server_cert, make_ca
 
     certs, auth = root / "certs", root / "auth"
     if not (certs / "server.pem").exists():
