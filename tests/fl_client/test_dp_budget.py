@@ -211,3 +211,19 @@ def test_packed_data_from_fl_client_data_is_accepted():
         train_private_round(
             tiny_model("lora", dtype=torch.float32), concat, config(), AccountantState.fresh(config()), seed=0
         )
+
+
+def test_the_accountant_calibrates_the_batch_sizing_and_a_larger_batch_buys_less_noise():
+    """The same epsilon and steps: sigma grows with the expected batch, the noise per coordinate falls."""
+    from fedmoe.fl_client.dp.accountant import CALIBRATION_TOLERANCE, plan_for
+
+    plans = [plan_for(config(target_epsilon=8.0, planned_rounds=40, local_steps=1, expected_batch_size=b), 400)
+             for b in (16, 48)]  # fmt: skip
+    small, large = plans
+    assert (small.expected_batch, small.steps, small.sample_rate) == (16, 40, 16 / 400)
+    assert small.sigma < large.sigma and large.noise_per_coordinate < small.noise_per_coordinate / 2
+    for plan in plans:
+        assert 8.0 - CALIBRATION_TOLERANCE <= plan.epsilon <= 8.0
+        assert plan.noise_per_coordinate == pytest.approx(plan.sigma / plan.expected_batch)
+    with pytest.raises(DPError, match="expected_batch_size=500 needs at least that many"):
+        plan_for(config(expected_batch_size=500), 400)

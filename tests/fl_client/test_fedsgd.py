@@ -151,3 +151,16 @@ def test_a_poisoned_aggregate_is_rejected(noisy_round, factor):
     poisoned = (delta.numpy() * factor + delta.numpy()) / 2
     with pytest.raises(AggregateRejected, match="above the bound"):
         check_aggregate(job, 1, poisoned, total_weight=2.0)
+
+
+def test_the_local_update_is_plain_sgd_at_local_lr_and_the_physical_batch_only_splits_memory(tmp_path):
+    from fedmoe.fl_client.fedopt import local_dp_config
+    from fedmoe.fl_client.task import dp_config
+
+    job = job_at(tmp_path, batch_size=32, physical_batch_size=8, local_lr=0.5)
+    cfg = local_dp_config(job, dp_config(job, bank_at(job, tmp_path, "bank-0")))
+    assert (cfg.optimizer, cfg.lr, cfg.momentum) == ("sgd", 0.5, 0.0)
+    assert (cfg.expected_batch_size, cfg.physical_batch_size) == (32, 8)  # sigma is calibrated for 32
+    old = job_at(tmp_path, update_rule="mean", batch_size=32)
+    cfg = local_dp_config(old, dp_config(old, bank_at(old, tmp_path, "bank-0")))
+    assert (cfg.optimizer, cfg.lr, cfg.physical_batch_size) == ("adamw", old.lr, 32)

@@ -143,6 +143,42 @@ def noise_multiplier_for(cfg: DPConfig, n_samples: int) -> float:
 
 
 @dataclass(frozen=True)
+class DPPlan:
+    """What the accountant calibrated for a bank's job: the batch sizing of DP-SGD in one record.
+
+    Attributes:
+        expected_batch: B, the job's batch-size (Poisson: each sample joins a step with q = B / n).
+        sample_rate: q.
+        steps: planned rounds x local steps, the steps sigma is calibrated for.
+        sigma: the noise multiplier that spends target_epsilon over `steps`.
+        noise_per_coordinate: sigma x C / B, the std of the noise on each coordinate of a step's
+            mean clipped gradient (what a larger batch buys: sigma grows far slower than B).
+        epsilon: what the full plan spends (<= target_epsilon).
+    """
+
+    expected_batch: int
+    sample_rate: float
+    steps: int
+    sigma: float
+    noise_per_coordinate: float
+    epsilon: float
+
+
+def plan_for(cfg: DPConfig, n_samples: int) -> DPPlan:
+    """The calibrated plan of `cfg` on `n_samples` privacy units (a pure function, cached below).
+
+    Raises:
+        DPError: as `noise_multiplier_for` (q > 1, or a budget too small for any sigma).
+    """
+    sigma = noise_multiplier_for(cfg, n_samples)
+    q = sample_rate_for(cfg, n_samples)
+    steps = cfg.total_planned_steps
+    epsilon = epsilon_for_history([HistoryEntry(sigma, q, steps)], delta=cfg.delta, mechanism=cfg.accountant)
+    noise = sigma * cfg.clip_norm / cfg.expected_batch_size
+    return DPPlan(cfg.expected_batch_size, q, steps, sigma, noise, epsilon)
+
+
+@dataclass(frozen=True)
 class AccountantState:
     """What a bank must remember between rounds to account its privacy: plain, JSON-serializable.
 

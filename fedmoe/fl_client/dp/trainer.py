@@ -221,10 +221,13 @@ def train_private_round(
         seconds=steps.seconds,
     )
     logger.info(
-        "bank %s: private round done: %d steps, sigma=%.3f, q=%.4f, epsilon %.3f -> %.3f of %.3f (%s, %.1fs)",
+        "bank %s: private round done: %d steps, expected batch %d, sigma=%.3f (noise %.4f per coordinate), "
+        "q=%.4f, epsilon %.3f -> %.3f of %.3f (%s, %.1fs)",
         cfg.bank_id,
         cfg.local_steps,
+        cfg.expected_batch_size,
         sigma,
+        sigma * cfg.clip_norm / cfg.expected_batch_size,
         q,
         budget.epsilon_before,
         budget.epsilon_after,
