@@ -56,7 +56,7 @@ demo: $(STAMP)
 	@if [ -d $(DEMO_ROOT) ]; then rm -rf $(DEMO_ROOT).prev && mv $(DEMO_ROOT) $(DEMO_ROOT).prev; fi
 	$(BIN)/fedmoe-launch --banks 3 --root $(DEMO_ROOT) \
 		--policy bank-0=$(DEMO_POLICY) --policy bank-1=$(DEMO_POLICY) --policy bank-2=$(DEMO_POLICY) \
-		--run-config 'job-id="demo" num-rounds=3 model-preset="small" train-mode="lora" epsilon=8.0'
+		--run-config 'job-id="demo" num-rounds=20 model-preset="small" train-mode="lora" epsilon=8.0'
 	$(MAKE) --no-print-directory audit LEDGERS="$(DEMO_ROOT)/banks/*/privacy/*/ledger.jsonl $(DEMO_ROOT)/server/demo/ledger-mirror/*.jsonl" \
 		PINS="$(DEMO_ROOT)/keys/pins.json"
 	$(BIN)/fedmoe-export --job $(DEMO_ROOT)/server/demo/job.json \
@@ -89,7 +89,7 @@ local-demo: $(STAMP)
 EXPERIMENT_ARGS ?=
 experiment: $(STAMP)
 	@mkdir -p $(RUNS)/experiment
-	$(BIN)/python bench/utility.py --plot $(RUNS)/experiment/utility.png $(EXPERIMENT_ARGS) >$(RUNS)/experiment/utility.json
+	nice -n 10 $(BIN)/python bench/utility.py $(EXPERIMENT_ARGS) >$(RUNS)/experiment/utility.json
 	@cat $(RUNS)/experiment/utility.json
 
 lint: $(STAMP)

@@ -1,92 +1,55 @@
-"""The experiment a consortium decides on: what does federating buy each bank, at the same epsilon?
+"""The measurement a consortium decides on: per bank, is federating better than training alone?
 
-    .venv/bin/python bench/utility.py [--banks 3,5,10,15] [--rounds 4] [--local-steps 10] ...
+    .venv/bin/python bench/utility.py [--corpus consortium|locales] [--banks 3,5,10,15] [--steps 30] ...
     make experiment
 
-On the synthetic non-IID bank corpus (fedmoe.fl_client.data: each bank its own locale, products,
-templates), with the same compute and the same epsilon per bank, for every bank:
-    alone       the bank trains alone with DP: the same rounds x local steps on its own data only,
-                the same epsilon (a federation of one, through the same code);
-    federated   DP federations of 3, 5, 10 and 15 banks (banks 0..N-1: banks 0..2 are in every
-                federation, so their numbers compare across sizes);
-    central     plain (non-private) training on the union of every bank's training data: the
-                ceiling, with the same total steps (rounds x local steps at the same batch size).
-Each loss is the mean next-token cross-entropy on the bank's own held-out records
-(fedmoe.fl_client.train.evaluate), and
-    gap_share = (loss_alone - loss_federated) / (loss_alone - loss_central)
-is the share of the gap between training alone and the non-private ceiling that federating
-closes (1 = federated reaches the ceiling, 0 = no better than alone, < 0 = worse). The goal for
-the defaults: gap_share >= 0.5 for every bank at 3 banks, and more banks close more.
-Prints ONE JSON line and writes a plot (--plot, default runs/experiment/utility.png).
+Arms, for every bank i (banks 0..N-1 form the federation of N; banks 0..2 are in every one):
+    alone       DP at epsilon per bank on its own data: the job's round with one member (local DP-SGD
+                step, the update rule on its own update), the same steps, its lr tuned per bank;
+    fed N       DP-FedSGD federations of N = 3, 5, 10, 15: each member's clipped, noised update of
+                `local-steps` SGD steps, clamped; the mean; the update rule (Adam) applied to it,
+                the same steps and epsilon per bank; one lr per federation (the consortium's choice);
+    own         non-private AdamW on the bank's own data, the same steps and batch (reference);
+    pooled N    non-private AdamW on the union of banks 0..N-1 with the federation's compute
+                (batch N x B, the same steps): the reference a federation of N could at best reach.
+Tuning: every arm gets the same lr grid (`--lr-grid`, --plain-lr-grid for the non-private arms),
+trained on the train split with the first seed and scored on a validation split; the chosen lr
+then runs with every seed (`--seeds`) and is scored on the held-out split (>= 200 records per
+bank). Results: per bank and arm the mean and spread (max - min over seeds) of the held-out loss
+and, on the consortium corpus, next-field accuracy (the category the model completes exactly,
+fedmoe.fl_client.train.evaluate_task), and which arm each bank should pick.
 
-How a round runs (in-process: no Flower, no encryption). Every member starts from the global
-trainable view, runs `fedmoe.fl_client.dp.train_private_round` (real Poisson sampling, per-sample
-clipping, Gaussian noise, the real PRV accountant calibrating sigma for the planned rounds and
-checking the budget before every round), its delta = local - global; the mean of the deltas with
-weight 1 per bank is applied to the global view. That is exactly what the encrypted path computes
-(fedmoe/fl_client/bank.py + crypto: the secure aggregate of the deltas differs from the plaintext mean by
-~1e-10). Data: `fedmoe.fl_client.task.load_bank_data` with a `fedmoe.protocol.config.JobConfig` and a
-`fedmoe.fl_client.config.BankConfig` (partition-id = bank index). The corpus is always drawn with
-`synthetic-banks` = the largest federation, because `make_bank_profiles` draws every profile from
-one stream: bank 0's data must be the same records in every federation it joins.
+The round is the production round's arithmetic in-process (no Flower, no encryption): members run
+`fedmoe.fl_client.dp.train_private_round` (Poisson sampling, per-sample clipping, Gaussian noise, the
+PRV accountant calibrating sigma for the planned steps) with the bank's DP config
+(`fedmoe.fl_client.fedopt.local_dp_config`), clamp (`update_clamp`), the mean is applied with
+`fedopt.fed_step`, exactly what every bank does with the decrypted mean (bank.apply_mean_delta).
+Noise is seeded (secure-mode=false) for reproducibility. The data split is fixed (`--data-seed`);
+a seed changes the model init, the batches and the noise.
 
-Noise is seeded (`secure-mode=false`, seeds from `fedmoe.fl_client.task.round_seed`) so that runs are
-reproducible and every method sees the same batches and noise draws for a given bank and round;
-shipped runs draw sampling and noise from the OS CSPRNG (secure_mode), which changes the draws,
-not the mechanism, sigma or the accounting.
+A bench-only shortcut that changes no number: every bank has the same plan (n, q, sigma, steps),
+so the accountant's pure functions are memoized per plan (the PRV search takes seconds).
 
-Two bench-only shortcuts that change no number: every bank has the same plan (same n, q, sigma,
-steps), so the accountant's pure functions are memoized for the run (`noise_multiplier_for` once
-per plan instead of once per bank, ~10 s each with PRV; `epsilon_for_history` once per history
-instead of twice per bank and round, ~0.8 s each). Without them accounting would take longer
-than training on this machine.
-
-Defaults, and why (measured on 2 shared cores, torch 1 thread). `--preset tiny` (0.26M params)
-with `--train-mode full`: the base model is a seeded random init (no pretrained checkpoint), on
-which FFA-LoRA barely moves the loss (5.79 -> 5.53 in 40 private steps of `tiny`), so every method
-would sit within noise of the others; full fine-tuning of `tiny` goes 5.79 -> 3.5 in the same
-steps. `small` costs ~5x per step. `--records-per-bank 400` (360 train, 40 held out per bank):
-data-poor banks, the case for a consortium. `--rounds 4 --local-steps 10 --batch 16 --epsilon 8
---lr 0.01 --seq-len 128` (the job's epsilon and lr; alone, lr 0.003 is clearly worse and 0.03
-no better on average): the run trains 48 bank x plans (15 alone + 3 + 5 + 10 + 15 federated) of
-40 DP steps, 441 s measured.
-Records longer than seq-len + 1 tokens are truncated (pack_records says how many, per bank).
-
-What the defaults show (docs/utility.md has the table): the goal is not met. With the shipped
-round (fresh AdamW every round, plain mean) federating makes 14 of 15 banks worse than alone
-(gap_share -0.54..-0.07 for banks 0..2 at 3 banks; mean -0.26, -0.21, -0.28, -0.31 at 3, 5, 10,
-15 banks), and more banks do not close more.
-
-Part 2 options (experiments, not shipped behaviour; fl_client is not edited):
-    --keep-optimizer-state   each bank keeps its AdamW moments across its rounds (fl_client
-                             builds a fresh optimizer every round); done by wrapping
-                             `fedmoe.fl_client.dp.engine._base_optimizer` for the bank's round.
-    --server-opt scaled|avgm|adam   a server-side step on the mean delta (server_lr x mean,
-                             FedAvgM, FedAdam; Reddi et al., ICLR 2021): post-processing of DP
-                             outputs, a pure function of the aggregates, applied identically by
-                             every bank; `--server-lr` (x sqrt(N) with `--server-lr-sqrt-n`),
-                             `--server-momentum` (beta1), `--server-beta2`, `--server-tau`. A bank
-                             alone has no server: it always applies its own delta as it is.
-    --batch B --local-steps S   a larger expected batch with fewer steps, or more local steps:
-                             sigma is recalibrated so epsilon stays the same.
+Corpora: `consortium` (fedmoe.fl_client.data.consortium: one language, one market, banks differ in
+product mix, segments and rare own patterns: the case the seed describes) and `locales` (the
+8-locale corpus of fedmoe.fl_client.data.synthetic: the hard case; no task field there).
+Prints ONE JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import json
 import logging
-import math
 import os
+import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -94,60 +57,59 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fedmoe.fl_client.dp.accountant as accountant_module  # noqa: E402
-import fedmoe.fl_client.dp.engine as engine_module  # noqa: E402
 import fedmoe.fl_client.dp.trainer as trainer_module  # noqa: E402
 from fedmoe.fl_client.config import BankConfig  # noqa: E402
+from fedmoe.fl_client.data import generate_bank_corpus, make_bank_profiles, pack_records, train_eval_split  # noqa: E402
+from fedmoe.fl_client.data.consortium import field_spans, generate_consortium_corpus, make_consortium  # noqa: E402
+from fedmoe.fl_client.data.packing import PackedData  # noqa: E402
 from fedmoe.fl_client.dp import train_private_round  # noqa: E402
 from fedmoe.fl_client.dp.accountant import AccountantState  # noqa: E402
-from fedmoe.fl_client.task import BankData, build_model, dp_config, load_bank_data, round_seed  # noqa: E402
-from fedmoe.fl_client.train import TrainConfig, evaluate, train_local  # noqa: E402
+from fedmoe.fl_client.fedopt import FedOptimizer, FedOptState, fed_step, local_dp_config, update_clamp  # noqa: E402
+from fedmoe.fl_client.task import build_model, dp_config, round_seed  # noqa: E402
+from fedmoe.fl_client.train import TaskScore, TrainConfig, evaluate_task, train_local  # noqa: E402
+from fedmoe.model.tokenizer import load_tokenizer  # noqa: E402
 from fedmoe.model.trainable import TrainableView  # noqa: E402
 from fedmoe.protocol.config import JobConfig  # noqa: E402
 
 logger = logging.getLogger("bench.utility")
 
-SERVER_OPTS = ("mean", "scaled", "avgm", "adam")
-
 
 @dataclass(frozen=True)
 class Options:
-    """One experiment: model, data, DP plan, federation sizes, and the part-2 switches."""
-
+    corpus: str = "consortium"
     preset: str = "tiny"
     train_mode: str = "full"
     banks: tuple[int, ...] = (3, 5, 10, 15)
-    rounds: int = 4
-    local_steps: int = 10
-    batch: int = 16  # expected (Poisson) batch under DP; the batch of central training
-    records_per_bank: int = 400
-    seq_len: int = 128
-    lr: float = 0.01
-    central_lr: float = 0.01
+    steps: int = 20  # DP steps per bank (= rounds x local steps), and non-private steps
+    local_steps: int = 1  # K
+    batch: int = 32  # expected Poisson batch (DP); per bank in the pooled reference
+    records_per_bank: int = 700
+    held_out: int = 200
+    validation: int = 100
+    seq_len: int = 96
+    update_rule: str = "adam"
+    local_lr: float = 1.0
+    lr_grid: tuple[float, ...] = (0.01, 0.03)
+    plain_lr_grid: tuple[float, ...] = (0.01, 0.03)
     epsilon: float = 8.0
     delta: float = 1e-5
     clip_norm: float = 1.0
-    seed: int = 0
-    keep_optimizer_state: bool = False
-    server_opt: str = "mean"
-    server_lr: float = 1.0
-    server_lr_sqrt_n: bool = False  # multiply server_lr by sqrt(banks in the federation)
-    server_momentum: float = 0.9
-    server_beta2: float = 0.99
-    server_tau: float = 1e-3
+    seeds: tuple[int, ...] = (0, 1, 2)
+    data_seed: int = 0
 
-    def job(self) -> JobConfig:
+    def job(self, *, lr: float, seed: int) -> JobConfig:
         return JobConfig(
             job_id="utility",
-            num_rounds=self.rounds,
-            seed=self.seed,
+            num_rounds=self.steps // self.local_steps,
+            seed=seed,
             model_preset=self.preset,
             train_mode=self.train_mode,
             seq_len=self.seq_len,
+            update_rule=self.update_rule,
             local_steps=self.local_steps,
+            local_lr=self.local_lr,
+            lr=lr,
             batch_size=self.batch,
-            lr=self.lr,
-            synthetic_banks=max(self.banks),  # the same records for bank i in every federation
-            records_per_bank=self.records_per_bank,
             epsilon=self.epsilon,
             delta=self.delta,
             clip_norm=self.clip_norm,
@@ -155,8 +117,55 @@ class Options:
         )
 
 
-def bank_config(i: int, root: Path) -> BankConfig:
-    return BankConfig(bank_id=f"bank-{i}", state_root=root / f"bank-{i}", key_path=root / "unused.key", partition_id=i)
+@dataclass
+class Split:
+    """One bank's data: train (what it trains on), validation (tuning), held-out (the result)."""
+
+    source: str
+    train: PackedData
+    validation: PackedData
+    held_out: PackedData
+    validation_spans: list[tuple[int, int]] | None
+    held_out_spans: list[tuple[int, int]] | None
+
+
+@dataclass
+class Scores:
+    validation: TaskScore
+    held_out: TaskScore
+
+
+# ---- data -------------------------------------------------------------------------------------------
+
+
+def bank_records(opts: Options, n_banks: int) -> list[tuple[str, list[dict]]]:
+    """(source, records) per bank; bank i is the same records in every federation."""
+    n, seed = opts.records_per_bank, opts.data_seed
+    if opts.corpus == "consortium":
+        banks = make_consortium(n_banks, seed)
+        return [(f"consortium {b.bank_id}", generate_consortium_corpus(b, n, seed)) for b in banks]
+    profiles = make_bank_profiles(n_banks, seed=seed)
+    return [(f"{p.bank_id} ({p.locale})", generate_bank_corpus(p, n, seed=seed)) for p in profiles]
+
+
+def split_bank(opts: Options, source: str, records: list[dict]) -> Split:
+    tok = load_tokenizer(None)
+    rest, held_out = train_eval_split(records, eval_fraction=opts.held_out / len(records), seed=opts.data_seed,
+                                      privacy_unit="record")  # fmt: skip
+    train, validation = train_eval_split(rest, eval_fraction=opts.validation / len(rest), seed=opts.data_seed + 1,
+                                         privacy_unit="record")  # fmt: skip
+    pack = functools.partial(pack_records, encode=tok.encode, seq_len=opts.seq_len, eos_id=tok.eos_id,
+                             pad_id=tok.pad_id, privacy_unit="record", mode="per_record")  # fmt: skip
+    spans = (lambda rs: field_spans(rs, tok.encode)) if opts.corpus == "consortium" else (lambda rs: None)
+    return Split(source, pack(train), pack(validation), pack(held_out), spans(validation), spans(held_out))
+
+
+def score(model: torch.nn.Module, split: Split) -> Scores:
+    def one(data: PackedData, spans: list[tuple[int, int]] | None) -> TaskScore:
+        spans = spans or [(1, 2)] * len(data)  # no task field: accuracy is meaningless, loss is not
+        return evaluate_task(model, data.inputs, data.targets, spans)
+
+    return Scores(one(split.validation, split.validation_spans), one(split.held_out, split.held_out_spans))
 
 
 # ---- accounting: memoized (bench-only, same numbers) --------------------------------------------
@@ -164,11 +173,7 @@ def bank_config(i: int, root: Path) -> BankConfig:
 
 @contextmanager
 def memoized_accounting() -> Iterator[None]:
-    """Memoizes sigma calibration per plan (ignoring the bank's name) and epsilon per history.
-
-    Both are pure functions of plain numbers (fedmoe.fl_client.dp.accountant); every bank here has the
-    same plan, so one computation serves all of them. Restored on exit.
-    """
+    """Memoizes sigma calibration per plan (ignoring the bank's name) and epsilon per history; restored on exit."""
     calibrate, epsilon = trainer_module.noise_multiplier_for, accountant_module.epsilon_for_history
 
     @functools.cache
@@ -194,336 +199,212 @@ def memoized_accounting() -> Iterator[None]:
         accountant_module.epsilon_for_history = epsilon
 
 
-# ---- part 2: optimizer state kept across rounds ----------------------------------------------------
+# ---- the arms ---------------------------------------------------------------------------------------
 
 
-class OptimizerCarry:
-    """Each bank's AdamW state kept from one of its rounds to the next (part 2 option).
-
-    fl_client builds a fresh optimizer in every `make_private`; this wraps its factory for one
-    bank's round, loads the bank's saved state into the new optimizer and saves it afterwards.
-    The moments are the bank's own post-processing of its noised gradients: nothing leaves.
-    """
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.saved: dict[str, dict] = {}
-
-    @contextmanager
-    def round_of(self, bank_id: str) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
-        original = engine_module._base_optimizer
-        built: list[torch.optim.Optimizer] = []
-
-        def base_optimizer(params, cfg):  # noqa: ANN001, ANN202
-            optimizer = original(params, cfg)
-            if bank_id in self.saved:
-                optimizer.load_state_dict(self.saved[bank_id])
-            built.append(optimizer)
-            return optimizer
-
-        engine_module._base_optimizer = base_optimizer
-        try:
-            yield
-        finally:
-            engine_module._base_optimizer = original
-        assert len(built) == 1, len(built)
-        self.saved[bank_id] = copy.deepcopy(built[0].state_dict())
-
-
-# ---- part 2: server optimizer on the mean delta ----------------------------------------------------
-
-
-class ServerOptimizer:
-    """global <- global + update(mean delta): mean, scaled mean, FedAvgM or FedAdam (Reddi et al., 2021).
-
-    A pure function of the sequence of aggregates, so every bank computes the same global model
-    from the same aggregates (post-processing of DP outputs: no privacy cost).
-    """
-
-    def __init__(self, opts: Options, numel: int, n_banks: int) -> None:
-        self.opts = opts
-        self.lr = opts.server_lr * (math.sqrt(n_banks) if opts.server_lr_sqrt_n else 1.0)
-        self.m_N = torch.zeros(numel, dtype=torch.float64)
-        self.v_N = torch.full((numel,), opts.server_tau**2, dtype=torch.float64)
-
-    def step(self, mean_N: torch.Tensor) -> torch.Tensor:
-        o = self.opts
-        if o.server_opt == "mean":
-            return mean_N
-        d = mean_N.double()
-        if o.server_opt == "scaled":
-            return (self.lr * d).float()
-        if o.server_opt == "avgm":
-            self.m_N = o.server_momentum * self.m_N + d
-            return (self.lr * self.m_N).float()
-        self.m_N = o.server_momentum * self.m_N + (1 - o.server_momentum) * d
-        self.v_N = o.server_beta2 * self.v_N + (1 - o.server_beta2) * d * d
-        return (self.lr * self.m_N / (self.v_N.sqrt() + o.server_tau)).float()
-
-
-# ---- the three methods ------------------------------------------------------------------------------
-
-
-def run_federation(opts: Options, members: list[int], data: dict[int, BankData], root: Path) -> dict[int, float]:
-    """DP federation of `members` (one member = the bank alone); held-out loss of each member.
-
-    Every round: each member loads the global view, trains one private round, delta = local -
-    global; the global view moves by the mean delta (weight 1 per bank; the server optimizer,
-    if any, post-processes it).
-    """
-    job = opts.job()
+def run_federation(opts: Options, members: list[int], data: dict[int, Split], *, lr: float, seed: int) -> dict:
+    """DP-FedSGD of `members` (one member = the bank alone); each member's scores and epsilon."""
+    job = opts.job(lr=lr, seed=seed)
     model = build_model(job)
     view = TrainableView(model)
     global_N = view.flatten()
-    banks = [bank_config(i, root) for i in members]
-    cfgs = {b.bank_id: dp_config(job, b) for b in banks}
+    banks = [BankConfig(bank_id=f"bank-{i}", state_root=Path("unused"), key_path=Path("unused"), partition_id=i)
+             for i in members]  # fmt: skip
+    cfgs = {b.bank_id: local_dp_config(job, dp_config(job, b)) for b in banks}
     states = {b.bank_id: AccountantState.fresh(cfgs[b.bank_id]) for b in banks}
-    carry = OptimizerCarry(opts.keep_optimizer_state)
-    alone = len(members) == 1  # a bank alone has no server: its own delta, as it is
-    server = ServerOptimizer(replace(opts, server_opt="mean") if alone else opts, view.numel, len(members))
-    for r in range(1, opts.rounds + 1):
+    optimizer, opt_state, bound = FedOptimizer.of(job), FedOptState.fresh(view.numel), update_clamp(job)
+    sigma = 0.0
+    for r in range(1, job.num_rounds + 1):
         sum_N = torch.zeros_like(global_N, dtype=torch.float64)
         for bank in banks:
             view.load_flat_(global_N)
-            with carry.round_of(bank.bank_id):
-                report = train_private_round(
-                    model,
-                    data[bank.partition_id].train,
-                    cfgs[bank.bank_id],
-                    states[bank.bank_id],
-                    seed=round_seed(job, bank.bank_id, r),
-                )
-            states[bank.bank_id] = report.accountant_state
-            sum_N += (view.flatten() - global_N).double()
-        global_N = global_N + server.step((sum_N / len(banks)).float())
+            report = train_private_round(model, data[bank.partition_id].train, cfgs[bank.bank_id],
+                                         states[bank.bank_id], seed=round_seed(job, bank.bank_id, r))  # fmt: skip
+            states[bank.bank_id], sigma = report.accountant_state, report.sigma
+            delta_N = view.flatten() - global_N
+            if optimizer.stateful:
+                delta_N = delta_N.clamp(-bound, bound)
+            sum_N += delta_N.double()
+        update_N, opt_state = fed_step(optimizer, opt_state, sum_N / len(banks))
+        global_N = global_N + update_N
     view.load_flat_(global_N)
-    eps = {b.bank_id: round(states[b.bank_id].epsilon(), 3) for b in banks}
-    losses = {i: held_out_loss(model, data[i]) for i in members}
-    logger.info("federation %s: %d rounds, epsilon %s, held-out loss %s", members, opts.rounds, eps, losses)
-    return losses
+    eps = max(s.epsilon() for s in states.values())
+    return {"scores": {i: score(model, data[i]) for i in members}, "epsilon": round(eps, 3), "sigma": sigma}
 
 
-def run_central(opts: Options, members: list[int], data: dict[int, BankData]) -> dict[int, float]:
-    """Plain AdamW on the union of the members' training data, rounds x local steps; the ceiling."""
-    model = build_model(opts.job())
+def run_plain(opts: Options, members: list[int], data: dict[int, Split], *, lr: float, seed: int) -> dict:
+    """Non-private AdamW on the union of the members' train splits, batch len(members) x B, same steps."""
+    model = build_model(opts.job(lr=lr, seed=seed))
     inputs = torch.cat([data[i].train.inputs for i in members])
     targets = torch.cat([data[i].train.targets for i in members])
-    cfg = TrainConfig(
-        steps=opts.rounds * opts.local_steps,
-        batch_size=opts.batch,
-        lr=opts.central_lr,
-        warmup_steps=max(1, opts.rounds * opts.local_steps // 10),
-        seed=opts.seed,
-        balance_routing=False,  # as under DP: the comparison is about data and privacy, not routing
-    )
+    cfg = TrainConfig(steps=opts.steps, batch_size=opts.batch * len(members), lr=lr,
+                      warmup_steps=max(1, opts.steps // 10), seed=seed, balance_routing=False)  # fmt: skip
     train_local(model, inputs, targets, cfg)
-    return {i: held_out_loss(model, data[i]) for i in members}
+    return {"scores": {i: score(model, data[i]) for i in members}}
 
 
-def held_out_loss(model: torch.nn.Module, bank: BankData) -> float:
-    return round(evaluate(model, bank.held_out.inputs, bank.held_out.targets), 4)
+@dataclass
+class Arm:
+    """One arm on one group of banks: the lr chosen on validation and the held-out runs per seed."""
+
+    name: str
+    members: list[int]
+    private: bool
+    tuning: dict[float, float] = field(default_factory=dict)  # lr -> mean validation loss
+    lr: float = 0.0
+    runs: list[dict] = field(default_factory=list)  # one per seed (the first from tuning)
 
 
-# ---- the experiment ---------------------------------------------------------------------------------
+def run_arm(opts: Options, arm: Arm, data: dict[int, Split]) -> Arm:
+    run = run_federation if arm.private else run_plain
+    grid = opts.lr_grid if arm.private else opts.plain_lr_grid
+    first, *rest = opts.seeds
+    tried = {lr: run(opts, arm.members, data, lr=lr, seed=first) for lr in grid}
+    arm.tuning = {lr: statistics.mean(s.validation.loss for s in r["scores"].values()) for lr, r in tried.items()}
+    arm.lr = min(arm.tuning, key=arm.tuning.__getitem__)
+    runs = [tried[arm.lr]] + [run(opts, arm.members, data, lr=arm.lr, seed=s) for s in rest]
+    arm.runs = [{**r, "scores": {i: asdict(sc.held_out) for i, sc in r["scores"].items()}} for r in runs]
+    logger.info("%s %s: lr %g (validation %s)", arm.name, arm.members, arm.lr, arm.tuning)
+    return arm
 
 
-def experiment(opts: Options) -> dict[str, object]:
-    started = time.perf_counter()
-    job = opts.job()
-    n_max = max(opts.banks)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        vocab = build_model(job).config.vocab_size
-        data = {i: load_bank_data(job, bank_config(i, root), vocab) for i in range(n_max)}
-        with memoized_accounting():
-            t = time.perf_counter()
-            central = run_central(opts, list(range(n_max)), data)
-            seconds = {"central": time.perf_counter() - t}
-            t = time.perf_counter()
-            initial = {i: held_out_loss(build_model(job), data[i]) for i in range(n_max)}
-            alone: dict[int, float] = {}
-            for i in range(n_max):
-                alone.update(run_federation(opts, [i], data, root))
-            seconds["alone"] = time.perf_counter() - t
-            federated: dict[int, dict[int, float]] = {}
-            for size in opts.banks:
-                t = time.perf_counter()
-                federated[size] = run_federation(opts, list(range(size)), data, root)
-                seconds[f"federated_{size}"] = time.perf_counter() - t
-                logger.info("federation of %d done in %.0fs", size, seconds[f"federated_{size}"])
-    return summarize(opts, data, initial, alone, federated, central, seconds, time.perf_counter() - started)
-
-
-def gap_share(alone: float, fed: float, central: float) -> float | None:
-    gap = alone - central
-    return round((alone - fed) / gap, 3) if gap > 0 else None
-
-
-def summarize(
-    opts: Options,
-    data: dict[int, BankData],
-    initial: dict[int, float],
-    alone: dict[int, float],
-    federated: dict[int, dict[int, float]],
-    central: dict[int, float],
-    seconds: dict[str, float],
-    total_seconds: float,
-) -> dict[str, object]:
-    banks: dict[str, object] = {}
-    for i in sorted(alone):
-        fed = {str(size): federated[size][i] for size in opts.banks if i in federated[size]}
-        share = {s: gap_share(alone[i], loss, central[i]) for s, loss in fed.items()}
-        banks[f"bank-{i}"] = {
-            "source": data[i].source,
-            "initial": initial[i],
-            "alone": alone[i],
-            "federated": fed,
-            "central": central[i],
-            "gap_share": share,
-        }
-    by_size: dict[str, object] = {}
+def arms_of(opts: Options, n_max: int) -> list[Arm]:
+    arms = [Arm("alone", [i], True) for i in range(n_max)] + [Arm("own", [i], False) for i in range(n_max)]
     for size in opts.banks:
-        shares = [banks[f"bank-{i}"]["gap_share"][str(size)] for i in range(size)]  # type: ignore[index]
-        known = [s for s in shares if s is not None]
-        by_size[str(size)] = {
-            "min": min(known) if known else None,
-            "mean": round(sum(known) / len(known), 3) if known else None,
-            "banks_at_least_half": sum(s >= 0.5 for s in known),
+        arms += [Arm(f"fed{size}", list(range(size)), True), Arm(f"pooled{size}", list(range(size)), False)]
+    return arms
+
+
+# ---- the table ----------------------------------------------------------------------------------------
+
+
+def per_bank(opts: Options, arms: list[Arm], sources: dict[int, str]) -> dict[str, dict]:
+    """bank -> arm -> mean/spread of held-out loss and accuracy over seeds, the lr, and the pick."""
+    out: dict[str, dict] = {}
+    for i in sorted(sources):
+        row: dict[str, object] = {"source": sources[i]}
+        for arm in (a for a in arms if i in a.members):
+            losses = [r["scores"][i]["loss"] for r in arm.runs]
+            accs = [r["scores"][i]["field_accuracy"] for r in arm.runs]
+            row[arm.name] = {
+                "loss": round(statistics.mean(losses), 4),
+                "loss_spread": round(max(losses) - min(losses), 4),
+                "accuracy": round(statistics.mean(accs), 4) if opts.corpus == "consortium" else None,
+                "accuracy_spread": round(max(accs) - min(accs), 4) if opts.corpus == "consortium" else None,
+                "lr": arm.lr,
+                **({"epsilon": arm.runs[0]["epsilon"], "sigma": round(arm.runs[0]["sigma"], 4)} if arm.private else {}),
+            }
+        private = [k for k in row if k == "alone" or k.startswith("fed")]
+        row["pick"] = min(private, key=lambda k: row[k]["loss"])  # type: ignore[index]
+        out[f"bank-{i}"] = row
+    return out
+
+
+def gains(opts: Options, table: dict[str, dict]) -> dict[str, dict]:
+    """Per size: alone - fed loss per member (gain), the seed spread it must beat, the relative gain."""
+    out: dict[str, dict] = {}
+    for size in opts.banks:
+        rows = [table[f"bank-{i}"] for i in range(size)]
+        gain = [r["alone"]["loss"] - r[f"fed{size}"]["loss"] for r in rows]
+        spread = [max(r["alone"]["loss_spread"], r[f"fed{size}"]["loss_spread"]) for r in rows]
+        rel = [g / r["alone"]["loss"] for g, r in zip(gain, rows, strict=True)]
+        out[str(size)] = {
+            "mean_gain": round(statistics.mean(gain), 4),
+            "min_gain": round(min(gain), 4),
+            "mean_relative_gain": round(statistics.mean(rel), 4),
+            "banks_beating_alone_by_more_than_spread": sum(g > s for g, s in zip(gain, spread, strict=True)),
             "banks": size,
         }
-    first = by_size[str(min(opts.banks))]
-    core = [i for i in range(min(opts.banks))]  # in every federation
-    core_monotone = all(
-        _non_decreasing([banks[f"bank-{i}"]["gap_share"][str(s)] for s in sorted(opts.banks)])  # type: ignore[index]
-        for i in core
-    )
-    means = [by_size[str(s)]["mean"] for s in sorted(opts.banks)]  # type: ignore[index]
-    goal = {
-        "every_bank_at_least_half_at_smallest": first["banks_at_least_half"] == first["banks"],  # type: ignore[index]
-        "mean_share_grows_with_size": _non_decreasing(means),
-        "core_banks_share_grows_with_size": core_monotone,
+        if opts.corpus == "consortium":
+            acc = [r[f"fed{size}"]["accuracy"] - r["alone"]["accuracy"] for r in rows]
+            out[str(size)]["mean_accuracy_gain"] = round(statistics.mean(acc), 4)
+    return out
+
+
+def experiment(opts: Options, only: set[str]) -> dict[str, object]:
+    """Runs the arms (all, or those named in `only`) and returns their raw results."""
+    started = time.perf_counter()
+    n_max = max(opts.banks)
+    data = {i: split_bank(opts, src, recs) for i, (src, recs) in enumerate(bank_records(opts, n_max))}
+    initial = score(build_model(opts.job(lr=opts.lr_grid[0], seed=opts.seeds[0])), data[0]).held_out.loss
+    arms = []
+    with memoized_accounting():
+        for arm in (a for a in arms_of(opts, n_max) if not only or a.name in only):
+            t = time.perf_counter()
+            arms.append(run_arm(opts, arm, data))
+            logger.warning("%s %s done in %.0f s (lr %g)", arm.name, arm.members, time.perf_counter() - t, arm.lr)
+    return {
+        "options": asdict(opts),
+        "samples_per_bank": {k: len(getattr(data[0], k)) for k in ("train", "validation", "held_out")},
+        "initial_loss_bank0": round(initial, 4),
+        "sources": {i: d.source for i, d in data.items()},
+        "arms": [asdict(a) for a in arms],
+        "seconds": round(time.perf_counter() - started, 1),
     }
-    goal["met"] = all(goal.values())
+
+
+def summarize(opts: Options, raw: dict[str, object]) -> dict[str, object]:
+    """The table from raw results (one run's, or several partial runs' merged)."""
+    arms = [Arm(**a) for a in raw["arms"]]  # type: ignore[union-attr]
+    for arm in arms:  # JSON keys are strings
+        arm.runs = [{**r, "scores": {int(i): sc for i, sc in r["scores"].items()}} for r in arm.runs]
+    sources = {int(i): s for i, s in raw["sources"].items()}  # type: ignore[union-attr]
+    table = per_bank(opts, arms, sources)
+    by_size = gains(opts, table)
+    smallest, largest = by_size[str(min(opts.banks))], by_size[str(max(opts.banks))]
     return {
         "bench": "utility",
         "options": asdict(opts),
-        "train_samples_per_bank": int(data[0].train.inputs.shape[0]),
-        "held_out_samples_per_bank": int(data[0].held_out.inputs.shape[0]),
-        "banks": banks,
-        "gap_share_by_size": by_size,
-        "goal": goal,
-        "seconds": {k: round(v, 1) for k, v in {**seconds, "total": total_seconds}.items()},
+        "samples_per_bank": raw["samples_per_bank"],
+        "initial_loss_bank0": raw["initial_loss_bank0"],
+        "banks": table,
+        "gain_by_size": by_size,
+        "tuning": {f"{a.name}{a.members if len(a.members) == 1 else ''}": a.tuning for a in arms},
+        "done_when": {
+            "every_bank_beats_alone_at_smallest_by_more_than_spread": (
+                smallest["banks_beating_alone_by_more_than_spread"] == smallest["banks"]
+            ),
+            "mean_gain_at_largest_exceeds_smallest": largest["mean_gain"] > smallest["mean_gain"],
+        },
+        "seconds": raw["seconds"],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
 
 
-def _non_decreasing(values: list[float | None]) -> bool:
-    known = [v for v in values if v is not None]
-    return len(known) == len(values) and all(a <= b + 1e-9 for a, b in zip(known, known[1:], strict=False))
-
-
-# ---- the plot ---------------------------------------------------------------------------------------
-
-
-def plot(result: dict[str, object], path: Path) -> None:
-    """Left: held-out loss per bank (alone, each federation it joins, central). Right: gap share
-    vs federation size, one line per bank."""
-    from matplotlib.figure import Figure  # lazy: the experiment itself does not need it
-
-    banks: dict[str, dict] = result["banks"]  # type: ignore[assignment]
-    sizes = list(result["options"]["banks"])  # type: ignore[index]
-    fig = Figure(figsize=(14, 5.5), layout="constrained")
-    ax_loss, ax_share = fig.subplots(1, 2, width_ratios=(2, 1))
-    names = list(banks)
-    x = range(len(names))
-    ax_loss.scatter(x, [banks[b]["alone"] for b in names], marker="v", color="tab:red", label="alone (DP)", zorder=3)
-    ax_loss.scatter(x, [banks[b]["central"] for b in names], marker="^", color="black", label="central (no DP)")
-    colors = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
-    for k, size in enumerate(sizes):
-        pts = [(j, banks[b]["federated"][str(size)]) for j, b in enumerate(names) if str(size) in banks[b]["federated"]]
-        ax_loss.scatter(
-            *zip(*pts, strict=True), marker="o", s=18, color=colors[k % 5], label=f"federated, {size} banks"
-        )
-    ax_loss.set_xticks(list(x), [b.removeprefix("bank-") for b in names])
-    ax_loss.set_xlabel("bank")
-    ax_loss.set_ylabel("held-out loss (nats/token)")
-    o = result["options"]
-    ax_loss.set_title(
-        f"{o['preset']}/{o['train_mode']}, eps={o['epsilon']} per bank, {o['rounds']} rounds x {o['local_steps']} "  # type: ignore[index]
-        f"steps, batch {o['batch']}"  # type: ignore[index]
-    )
-    ax_loss.legend(fontsize=8)
-    for j, b in enumerate(names):
-        pts = [(s, banks[b]["gap_share"][str(s)]) for s in sizes if banks[b]["gap_share"].get(str(s)) is not None]
-        if pts:
-            core = j < min(sizes)
-            ax_share.plot(*zip(*pts, strict=True), marker="o", lw=2 if core else 0.8, alpha=1 if core else 0.5)
-    ax_share.axhline(0.5, color="gray", ls="--", lw=1)
-    ax_share.axhline(0.0, color="gray", lw=0.5)
-    ax_share.set_xticks(sizes)
-    ax_share.set_xlabel("banks in the federation")
-    ax_share.set_ylabel("gap share = (alone - federated) / (alone - central)")
-    ax_share.set_title("gap share (bold: banks 0..2, in every federation)", fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespace]:
     d = Options()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=d.preset)
-    p.add_argument("--train-mode", default=d.train_mode, choices=("full", "lora", "router+experts"))
+    p.add_argument("--corpus", default=d.corpus, choices=("consortium", "locales"))
     p.add_argument("--banks", default=",".join(map(str, d.banks)), help="federation sizes, comma-separated")
-    p.add_argument("--rounds", type=int, default=d.rounds)
-    p.add_argument("--local-steps", type=int, default=d.local_steps)
-    p.add_argument("--batch", type=int, default=d.batch, help="expected (Poisson) batch size")
-    p.add_argument("--records-per-bank", type=int, default=d.records_per_bank)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate of the private local steps")
-    p.add_argument("--central-lr", type=float, default=d.central_lr)
-    p.add_argument("--epsilon", type=float, default=d.epsilon)
-    p.add_argument("--delta", type=float, default=d.delta)
-    p.add_argument("--clip-norm", type=float, default=d.clip_norm)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--keep-optimizer-state", action="store_true")
-    p.add_argument("--server-opt", default=d.server_opt, choices=SERVER_OPTS)
-    p.add_argument("--server-lr", type=float, default=d.server_lr)
-    p.add_argument("--server-lr-sqrt-n", action="store_true", help="scale --server-lr by sqrt(banks)")
-    p.add_argument("--server-momentum", type=float, default=d.server_momentum)
-    p.add_argument("--server-beta2", type=float, default=d.server_beta2)
-    p.add_argument("--server-tau", type=float, default=d.server_tau)
+    p.add_argument("--seeds", default=",".join(map(str, d.seeds)), help="seeds; the first tunes")
+    p.add_argument("--lr-grid", default=",".join(map(str, d.lr_grid)), help="lrs of the update rule (DP arms)")
+    p.add_argument("--plain-lr-grid", default=",".join(map(str, d.plain_lr_grid)), help="AdamW lrs (non-private)")
+    for name in ("preset", "train_mode", "update_rule"):
+        p.add_argument(f"--{name.replace('_', '-')}", default=getattr(d, name))
+    for name in ("steps", "local_steps", "batch", "records_per_bank", "held_out", "validation", "seq_len", "data_seed"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
+    for name in ("local_lr", "epsilon", "delta", "clip_norm"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared box)")
-    p.add_argument("--plot", type=Path, default=Path("runs/experiment/utility.png"))
+    p.add_argument("--only", default="", help="arms to run, e.g. alone,own,fed3,pooled3 (default: all)")
+    p.add_argument("--raw", type=Path, help="write the raw results of the arms run here")
+    p.add_argument("--merge", nargs="+", type=Path, help="raw files of partial runs: print their joint table")
     args = p.parse_args(argv)
     banks = tuple(sorted({int(b) for b in args.banks.split(",") if b.strip()}))
     if not banks or banks[0] < 1:
         p.error(f"--banks: expected positive federation sizes, got {args.banks!r}")
-    opts = Options(
-        preset=args.preset,
-        train_mode=args.train_mode,
+    opts = replace(
+        d,
         banks=banks,
-        rounds=args.rounds,
-        local_steps=args.local_steps,
-        batch=args.batch,
-        records_per_bank=args.records_per_bank,
-        seq_len=args.seq_len,
-        lr=args.lr,
-        central_lr=args.central_lr,
-        epsilon=args.epsilon,
-        delta=args.delta,
-        clip_norm=args.clip_norm,
-        seed=args.seed,
-        keep_optimizer_state=args.keep_optimizer_state,
-        server_opt=args.server_opt,
-        server_lr=args.server_lr,
-        server_lr_sqrt_n=args.server_lr_sqrt_n,
-        server_momentum=args.server_momentum,
-        server_beta2=args.server_beta2,
-        server_tau=args.server_tau,
+        seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
+        lr_grid=_floats(args.lr_grid),
+        plain_lr_grid=_floats(args.plain_lr_grid),
+        **{k: getattr(args, k) for k in asdict(d) if k not in ("banks", "seeds", "lr_grid", "plain_lr_grid")},
     )
     return opts, args
 
@@ -536,10 +417,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
-    result = experiment(opts)
-    plot(result, args.plot)
-    result["plot"] = str(args.plot)
-    print(json.dumps(result, separators=(",", ":")))
+    if args.merge:
+        parts = [json.loads(path.read_text()) for path in args.merge]
+        raw = {**parts[0], "arms": [a for part in parts for a in part["arms"]],
+               "seconds": sum(part["seconds"] for part in parts)}  # fmt: skip
+    else:
+        raw = experiment(opts, {a for a in args.only.split(",") if a})
+        if args.raw:
+            args.raw.parent.mkdir(parents=True, exist_ok=True)
+            args.raw.write_text(json.dumps(raw, default=str))
+        if args.only:
+            return
+    print(json.dumps(summarize(opts, raw), separators=(",", ":"), default=str))
 
 
 if __name__ == "__main__":
