@@ -372,6 +372,28 @@ def summarize(opts: Options, raw: dict[str, object]) -> dict[str, object]:
     }
 
 
+def markdown(result: dict) -> str:
+    """The per-bank table of docs/utility.md: held-out loss mean +- spread (accuracy in brackets), the pick."""
+    opts, banks = result["options"], result["banks"]
+    arms = ["alone"] + [f"fed{n}" for n in opts["banks"]] + ["own"] + [f"pooled{n}" for n in opts["banks"]]
+    lines = ["| bank | " + " | ".join(arms) + " | pick |", "|" + " --- |" * (len(arms) + 2)]
+    for name, row in banks.items():
+        cells = []
+        for arm in arms:
+            cell = row.get(arm)
+            acc = f" ({cell['accuracy']:.2f})" if cell and cell["accuracy"] is not None else ""
+            cells.append(f"{cell['loss']:.3f} ± {cell['loss_spread']:.3f}{acc}" if cell else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['pick']} |")
+    lines += ["", "| banks | mean gain (nats) | min gain | relative | beating alone by > spread | accuracy gain |",
+              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for size, g in result["gain_by_size"].items():
+        rel = 100 * g["mean_relative_gain"]
+        lines.append(f"| {size} | {g['mean_gain']:+.3f} | {g['min_gain']:+.3f} | {rel:+.1f}% | "
+                     f"{g['banks_beating_alone_by_more_than_spread']} of {g['banks']} | "
+                     f"{g.get('mean_accuracy_gain', float('nan')):+.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
 
@@ -394,6 +416,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("--only", default="", help="arms to run, e.g. alone,own,fed3,pooled3 (default: all)")
     p.add_argument("--raw", type=Path, help="write the raw results of the arms run here")
     p.add_argument("--merge", nargs="+", type=Path, help="raw files of partial runs: print their joint table")
+    p.add_argument("--markdown", action="store_true", help="print the per-bank table as markdown, not JSON")
     args = p.parse_args(argv)
     banks = tuple(sorted({int(b) for b in args.banks.split(",") if b.strip()}))
     if not banks or banks[0] < 1:
@@ -428,7 +451,8 @@ def main(argv: list[str] | None = None) -> None:
             args.raw.write_text(json.dumps(raw, default=str))
         if args.only:
             return
-    print(json.dumps(summarize(opts, raw), separators=(",", ":"), default=str))
+    result = json.loads(json.dumps(summarize(opts, raw), default=str))  # the JSON line's own view
+    print(markdown(result) if args.markdown else json.dumps(result, separators=(",", ":")))
 
 
 if __name__ == "__main__":
