@@ -2,6 +2,7 @@
 
     fedmoe launch ...      the loopback federation or simulation (python -m fedmoe.fl_server.launch)
     fedmoe provision ...   per-site kits and the release banks pin (python -m fedmoe.fl_server.provision)
+    fedmoe submit ...      submit a job to the SuperLink, exit non-zero unless it completes
     fedmoe compose ...     the one-host docker-compose file (python -m fedmoe.fl_server.deploy)
     fedmoe keys ...        key ceremonies and identities (python -m fedmoe.crypto)
     fedmoe site ...        a bank's own site: keys born there, checks, status (python -m fedmoe.fl_client.site)
@@ -34,6 +35,7 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "launch": Command("fedmoe.fl_server.launch", "run a federation on 127.0.0.1 (loopback or simulation)"),
     "provision": Command("fedmoe.fl_server.provision", "write per-site kits and the release banks pin"),
+    "submit": Command("fedmoe.fl_server.submit", "submit the released app; exit non-zero unless the job completes"),
     "compose": Command("fedmoe.fl_server.deploy", "write the one-host docker-compose file", ("compose",)),
     "keys": Command("fedmoe.crypto.__main__", "key ceremonies, identities, pins"),
     "site": Command("fedmoe.fl_client.site", "a bank's own site: keys, pins, checks, status, officer bundle"),
