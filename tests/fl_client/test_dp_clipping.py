@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -62,7 +63,9 @@ def test_each_sample_is_clipped_to_c_and_the_sum_is_exact(mode, grad_sample_mode
 
 
 @pytest.mark.parametrize(
-    "grad_sample_mode,secure", [("hooks", False), ("mixed", False), ("ghost", True)], ids=["hooks", "mixed", "secure"]
+    "grad_sample_mode,secure",
+    [("hooks", False), ("mixed", False), ("ghost", True), ("mixed", True)],
+    ids=["hooks", "mixed", "secure-ghost", "secure-mixed"],
 )
 def test_noise_std_is_sigma_c_over_expected_batch(grad_sample_mode, secure):
     model = tiny_model("full")  # ~150k coordinates
@@ -84,10 +87,13 @@ def test_noise_std_is_sigma_c_over_expected_batch(grad_sample_mode, secure):
         noise = flat(p.grad for p in params) - flat(p.summed_grad for p in params) / expected_batch
     finally:
         private.close()
-    assert noise.numel() > 100_000
+    n = noise.numel()
+    assert n > 100_000
     target = sigma * clip / expected_batch
-    assert abs(noise.std().item() / target - 1) < 0.05
-    assert abs(noise.mean().item()) < 0.05 * target
+    # At the precision n allows (6 standard errors: std ~1/sqrt(2n) relative, mean 1/sqrt(n)): ~1.1 %
+    # here, so a std 4 % off fails.
+    assert abs(noise.std().item() / target - 1) < 6 / math.sqrt(2 * n)
+    assert abs(noise.mean().item()) < 6 * target / math.sqrt(n)
 
 
 def pld_epsilon(history, delta):

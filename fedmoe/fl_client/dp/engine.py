@@ -134,13 +134,15 @@ def plan_norm_methods(model: nn.Module, *, mode: str, seq_len: int) -> dict[str,
 
 
 class _SecureNoiseMixin:
-    """add_noise with `secure_gaussian_like` (OS CSPRNG, 2n-sample sum) instead of torch.normal."""
+    """add_noise with `secure_gaussian_like` instead of Opacus' torch.normal: a fresh AES-256-CTR key
+    from os.urandom per tensor, each coordinate the 4-term sum of Holohan & Braghin (rng.py).
+    Never touches torch's generators (Opacus' secure mode without torchcsprng would use the global one)."""
 
     def add_noise(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            p.grad = (p.summed_grad + secure_gaussian_like(p.summed_grad, std)).view_as(p)
+            p.grad = secure_gaussian_like(p.summed_grad, std).add_(p.summed_grad).view_as(p)
             _mark_as_processed(p.summed_grad)
 
 

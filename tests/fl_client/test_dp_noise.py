@@ -1,0 +1,170 @@
+"""secure_mode noise (fedmoe/fl_client/dp/rng.py): its distribution, its independence, its source.
+
+Every bound is set from the sample size: a statistic whose standard error is s must sit within
+6 s (two-sided p ~ 2e-9 per check), so a real defect of a few per cent fails and a fresh CSPRNG
+draw does not. KS critical values for alpha = 1e-6.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from test_dp_helpers import single_thread, tiny_model, token_batch, trainable  # noqa: F401  (single_thread: autouse fixture)
+
+from fedmoe.fl_client.dp import DPConfig, make_private
+from fedmoe.fl_client.dp.rng import CipherStream, secure_gaussian_like, secure_uniform, standard_normal
+
+KS_C = math.sqrt(-math.log(1e-6 / 2) / 2)  # sup |F_n - F| < KS_C / sqrt(n) with prob 1 - 1e-6
+R = 3.6541528853610088  # where the ziggurat's tail path starts
+
+
+def ks_distance(sorted_x: torch.Tensor, std: float) -> float:
+    """sup_x |F_n(x) - Phi(x / std)| of a sorted float64 sample."""
+    cdf = torch.special.ndtr(sorted_x / std)
+    n = sorted_x.numel()
+    upper = torch.arange(1, n + 1, dtype=torch.float64) / n
+    return max((upper - cdf).max().item(), (cdf - (upper - 1.0 / n)).max().item())
+
+
+def assert_normal_moments(x: torch.Tensor, std: float) -> None:
+    z = x.double() / std
+    n = z.numel()
+    assert abs(z.mean().item()) < 6 / math.sqrt(n)
+    assert abs(z.var().item() - 1) < 6 * math.sqrt(2 / n)
+    assert abs((z**3).mean().item()) < 6 * math.sqrt(15 / n)
+    assert abs((z**4).mean().item() - 3) < 6 * math.sqrt(96 / n)
+
+
+def test_ten_million_draws_are_n0_sigma2_moments_and_ks():
+    std = 1.7
+    x = secure_gaussian_like(torch.empty(10_000_000, dtype=torch.float32), std)
+    assert x.dtype == torch.float32 and x.shape == (10_000_000,)
+    assert_normal_moments(x, std)
+    xs = torch.sort(x.double()).values
+    assert ks_distance(xs, std) < KS_C / math.sqrt(x.numel())
+    # A std off by 4 % moves the KS distance by ~0.04 * phi(1) ~ 0.01, 12x the bound above.
+    assert ks_distance(xs, std * 0.96) > 5 * KS_C / math.sqrt(x.numel())
+
+
+def test_single_ziggurat_terms_are_standard_normal_tails_included():
+    n = 4_000_000
+    z = standard_normal(CipherStream(), n)
+    assert_normal_moments(z, 1.0)
+    assert ks_distance(torch.sort(z).values, 1.0) < KS_C / math.sqrt(n)
+    for cut in (R, 4.5):  # the tail path (beyond R) and far into it
+        p = math.erfc(cut / math.sqrt(2))
+        count = int((z.abs() > cut).sum())
+        assert abs(count - n * p) < 6 * math.sqrt(n * p), (cut, count, n * p)
+    # Wedges: within each layer band the density must follow the curve, not the rectangle.
+    hist = torch.histc(z, bins=80, min=-4.0, max=4.0)
+    edges = torch.linspace(-4.0, 4.0, 81, dtype=torch.float64)
+    expected = n * (torch.special.ndtr(edges[1:]) - torch.special.ndtr(edges[:-1]))
+    chi2 = float(((hist.double() - expected) ** 2 / expected).sum())
+    assert chi2 < 80 + 6 * math.sqrt(160), chi2
+
+
+def test_draws_are_independent_within_and_across_steps():
+    n = 1_000_000
+    ref = torch.empty(n, dtype=torch.float64)
+    a, b = secure_gaussian_like(ref, 1.0), secure_gaussian_like(ref, 1.0)
+    bound = 6 / math.sqrt(n)
+
+    def corr(u: torch.Tensor, v: torch.Tensor) -> float:
+        return float(torch.corrcoef(torch.stack([u, v]))[0, 1])
+
+    assert abs(corr(a, b)) < bound  # two steps
+    assert abs(corr(a[1:], a[:-1])) < bound  # neighbours
+    chunk = 1 << 15  # rng._CHUNK: terms of one chunk come from one keystream block
+    assert abs(corr(a[chunk:], a[:-chunk])) < bound
+    assert abs(corr(a[: n // 2], a[n // 2 :])) < bound
+    assert not torch.equal(a[:1000], b[:1000])
+
+
+def _draw_in_child(_: int) -> list[float]:
+    return secure_gaussian_like(torch.zeros(1000, dtype=torch.float64), 1.0).tolist()
+
+
+def test_two_processes_never_repeat_a_stream():
+    """Forked children inherit the parent's memory: a key from a userland PRNG would repeat there."""
+    secure_gaussian_like(torch.zeros(10), 1.0)  # the parent has drawn before forking
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        first, second = pool.map(_draw_in_child, [0, 1], chunksize=1)
+    parent = _draw_in_child(0)
+    assert not set(first) & set(second) and not set(first) & set(parent) and not set(second) & set(parent)
+
+
+def test_every_stream_has_its_own_key():
+    words = [CipherStream().words(4).tolist() for _ in range(3)]
+    assert len({tuple(w) for w in words}) == 3
+    u = secure_uniform(100_000).numpy()
+    assert 0.0 <= u.min() and u.max() < 1.0 and abs(u.mean() - 0.5) < 6 * math.sqrt(1 / 12 / u.size)
+    assert secure_uniform(0).numel() == 0
+
+
+def test_noise_takes_the_reference_shape_dtype_and_zero_std():
+    ref = torch.ones(3, 5, dtype=torch.bfloat16)
+    noise = secure_gaussian_like(ref, 2.0)
+    assert noise.shape == (3, 5) and noise.dtype == torch.bfloat16 and noise.abs().sum() > 0
+    assert torch.equal(secure_gaussian_like(ref, 0.0), torch.zeros_like(ref))
+    assert secure_gaussian_like(torch.empty(0), 1.0).numel() == 0
+
+
+def test_noise_does_not_use_torch_generators():
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    a = secure_gaussian_like(torch.zeros(1000), 1.0)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(0)
+    assert not torch.equal(a, secure_gaussian_like(torch.zeros(1000), 1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the optimizer: the secure step's noise, and the seeded path where a policy asks for it
+# ---------------------------------------------------------------------------------------------
+
+
+def private_noise(grad_sample_mode: str, *, secure: bool, seed: int | None = None) -> torch.Tensor:
+    """The noise one private step adds (p.grad - summed_grad / B over all trainable coordinates)."""
+    model = tiny_model("router+experts")
+    inputs, targets = token_batch(4, 8, seed=3)
+    cfg = DPConfig(
+        target_epsilon=1.0,
+        delta=1e-5,
+        clip_norm=0.5,
+        expected_batch_size=4,
+        grad_sample_mode=grad_sample_mode,
+        secure_mode=secure,
+    )
+    gen = None if secure else torch.Generator().manual_seed(seed)
+    private = make_private(model, cfg, noise_multiplier=1.1, seq_len=8, generator=gen)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            private.backward(inputs, targets)
+        torch.manual_seed(0)  # what a step that drew from torch's global generator would repeat
+        state = torch.get_rng_state()
+        assert private.optimizer.pre_step()
+        if secure:
+            assert torch.equal(torch.get_rng_state(), state), "secure noise drew from torch's global generator"
+        params = list(trainable(model).values())
+        return torch.cat([(p.grad - p.summed_grad / 4).reshape(-1) for p in params])
+    finally:
+        private.close()
+
+
+@pytest.mark.parametrize("grad_sample_mode", ["hooks", "mixed"])
+def test_secure_step_noise_is_fresh_and_independent_of_torch_seed(grad_sample_mode):
+    first = private_noise(grad_sample_mode, secure=True)
+    second = private_noise(grad_sample_mode, secure=True)
+    assert not torch.equal(first, second)
+    assert abs(float(np.corrcoef(first.numpy(), second.numpy())[0, 1])) < 6 / math.sqrt(first.numel())
+
+
+def test_seeded_step_noise_is_reproducible():
+    assert torch.equal(private_noise("mixed", secure=False, seed=7), private_noise("mixed", secure=False, seed=7))
+    assert not torch.equal(private_noise("mixed", secure=False, seed=7), private_noise("mixed", secure=False, seed=8))
