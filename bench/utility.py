@@ -343,9 +343,26 @@ def experiment(opts: Options, only: set[str]) -> dict[str, object]:
     }
 
 
+def merged_arms(arms: list[Arm]) -> list[Arm]:
+    """One arm per (name, members): partial runs over parts of the lr grid joined, the lr with the
+    best validation loss over the joint grid kept (with its runs); the grid is the union."""
+    best: dict[tuple[str, tuple[int, ...]], Arm] = {}
+    for arm in arms:
+        arm.tuning = {float(lr): loss for lr, loss in arm.tuning.items()}
+        key = (arm.name, tuple(arm.members))
+        kept = best.get(key)
+        if kept is None:
+            best[key] = arm
+            continue
+        tuning = kept.tuning | arm.tuning
+        winner = arm if arm.tuning[arm.lr] < kept.tuning[kept.lr] else kept
+        best[key] = replace(winner, tuning=tuning)
+    return list(best.values())
+
+
 def summarize(opts: Options, raw: dict[str, object]) -> dict[str, object]:
     """The table from raw results (one run's, or several partial runs' merged)."""
-    arms = [Arm(**a) for a in raw["arms"]]  # type: ignore[union-attr]
+    arms = merged_arms([Arm(**a) for a in raw["arms"]])  # type: ignore[union-attr]
     for arm in arms:  # JSON keys are strings
         arm.runs = [{**r, "scores": {int(i): sc for i, sc in r["scores"].items()}} for r in arm.runs]
     sources = {int(i): s for i, s in raw["sources"].items()}  # type: ignore[union-attr]
