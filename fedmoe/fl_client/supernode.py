@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 from fedmoe.protocol.flower import quick_object_pulls
@@ -57,8 +60,64 @@ def retrying(call: Callable, give_up: tuple[type[BaseException], ...] = ()) -> C
     return attempt
 
 
+# Health that tells the truth: the SuperNode touches ALIVE_FILE after every pull that reached the
+# SuperLink, and `fedmoe-supernode --alive-within SECONDS` (the container's healthcheck) fails when the
+# last one is older. A SuperNode that never connected, lost its SuperLink or gave up is not healthy.
+ALIVE_FILE = os.environ.get("FEDMOE_SUPERNODE_ALIVE", "")
+EXIT_REFUSED = 3  # the SuperLink refused this SuperNode (401): the process exits with this, never 0
+UNAUTHORIZED_HELP = (
+    "the SuperLink answered 401 Unauthorized: it refused this SuperNode's signed requests. Either this "
+    "host's clock differs from the SuperLink's (compare `date -u` on both; Flower accepts only a small "
+    "window) or this SuperNode's public key (secrets/node.pub) is not registered with the SuperLink "
+    "(the operator runs `fedmoe provision register`)."
+)
+
+
+def touch_alive(path: str = "") -> None:
+    path = path or ALIVE_FILE
+    if path:
+        Path(path).touch()
+
+
+def alive_within(seconds: float, path: str = "") -> bool:
+    """Whether the SuperNode reached its SuperLink in the last `seconds` (the healthcheck)."""
+    path = path or ALIVE_FILE
+    try:
+        return time.time() - Path(path).stat().st_mtime <= seconds
+    except (OSError, ValueError):
+        return False
+
+
+def reporting_pulls(pull: Callable) -> Callable:
+    """Flower's pull, marking the SuperNode alive whenever a pull returned (the SuperLink answered)."""
+
+    def pull_and_mark(*args, **kwargs):
+        result = pull(*args, **kwargs)
+        touch_alive()
+        return result
+
+    return pull_and_mark
+
+
+class _RefusalWatch:
+    """Flower answers a 401 by sending itself SIGINT (`http_retry`): exit 0, "terminated gracefully".
+    This records that it happened so the process says why and exits EXIT_REFUSED instead."""
+
+    def __init__(self) -> None:
+        self.refused = False
+
+    def kill(self, pid: int, sig: int) -> None:
+        if pid == os.getpid() and sig == signal.SIGINT:
+            self.refused = True
+            logger.error("SuperNode refused: %s", UNAUTHORIZED_HELP)
+        os.kill(pid, sig)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--alive-within"]:  # the healthcheck: `fedmoe-supernode --alive-within 30`
+        sys.exit(0 if alive_within(float(sys.argv[2])) else 1)
     from flwr.supercore.logger import update_console_handler
+    from flwr.supercore.retry import http_retry
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode
 
@@ -73,7 +132,26 @@ def main() -> None:
     start_client_internal._push_messages = push_with_retries
     quick_object_pulls()  # a message's objects: retried after 0.02 s, not 1 s (fedmoe/protocol/flower.py)
     update_console_handler(timestamps=True)  # a bank's operator reads when each message came and went
-    flower_supernode()
+    start_client_internal._pull_and_store_message = reporting_pulls(start_client_internal._pull_and_store_message)
+    watch = _RefusalWatch()
+    http_retry.os = SimpleNamespace(kill=watch.kill, getpid=os.getpid)
+    try:
+        flower_supernode()
+    except SystemExit:  # Flower's own exit: a stop signal (0) or an error code
+        if watch.refused:
+            _exit_now(EXIT_REFUSED, UNAUTHORIZED_HELP)
+        raise
+    # Flower returned: it lost the SuperLink and gave up reconnecting, yet its health server would keep
+    # the process up (and "healthy") forever. Exit non-zero so the bank's restart policy takes over.
+    _exit_now(1, "the SuperNode lost its SuperLink and gave up reconnecting")
+
+
+def _exit_now(code: int, why: str) -> None:
+    logger.error("fedmoe-supernode exits %d: %s", code, why)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+    os._exit(code)  # Flower's health server threads would otherwise keep the interpreter alive
 
 
 if __name__ == "__main__":

@@ -326,6 +326,9 @@ def _register_command(address: str, ca: str) -> list[str]:
     ]
 
 
+SUPERNODE_ALIVE_FILE = "/tmp/fedmoe-supernode.alive"  # touched after every pull that reached the SuperLink
+
+
 def _tcp_check(port: int) -> dict:
     """Healthy when the process's health server (or API) accepts a TCP connection."""
     probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), 3).close()"
@@ -412,6 +415,10 @@ def bank_services(
     net = f"{name}-net"
     supernode = _flower_service(
         commands[name],
+        # Healthy only while its pulls reach the SuperLink (fedmoe/fl_client/supernode.py): never
+        # "healthy" before it connected or after it gave up.
+        environment={**FLOWER_ENV, "FEDMOE_SUPERNODE_ALIVE": SUPERNODE_ALIVE_FILE},
+        healthcheck={**_tcp_check(HEALTH_PORT), "test": ["CMD", "fedmoe-supernode", "--alive-within", "30"]},
         secrets=[
             _secret("ca-cert", "ca-cert"),
             _secret(f"{name}-node-key", "node-key"),
