@@ -135,7 +135,7 @@ def plan_norm_methods(model: nn.Module, *, mode: str, seq_len: int) -> dict[str,
 
 class _SecureNoiseMixin:
     """add_noise with `secure_gaussian_like` instead of Opacus' torch.normal: a fresh AES-256-CTR key
-    from os.urandom per tensor, each coordinate the 4-term sum of Holohan & Braghin (rng.py).
+    from os.urandom per tensor, each coordinate Holohan & Braghin's sum of n = 2 ziggurat draws (rng.py).
     Never touches torch's generators (Opacus' secure mode without torchcsprng would use the global one)."""
 
     def add_noise(self) -> None:

@@ -13,17 +13,22 @@ secure_mode noise (`secure_gaussian_like`):
                 from their outputs, are never used.
     transform   each N(0, 1) term by the ziggurat method (Marsaglia & Tsang 2000, 256 layers; the
                 layout of numpy's `standard_normal`) from one 64-bit word: 8 bits pick the layer,
-                the top 53 bits are a signed uniform; ~99 % of words are accepted at once, the
+                one the sign, the top 53 the uniform; ~98.5 % of words are accepted at once, the
                 rest take the exact wedge / tail tests with further words, and a rejected word
                 restarts with fresh ones, so the output is exactly the ziggurat distribution.
-    defence     every coordinate is (z1 + z2 + z3 + z4) / 2 with z_i independent N(0, std^2), the
-                2n-sample sum with n = 2 of Holohan & Braghin (2021, sec. 5.1), as Opacus' secure
-                mode does, against floating-point attacks on the noise (Mironov 2012; Jin et al.
-                2022). Each term is one of ~2^61 float64 values and, unlike Box-Muller's pairs,
-                shares no uniform with another term (their footnote 3), so inverting a coordinate
-                means searching ~2^(61*3) term combinations (Opacus' 4 Box-Muller terms: 2^(53*3)).
-                A discrete Gaussian was not chosen: it needs the clipped gradients on an integer
-                grid and an exact sampler whose rejection loops run per coordinate.
+    defence     every coordinate is (z1 + z2) / sqrt(2) with z_i independent N(0, std^2): Holohan &
+                Braghin's (2021, sec. 5.1) sum of n = 2 samples against floating-point attacks on the
+                noise (Mironov 2012; Jin et al. 2022). Their 2n samples are for samplers whose draws
+                share uniforms (Box-Muller's pairs: cos + sin of one pair collapse to one normal);
+                "we need only use n samples for sampling procedures that do not share uniform
+                variates between executions" (their footnote 3), and a ziggurat draw uses its own
+                word(s) only. So Opacus' secure mode, on torch's Box-Muller, sums 4 (n = 2) and this
+                sums 2 (n = 2). Each term is one of ~2^61 float64 values (Box-Muller's: 2^53), so
+                the ~2^122 pairs give ~2^60 pairs per float64 value of the sum on average, which
+                is then rounded to the gradient's float32. `_TERMS = 4` would cost ~1.6x the noise time
+                (docs/performance.md) for no gain under that argument. A discrete Gaussian was not
+                chosen: it needs the clipped gradients on an integer grid and an exact sampler whose
+                rejection loops run per coordinate.
     timing      the work per tensor depends only on how many words took the slow path (a
                 Binomial count over millions of words, independent of the data): no timing channel
                 on the gradients. The terms are summed in float64 and rounded once to the
@@ -36,6 +41,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -47,8 +53,8 @@ from torch.utils.data import Sampler
 # ---------------------------------------------------------------------------------------------
 
 _KEY_BYTES = 32  # AES-256
-_CHUNK = 1 << 15  # coordinates per chunk: 4 terms x 8 bytes x 32K = 1 MiB of keystream
-_TERMS = 4  # Holohan & Braghin's 2n with n = 2
+_CHUNK = 1 << 16  # coordinates per chunk: 2 terms x 8 bytes x 64K = 1 MiB of keystream
+_TERMS = 2  # Holohan & Braghin's n = 2 (no 2n: ziggurat draws share no uniforms)
 
 
 class CipherStream:
@@ -200,37 +206,65 @@ def standard_normal(stream: CipherStream, n: int) -> torch.Tensor:
 def secure_gaussian_like(reference: torch.Tensor, std: float) -> torch.Tensor:
     """N(0, std^2) noise shaped like `reference` (its dtype and device), from a fresh CSPRNG key.
 
-    Each coordinate is (z1 + z2 + z3 + z4) / 2 with z_i ~ N(0, std^2), summed in float64 and
-    rounded once to float32 or float64 (other dtypes: float32, then theirs). Drawn on the CPU,
-    `_CHUNK` coordinates at a time; the ~1.5 % of words that need the slow path are finished in
-    one batch at the end (a batch per chunk would cost more than the fast path).
+    Each coordinate is (z_1 + ... + z_T) / sqrt(T), T = `_TERMS`, with z_t ~ N(0, std^2), summed in
+    float64 and rounded once to float32 or float64 (other dtypes: float32, then theirs). Drawn on
+    the CPU, `_CHUNK` coordinates at a time; the ~1.5 % of words that need the slow path are
+    finished in one batch at the end (a batch per chunk would cost more than the fast path).
 
     Args:
         reference: the tensor whose shape, dtype and device the noise takes.
         std: the standard deviation (sigma * C); 0 gives zeros without drawing.
     """
     n = reference.numel()
-    dtype = reference.dtype if reference.dtype in (torch.float32, torch.float64) else torch.float32
     if std == 0 or n == 0:
         return torch.zeros_like(reference)
-    scale, stream, chunk = std / math.sqrt(_TERMS), CipherStream(), min(_CHUNK, n)
-    zig, table, total = _Ziggurat(_TERMS * chunk), torch.from_numpy(_W * scale), np.empty(n)
-    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (coordinate, u X, index)
+    out = torch.empty(n, dtype=reference.dtype if reference.dtype in (torch.float32, torch.float64) else torch.float32)
+    out_np, scale, stream, chunk = out.numpy(), std / math.sqrt(_TERMS), CipherStream(), min(_CHUNK, n)
+    zig, table, acc = _Ziggurat(_TERMS * chunk), torch.from_numpy(_W * scale), np.empty(chunk)
+    pending: list[_Pending] = []
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
         x, slow = zig.fast(stream, _TERMS * m, table)
-        if slow.size:
-            pending.append((start + slow % m, *zig.slow_inputs(slow)))
-            x[slow] = 0.0
         terms = x.reshape(_TERMS, m)
-        acc = np.add(terms[0], terms[1], out=total[start : start + m])
-        for term in terms[2:]:
-            acc += term
+        if slow.size:
+            pending.append(_Pending.of(zig, slow, terms, start))
+        total = acc[:m]
+        np.add(terms[0], terms[1], out=out_np[start : start + m] if _TERMS == 2 else total)
+        if _TERMS > 2:
+            for term in terms[2:-1]:
+                total += term
+            np.add(total, terms[-1], out=out_np[start : start + m])  # float64 sum, one rounding
     if pending:
-        coord, x_slow, index = (np.concatenate(parts) for parts in zip(*pending, strict=True))
-        np.add.at(total, coord, scale * _slow_path(stream, x_slow, index))
-    out = torch.from_numpy(total).to(dtype)  # float64 sum, one rounding
+        _finish(stream, pending, out_np, scale)
     return out.view(reference.shape).to(device=reference.device, dtype=reference.dtype)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """The coordinates of one chunk with a term on the slow path: all their terms, to sum again."""
+
+    coord: np.ndarray  # [k] coordinates (global), unique
+    terms: np.ndarray  # [T, k] their terms, slow ones still placeholders
+    slot: tuple[np.ndarray, np.ndarray]  # (term, column in `terms`) of each slow word
+    x: np.ndarray  # u X[layer] of each slow word, with its sign
+    index: np.ndarray  # its low 9 bits
+
+    @classmethod
+    def of(cls, zig: _Ziggurat, slow: np.ndarray, terms: np.ndarray, start: int) -> _Pending:
+        m = terms.shape[1]
+        coord, column = np.unique(slow % m, return_inverse=True)
+        return cls(start + coord, terms[:, coord], (slow // m, column), *zig.slow_inputs(slow))
+
+
+def _finish(stream: CipherStream, pending: list[_Pending], out_np: np.ndarray, scale: float) -> None:
+    """Slow-path words of every chunk in one batch; their coordinates summed again and written."""
+    z = scale * _slow_path(stream, np.concatenate([p.x for p in pending]), np.concatenate([p.index for p in pending]))
+    used = 0
+    for p in pending:
+        k = p.x.size
+        p.terms[p.slot] = z[used : used + k]
+        used += k
+        out_np[p.coord] = p.terms.sum(axis=0)  # float64 sum, one rounding
 
 
 # ---------------------------------------------------------------------------------------------
