@@ -23,6 +23,7 @@ RejectReason = Literal[
     "unknown_bank",  # not a pinned consortium member, or not selected for this round
     "signature",  # a signature does not verify under the sender's pinned identity key
     "replay",  # a signed message bound to another job or round (e.g. last round's key advertisement)
+    "weak_key",  # an advertised X25519 public key that is not a full-order point of Curve25519
     "share",  # an encrypted Shamir share that does not decrypt, or whose dealer signature fails
     "commitment",  # a reconstructed secret does not match its dealer's signed commitment
     "dropped",  # the bank sent nothing at a stage (timeout, crash, refusal)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fedmoe.crypto.secagg.params import BANK_FLOOR
 from fedmoe.protocol.config import PRIVACY_UNITS, JobConfig
 from fedmoe.protocol.errors import ConfigError
 from fedmoe.protocol.files import read_document
@@ -43,6 +44,16 @@ class BankPolicy:
             which anyone holding the update can reproduce (epsilon = infinity in practice). Logged
             loudly, recorded in every ledger entry, and a failing finding of the audit.
         release_metrics: plain metrics the bank may send to the server (not DP-protected).
+        min_banks: the fewest banks whose updates a secure aggregate holding this bank's update may
+            hold (>= 3: with two, the aggregate minus one's own update is the other's). The bank
+            enforces it itself: it refuses a round setup with fewer participants, an unmask view with
+            fewer survivors and an aggregate with fewer signed contributors, whatever the job's
+            `min-banks` says (docs/secagg.md).
+        allow_shared_key_aggregation: whether this bank trains in jobs with `aggregation = "ckks"`,
+            where every bank holds the one CKKS secret key, so the server plus any one bank can read
+            this bank's update (the floor above is then no protection either). True by default (one
+            institution federating its own silos); a consortium's banks set it false
+            (deploy/bank-policy.example.toml).
         source: where the policy came from (file path or "defaults"), for messages.
     """
 
@@ -55,6 +66,8 @@ class BankPolicy:
     allow_no_dp: bool = False
     seeded_noise: bool = False
     release_metrics: tuple[str, ...] = ()
+    min_banks: int = BANK_FLOOR
+    allow_shared_key_aggregation: bool = True
     source: str = field(default="defaults", compare=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +84,12 @@ class BankPolicy:
             raise bad("privacy-unit", " or ".join(map(repr, PRIVACY_UNITS)), self.privacy_unit)
         if not 0 < self.clip_norm_min <= self.clip_norm_max < math.inf:
             raise bad("clip-norm-min/clip-norm-max", "0 < min <= max < inf", (self.clip_norm_min, self.clip_norm_max))
+        if not isinstance(self.min_banks, int) or isinstance(self.min_banks, bool) or self.min_banks < BANK_FLOOR:
+            raise bad(
+                "min-banks",
+                f"an integer >= {BANK_FLOOR} (with two banks each reads the other's update)",
+                self.min_banks,
+            )
         unknown = sorted(set(self.release_metrics) - set(RELEASABLE_METRICS))
         if unknown:
             raise bad("release-metrics", f"a subset of {list(RELEASABLE_METRICS)}", unknown)
@@ -96,9 +115,12 @@ class BankPolicy:
 
 
 def _typed(source: str, key: str, value: Any, default: Any) -> Any:
-    expected = {bool: "true/false", float: "a number", str: "a string", tuple: "a list of strings"}[type(default)]
+    expected = {bool: "true/false", int: "an integer", float: "a number", str: "a string", tuple: "a list of strings"}[
+        type(default)
+    ]
     ok = {
         bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
         float: isinstance(value, int | float) and not isinstance(value, bool),
         str: isinstance(value, str),
         tuple: isinstance(value, list) and all(isinstance(v, str) for v in value),
@@ -135,6 +157,15 @@ def check_job(job: JobConfig, policy: BankPolicy) -> list[Refusal]:
         )
     if UNIT_STRENGTH[job.privacy_unit] < UNIT_STRENGTH[policy.privacy_unit]:
         out.append(Refusal("privacy-unit", job.privacy_unit, f"the bank protects at least a {policy.privacy_unit!r}"))
+    if job.aggregation != "secagg" and not policy.allow_shared_key_aggregation:
+        out.append(
+            Refusal(
+                "aggregation",
+                job.aggregation,
+                "this bank trains only under secure aggregation ('allow-shared-key-aggregation' is false): with one "
+                "shared key the server plus any bank reads its update",
+            )
+        )
     if not policy.clip_norm_min <= job.clip_norm <= policy.clip_norm_max:
         bounds = f"[{policy.clip_norm_min:g}, {policy.clip_norm_max:g}]"
         out.append(Refusal("clip-norm", job.clip_norm, f"the policy accepts clip norms in {bounds}"))

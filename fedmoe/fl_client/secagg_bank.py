@@ -138,7 +138,8 @@ def secagg_opener(job: JobConfig, config: BankConfig, keys: SecAggKeys) -> Opene
                 f"setup of the aggregate of round {round_idx} does not match this bank's job, key or model",
                 reason="inconsistent",
             )
-        mean, total = open_aggregate(aggregate, setup=setup, key=keys.bfv, pins=keys.pins, min_banks=job.min_banks)
+        floor = config.policy.min_banks  # the bank's own floor (open_aggregate also applies the setup's)
+        mean, total = open_aggregate(aggregate, setup=setup, key=keys.bfv, pins=keys.pins, min_banks=floor)
         if round(total) != len(aggregate.contributors):
             raise CryptoError(
                 f"total weight {total:.6g} for {len(aggregate.contributors)} signed contributors (each masks weight 1)",
@@ -172,10 +173,9 @@ class SecAggSealer:
                 f"({bank.view.numel})",
                 reason="layout",
             )
-        if self.config.bank_id not in request.senders or len(request.senders) < max(setup.threshold, setup.min_banks):
+        if self.config.bank_id not in request.senders or len(request.senders) < self.secagg.floor():
             raise CryptoError(
-                f"masked input: {len(request.senders)} share senders, need {max(setup.threshold, setup.min_banks)}",
-                reason="too_few",
+                f"masked input: {len(request.senders)} share senders, need {self.secagg.floor()}", reason="too_few"
             )
 
     def seal(self, bank: Bank, round_idx: int, delta: torch.Tensor) -> bytes:
@@ -209,7 +209,12 @@ def handle_stage(job: JobConfig, config: BankConfig, request: RoundRequest, node
             from fedmoe.fl_client.bank import train_once  # torch, the model and DP: only this stage trains
 
             secagg = load_round(job, config, keys, request.round)
-            sealer = SecAggSealer(job, config, keys, secagg, MaskedInputRequest.from_bytes(request.secagg))
+            masked_request = MaskedInputRequest.from_bytes(request.secagg)
+            if secagg.stage == "shared":  # (a repeat of a released round is answered by train_once)
+                # every share opened and every pairwise agreement derived before any budget is spent:
+                # a bad peer becomes a complaint naming it; a request this bank refuses raises here
+                secagg.check_masked_input(masked_request, keys.bfv)
+            sealer = SecAggSealer(job, config, keys, secagg, masked_request)
             reply = train_once(job, config, request, secagg_opener(job, config, keys), sealer)
             if request.secagg_next and reply.status is TrainStatus.OK:  # the next round's setup
                 reply = replace(reply, next_bundle=advertise_ahead(job, config, keys, request, request.round + 1))
@@ -235,8 +240,8 @@ def advertise(
     if released.exists():  # a restarted round: its masked input went out under other keys
         reason = f"round {request.round} was already released under other round keys: not trained or masked again"
         return TrainReply(config.bank_id, request.round, TrainStatus.ALREADY_RELEASED, 0, "", reason=reason)
-    secagg = BankSecAgg(keys.identity, keys.pins, min_banks=job.min_banks)
-    advertisement = secagg.advertise(setup)
+    secagg = BankSecAgg(keys.identity, keys.pins, min_banks=config.policy.min_banks)
+    advertisement = secagg.advertise(setup, keys.bfv)  # the setup's BFV key and parameters must be this bank's
     save_round(job, config, secagg)
     return _reply(config, request, advertisement.to_bytes())
 

@@ -46,6 +46,7 @@ from fedmoe.crypto.secagg import messages
 from fedmoe.crypto.secagg.bfv import BfvKey, encrypt_residues
 from fedmoe.crypto.secagg.bfv_secret import decrypt_residues
 from fedmoe.crypto.secagg.common import (
+    check_key,
     check_setup,
     complete_graph,
     consent_quorum,
@@ -57,7 +58,7 @@ from fedmoe.crypto.secagg.common import (
     verify_advertisement,
     verify_receipt,
 )
-from fedmoe.crypto.secagg.params import add_mod, dequantize, neighbourhood, quantize, sub_mod
+from fedmoe.crypto.secagg.params import BANK_FLOOR, add_mod, dequantize, neighbourhood, quantize, sub_mod
 from fedmoe.crypto.secagg.primitives import (
     KEY_BYTES,
     derive_key,
@@ -89,6 +90,16 @@ class _Held:
 
 
 @dataclass
+class _Plan:
+    """What the masked-input stage will do (BankSecAgg._plan): computed before the bank trains."""
+
+    held: dict[str, _Held] = field(default_factory=dict)
+    complaints: list[messages.Complaint] = field(default_factory=list)
+    masked_with: tuple[str, ...] = ()
+    seeds: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
 class BankSecAgg:
     """One bank's state in one round of secure aggregation.
 
@@ -99,7 +110,7 @@ class BankSecAgg:
 
     identity: Identity
     pins: ConsortiumPins
-    min_banks: int = 2
+    min_banks: int = BANK_FLOOR
     colluding: int = 1
     timings: dict[str, float] = field(default_factory=dict)
     # per-round state (secrets: never logged; persisted via state_dict only)
@@ -117,6 +128,15 @@ class BankSecAgg:
     unmask_digest: bytes = b""
     released: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.min_banks, int) or self.min_banks < BANK_FLOOR:
+            raise CryptoError(
+                f"bank {self.identity.bank_id!r}: min_banks {self.min_banks!r} is below {BANK_FLOOR}: with two "
+                f"contributors the aggregate minus one's own update is the other's"
+            )
+        if not isinstance(self.colluding, int) or self.colluding < 1:
+            raise CryptoError(f"bank {self.identity.bank_id!r}: colluding expected an int >= 1, got {self.colluding!r}")
+
     @property
     def bank_id(self) -> str:
         return self.identity.bank_id
@@ -124,15 +144,23 @@ class BankSecAgg:
     # -------------------------------------------------------------------------------------------
     # stage 0
 
-    def advertise(self, setup: messages.RoundSetup) -> messages.KeyAdvertisement:
+    def advertise(self, setup: messages.RoundSetup, key: BfvKey | None = None) -> messages.KeyAdvertisement:
         """Check the round setup against this bank's policy, draw the round's keys, sign them.
 
+        Args:
+            setup: the server's proposal.
+            key: this bank's BFV key; when given, the setup's key id and parameters must be its own
+                (the federation always passes it).
+
         Raises:
-            CryptoError: reason "inconsistent" (setup breaks policy), or stage already past.
+            CryptoError: reason "inconsistent" (setup breaks policy), "key_id" (another BFV key or
+            other parameters), or stage already past.
         """
         self._expect_stage("new")
         started = time.perf_counter()
         check_setup(setup, self.bank_id, self.pins, min_banks=self.min_banks, colluding=self.colluding)
+        if key is not None:
+            check_key(setup, key, self.bank_id, "advertise")
         self.setup = setup
         self.share_sk, share_pk = new_x25519()
         self.mask_sk, mask_pk = new_x25519()
@@ -225,6 +253,18 @@ class BankSecAgg:
     # -------------------------------------------------------------------------------------------
     # stage 2
 
+    def check_masked_input(self, request: messages.MaskedInputRequest, key: BfvKey) -> None:
+        """Everything `masked_input` checks before it masks, without changing this bank's state.
+
+        Run before the bank trains (fedmoe/fl_client/secagg_bank.py), so that a request it would
+        refuse costs it no privacy budget. A peer whose share or key fails is not a refusal: it
+        becomes a complaint naming that peer (the peer is blamed, not this bank).
+
+        Raises:
+            CryptoError / SecAggAbort: as `masked_input` would, before training.
+        """
+        self._plan(request, key)
+
     def masked_input(
         self, request: messages.MaskedInputRequest, update: np.ndarray, weight: float, key: BfvKey
     ) -> messages.MaskedInput:
@@ -238,46 +278,18 @@ class BankSecAgg:
 
         Raises:
             CryptoError: wrong round/job, a sender list without this bank, bad update;
-            SecAggAbort: reason "too_few" when fewer than max(t, min_banks) banks sent shares.
+            SecAggAbort: reason "too_few" when fewer than `floor()` banks sent shares.
         """
-        self._expect_stage("shared")
         started = time.perf_counter()
         setup = self._setup()
-        self._check_round(request.job_id, request.round, "masked_input")
-        if key.key_id != setup.bfv_key_id:
-            raise CryptoError(f"masked_input: BFV key {key.key_id} is not the round's {setup.bfv_key_id}")
         if update.size != setup.n_elements:
             raise CryptoError(f"masked_input: update has {update.size} elements, the round expects {setup.n_elements}")
-        senders = request.senders
-        if list(senders) != sorted(set(senders)) or self.bank_id not in senders:
-            raise CryptoError(f"masked_input: bad sender list {list(senders)}", reason="inconsistent")
-        if not set(senders) <= set(setup.participants):
-            raise CryptoError("masked_input: senders outside the participants", reason="inconsistent")
-        need = max(setup.threshold, setup.min_banks)
-        if len(senders) < need:
-            raise messages.SecAggAbort(f"masked_input: {len(senders)} banks sent shares, need {need}", reason="too_few")
-
-        neighbours = set(self._neighbours())
-        got: dict[str, messages.EncryptedShare] = {}
-        for share in request.shares:
-            if share.recipient != self.bank_id or share.dealer in got or share.dealer not in neighbours:
-                self._complain(share.dealer, "share", "share misaddressed, duplicated or from a non-neighbour")
-                continue
-            got[share.dealer] = share
-        complained = {c.dealer for c in self.complaints}
-        for dealer in sorted(neighbours & set(senders)):
-            if dealer in complained:
-                continue
-            if dealer not in self.peers or dealer not in got:
-                self._complain(dealer, "share", "no valid advertisement or no share from this sender")
-                continue
-            try:
-                self.held[dealer] = self._open_share(got[dealer])
-            except CryptoError as e:
-                self._complain(dealer, e.reason or "share", str(e))
-        complained = {c.dealer for c in self.complaints}
-        self.masked_with = tuple(sorted(b for b in neighbours & set(senders) if b not in complained))
-        self.senders = senders
+        plan = self._plan(request, key)
+        self.held.update(plan.held)
+        for c in plan.complaints:
+            self._complain(c.dealer, c.reason, c.detail)
+        self.masked_with = plan.masked_with
+        self.senders = request.senders
         t_check = time.perf_counter()
 
         t = setup.params.plain_modulus
@@ -285,10 +297,7 @@ class BankSecAgg:
         masked = quantize(update, weight, setup.params, bank_id=self.bank_id)
         masked = add_mod(masked, self_mask(self.self_seed, n, t, **self._ids()), t)
         for peer in self.masked_with:
-            seed = pair_seed(
-                self.mask_sk, self.peers[peer].mask_pk, job_id=setup.job_id, round=setup.round, a=self.bank_id, b=peer
-            )
-            m = pair_mask(seed, n, t)
+            m = pair_mask(plan.seeds[peer], n, t)
             masked = add_mod(masked, m, t) if self.bank_id < peer else sub_mod(masked, m, t)
         t_mask = time.perf_counter()
         bundle = encrypt_residues(masked, key, kind="masked_input", **self._ids())
@@ -305,6 +314,61 @@ class BankSecAgg:
         self.timings["masking"] = t_mask - t_check
         self.timings["encryption"] = t_enc - t_mask
         return messages.MaskedInput(receipt=receipt, bundle=bundle)
+
+    def _plan(self, request: messages.MaskedInputRequest, key: BfvKey) -> _Plan:
+        """The masked-input stage up to the masking, as a plan (nothing in `self` changes): the shares
+        opened, the complaints, the peers to mask with and each pair's seed (every X25519 agreement
+        done here, before any budget is spent)."""
+        self._expect_stage("shared")
+        setup = self._setup()
+        self._check_round(request.job_id, request.round, "masked_input")
+        check_key(setup, key, self.bank_id, "masked_input")
+        senders = request.senders
+        if list(senders) != sorted(set(senders)) or self.bank_id not in senders:
+            raise CryptoError(f"masked_input: bad sender list {list(senders)}", reason="inconsistent")
+        if not set(senders) <= set(setup.participants):
+            raise CryptoError("masked_input: senders outside the participants", reason="inconsistent")
+        need = self.floor()
+        if len(senders) < need:
+            raise messages.SecAggAbort(f"masked_input: {len(senders)} banks sent shares, need {need}", reason="too_few")
+
+        plan = _Plan()
+        complained = {c.dealer for c in self.complaints}
+
+        def complain(dealer: str, reason: str, detail: str) -> None:
+            if dealer not in complained:
+                complained.add(dealer)
+                plan.complaints.append(messages.Complaint(dealer=dealer, reason=reason, detail=detail[:200]))
+
+        neighbours = set(self._neighbours())
+        got: dict[str, messages.EncryptedShare] = {}
+        for share in request.shares:
+            if share.recipient != self.bank_id or share.dealer in got or share.dealer not in neighbours:
+                complain(share.dealer, "share", "share misaddressed, duplicated or from a non-neighbour")
+                continue
+            got[share.dealer] = share
+        for dealer in sorted(neighbours & set(senders)):
+            if dealer in complained:
+                continue
+            if dealer not in self.peers or dealer not in got:
+                complain(dealer, "share", "no valid advertisement or no share from this sender")
+                continue
+            try:
+                plan.held[dealer] = self._open_share(got[dealer])
+                plan.seeds[dealer] = pair_seed(
+                    self.mask_sk,
+                    self.peers[dealer].mask_pk,
+                    job_id=setup.job_id,
+                    round=setup.round,
+                    a=self.bank_id,
+                    b=dealer,
+                )
+            except CryptoError as e:  # the dealer's share or key is bad: blame the dealer
+                plan.held.pop(dealer, None)
+                plan.seeds.pop(dealer, None)
+                complain(dealer, e.reason or "share", str(e))
+        plan.masked_with = tuple(sorted(b for b in neighbours & set(senders) if b not in complained))
+        return plan
 
     # -------------------------------------------------------------------------------------------
     # stage 3
@@ -324,47 +388,85 @@ class BankSecAgg:
         return consent
 
     def _accept_view(self, request: messages.UnmaskRequest, where: str) -> bytes:
-        """The checks behind a consent; the view becomes this round's one view. Returns its digest."""
+        """Rules V1-V8 of docs/secagg.md ("Release rules"); the view becomes this round's one view.
+
+        Returns its digest. Raises CryptoError naming the rule (nothing is signed or released).
+        """
         setup = self._setup()
-        self._check_round(request.job_id, request.round, where)
+        self._check_round(request.job_id, request.round, where)  # V1
         view = request.view_sha256()
         if self.stage in ("consented", "unmasked"):
-            if view != self.unmask_digest:
+            if view != self.unmask_digest:  # V8
                 raise CryptoError(
-                    f"{where}(bank {self.bank_id!r}): a second, different unmask view this round; refused",
+                    f"{where}(bank {self.bank_id!r}): a second, different unmask view this round; refused (rule V8)",
                     reason="inconsistent",
                 )
         else:
             self._expect_stage("masked")
         survivors, dropped = set(request.survivors), set(request.dropped)
-        if survivors & dropped:
+        if survivors & dropped:  # V2
             raise CryptoError(
                 f"{where}: banks {sorted(survivors & dropped)} are both survivors and dropped; a bank never "
-                f"releases both shares of one peer",
+                f"releases both shares of one peer (rule V2)",
                 reason="inconsistent",
             )
         if list(request.survivors) != sorted(survivors) or list(request.dropped) != sorted(dropped):
-            raise CryptoError(f"{where}: survivors and dropped must be sorted and distinct", reason="inconsistent")
-        if not (survivors | dropped) <= set(self.senders) or self.bank_id not in survivors:
-            raise CryptoError(f"{where}: survivor/dropped sets do not match the stage-1 senders", reason="inconsistent")
-        need = max(setup.threshold, setup.min_banks, self.min_banks)
-        if len(survivors) < need:
+            raise CryptoError(
+                f"{where}: survivors and dropped must be sorted and distinct (rule V2)", reason="inconsistent"
+            )
+        if not (survivors | dropped) <= set(self.senders) or self.bank_id not in survivors:  # V3
+            raise CryptoError(
+                f"{where}: survivor/dropped sets do not match the stage-1 senders (rule V3)", reason="inconsistent"
+            )
+        need = self.floor()
+        if len(survivors) < need:  # V4
             raise messages.SecAggAbort(
-                f"{where}: {len(survivors)} survivors, need {need}; nothing released", reason="too_few"
+                f"{where}: {len(survivors)} survivors, need {need}; nothing released (rule V4)", reason="too_few"
             )
         receipts = {r.bank_id: r for r in request.receipts}
-        if set(receipts) != survivors or len(receipts) != len(request.receipts):
-            raise CryptoError(f"{where}: exactly one receipt per survivor expected", reason="inconsistent")
+        if set(receipts) != survivors or len(receipts) != len(request.receipts):  # V5
+            raise CryptoError(f"{where}: exactly one receipt per survivor expected (rule V5)", reason="inconsistent")
         for r in receipts.values():
             verify_receipt(r, setup, self.pins)
-            if r.bank_id in self._neighbours() and (self.bank_id in r.masked_with) != (r.bank_id in self.masked_with):
-                raise CryptoError(
-                    f"{where}: survivor {r.bank_id!r} and this bank disagree on masking with each other",
-                    reason="inconsistent",
-                )
+        if receipts[self.bank_id].masked_with != self.masked_with:
+            raise CryptoError(f"{where}: this bank's receipt is not the one it signed (rule V5)", reason="inconsistent")
+        self._check_masking(receipts, where)  # V6, V7
         if self.stage == "masked":
             self.stage, self.unmask_digest = "consented", view
         return view
+
+    def _check_masking(self, receipts: dict[str, messages.Receipt], where: str) -> None:
+        """V6: every two survivors that neighbour each other masked with each other, per both signed
+        receipts. V7: every survivor has at least `colluding + 1` surviving neighbours (so at least
+        one honest one, whose pair mask hides it as long as neither of the pair's keys is released)."""
+        setup = self._setup()
+        survivors = sorted(receipts)
+        for u in survivors:
+            near = [
+                w
+                for w in neighbourhood(
+                    u, setup.participants, job_id=setup.job_id, round=setup.round, k=setup.neighbours_k
+                )
+                if w in receipts
+            ]
+            for w in near:
+                if u < w and not (w in receipts[u].masked_with and u in receipts[w].masked_with):
+                    raise CryptoError(
+                        f"{where}(bank {self.bank_id!r}): survivors {u!r} and {w!r} did not mask with each other "
+                        f"(their signed receipts); with both in the sum neither would be hidden by the other (rule V6)",
+                        reason="inconsistent",
+                    )
+            if len(near) < self.colluding + 1:
+                raise CryptoError(
+                    f"{where}(bank {self.bank_id!r}): survivor {u!r} has {len(near)} surviving neighbour(s), needs "
+                    f"{self.colluding + 1} so that one is honest (rule V7)",
+                    reason="inconsistent",
+                )
+
+    def floor(self) -> int:
+        """Fewest survivors (contributors) this bank accepts: the threshold, the setup's and its own floor."""
+        setup = self._setup()
+        return max(setup.threshold, setup.min_banks, self.min_banks)
 
     def unmask(self, order: messages.UnmaskOrder) -> messages.UnmaskReply:
         """Release self-mask shares of survivors and mask-key shares of dropped banks.
@@ -383,20 +485,26 @@ class BankSecAgg:
         request = order.request
         self._check_round(request.job_id, request.round, "unmask")
         started = time.perf_counter()
-        without_consents = not order.consents and not request.dropped and set(request.survivors) == set(self.senders)
+        without_consents = not order.consents
         if without_consents:
-            # Only when nobody dropped and everyone neighbours everyone: such a view asks for
-            # self-mask shares only and is this bank's one view of the round, like a signed one.
-            # Under k-regular neighbourhoods the quorum (> t) is what keeps different banks on one
-            # view, so it is never skipped there (docs/secagg.md, "Unmask without consents").
+            # Rule CF: only the view in which every participant sent shares and survived (nobody
+            # dropped), and only when everyone neighbours everyone. It asks for self-mask shares
+            # only and binds this bank like a signature (its one view of the round).
             if not complete_graph(setup):
                 raise CryptoError(
-                    "unmask: an order without consents under k-regular neighbourhoods; refused", reason="inconsistent"
+                    "unmask: an order without consents under k-regular neighbourhoods; refused (rule CF)",
+                    reason="inconsistent",
+                )
+            if request.dropped or set(request.survivors) != set(setup.participants):
+                raise CryptoError(
+                    f"unmask(bank {self.bank_id!r}): an order without consents must be the view in which every "
+                    f"participant survived and nobody dropped; refused (rule CF)",
+                    reason="inconsistent",
                 )
             self._accept_view(request, "unmask")
         elif self.stage not in ("consented", "unmasked") or request.view_sha256() != self.unmask_digest:
             raise CryptoError(
-                f"unmask(bank {self.bank_id!r}): not the view this bank consented to", reason="inconsistent"
+                f"unmask(bank {self.bank_id!r}): not the view this bank consented to (rule U1)", reason="inconsistent"
             )
         survivors, dropped = set(request.survivors), set(request.dropped)
         signers = set()

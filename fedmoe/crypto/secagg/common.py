@@ -14,7 +14,7 @@ from fedmoe.crypto.errors import CryptoError
 from fedmoe.crypto.identity import ConsortiumPins
 from fedmoe.crypto.secagg.messages import KeyAdvertisement, Receipt, RoundSetup
 from fedmoe.crypto.secagg.params import min_secure_threshold, neighbourhood
-from fedmoe.crypto.secagg.primitives import KEY_BYTES, derive_key, prg_mod
+from fedmoe.crypto.secagg.primitives import KEY_BYTES, check_x25519_public, derive_key, prg_mod
 
 
 def check_setup(setup: RoundSetup, bank_id: str, pins: ConsortiumPins, *, min_banks: int, colluding: int) -> int:
@@ -39,8 +39,10 @@ def check_setup(setup: RoundSetup, bank_id: str, pins: ConsortiumPins, *, min_ba
         raise bad(f"participants {unknown} are not pinned consortium members")
     if len(ids) > setup.params.max_banks:
         raise bad(f"{len(ids)} participants exceed params.max_banks {setup.params.max_banks}")
-    if setup.min_banks < min_banks:
-        raise bad(f"min_banks {setup.min_banks} is below this bank's policy {min_banks}")
+    if len(ids) < min_banks:
+        raise bad(f"{len(ids)} participants, below this bank's floor of {min_banks} contributors (its 'min-banks')")
+    if setup.min_banks < 2:
+        raise bad(f"min_banks expected >= 2, got {setup.min_banks}")
     if setup.n_elements < 1:
         raise bad(f"n_elements must be >= 1, got {setup.n_elements}")
     holders = len(neighbourhood(bank_id, ids, job_id=setup.job_id, round=setup.round, k=setup.neighbours_k)) + 1
@@ -51,6 +53,20 @@ def check_setup(setup: RoundSetup, bank_id: str, pins: ConsortiumPins, *, min_ba
             f"{floor}, the server and {colluding} bank(s) could recover both masks of a bank"
         )
     return holders
+
+
+def check_key(setup: RoundSetup, key: Any, bank_id: str, where: str) -> None:
+    """The setup must name this bank's BFV key and its parameters (a BfvKey: key_id, params).
+
+    Raises:
+        CryptoError: reason "key_id".
+    """
+    if key.key_id != setup.bfv_key_id or key.params != setup.params:
+        raise CryptoError(
+            f"{where}(bank {bank_id!r}): the setup names BFV key {setup.bfv_key_id[:12]} with {setup.params}, this "
+            f"bank holds {key.key_id[:12]} with {key.params}",
+            reason="key_id",
+        )
 
 
 def complete_graph(setup: RoundSetup) -> bool:
@@ -91,10 +107,11 @@ def pair_seed(mask_sk: bytes, peer_mask_pk: bytes, *, job_id: str, round: int, a
 
 
 def verify_advertisement(adv: KeyAdvertisement, setup: RoundSetup, pins: ConsortiumPins) -> None:
-    """Signature under the pinned key, bound to this job, round and setup.
+    """Signature under the pinned key, bound to this job, round and setup; both keys valid X25519 points.
 
     Raises:
-        CryptoError: reason "unknown_bank", "signature", "replay" or "inconsistent".
+        CryptoError: reason "unknown_bank", "signature", "replay", "inconsistent", "malformed" or
+            "weak_key" (a low-order, twist or non-canonical key: the advertiser is blamed).
     """
     if adv.bank_id not in setup.participants:
         raise CryptoError(f"advertisement from {adv.bank_id!r}, not a participant", reason="unknown_bank")
@@ -109,6 +126,8 @@ def verify_advertisement(adv: KeyAdvertisement, setup: RoundSetup, pins: Consort
         raise CryptoError(f"advertisement of {adv.bank_id!r} signs another round setup", reason="inconsistent")
     if len(adv.share_pk) != KEY_BYTES or len(adv.mask_pk) != KEY_BYTES or len(adv.self_mask_commitment) != 32:
         raise CryptoError(f"advertisement of {adv.bank_id!r}: key sizes", reason="malformed")
+    check_x25519_public(adv.share_pk, what=f"advertisement of {adv.bank_id!r} (share key)")
+    check_x25519_public(adv.mask_pk, what=f"advertisement of {adv.bank_id!r} (mask key)")
 
 
 def verify_receipt(r: Receipt, setup: RoundSetup, pins: ConsortiumPins) -> None:

@@ -30,6 +30,10 @@ import numpy as np
 from fedmoe.crypto.errors import CryptoError
 from fedmoe.crypto.ring import MAX_COEFF_BITS, ring_sizes
 
+# The smallest floor of contributors a bank may set (its policy's `min-banks`): with two, the aggregate
+# minus one's own update is the other's.
+BANK_FLOOR = 3
+
 
 @dataclass(frozen=True)
 class SecAggParams:

@@ -62,6 +62,37 @@ def derive_key(private: bytes, peer_public: bytes, *, purpose: str, context: dic
     return hkdf(shared, purpose=purpose, context=context)
 
 
+_P = 2**255 - 19
+_A = 486662
+_PROBE = X25519PrivateKey.from_private_bytes(bytes(range(1, 33)))  # any scalar: X25519 clamps it to a multiple of 8
+
+
+def check_x25519_public(public: bytes, *, what: str) -> None:
+    """Refuse an X25519 public key no honest key pair produces (RFC 7748; checked at advertisement).
+
+    Refused: not 32 bytes; a non-canonical encoding (top bit set, or u >= 2^255 - 19); a point of
+    the quadratic twist rather than of Curve25519 (u^3 + A u^2 + u not a square mod p); a point of
+    small order (X25519 with any scalar, a multiple of 8 after clamping, gives the all-zero secret:
+    u = 0, 1, p - 1 and the two order-8 points). Such a key would make every agreement with it fail
+    or be predictable, so the advertiser is blamed before any honest bank uses it.
+
+    Raises:
+        CryptoError: reason "weak_key", naming `what`.
+    """
+    if not isinstance(public, bytes) or len(public) != 32:
+        raise CryptoError(f"{what}: X25519 public key expected 32 bytes", reason="weak_key")
+    u = int.from_bytes(public, "little")
+    if u >= _P:  # the top bit, or u in [p, 2^255): a second encoding of a small u
+        raise CryptoError(f"{what}: non-canonical X25519 public key", reason="weak_key")
+    f = (u * u * u + _A * u * u + u) % _P
+    if f != 0 and pow(f, (_P - 1) // 2, _P) != 1:
+        raise CryptoError(f"{what}: X25519 public key is on the twist, not on Curve25519", reason="weak_key")
+    try:
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError as e:  # all-zero shared secret: a point of order 1, 2, 4 or 8
+        raise CryptoError(f"{what}: X25519 public key of small order", reason="weak_key") from e
+
+
 def hkdf(secret: bytes, *, purpose: str, context: dict) -> bytes:
     info = b"fedmoe/" + purpose.encode() + b"\0" + canonical_json(context)
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(secret)

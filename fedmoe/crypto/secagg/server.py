@@ -209,21 +209,7 @@ class ServerSecAgg:
                     self._exclude(
                         c.dealer, "masked_input", CryptoError(f"{bank!r} complains: {c.detail}", reason=reason)
                     )
-        changed = True
-        while changed:  # drop pairs of survivors that disagree on masking with each other
-            changed = False
-            for u in sorted(alive):
-                for v in sorted(alive):
-                    mu, mv = self.receipts[u].masked_with, self.receipts[v].masked_with
-                    if u < v and u in alive and v in alive and (v in mu) != (u in mv):
-                        for b in (u, v):
-                            alive.discard(b)
-                            self._exclude(
-                                b,
-                                "masked_input",
-                                CryptoError(f"{u!r}/{v!r} mask asymmetrically", reason="inconsistent"),
-                            )
-                        changed = True
+        self._settle_masking(alive)
         self.survivors = tuple(sorted(alive))
         self.dropped = tuple(b for b in self.senders if b not in alive)
         self._need(len(self.survivors), "masked_input", "survivors with masked input")
@@ -248,6 +234,47 @@ class ServerSecAgg:
             receipts=tuple(self.receipts[b] for b in self.survivors),
         )
         return dict.fromkeys(self.survivors, self.request)
+
+    def _settle_masking(self, alive: set[str]) -> None:
+        """Leave out (as dropped) what the banks' view rules V6/V7 refuse (docs/secagg.md, "Release rules"):
+        both banks of a neighbouring pair that did not mask with each other per their signed receipts,
+        then, until none is left, any survivor with fewer than two surviving neighbours (k-regular
+        neighbourhoods only: with everyone neighbouring everyone the survivor count already ensures it)."""
+        s = self.setup
+
+        def near(b: str) -> list[str]:
+            return [
+                w
+                for w in neighbourhood(b, s.participants, job_id=s.job_id, round=s.round, k=s.neighbours_k)
+                if w in alive
+            ]
+
+        changed = True
+        while changed:
+            changed = False
+            for u in sorted(alive):
+                for v in near(u):
+                    mu, mv = self.receipts[u].masked_with, self.receipts[v].masked_with
+                    if u < v and u in alive and v in alive and not (v in mu and u in mv):
+                        for b in (u, v):
+                            alive.discard(b)
+                            self._exclude(
+                                b,
+                                "masked_input",
+                                CryptoError(f"{u!r}/{v!r} did not mask with each other", reason="inconsistent"),
+                            )
+                        changed = True
+            for u in sorted(alive):
+                if len(near(u)) < 2:
+                    alive.discard(u)
+                    self._exclude(
+                        u,
+                        "masked_input",
+                        CryptoError(
+                            "fewer than two surviving neighbours: its input would be exposed", reason="too_few"
+                        ),
+                    )
+                    changed = True
 
     def receive_consents(
         self, consents: Mapping[str, messages.UnmaskConsent | bytes]
@@ -278,16 +305,16 @@ class ServerSecAgg:
         return dict.fromkeys(self.consenting, order)
 
     def orders_without_consent(self) -> dict[str, messages.UnmaskOrder] | None:
-        """When every stage-1 sender survived: the unmask order with no consents, skipping stage 3.
+        """When every participant sent shares and survived: the unmask order with no consents, skipping stage 3.
 
         Such a view asks only for self-mask shares, and each bank checks it as it would before
-        consenting and takes it as its one view of the round (BankSecAgg.unmask), so a split view
-        still needs a consent quorum for any mask key. None when a bank dropped, or under k-regular
-        neighbourhoods: consents needed.
+        consenting and takes it as its one view of the round (BankSecAgg.unmask, rule CF), so a split
+        view still needs a consent quorum for any mask key. None when a participant is missing or
+        dropped, or under k-regular neighbourhoods: consents needed.
         """
         self._enter("consistency")
-        if self.dropped or not complete_graph(self.setup):  # k-regular: the quorum keeps banks on one view
-            return None
+        if self.dropped or set(self.survivors) != set(self.setup.participants) or not complete_graph(self.setup):
+            return None  # k-regular: the quorum keeps banks on one view; any gap: consents (rule CF)
         self.consenting = self.survivors
         self._stage = "unmask"
         return dict.fromkeys(self.survivors, messages.UnmaskOrder(request=self.request, consents=()))
