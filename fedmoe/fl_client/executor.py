@@ -290,12 +290,76 @@ def warm_up() -> None:
             logger.warning("could not pre-import %s", name)
 
 
+# The bank's node-config (what its SuperNode is started with), for the checks at start: a policy typo,
+# a wrong data path or a missing key stops the bank now, with the reason, instead of refusing the
+# first job after the other banks have trained and spent their budget.
+NODE_CONFIG_ENV = "FEDMOE_NODE_CONFIG"
+EXIT_BAD_SITE = 2
+
+
+def startup_check(node_config_text: str) -> list[str]:
+    """What the bank would refuse a job for, found before any job: [] when everything is usable."""
+    from flwr.common.config import parse_config_args
+
+    from fedmoe.fl_client.config import BankConfig
+    from fedmoe.protocol.config import JobConfig
+
+    try:
+        config = BankConfig.from_node_config(parse_config_args([node_config_text]), JobConfig())
+    except Exception as err:  # noqa: BLE001 - any unreadable node-config or policy stops the bank
+        return [str(err)]
+    problems = []
+    if config.data_path is not None:
+        problems += _check_data(config.data_path)
+    problems += _check_keys(config)
+    return problems
+
+
+def _check_data(path: Path) -> list[str]:
+    from fedmoe.fl_client.data.files import load_text_file
+
+    if not path.is_file():
+        return [f"data-path {path}: no such file (node-config 'data-path')"]
+    try:
+        load_text_file(path)
+    except Exception as err:  # noqa: BLE001 - the loader's error names the file and line
+        return [f"data-path {path}: {err}"]
+    return []
+
+
+def _check_keys(config) -> list[str]:
+    """A secret context to open aggregates with; the identity (when provisioned) and its pin agree."""
+    from fedmoe.crypto.identity import load_identity, load_pins
+    from fedmoe.protocol.config import PINS_FILE
+
+    key_dir = config.key_path.parent
+    secrets = list(dict.fromkeys([key_dir / "context.secret.bfv", key_dir / "context.secret.ckks", config.key_path]))
+    if not any(path.is_file() for path in secrets):
+        return [f"key folder {key_dir}: no secret context ({', '.join(p.name for p in secrets)})"]
+    if not config.identity_path.exists() and config.identity_path == config.state_root / "identity.secret":
+        return []  # a bank without a provisioned identity makes one on first use (fedmoe.fl_client.privacy)
+    try:
+        identity = load_identity(config.identity_path)
+        pins_file = key_dir / PINS_FILE
+        if pins_file.exists() and load_pins(pins_file).keys.get(config.bank_id) != identity.public_key:
+            return [f"{pins_file}: the key pinned for {config.bank_id!r} is not this bank's identity"]
+    except Exception as err:  # noqa: BLE001 - CryptoError names the file
+        return [str(err)]
+    return []
+
+
 def main() -> None:
     from flwr.supercore.cli.flower_superexec import flower_superexec
     from flwr.supercore.constant import ExecutorType
     from flwr.supercore.superexec import run_superexec as superexec
 
     timestamped_logs()
+    node_config = os.environ.get(NODE_CONFIG_ENV, "")
+    problems = startup_check(node_config) if node_config else []
+    if problems:
+        for problem in problems:
+            logger.error("this bank cannot take part in a job: %s", problem)
+        sys.exit(EXIT_BAD_SITE)
     warm = warm_executor_class(approved_apps_file())
 
     def executor_for(executor_type, **kwargs):

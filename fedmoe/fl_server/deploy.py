@@ -187,6 +187,11 @@ def _node_config(bank: BankNode) -> str:
     return " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in pairs.items())
 
 
+def executor_env(bank: BankNode) -> dict[str, str]:
+    """A bank executor's environment: its node-config, checked when it starts (fedmoe/fl_client/executor.py)."""
+    return {"FEDMOE_NODE_CONFIG": _node_config(bank)}
+
+
 def _health(topo: Topology, name: str) -> list[str]:
     ports = topo.health_ports or {}
     port = ports.get(name, ports.get("*"))
@@ -432,7 +437,7 @@ def bank_services(
         volumes.append(f"{data}:/data:ro")
     executor = _flower_service(
         commands[f"{name}-apps"],
-        environment={**FLOWER_ENV, "FEDMOE_APPROVED_APPS": "/etc/fedmoe/approved-apps"},
+        environment={**FLOWER_ENV, "FEDMOE_APPROVED_APPS": "/etc/fedmoe/approved-apps", **executor_env(topo.banks[i])},
         # The ClientApp runs here: it alone reads the bank's secret context, data and state. Its
         # only network is the bank's own (internal: no route out); its SuperNode is found by name
         # there, so a restarted SuperNode is reached again.

@@ -38,6 +38,7 @@ from fedmoe.fl_server.deploy import (
     FLOWER_ENV,
     SERVICE_ENV,
     Topology,
+    executor_env,
     loopback_topology,
     service_commands,
     simulation_command,
@@ -121,13 +122,18 @@ class Deployment:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd=REPO_ROOT,
-            env={**self.env, **SERVICE_ENV.get(name, {})},
+            env={**self.env, **SERVICE_ENV.get(name, {}), **self._executor_env(name)},
             start_new_session=True,  # its own process group: stop() takes its children too
         )
         echo = _echo_progress if name.endswith("-apps") else None  # a bank's training progress, on the console
         threading.Thread(target=_pump, args=(process.stdout, log, echo), daemon=True, name=f"log-{name}").start()
         self.processes[name] = process
         return process
+
+    def _executor_env(self, name: str) -> dict[str, str]:
+        """A bank's executor checks its node-config at start (policy, data, keys) and stops on a bad one."""
+        bank = next((b for b in self.topology.banks if f"{b.bank_id}-apps" == name), None)
+        return executor_env(bank) if bank is not None else {}
 
     def start(self, *, simulation: bool = False) -> None:
         if simulation:
