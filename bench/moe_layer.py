@@ -26,12 +26,16 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from fedmoe.kernels import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a fresh clone runs it without installing
+
+from fedmoe.kernels import (  # noqa: E402
     RoutingSpec,
     align_by_expert,
     expert_grad_norm2,
@@ -39,7 +43,7 @@ from fedmoe.kernels import (
     expert_weight_grad_clipped,
     route,
 )
-from fedmoe.kernels.backend import triton_reason
+from fedmoe.kernels.backend import triton_reason  # noqa: E402
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,10 @@ per-segment results are summed per sample through a dense [E, B] table, so the o
 does not depend on scheduling (deterministic on every backend).
 
 Backends (fedmoe/kernels/backend.py): reference (per-segment matmuls, any dtype; float64 for DP tests),
-grouped_mm (one grouped GEMM over the segments), triton (ghost or instantiating kernel chosen
-per segment by cost; fedmoe/kernels/per_sample_triton.py, fedmoe/kernels/expert_gemm_triton.py).
+grouped_mm (norms: ghost segments by bucketed Grams, the others instantiated by grouped GEMMs,
+chosen per segment by cost; grads: one grouped GEMM over the segments), triton (ghost or
+instantiating kernel chosen per segment by cost; fedmoe/kernels/per_sample_triton.py,
+fedmoe/kernels/expert_gemm_triton.py).
 Beside the dispatcher, `expert_grad_norm2_bucketed` takes the ghost form on any device with
 batched Grams of zero-padded segments: the CPU paths above instantiate every segment's O x I
 gradient, and where the DP plan asks for the ghost form this is ~2.5x faster on CPU
@@ -156,6 +158,21 @@ def _segment_buckets(
         yield by_len_S[lo:hi], x_pad, g_pad
 
 
+def _ghost_segments(
+    x_NI: torch.Tensor, grad_NO: torch.Tensor, key_N: torch.Tensor, n_segments: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment ids [k], ||G_s^T X_s||_F^2 [k]) of the non-empty segments of rows keyed by segment."""
+    ids, values = [], []
+    for segs, x_pad, g_pad in _segment_buckets(x_NI, grad_NO, key_N, n_segments):
+        gram_x = torch.bmm(x_pad, x_pad.transpose(1, 2))  # (k, L, L) <x_s, x_s'>
+        gram_g = torch.bmm(g_pad, g_pad.transpose(1, 2))  # (k, L, L) <g_s, g_s'>
+        ids.append(segs)
+        values.append((gram_x * gram_g).sum(dim=(1, 2)))
+    if not ids:
+        return key_N.new_zeros(0), x_NI.new_zeros(0)
+    return torch.cat(ids), torch.cat(values)
+
+
 def expert_grad_norm2_bucketed(
     x_NI: torch.Tensor,
     grad_NO: torch.Tensor,
@@ -165,13 +182,9 @@ def expert_grad_norm2_bucketed(
     n_experts: int,
 ) -> torch.Tensor:
     """Squared per-sample gradient norms [B] by the ghost form (segment Grams), any dtype/device."""
-    norm2_B = grad_NO.new_zeros(n_samples)
     key_N = sample_ids_N * n_experts + expert_ids_N
-    for segs, x_pad, g_pad in _segment_buckets(x_NI, grad_NO, key_N, n_samples * n_experts):
-        gram_x = torch.bmm(x_pad, x_pad.transpose(1, 2))  # (k, L, L) <x_s, x_s'>
-        gram_g = torch.bmm(g_pad, g_pad.transpose(1, 2))  # (k, L, L) <g_s, g_s'>
-        norm2_B.index_add_(0, segs // n_experts, (gram_x * gram_g).sum(dim=(1, 2)))
-    return norm2_B.clamp(min=0)
+    segs, values = _ghost_segments(x_NI, grad_NO, key_N, n_samples * n_experts)
+    return grad_NO.new_zeros(n_samples).index_add_(0, segs // n_experts, values).clamp(min=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,21 +200,50 @@ def _grouped_outer(g_sorted_NO: torch.Tensor, x_sorted_NI: torch.Tensor, run_end
     return F.grouped_mm(g_sorted_NO.contiguous().t(), x_sorted_NI.contiguous(), offs=run_ends_R.to(torch.int32))
 
 
-def _norm2_grouped_mm(x_NI: torch.Tensor, grad_NO: torch.Tensor, align: ExpertAlignment) -> torch.Tensor:
+def _ghost_is_cheaper(counts_S: torch.Tensor, width_in: int, width_out: int, method: NormMethod) -> torch.Tensor:
+    """Per segment: ghost (~n^2 (I + O) / 2 multiply-adds) or instantiate (~n O I), as `method` says."""
+    if method == "auto":
+        return counts_S * (width_in + width_out) <= 2 * width_in * width_out
+    return torch.full_like(counts_S, method == "ghost", dtype=torch.bool)
+
+
+def _instantiated_norm2(x_sorted: torch.Tensor, g_sorted: torch.Tensor, ends_R: torch.Tensor) -> torch.Tensor:
+    """||G_r^T X_r||_F^2 [R] of consecutive runs of sorted rows, in grouped GEMMs of bounded size."""
+    acc = _acc_dtype(x_sorted.dtype)
+    ends = ends_R.tolist()
+    per_chunk = max(1, _GROUPED_MM_CHUNK // (x_sorted.shape[1] * g_sorted.shape[1]))
+    parts = []
+    for r0 in range(0, len(ends), per_chunk):
+        r1 = min(r0 + per_chunk, len(ends))
+        row0 = ends[r0 - 1] if r0 else 0
+        outer = _grouped_outer(g_sorted[row0 : ends[r1 - 1]], x_sorted[row0 : ends[r1 - 1]], ends_R[r0:r1] - row0)
+        parts.append(outer.to(acc).square().sum(dim=(1, 2)))
+    return torch.cat(parts) if parts else x_sorted.new_zeros(0, dtype=acc)
+
+
+def _norm2_grouped_mm(
+    x_NI: torch.Tensor, grad_NO: torch.Tensor, align: ExpertAlignment, method: NormMethod
+) -> torch.Tensor:
+    """Per segment the cheaper form: ghost by bucketed Grams, or instantiated by grouped GEMMs."""
     acc = _acc_dtype(x_NI.dtype)
     if x_NI.device.type == "cpu":  # fp32 grouped_mm exists on CPU: instantiate in fp32
         x_NI, grad_NO = x_NI.to(acc), grad_NO.to(acc)
     x_sorted, g_sorted = x_NI[align.order_N], grad_NO[align.order_N]
-    offsets = align.segment_offsets_S1.tolist()
-    per_chunk = max(1, _GROUPED_MM_CHUNK // (x_NI.shape[1] * grad_NO.shape[1]))
-    parts = []
-    for s0 in range(0, align.n_segments, per_chunk):
-        s1 = min(s0 + per_chunk, align.n_segments)
-        r0, r1 = offsets[s0], offsets[s1]
-        ends = align.segment_offsets_S1[s0 + 1 : s1 + 1] - r0
-        parts.append(_grouped_outer(g_sorted[r0:r1], x_sorted[r0:r1], ends).to(acc).square().sum(dim=(1, 2)))
-    seg_norm2_S = torch.cat(parts) if parts else x_NI.new_zeros(0, dtype=acc)
-    return _per_sample_sum(seg_norm2_S, align)
+    counts_S = align.segment_offsets_S1.diff()
+    ghost_S = _ghost_is_cheaper(counts_S, x_NI.shape[1], grad_NO.shape[1], method)
+    seg_of_row = torch.repeat_interleave(torch.arange(align.n_segments, device=x_NI.device), counts_S)
+    ghost_row = ghost_S[seg_of_row]
+    seg_norm2_S = torch.zeros(align.n_segments, dtype=acc, device=x_NI.device)
+    if bool(ghost_row.any()):
+        ids, values = _ghost_segments(x_sorted[ghost_row], g_sorted[ghost_row], seg_of_row[ghost_row], align.n_segments)
+        seg_norm2_S[ids] = values.to(acc)
+    inst_S = ~ghost_S
+    if bool(inst_S.any()):  # sorted rows of the kept segments stay contiguous runs
+        inst_row = ~ghost_row
+        ends = torch.cumsum(counts_S[inst_S], 0)
+        seg_norm2_S[inst_S] = _instantiated_norm2(x_sorted[inst_row], g_sorted[inst_row], ends)
+    # The ghost sum is a square norm in exact arithmetic; rounding may leave a -0-ish residue.
+    return _per_sample_sum(seg_norm2_S.clamp(min=0), align)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,11 +258,7 @@ def _norm2_triton(
     from fedmoe.kernels.per_sample_triton import ghost_norm2_triton
 
     width_in, width_out = x_NI.shape[1], grad_NO.shape[1]
-    counts_S = align.segment_offsets_S1.diff()
-    if method == "auto":  # ghost ~ n^2 (I + O) / 2 vs instantiate ~ n O I multiply-adds
-        ghost_S = counts_S * (width_in + width_out) <= 2 * width_in * width_out
-    else:
-        ghost_S = torch.full_like(counts_S, method == "ghost", dtype=torch.bool)
+    ghost_S = _ghost_is_cheaper(align.segment_offsets_S1.diff(), width_in, width_out, method)
     ghost_ids = ghost_S.nonzero().squeeze(1)
     inst_ids = (~ghost_S).nonzero().squeeze(1)
     seg_norm2_S = torch.zeros(align.n_segments, dtype=torch.float32, device=x_NI.device)
@@ -309,7 +347,8 @@ def expert_grad_norm2(
         n_samples: B.
         n_experts: E.
         alignment: `align_by_expert(expert_ids_N, E, sample_ids_N, B)` if already built.
-        method: triton only: "ghost", "instantiate", or "auto" (cheaper one per segment).
+        method: grouped_mm and triton: "ghost", "instantiate", or "auto" (the cheaper one per
+            segment; on grouped_mm the ghost segments go through bucketed Grams).
         backend: "auto", "reference", "grouped_mm" or "triton" (see fedmoe.kernels.backend).
 
     Returns:
@@ -328,7 +367,7 @@ def expert_grad_norm2(
         return expert_grad_norm2_reference(x_NI, grad_NO, expert_ids_N, sample_ids_N, n_samples, n_experts)
     align = _sample_alignment(op, alignment, expert_ids_N, sample_ids_N, n_samples, n_experts, chosen)
     if chosen == "grouped_mm":
-        return _norm2_grouped_mm(x_NI, grad_NO, align)
+        return _norm2_grouped_mm(x_NI, grad_NO, align, method)
     return _norm2_triton(x_NI, grad_NO, align, method)
 
 

@@ -88,7 +88,20 @@ def test_grouped_mm_matches_reference(case) -> None:
         with pytest.raises(KernelError, match="grouped_mm"):
             expert_grad_norm2(x, grad, ids, sids, n_samples, n_experts, backend="grouped_mm")
         return
-    _compare_fast(case, torch.float32, "cpu", "grouped_mm", ("auto",))
+    _compare_fast(case, torch.float32, "cpu", "grouped_mm", ("ghost", "instantiate", "auto"))
+
+
+def test_grouped_mm_auto_mixes_ghost_and_instantiated_segments() -> None:
+    """Segments of 1-2 rows (ghost is cheaper) beside segments of 30 (instantiating is): one call."""
+    n_experts, n_samples, width_in, width_out = 3, 2, 16, 8  # ghost iff rows <= 2 I O / (I + O) = 10.7
+    experts = [0] * 30 + [1] + [2, 2] + [0] + [1] * 30 + [2] * 5
+    samples = [0] * 33 + [1] * 36
+    ids, sids = torch.tensor(experts), torch.tensor(samples)
+    x = randn(len(experts), width_in, dtype=torch.float32, device="cpu", seed=4)
+    grad = randn(len(experts), width_out, dtype=torch.float32, device="cpu", seed=5)
+    want = expert_grad_norm2_reference(x.double(), grad.double(), ids, sids, n_samples, n_experts)
+    got = expert_grad_norm2(x, grad, ids, sids, n_samples, n_experts, method="auto", backend="grouped_mm")
+    assert_close(got, want, torch.float32, 10.0 * want.max().item())
 
 
 @needs_triton
