@@ -156,7 +156,7 @@ def release(app: Path, out: Path) -> tuple[Path, str]:
     """Stage the app as released and write `<out>/app.sha256`: the hash each bank pins."""
     staged = out / "app"
     digest = stage_app(app, staged)
-    (out / "app.sha256").write_text(f"{digest}  fedmoe app staged from {app.resolve()}\n")
+    (out / "app.sha256").write_text(f"{digest}  fedmoe release\n")  # no operator path leaves in it
     return staged, digest
 
 
