@@ -4,6 +4,8 @@
                              --out OUT [--form all|merged|adapter] [--dtype bf16]
     python -m fedmoe.model generate MODEL [--adapter DIR] --prompt "..." [--top-p 0.9] [--trace-experts DIR]
     python -m fedmoe.model evaluate MODEL [--adapter DIR] --data eval.jsonl [--seq-len 256] [--trace-experts DIR]
+    python -m fedmoe.model upcycle  (--dense LLAMA_DIR --out DIR | --recipe smollm2-moe [--cache-dir DIR])
+                             [--experts 8] [--top-k 2] [--expert-width 384] [--seed 0]
 
 MODEL is an HF DeepSeek folder (a base or a merged export); --adapter puts an exported adapter
 (fedmoe.model.export) on top. Errors in inputs print one line naming the file/field and exit 2.
@@ -39,6 +41,7 @@ from fedmoe.model.generate import SamplingConfig, generate
 from fedmoe.model.lora import ALL_TARGETS, LoraConfig, configure_trainable
 from fedmoe.model.tokenizer import load_tokenizer
 from fedmoe.model.trace import ExpertTracer
+from fedmoe.model.upcycle import DEFAULT_CACHE, RECIPES, UpcycleSpec, upcycle_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -70,6 +73,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ex.add_argument("--out", type=Path, required=True)
     ex.add_argument("--form", choices=["all", "merged", "adapter"], default="all")
     ex.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="dtype of written weights")
+
+    up = sub.add_parser("upcycle", help="dense Llama checkpoint -> MoE with the same logits (docs/model.md)")
+    what = up.add_mutually_exclusive_group(required=True)
+    what.add_argument("--dense", type=Path, help="a dense HF Llama folder (with --out)")
+    what.add_argument("--recipe", choices=sorted(RECIPES), help="a named base, dequantized and cached")
+    up.add_argument("--out", type=Path, help="the MoE folder to write (with --dense)")
+    up.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"recipe cache root [{DEFAULT_CACHE}]")
+    up.add_argument("--experts", type=int, default=UpcycleSpec.n_experts, help="routed experts [8]")
+    up.add_argument("--top-k", type=int, default=UpcycleSpec.top_k, help="routed experts per token [2]")
+    up.add_argument("--expert-width", type=int, default=UpcycleSpec.expert_width, help="routed expert width [384]")
+    up.add_argument("--seed", type=int, default=UpcycleSpec.seed, help="seed of the router and expert slices [0]")
 
     for name, help_ in (("generate", "generate text"), ("evaluate", "perplexity on a text/JSONL file")):
         sp = sub.add_parser(name, help=help_)
@@ -239,12 +253,24 @@ def _evaluate(args: argparse.Namespace, console: Console) -> None:
         _write_trace(tracer, args.trace_experts, console)
 
 
+def _upcycle(args: argparse.Namespace, console: Console) -> None:
+    spec = UpcycleSpec(n_experts=args.experts, top_k=args.top_k, expert_width=args.expert_width, seed=args.seed)
+    if args.recipe:
+        out = RECIPES[args.recipe](args.cache_dir, spec)
+    elif args.out is None:
+        raise ModelError("upcycle: --dense needs --out")
+    else:
+        out = upcycle_folder(args.dense, args.out, spec)
+    console.print(f"upcycled -> {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(soft_wrap=True)  # generated text and paths are never re-wrapped
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        {"export": _export, "generate": _generate, "evaluate": _evaluate}[args.command](args, console)
+        commands = {"export": _export, "generate": _generate, "evaluate": _evaluate, "upcycle": _upcycle}
+        commands[args.command](args, console)
     except ModelError as err:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         return 2
