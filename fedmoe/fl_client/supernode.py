@@ -99,6 +99,42 @@ def reporting_pulls(pull: Callable) -> Callable:
     return pull_and_mark
 
 
+# A SuperNode killed without deactivating (SIGKILL, a host crash) stays "online" at the SuperLink until
+# HEARTBEAT_PATIENCE (2) heartbeat intervals pass, and until then its key cannot be activated again
+# (flwr 1.42 answers code 2004 and the SuperNode exits). A restarted bank therefore uses Flower's
+# shortest heartbeat interval (so its old session expires within 20 s) and retries activation for
+# REJOIN_SECONDS instead of exiting, so it is back in the next round.
+HEARTBEAT_SECONDS = 10.0  # flwr's HEARTBEAT_MIN_INTERVAL; its default is 30
+REJOIN_SECONDS = float(os.environ.get("FEDMOE_SUPERNODE_REJOIN", "45"))
+ACTIVATION_FAILED = 2004  # flwr.supercore.error.ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED
+
+
+def rejoining(activate: Callable, *, patience: float = REJOIN_SECONDS, pause: float = 2.0) -> Callable:
+    """`ActivateNode`, retried while the SuperLink still holds this key's previous session online."""
+    import httpx
+    from flwr.supercore.error import FlowerError
+
+    def activate_node(client, request):
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                return activate(client, request)
+            except httpx.HTTPStatusError as err:
+                error = FlowerError.from_json(err.response.text)
+                if error is None or error.code != ACTIVATION_FAILED or time.monotonic() + pause > deadline:
+                    raise
+                logger.warning(
+                    "the SuperLink refused to activate this SuperNode (code %d): its previous session is still "
+                    "marked online (it stopped without signing off) or its key is not registered; retrying "
+                    "for up to %.0f s",
+                    ACTIVATION_FAILED,
+                    deadline - time.monotonic(),
+                )
+                time.sleep(pause)
+
+    return activate_node
+
+
 class _RefusalWatch:
     """Flower answers a 401 by sending itself SIGINT (`http_retry`): exit 0, "terminated gracefully".
     This records that it happened so the process says why and exits EXIT_REFUSED instead."""
@@ -116,10 +152,12 @@ class _RefusalWatch:
 def main() -> None:
     if sys.argv[1:2] == ["--alive-within"]:  # the healthcheck: `fedmoe-supernode --alive-within 30`
         sys.exit(0 if alive_within(float(sys.argv[2])) else 1)
+    from flwr.supercore import heartbeat
     from flwr.supercore.logger import update_console_handler
     from flwr.supercore.retry import http_retry
-    from flwr.supernode import start_client_internal
+    from flwr.supernode import fleet_http_connection, start_client_internal
     from flwr.supernode.cli import flower_supernode
+    from flwr.supernode.fleet_http_client import FleetHttpClient
 
     # The module's only use of `time` is sleep (checked by tests/deploy/test_supernode_poll.py).
     start_client_internal.time = SimpleNamespace(sleep=_short_sleep)
@@ -133,6 +171,9 @@ def main() -> None:
     quick_object_pulls()  # a message's objects: retried after 0.02 s, not 1 s (fedmoe/protocol/flower.py)
     update_console_handler(timestamps=True)  # a bank's operator reads when each message came and went
     start_client_internal._pull_and_store_message = reporting_pulls(start_client_internal._pull_and_store_message)
+    fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_SECONDS  # what the SuperLink is told
+    heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_SECONDS  # how often the sender beats: the same interval
+    FleetHttpClient.ActivateNode = rejoining(FleetHttpClient.ActivateNode)
     watch = _RefusalWatch()
     http_retry.os = SimpleNamespace(kill=watch.kill, getpid=os.getpid)
     try:

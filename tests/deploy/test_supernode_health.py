@@ -85,3 +85,31 @@ def _libfaketime() -> str:
     if not found:
         pytest.fail("faketime is installed but libfaketime.so.1 was not found")
     return found[0]
+
+
+def test_a_killed_supernode_rejoins_at_once_with_its_registered_key(tmp_path, monkeypatch):
+    """Killed without signing off, its key's old session stays online at the SuperLink: flwr 1.42
+    refuses to activate it again (2004) and the SuperNode exited, so a restarted bank missed rounds."""
+    root = tmp_path.resolve()
+    alive = root / "bank-0.alive"
+    monkeypatch.setitem(deploy.SERVICE_ENV, "bank-0", {"FEDMOE_SUPERNODE_ALIVE": str(alive)})
+    ensure_keys(root / "keys")
+    tls_dir, auth_dir = ensure_tls(root, 1)
+    topo = loopback_topology(
+        1, root=str(root), key_path=str(root / "keys" / "k"), base_port=_free_port(), tls_dir=tls_dir, auth_dir=auth_dir
+    )
+    deployment = Deployment(topo, root, flwr_env(root, topo.superlink_address, topo.ca_path))
+    argv = deploy.service_commands(topo)["bank-0"]
+    try:
+        deployment.restart("superlink")
+        deployment.register_banks(["bank-0"])
+        deployment.start_service("bank-0", argv)
+        assert _wait(lambda: alive_within(3, str(alive)), 60), (root / "logs" / "bank-0.log").read_text()[-2000:]
+        deployment.kill("bank-0")  # SIGKILL: no deactivation reaches the SuperLink
+        alive.unlink()
+        restarted = deployment.start_service("bank-0", argv)
+        back = _wait(lambda: alive_within(3, str(alive)), 60)
+        log = (root / "logs" / "bank-0.log").read_text(errors="replace")
+        assert back and restarted.poll() is None, log[-3000:]
+    finally:
+        deployment.stop()
