@@ -88,7 +88,7 @@ address = "127.0.0.1:$PORT"
 root-certificates = "$PWD/deploy/kits/server/secrets/ca.crt"
 TOML
 export FLWR_TELEMETRY_ENABLED=0
-JOB='key-dir="/keys" server-state-dir="/state/server" job-id="ct" num-rounds=3 model-preset="tiny" local-steps=3 records-per-bank=240 seq-len=48 batch-size=16 min-banks=2 round-timeout=600.0'
+JOB='key-dir="/keys" server-state-dir="/state/server" job-id="ct" num-rounds=3 model-preset="tiny" local-steps=3 records-per-bank=240 seq-len=48 batch-size=16 min-banks=3 round-timeout=600.0'
 RUN=$(.venv/bin/flwr run "$APP" compose --run-config "$JOB" --format json | $PY -c 'import json,sys; print(json.load(sys.stdin)["run-id"])')
 log "submitted run $RUN (app sha256 ${DIGEST:0:16}, pinned by every bank)"
 
@@ -112,7 +112,7 @@ log "run $RUN: $STATUS"
 docker run --rm -v "${PROJECT}_server-state:/s:ro" fedmoe:latest cat /s/server/ct/state.json > "$OUT/state.json" || true
 
 # An app bundle the banks did not approve: refused at every bank before any of its code runs.
-EVIL="$OUT/unapproved-app"; rm -rf "$EVIL"; cp -r "$APP" "$EVIL"; echo "# tampered" >> "$EVIL/fl_client/app.py"
+EVIL="$OUT/unapproved-app"; rm -rf "$EVIL"; cp -r "$APP" "$EVIL"; echo "# tampered" >> "$EVIL/fedmoe/fl_client/app.py"
 EVIL_JOB=${JOB/job-id=\"ct\"/job-id=\"ct-evil\"}
 RUN2=$(.venv/bin/flwr run "$EVIL" compose --run-config "$EVIL_JOB" --format json | $PY -c 'import json,sys; print(json.load(sys.stdin).get("run-id", ""))' || true)
 log "submitted a tampered copy of the app as run ${RUN2:-?}"
