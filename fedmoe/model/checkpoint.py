@@ -117,7 +117,18 @@ def checkpoint_files(ckpt_dir: Path) -> list[Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index}: expected JSON with a 'weight_map' object ({err})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(
+                f"{index}: weight_map: expected an object of tensor key -> shard file name, "
+                f"got {type(weight_map).__name__}"
+            )
         files = [ckpt_dir / name for name in sorted(set(weight_map.values()))]
+        unlisted = sorted({p.name for p in ckpt_dir.glob("*.safetensors")} - set(weight_map.values()))
+        if unlisted:
+            raise CheckpointError(
+                f"{index}: weight_map: expected every shard in the folder, got no key for {unlisted[0]} "
+                f"(shards listed: {sorted(set(weight_map.values()))})"
+            )
     elif (ckpt_dir / SINGLE_FILE).exists():
         files = [ckpt_dir / SINGLE_FILE]
     else:
@@ -181,6 +192,10 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         for dim in shape:
             numel *= dim
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if 0 <= begin <= end and end - begin == nbytes and base + end > size:
+            raise CheckpointError(
+                f"{path}: {key}: data ends at byte {base + end}, but the file has {size} bytes (truncated?)"
+            )
         if end - begin != nbytes or begin < 0 or base + end > size:
             raise CheckpointError(
                 f"{path}: {key}: data_offsets [{begin}, {end}] hold {end - begin} bytes, expected {nbytes} "

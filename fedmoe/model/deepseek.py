@@ -101,6 +101,7 @@ class ModelConfig:
             if not cond:
                 raise ModelError(f"ModelConfig: {what}")
 
+        _check_field_types(self)
         need(self.hidden_act == "silu", f"hidden_act: expected 'silu', got {self.hidden_act!r}")
         need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         need(
@@ -124,7 +125,12 @@ class ModelConfig:
                 self.n_routed_experts % max(self.n_group, 1) == 0,
                 f"n_routed_experts={self.n_routed_experts} not divisible by n_group={self.n_group}",
             )
-        self.routing_spec()  # validates top-k / group settings early
+        if self.has_moe:
+            _check_top_k(self)
+        try:
+            self.routing_spec()  # validates the rest of the routing settings early
+        except ValueError as err:  # KernelError: say it in config terms, the caller adds the file
+            raise ModelError(f"routing: {err}") from None
 
     @property
     def qk_head_dim(self) -> int:
@@ -190,6 +196,7 @@ class ModelConfig:
         """Reads an HF config dict: DeepSeek-V2/V3 (hub or transformers-5 field names), Llama,
         Qwen2-MoE or Mixtral (the last three with grouped-query attention)."""
         model_type = raw.get("model_type")
+        _refuse_near_misses(raw, source)
         if model_type in GQA_FAMILIES:
             return _gqa_config_from_hf(cls, raw, source)
         if model_type not in ("deepseek_v2", "deepseek_v3"):
@@ -225,6 +232,10 @@ class ModelConfig:
             raise ModelError(f"{source}: rope type: expected 'default' or 'yarn', got {rope_type!r}")
         rope_scaling = None
         if rope_type == "yarn":
+            factor = rope.get("factor")
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+                where = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
+                raise ModelError(f"{source}: {where}: 'factor': expected a number >= 1, got {factor!r}")
             rope_scaling = {k: v for k, v in rope.items() if k != "type"}
             rope_scaling["rope_type"] = "yarn"
             rope_scaling.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings", 4096))
@@ -488,6 +499,96 @@ def _gqa_config_to_hf(c: ModelConfig) -> dict[str, Any]:
             use_sliding_window=False,
         )
     return out
+
+
+def _check_field_types(c: ModelConfig) -> None:
+    """Integer fields hold ints and float fields numbers (a JSON "64" must not reach a tensor shape)."""
+    for f in dataclasses.fields(c):
+        value = getattr(c, f.name)
+        if f.type in ("int", "int | None") and not (value is None and "None" in f.type):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ModelError(f"{f.name}: expected an integer, got {value!r}")
+        if f.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ModelError(f"{f.name}: expected a number, got {value!r}")
+
+
+def _check_top_k(c: ModelConfig) -> None:
+    grouped = c.topk_method in ("noaux_tc", "group_limited_greedy")
+    n_group = c.n_group if grouped else 1
+    if grouped and not 1 <= c.topk_group <= n_group:
+        raise ModelError(f"topk_group: expected 1..{n_group} (n_group), got {c.topk_group}")
+    eligible = c.n_routed_experts // max(n_group, 1) * (c.topk_group if grouped else 1)
+    if not 1 <= c.num_experts_per_tok <= eligible:
+        under = f" (experts eligible under n_group={n_group}, topk_group={c.topk_group})" if grouped else ""
+        raise ModelError(f"num_experts_per_tok: expected 1..{eligible}{under}, got {c.num_experts_per_tok}")
+
+
+# config.json fields that change the model and have a default: a misspelling of one would load
+# silently with the default (logits off by 2e-3..1.2e-1 in issue 28's trials), so a near miss is refused.
+# Required fields have their own message; n_routed_experts is checked against the experts on disk.
+_NOT_OPTIONAL = (
+    "bias_update_speed",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "n_routed_experts",
+)
+_OPTIONAL_FIELDS = (
+    *(f.name for f in dataclasses.fields(ModelConfig) if f.name not in _NOT_OPTIONAL),
+    "rope_parameters",
+    "num_experts",
+    "num_local_experts",
+    "decoder_sparse_step",
+    "mlp_only_layers",
+    "use_sliding_window",
+    "sliding_window",
+    "num_nextn_predict_layers",
+)
+# Other fields HF configs carry, read by nobody here: never taken for a typo.
+_OTHER_KNOWN = (
+    "architectures",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "pad_token_id",
+    "initializer_range",
+    "use_cache",
+    "attention_dropout",
+    "pretraining_tp",
+    "mlp_bias",
+    "ep_size",
+    "num_mtp_layers",
+    "aux_loss_alpha",
+    "seq_aux",
+    "auto_map",
+    "layer_types",
+    "max_window_layers",
+    "router_aux_loss_coef",
+    "output_router_logits",
+    "router_jitter_noise",
+    "quantization_config",
+    "fedmoe_bias_update_speed",
+    "rope_type",
+)
+
+
+def _refuse_near_misses(raw: dict[str, Any], source: str) -> None:
+    known = set(_OPTIONAL_FIELDS) | set(_OTHER_KNOWN) | set(_NOT_OPTIONAL)
+    for key in raw:
+        if key in known or key.startswith("_"):
+            continue
+        near = difflib.get_close_matches(key, [k for k in _OPTIONAL_FIELDS if k not in raw], n=1, cutoff=0.8)
+        if near:
+            raise ModelError(
+                f"{source}: unknown field {key!r}: expected {near[0]!r} (a typo?), got {key!r} = {raw[key]!r}; "
+                f"{near[0]!r} would silently take its default"
+            )
 
 
 # Presets are data: fedmoe/model/presets.json (ModelConfig keyword arguments; `python -m fedmoe.model.deepseek`

@@ -204,3 +204,98 @@ def test_tied_embeddings_stay_tied(tmp_path):
     loaded = load_pretrained(tmp_path / "tied")
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Broken checkpoints as a user would make them (issue 28): each a CheckpointError naming the
+# file, the key or field, expected and got (before: AttributeError, KeyError, TypeError,
+# KernelError without a file, the wrong field blamed, or silent defaults).
+# ---------------------------------------------------------------------------------------------
+
+
+def test_index_with_a_list_for_weight_map(ckpt):
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": []}))
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors\.index\.json: weight_map: expected an object .*, got list"
+    ):
+        load_pretrained(ckpt)
+
+
+def test_yarn_rope_without_factor(ckpt):
+    edit_config(ckpt, lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0}))
+    with pytest.raises(
+        CheckpointError, match=r"config\.json: rope_parameters: 'factor': expected a number >= 1, got None"
+    ):
+        load_pretrained(ckpt)
+
+
+def test_hidden_size_as_a_string(ckpt):
+    edit_config(ckpt, lambda c: c.update(hidden_size="64"))
+    with pytest.raises(CheckpointError, match=r"config\.json: hidden_size: expected an integer, got '64'"):
+        load_pretrained(ckpt)
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        (
+            "num_experts_per_tok",
+            r"num_experts_per_tok: expected 1\.\.4 \(experts eligible under n_group=4, topk_group=2\)",
+        ),
+        ("topk_group", r"topk_group: expected 1\.\.4 \(n_group\), got 99"),
+    ],
+)
+def test_top_k_out_of_range_names_the_file_and_field(ckpt, field, message):
+    edit_config(ckpt, lambda c: c.update({field: 99}))
+    with pytest.raises(CheckpointError, match=r"config\.json: " + message):
+        load_pretrained(ckpt)
+
+
+def test_index_missing_one_shard_names_the_shard_not_num_hidden_layers(ckpt, tmp_path):
+    torch.manual_seed(0)
+    save_pretrained(DeepseekForCausalLM(preset("tiny")), tmp_path / "sharded", max_shard_bytes=200_000)
+    index_path = tmp_path / "sharded" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shards[-1]}
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(
+        CheckpointError,
+        match=rf"model\.safetensors\.index\.json: weight_map: expected every shard in the folder, got no key for "
+        rf"{shards[-1]}",
+    ):
+        load_pretrained(tmp_path / "sharded")
+
+
+@pytest.mark.parametrize(
+    ("right", "typo", "value"),
+    [
+        ("num_experts_per_tok", "num_expert_per_tok", 3),
+        ("rope_scaling", "rope_scailng", {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}),
+        ("routed_scaling_factor", "routed_scalling_factor", 2.5),
+        ("topk_group", "top_k_group", 1),
+    ],
+)
+def test_misspelled_optional_fields_are_refused_not_defaulted(ckpt, right, typo, value):
+    def edit(c):
+        c.pop(right, None)
+        if right == "rope_scaling":
+            c.pop("rope_parameters")
+        c[typo] = value
+
+    edit_config(ckpt, edit)
+    with pytest.raises(
+        CheckpointError, match=rf"config\.json: unknown field '{typo}': expected '{right}' \(a typo\?\), got"
+    ):
+        load_pretrained(ckpt)
+
+
+def test_truncated_shard_says_where_the_file_ends(ckpt):
+    path = ckpt / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: .*: data ends at byte \d+, but the file has \d+ bytes \(truncated\?\)",
+    ):
+        load_pretrained(ckpt)
