@@ -50,9 +50,13 @@ def shape(argv: list[str]) -> list[str]:
     return [("<value>" if i and argv[i - 1] in VALUE_FLAGS else arg) for i, arg in enumerate(argv)]
 
 
-def test_compose_file_is_valid_and_current():
+def test_compose_file_is_current():
+    # A string compare: runs without docker-compose (a skipped validity check must not hide a stale file).
+    assert (REPO / "docker-compose.yml").read_text() == render_compose(3), "stale: fedmoe compose > docker-compose.yml"
+
+
+def test_compose_file_is_valid():
     config = compose_config()
-    assert (REPO / "docker-compose.yml").read_text() == render_compose(3), "docker-compose.yml is stale: regenerate it"
     commands = service_commands(compose_topology(3))
     for service, argv in commands.items():
         assert config["services"][service]["command"] == argv, service
