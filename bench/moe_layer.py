@@ -12,12 +12,15 @@ Entries:
     dp_*           DP-SGD book-keeping step on the same layer: backward for activation grads
                    only, per-sample grad norms of both expert banks, clip, then the clipped
                    weight grads in one pass (fedmoe.kernels.per_sample)
+Timing: entries take turns within each rep (after 2 warm-up reps), median per entry; `ratios`:
+dense_ceiling_over_grouped_mm (the share of the dense ceiling the grouped layer reaches) and
+dp_grouped_mm_over_dp_sorted_loop (< 1: the DP grouped path is the faster).
 TFLOP/s counts the expert GEMMs only, forward + backward (3 x 2 N (2FD + FD)), for every entry
 (DP entries do extra norm work on top, so theirs is an effective rate).
 
 GPU default: DeepSeek-V2-Lite shape T=4096, d=2048, f=1408, E=64, top-6, bf16, B=8 samples.
 CPU default: T=512, d=256, f=128, E=16, top-4, fp32, B=4.
-Run: python bench/moe_layer.py [--tokens T --dim D --hidden F --experts E --top-k K --samples B]
+Run: python bench/moe_layer.py [--tokens T --dim D --hidden F --experts E --top-k K --samples B --threads N]
 """
 
 from __future__ import annotations
@@ -132,20 +135,29 @@ def dp_step(layer, spec, backend: str, grad_out, n_samples: int, max_norm: float
     return grad_x
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: int) -> float:
-    """Median wall time of one call in ms (median: robust to a busy shared machine)."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+def time_round_robin(
+    entries: dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int
+) -> dict[str, list[float]]:
+    """Wall times in ms of each entry, the entries taking turns within every rep, so a shared
+    machine's load slows them alike; an entry that raises is timed no further (its error kept)."""
+    times: dict[str, list[float]] = {name: [] for name in entries}
+    live = dict(entries)
+    for rep in range(warmup + reps):
+        for name, fn in list(live.items()):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            try:
+                fn()
+            except Exception as err:  # one failing path should not hide the others' numbers
+                times[name] = [f"{type(err).__name__}: {err}"]
+                del live[name]
+                continue
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if rep >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 def main() -> None:
@@ -157,7 +169,10 @@ def main() -> None:
     ):
         parser.add_argument(flag, type=int, default=default)
     parser.add_argument("--reps", type=int, default=20 if on_gpu else 5)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -182,17 +197,25 @@ def main() -> None:
         "dp_grouped_mm": lambda: dp_step(layer, spec, "grouped_mm", grad_out, args.samples),
         "dp_triton": triton_why or (lambda: dp_step(layer, spec, "triton", grad_out, args.samples)),
     }
+    runnable = {name: (lambda fn=fn: (zero_grads(), fn())) for name, fn in entries.items() if not isinstance(fn, str)}
+    times = time_round_robin(runnable, device, args.reps, warmup=2)
     results: dict[str, dict[str, float | str]] = {}
     for name, fn in entries.items():
-        if isinstance(fn, str):
-            results[name] = {"skipped": fn}
+        if isinstance(fn, str) or isinstance(times[name][0], str):
+            results[name] = {"skipped": fn if isinstance(fn, str) else times[name][0]}
             continue
-        try:
-            ms = time_ms(lambda fn=fn: (zero_grads(), fn()), device, args.reps, warmup=2)
-        except Exception as err:  # one failing path should not hide the others' numbers
-            results[name] = {"skipped": f"{type(err).__name__}: {err}"}
-            continue
+        ms = statistics.median(times[name])
         results[name] = {"ms": round(ms, 3), "tflops": round(flops / (ms * 1e-3) / 1e12, 4)}
+    ms = {name: r["ms"] for name, r in results.items() if "ms" in r}
+    ratios = {  # one run's medians
+        f"{num}_over_{den}": round(ms[num] / ms[den], 3)
+        for num, den in (
+            ("dense_ceiling", "grouped_mm"),
+            ("dense_ceiling", "triton"),
+            ("dp_grouped_mm", "dp_sorted_loop"),
+        )
+        if num in ms and den in ms
+    }
 
     print(
         json.dumps(
@@ -211,7 +234,9 @@ def main() -> None:
                     "B": args.samples,
                 },
                 "expert_gflop_fwd_bwd": round(flops / 1e9, 3),
+                "reps": args.reps,
                 "results": results,
+                "ratios": ratios,
             }
         )
     )

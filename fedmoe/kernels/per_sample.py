@@ -228,20 +228,23 @@ def _norm2_grouped_mm(
     acc = _acc_dtype(x_NI.dtype)
     if x_NI.device.type == "cpu":  # fp32 grouped_mm exists on CPU: instantiate in fp32
         x_NI, grad_NO = x_NI.to(acc), grad_NO.to(acc)
-    x_sorted, g_sorted = x_NI[align.order_N], grad_NO[align.order_N]
     counts_S = align.segment_offsets_S1.diff()
     ghost_S = _ghost_is_cheaper(counts_S, x_NI.shape[1], grad_NO.shape[1], method)
-    seg_of_row = torch.repeat_interleave(torch.arange(align.n_segments, device=x_NI.device), counts_S)
-    ghost_row = ghost_S[seg_of_row]
+    seg_sorted_N = torch.repeat_interleave(torch.arange(align.n_segments, device=x_NI.device), counts_S)
     seg_norm2_S = torch.zeros(align.n_segments, dtype=acc, device=x_NI.device)
-    if bool(ghost_row.any()):
-        ids, values = _ghost_segments(x_sorted[ghost_row], g_sorted[ghost_row], seg_of_row[ghost_row], align.n_segments)
+    if bool(ghost_S.all()):  # the Grams group rows themselves: no gather here
+        seg_N = torch.empty_like(seg_sorted_N).index_copy_(0, align.order_N, seg_sorted_N)
+        ids, values = _ghost_segments(x_NI, grad_NO, seg_N, align.n_segments)
+        seg_norm2_S[ids] = values.to(acc)
+    elif bool(ghost_S.any()):
+        rows = align.order_N[ghost_S[seg_sorted_N]]
+        ids, values = _ghost_segments(x_NI[rows], grad_NO[rows], seg_sorted_N[ghost_S[seg_sorted_N]], align.n_segments)
         seg_norm2_S[ids] = values.to(acc)
     inst_S = ~ghost_S
-    if bool(inst_S.any()):  # sorted rows of the kept segments stay contiguous runs
-        inst_row = ~ghost_row
+    if bool(inst_S.any()):  # the kept segments' sorted rows stay contiguous runs
+        rows = align.order_N[inst_S[seg_sorted_N]]
         ends = torch.cumsum(counts_S[inst_S], 0)
-        seg_norm2_S[inst_S] = _instantiated_norm2(x_sorted[inst_row], g_sorted[inst_row], ends)
+        seg_norm2_S[inst_S] = _instantiated_norm2(x_NI[rows], grad_NO[rows], ends)
     # The ghost sum is a square norm in exact arithmetic; rounding may leave a -0-ish residue.
     return _per_sample_sum(seg_norm2_S.clamp(min=0), align)
 
