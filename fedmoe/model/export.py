@@ -119,6 +119,17 @@ def _short_target(name: str) -> str:
     return parts[-1]
 
 
+def peft_would_drop(model: DeepseekForCausalLM, module_name: str) -> bool:
+    """Whether PEFT (0.21, transformers 5) would silently skip a LoRA on this nn.Linear.
+
+    For MoE model types transformers 5 fuses the routed experts, and PEFT remaps every target whose
+    name ends in gate_proj/up_proj/down_proj onto the fused expert parameters: an adapter on a
+    shared expert or a dense MLP projection is then never applied (measured: the PEFT model's
+    logits equal the base's). Dense models (Llama) are not converted.
+    """
+    return model.config.has_moe and module_name.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj")
+
+
 def export_adapter(
     model: DeepseekForCausalLM,
     out_dir: str | Path,
@@ -141,14 +152,16 @@ def export_adapter(
     modules = lora_modules(model)
     linear = {n: m for n, m in modules.items() if isinstance(m, LoRALinear)}
     experts = {n: m for n, m in modules.items() if isinstance(m, LoRAExpertLinear)}
+    peft_linear = {n: m for n, m in linear.items() if not peft_would_drop(model, n)}
     peft_tensors = {
         f"{PEFT_PREFIX}{n}.lora_{f}.weight": getattr(m, f"lora_{f}").weight.detach().float().contiguous()
-        for n, m in linear.items()
+        for n, m in peft_linear.items()
         for f in "AB"
     }
+    companion = {n: m for n, m in modules.items() if n not in peft_linear}
     expert_tensors = {
         f"{n}.lora_{f}.weight": getattr(m, f"lora_{f}").weight.detach().float().contiguous()
-        for n, m in experts.items()
+        for n, m in companion.items()
         for f in "AB"
     }
     peft_config: dict[str, Any] = {
@@ -166,7 +179,7 @@ def export_adapter(
         "init_lora_weights": True,
         "modules_to_save": None,
         # Exact module names: unambiguous for PEFT's matcher whatever other layers share a suffix.
-        "target_modules": sorted(linear),
+        "target_modules": sorted(peft_linear),
     }
     fedmoe = {
         "format": "fedmoe-lora/1",
@@ -174,18 +187,21 @@ def export_adapter(
         "alpha": alpha,
         "targets": sorted({_short_target(n) for n in modules}),
         "seed": seed,
-        "peft_weights": PEFT_WEIGHTS if linear else None,
-        "expert_weights": EXPERT_WEIGHTS if experts else None,
+        "peft_weights": PEFT_WEIGHTS if peft_linear else None,
+        "expert_weights": EXPERT_WEIGHTS if companion else None,
         "expert_modules": sorted(experts),
         "linear_modules": sorted(linear),
+        # FFN projections of an MoE model: PEFT 0.21 under transformers 5 takes every target named
+        # *.gate_proj/up_proj/down_proj for a routed-expert weight and drops it, so they live here.
+        "linear_modules_outside_peft": sorted(set(linear) - set(peft_linear)),
         "expert_update": "W[e] += (alpha / rank) * lora_B[e] @ lora_A[e]; gate_up_proj rows [0, F) are "
         "gate_proj, rows [F, 2F) are up_proj",
     }
     with atomic_folder(Path(out_dir)) as tmp:
-        if linear:
+        if peft_linear:
             atomic_write_json(tmp / PEFT_CONFIG, peft_config)
             write_safetensors(tmp / PEFT_WEIGHTS, peft_tensors)
-        if experts:
+        if companion:
             meta = {"rank": str(rank), "alpha": str(alpha), "layout": "stacked [E, out, in]"}
             write_safetensors(tmp / EXPERT_WEIGHTS, expert_tensors, metadata=meta)
         atomic_write_json(tmp / FEDMOE_LORA, fedmoe)

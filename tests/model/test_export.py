@@ -144,7 +144,7 @@ def test_adapter_with_expert_banks_reloads_exactly(tmp_path):
     assert (logits(again) - adapted).abs().max().item() < 1e-5
     # Without the companion file the adapter is incomplete, and loading says so.
     (written / EXPERT_WEIGHTS).unlink()
-    with pytest.raises(CheckpointError, match="adapter tensors do not match: missing .*experts"):
+    with pytest.raises(CheckpointError, match=r"adapter tensors do not match: missing .*(experts|mlp)"):
         load_model(tmp_path / "base", adapter_dir=tmp_path / "adapter")
 
 
@@ -187,3 +187,35 @@ def test_export_job_from_a_replica_file_of_trainable_tensors(tmp_path):
     assert (logits(load_model(written["merged"])) - adapted).abs().max().item() < 1e-5
     again = load_model(written["base"], adapter_dir=written["adapter"])
     assert (logits(again) - adapted).abs().max().item() < 1e-5
+
+
+def test_ffn_adapters_of_an_moe_stay_out_of_peft_and_reload_exactly(tmp_path):
+    # PEFT 0.21 + transformers 5 maps targets named *.gate_proj/up_proj/down_proj of an MoE onto the
+    # fused routed experts and drops them (the adapted logits silently became the base's); the
+    # export keeps those adapters in the companion file, where load_adapter applies them.
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    base = base_model(2)
+    export_base(base, tmp_path / "base")
+    model = lora_trained(base_model(2), ("o_proj", "shared_experts", "mlp"))
+    adapted = logits(model)
+    export_adapter(model, tmp_path / "adapter", base_model_name_or_path=tmp_path / "base")
+    cfg = json.loads((tmp_path / "adapter" / PEFT_CONFIG).read_text())
+    assert all(name.endswith("o_proj") for name in cfg["target_modules"])
+    meta = json.loads((tmp_path / "adapter" / "fedmoe_lora.json").read_text())
+    assert meta["linear_modules_outside_peft"] and all(
+        n.split(".")[-2] in ("mlp", "shared_experts") for n in meta["linear_modules_outside_peft"]
+    )
+    ours = load_model(tmp_path / "base", adapter_dir=tmp_path / "adapter")
+    assert torch.equal(logits(ours), adapted)
+    # what PEFT applies is exactly the attention part
+    attention_only = load_model(tmp_path / "base")
+    configure_trainable(attention_only, "lora", LoraConfig(rank=4, alpha=8.0, targets=("o_proj",)))
+    peft_part = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in attention_only.named_parameters():
+            if ".lora_" in name:
+                p.copy_(peft_part[name])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    assert (logits(peft_model) - logits(attention_only)).abs().max().item() < 1e-4
