@@ -14,7 +14,9 @@ one logical batch = one physical batch of --batch samples of --seq-len tokens, A
 
 Timing: all variants of a mode live in one process and run round-robin (--reps rounds after a
 warm-up), so a busy machine slows them alike; `*_ms` is the fastest round, `*_median_ms` the
-median, `*_ratio` fastest / fastest non-private. Peak RSS: each variant runs again alone in a
+median, `*_ratio` fastest / fastest non-private, `*_paired_ratio` the median over rounds of the
+variant's time / the non-private time of the same round (`secure_cost_paired_ratio`: mixed-secure /
+mixed), the one to read on a loaded host. Peak RSS: each variant runs again alone in a
 fresh subprocess (warm-up + 2 steps) and reports its peak RSS (VmHWM); torch's import included.
 """
 
@@ -133,8 +135,17 @@ def time_mode(mode: str, args: argparse.Namespace) -> dict[str, object]:
         result[f"{variant}_median_ms"] = round(ts[len(ts) // 2], 1)
         if variant != "nonprivate":
             result[f"{variant}_ratio"] = round(ts[0] / base, 2)
+            result[f"{variant}_paired_ratio"] = paired_ratio(times[variant], times["nonprivate"])
     result["secure_cost_ratio"] = round(min(times["mixed-secure"]) / min(times["mixed"]), 3)
+    result["secure_cost_paired_ratio"] = paired_ratio(times["mixed-secure"], times["mixed"])
     return result
+
+
+def paired_ratio(times: list[float], base_times: list[float]) -> float:
+    """Median over rounds of time / base time in the same round: steadier than fastest / fastest
+    when the host's load drifts (the two ran seconds apart, not minutes)."""
+    ratios = sorted(t / b for t, b in zip(times, base_times, strict=True))
+    return round(ratios[len(ratios) // 2], 3)
 
 
 def main() -> None:
