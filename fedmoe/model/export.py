@@ -48,7 +48,7 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 EXPERT_WEIGHTS = "expert_adapters.safetensors"
 FEDMOE_LORA = "fedmoe_lora.json"
 PEFT_PREFIX = "base_model.model."
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def tokenizer_files(folder: str | Path | None) -> dict[str, Path]:

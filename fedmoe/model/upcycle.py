@@ -142,17 +142,9 @@ def upcycle_folder(dense_dir: str | Path, out_dir: str | Path, spec: UpcycleSpec
     missing = [k for k in missing if k not in state]
     if missing:
         raise CheckpointError(f"{dense_dir}: missing key {missing[0]} (a dense Llama FFN weight)")
-    written = write_checkpoint(moe, upcycle_state(state, dense, spec), out_dir, extra_files=_extra_files(dense_dir))
+    written = write_checkpoint(moe, upcycle_state(state, dense, spec), out_dir, extra_files=tokenizer_files(dense_dir))
     logger.info("upcycled %s -> %s (%s)", dense_dir, out_dir, spec.tag)
     return written
-
-
-def _extra_files(dense_dir: Path) -> dict[str, Path]:
-    files = tokenizer_files(dense_dir)
-    template = dense_dir / "chat_template.jinja"
-    if template.is_file():
-        files["chat_template.jinja"] = template
-    return files
 
 
 # --------------------------------------------------------------------------------------------

