@@ -17,6 +17,7 @@ from fedmoe.fl_client.dp import DPConfig, check_model, plan_norm_methods
 from fedmoe.fl_client.dp.samplers.common import NORM_METHOD_ATTR
 from fedmoe.model.deepseek import DeepseekForCausalLM, ModelConfig, lm_loss
 from fedmoe.model.lora import LoraConfig, configure_trainable
+from fedmoe.model.quant import quantize_frozen_
 
 GQA_MOE = ModelConfig(
     model_type="qwen2_moe",
@@ -44,7 +45,7 @@ GQA_MOE = ModelConfig(
     first_k_dense_replace=1,
 )
 LORA = LoraConfig(rank=4, targets=("q_proj", "k_proj", "v_proj", "o_proj", "experts", "shared_experts", "mlp"))
-MODES = ["lora", "router+experts", "full"]
+MODES = ["lora", "router+experts", "full", "lora-int8"]  # lora-int8: LoRA over the int8 frozen base
 B, T = 5, 10
 
 
@@ -59,12 +60,14 @@ def single_thread():
 def gqa_model(mode: str) -> DeepseekForCausalLM:
     torch.manual_seed(0)
     model = DeepseekForCausalLM(GQA_MOE).double()
-    configure_trainable(model, mode, LORA if mode == "lora" else None)
+    configure_trainable(model, mode.removesuffix("-int8"), LORA if mode.startswith("lora") else None)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name or "shared_expert_gate" in name or name.endswith(".bias"):
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.05)
+    if mode.endswith("-int8"):
+        assert quantize_frozen_(model)
     return model.train()
 
 
@@ -97,7 +100,7 @@ def test_hooks_per_sample_grads_match_the_loop(mode):
     model = gqa_model(mode)
     check_model(model, DPConfig(target_epsilon=1.0, delta=1e-5, grad_sample_mode="hooks"))
     names = set(trainable(model))
-    if mode == "lora":
+    if mode.startswith("lora"):
         assert any("self_attn.k_proj.lora_B" in n for n in names) and any("self_attn.v_proj.lora_B" in n for n in names)
     if mode == "full":
         assert any("shared_expert_gate" in n for n in names) and any("k_proj.bias" in n for n in names)
