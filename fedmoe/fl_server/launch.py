@@ -43,6 +43,7 @@ from fedmoe.fl_server.deploy import (
     service_commands,
     simulation_command,
 )
+from fedmoe.fl_server.submit import run_status
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONNECTION = "fedmoe-loopback"
@@ -261,20 +262,7 @@ class Deployment:
 
     def run_status(self, run_id: int) -> dict[str, str]:
         """Flower's record of a run: status ("finished:completed", "finished:failed", ...) and details."""
-        out = subprocess.run(
-            [str(_venv_bin() / "flwr"), "list", CONNECTION, "--run-id", str(run_id), "--format", "json"],
-            cwd=REPO_ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        try:
-            runs = json.loads(out.stdout).get("runs", [])
-        except ValueError:
-            return {"status": "unknown", "status-details": (out.stdout + out.stderr).strip()[-300:]}
-        return runs[0] if runs else {"status": "unknown", "status-details": "run not found"}
+        return run_status(run_id, self.env, connection=CONNECTION, flwr=str(_venv_bin() / "flwr"))
 
     def last_error(self, service: str, lines: int = 12) -> str:
         """The last error a service logged: from its last ERROR line or traceback to the end."""

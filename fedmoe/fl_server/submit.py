@@ -99,9 +99,10 @@ def start_run(app: Path, run_config: str, env: dict[str, str]) -> int:
     return run
 
 
-def run_status(run: int, env: dict[str, str]) -> dict[str, str]:
+def run_status(run: int, env: dict[str, str], *, connection: str = CONNECTION, flwr: str = "") -> dict[str, str]:
+    """Flower's record of a run: status ("finished:completed", "finished:failed", ...) and details."""
     out = subprocess.run(
-        [_flwr(), "list", CONNECTION, "--run-id", str(run), "--format", "json"],
+        [flwr or _flwr(), "list", connection, "--run-id", str(run), "--format", "json"],
         env=env,
         capture_output=True,
         text=True,
