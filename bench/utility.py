@@ -289,6 +289,7 @@ def per_bank(opts: Options, arms: list[Arm], sources: dict[int, str]) -> dict[st
             row[arm.name] = {
                 "loss": round(statistics.mean(losses), 4),
                 "loss_spread": round(max(losses) - min(losses), 4),
+                "losses": [round(x, 4) for x in losses],  # per seed, in --seeds order (paired across arms)
                 "accuracy": round(statistics.mean(accs), 4) if opts.corpus == "consortium" else None,
                 "accuracy_spread": round(max(accs) - min(accs), 4) if opts.corpus == "consortium" else None,
                 "lr": arm.lr,
@@ -308,7 +309,13 @@ def gains(opts: Options, table: dict[str, dict]) -> dict[str, dict]:
         gain = [r["alone"]["loss"] - r[f"fed{size}"]["loss"] for r in rows]
         spread = [max(r["alone"]["loss_spread"], r[f"fed{size}"]["loss_spread"]) for r in rows]
         rel = [g / r["alone"]["loss"] for g, r in zip(gain, rows, strict=True)]
+        # paired by seed (same init, batches and noise seeds on both sides): the gain's own spread
+        paired = [[a - f for a, f in zip(r["alone"]["losses"], r[f"fed{size}"]["losses"], strict=True)] for r in rows]
         out[str(size)] = {
+            "gain_per_bank": [round(g, 4) for g in gain],
+            "paired_gain_spread_per_bank": [round(max(p) - min(p), 4) for p in paired],
+            "banks_gaining_in_every_seed": sum(min(p) > 0 for p in paired),
+            "banks_gain_above_paired_spread": sum(g > max(p) - min(p) for g, p in zip(gain, paired, strict=True)),
             "mean_gain": round(statistics.mean(gain), 4),
             "min_gain": round(min(gain), 4),
             "mean_relative_gain": round(statistics.mean(rel), 4),
@@ -401,12 +408,14 @@ def markdown(result: dict) -> str:
             acc = f" ({cell['accuracy']:.2f})" if cell and cell["accuracy"] is not None else ""
             cells.append(f"{cell['loss']:.3f} ± {cell['loss_spread']:.3f}{acc}" if cell else "")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['pick']} |")
-    lines += ["", "| banks | mean gain (nats) | min gain | relative | beating alone by > spread | accuracy gain |",
-              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    head = "| banks | mean gain | min gain | relative | > either spread | every seed | > paired spread | acc. gain |"
+    lines += ["", head, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for size, g in result["gain_by_size"].items():
         rel = 100 * g["mean_relative_gain"]
+        n = g["banks"]
         lines.append(f"| {size} | {g['mean_gain']:+.3f} | {g['min_gain']:+.3f} | {rel:+.1f}% | "
-                     f"{g['banks_beating_alone_by_more_than_spread']} of {g['banks']} | "
+                     f"{g['banks_beating_alone_by_more_than_spread']} of {n} | "
+                     f"{g['banks_gaining_in_every_seed']} of {n} | {g['banks_gain_above_paired_spread']} of {n} | "
                      f"{g.get('mean_accuracy_gain', float('nan')):+.3f} |")  # fmt: skip
     return "\n".join(lines)
 
