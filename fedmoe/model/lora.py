@@ -43,7 +43,8 @@ ALL_TARGETS = (*ATTENTION_TARGETS, "experts", "shared_experts", "mlp")
 class LoraConfig:
     rank: int = 8
     alpha: float = 16.0
-    targets: tuple[str, ...] = ("q_proj", "q_b_proj", "kv_b_proj", "o_proj", "experts")
+    # MLA: q_proj or q_b_proj, kv_b_proj, o_proj; GQA: q/k/v/o_proj; both: the routed experts
+    targets: tuple[str, ...] = ("q_proj", "q_b_proj", "kv_b_proj", "o_proj", "k_proj", "v_proj", "experts")
     train_a: bool = False  # False = FFA-LoRA (exact federated averaging)
     seed: int = 0  # the job seed: every bank of a job draws the same A
 

@@ -68,9 +68,20 @@ class HFTokenizer:
 
 
 def load_tokenizer(ckpt_dir: str | Path | None = None, *, eos_id: int | None = None) -> Tokenizer:
-    """The checkpoint's tokenizer.json if present, else the byte-level tokenizer."""
+    """The checkpoint's tokenizer.json if present, else the byte-level tokenizer.
+
+    eos_id: None = the folder's config.json `eos_token_id` (the first, if a list).
+    """
     if ckpt_dir is not None:
         path = Path(ckpt_dir) / "tokenizer.json"
         if path.exists():
-            return HFTokenizer(path, eos_id=eos_id)
+            return HFTokenizer(path, eos_id=eos_id if eos_id is not None else _config_eos(Path(ckpt_dir)))
     return ByteTokenizer()
+
+
+def _config_eos(folder: Path) -> int | None:
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token_id")
+    return eos[0] if isinstance(eos, list) and eos else eos

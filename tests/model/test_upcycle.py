@@ -90,3 +90,16 @@ def test_bf16_export_says_bf16_and_transformers_loads_it_so(dense_dir, tmp_path)
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
     assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_tokenizer_eos_comes_from_config_json(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from fedmoe.model.tokenizer import load_tokenizer
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "hi": 3}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    loaded = load_tokenizer(tmp_path)  # as fedmoe.fl_client.task.load_bank_data calls it
+    assert loaded.eos_id == 2 and loaded.pad_id == 2 and loaded.encode("hi hi") == [3, 3]
