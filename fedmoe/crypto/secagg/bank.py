@@ -20,11 +20,15 @@ A bank's executor may restart between two messages, so the per-round secrets sur
 through `state_dict()` / `from_state()` (JSON with secrets in it: store it 0600 in the bank's state
 dir, e.g. fedmoe.protocol.files.atomic_write_json(path, state, mode=0o600), and delete it after the round).
 
-Never released, whatever the server asks: both shares of one peer in one round, its own mask-key
-share, any share before the bank saw t survivors with signed receipts, and any mask-key share (or
-any share at all under k-regular neighbourhoods) before a quorum of banks' signatures on the same
-survivor/dropped view. Without consents a bank releases only self-mask shares, only when everyone
-neighbours everyone and nobody dropped (`unmask`).
+Every release rule (A1-A4, S1-S4, M1-M3, V1-V8, U1-U3, CF) is written down with the invariant it
+keeps in docs/secagg.md, "Release rules": for no honest bank V can the server plus one bank hold
+V's self-mask seed and, for every honest bank V masked with, that pair's mask key. Never released,
+whatever the server asks: both shares of one peer in one round, its own mask-key share, any share
+under a second view of the round, any share under a view in which two neighbouring survivors did
+not mask with each other (per their signed receipts) or with fewer survivors than its floor, any
+mask-key share (or any share at all under k-regular neighbourhoods) without a quorum of banks'
+signatures on the same view. Without consents a bank releases only self-mask shares, only when
+everyone neighbours everyone and every participant survived (`unmask`).
 """
 
 from __future__ import annotations
