@@ -136,3 +136,98 @@ def test_csprng_noise_is_the_default_and_passes_the_audit(keys, tmp_path):
     [entry] = ledger_entries(bank)
     assert entry["noise_source"] == "csprng" and entry["secure_mode"] is True
     assert audit_ledgers(list(bank.state_root.glob("privacy/*/ledger.jsonl"))).ok
+
+
+# ---- secure aggregation: the bank owns its floor and whether it accepts shared-key rounds (issue 25)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", ["deploy/bank-policy.example.toml", "deploy/demo-bank-policy.toml"])
+def test_the_example_policies_parse_and_name_the_floor(path):
+    from fedmoe.fl_client.policy import BankPolicy
+
+    policy = BankPolicy.from_file(ROOT / path)
+    assert policy.min_banks == 3 and policy.allow_shared_key_aggregation  # the defaults (test_config.py)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"), [("min-banks = 2\n", "an integer >= 3"), ("min-banks = 3.5\n", "an integer")]
+)
+def test_a_floor_below_three_or_not_an_integer_is_refused_naming_the_key(tmp_path, text, message):
+    from fedmoe.fl_client.policy import BankPolicy
+    from fedmoe.protocol.errors import ConfigError
+
+    (tmp_path / "p.toml").write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"'min-banks' expected {message}"):
+        BankPolicy.from_file(tmp_path / "p.toml")
+
+
+def test_a_bank_whose_policy_forbids_shared_key_rounds_refuses_a_ckks_job_before_training(keys, tmp_path):
+    job = make_job(keys, tmp_path, aggregation="ckks")
+    bank = bank_config(job, tmp_path, "allow-shared-key-aggregation = false\n")
+    reply = train(job, bank)
+    assert reply.status is TrainStatus.REFUSED and "'aggregation' = 'ckks'" in reply.reason
+    assert [e["status"] for e in ledger_entries(bank)] == ["refused"]  # nothing spent
+
+
+@pytest.fixture(scope="module")
+def secagg_keys(tmp_path_factory) -> Path:
+    from fedmoe.fl_server.ceremony import loopback_ceremony
+
+    out = tmp_path_factory.mktemp("secagg-keys")
+    loopback_ceremony(out, ["bank-0", "bank-1", "bank-2", "bank-3"])
+    return out
+
+
+def _advertise(job, bank, setup):
+    from fedmoe.fl_client.secagg_bank import SecAggKeys, advertise
+    from fedmoe.protocol.messages import SecAggStage
+
+    keys = SecAggKeys.load(bank)
+    request = RoundRequest(job.job_id, 1, keys.bfv.key_id, 0, stage=SecAggStage.ADVERTISE, secagg=setup.to_bytes())
+    return advertise(job, bank, keys, request)
+
+
+def _setup(job, keys_dir: Path, participants, **changes):
+    import dataclasses
+
+    from fedmoe.crypto.secagg.bfv import PUBLIC_FILE, load_bfv_public
+    from fedmoe.crypto.secagg.server import ServerSecAgg
+
+    key = load_bfv_public(keys_dir / PUBLIC_FILE)
+    setup = ServerSecAgg.make_setup(
+        job_id=job.job_id, round=1, participants=participants, n_elements=10, key=key, min_banks=job.min_banks
+    )
+    return dataclasses.replace(setup, **changes)
+
+
+def test_a_bank_refuses_a_secure_aggregation_setup_below_its_own_floor(secagg_keys, tmp_path):
+    """The server writes the job's min-banks (2 here); the bank's policy floor decides."""
+    from fedmoe.crypto.errors import CryptoError
+    from fedmoe.crypto.secagg.messages import KeyAdvertisement
+
+    job = make_job(secagg_keys, tmp_path, aggregation="secagg", min_banks=2)
+    three = ["bank-0", "bank-1", "bank-2"]
+    strict = bank_config(job, tmp_path, "min-banks = 4\n")
+    with pytest.raises(CryptoError, match="floor of 4"):
+        _advertise(job, strict, _setup(job, secagg_keys, three))
+    assert not list(strict.state_root.rglob("round-*.json"))  # no round keys drawn
+    # the default floor (3) takes three participants, never two
+    default = bank_config(job, tmp_path)
+    assert KeyAdvertisement.from_bytes(_advertise(job, default, _setup(job, secagg_keys, three)).bundle)
+    with pytest.raises(CryptoError, match="floor of 3"):
+        _advertise(job, default, _setup(job, secagg_keys, ["bank-0", "bank-1"], threshold=2))
+
+
+@pytest.mark.parametrize("change", ["bfv_key_id", "params"])
+def test_a_bank_refuses_a_setup_that_is_not_for_its_bfv_key(secagg_keys, tmp_path, change):
+    from fedmoe.crypto.errors import CryptoError
+    from fedmoe.crypto.secagg.params import SecAggParams
+
+    job = make_job(secagg_keys, tmp_path, aggregation="secagg", min_banks=3)
+    value = "f" * 64 if change == "bfv_key_id" else SecAggParams(scale_bits=16)
+    bank = bank_config(job, tmp_path)
+    with pytest.raises(CryptoError) as e:
+        _advertise(job, bank, _setup(job, secagg_keys, ["bank-0", "bank-1", "bank-2"], **{change: value}))
+    assert e.value.reason == "key_id"
