@@ -49,6 +49,9 @@ class BankPolicy:
             enforces it itself: it refuses a round setup with fewer participants, an unmask view with
             fewer survivors and an aggregate with fewer signed contributors, whatever the job's
             `min-banks` says (docs/secagg.md).
+        colluding_banks: how many banks colluding with the server secure aggregation must resist
+            (>= 1): the bank refuses a setup whose threshold is below min_secure_threshold(holders,
+            this) and a consent quorum is sized for it (docs/secagg.md, "Release rules", A3).
         allow_shared_key_aggregation: whether this bank trains in jobs with `aggregation = "ckks"`,
             where every bank holds the one CKKS secret key, so the server plus any one bank can read
             this bank's update (the floor above is then no protection either). True by default (one
@@ -67,6 +70,7 @@ class BankPolicy:
     seeded_noise: bool = False
     release_metrics: tuple[str, ...] = ()
     min_banks: int = BANK_FLOOR
+    colluding_banks: int = 1
     allow_shared_key_aggregation: bool = True
     source: str = field(default="defaults", compare=False)
 
@@ -90,6 +94,12 @@ class BankPolicy:
                 f"an integer >= {BANK_FLOOR} (with two banks each reads the other's update)",
                 self.min_banks,
             )
+        if (
+            not isinstance(self.colluding_banks, int)
+            or isinstance(self.colluding_banks, bool)
+            or self.colluding_banks < 1
+        ):
+            raise bad("colluding-banks", "an integer >= 1", self.colluding_banks)
         unknown = sorted(set(self.release_metrics) - set(RELEASABLE_METRICS))
         if unknown:
             raise bad("release-metrics", f"a subset of {list(RELEASABLE_METRICS)}", unknown)

@@ -240,7 +240,8 @@ def advertise(
     if released.exists():  # a restarted round: its masked input went out under other keys
         reason = f"round {request.round} was already released under other round keys: not trained or masked again"
         return TrainReply(config.bank_id, request.round, TrainStatus.ALREADY_RELEASED, 0, "", reason=reason)
-    secagg = BankSecAgg(keys.identity, keys.pins, min_banks=config.policy.min_banks)
+    policy = config.policy
+    secagg = BankSecAgg(keys.identity, keys.pins, min_banks=policy.min_banks, colluding=policy.colluding_banks)
     advertisement = secagg.advertise(setup, keys.bfv)  # the setup's BFV key and parameters must be this bank's
     save_round(job, config, secagg)
     return _reply(config, request, advertisement.to_bytes())

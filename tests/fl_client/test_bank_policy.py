@@ -231,3 +231,18 @@ def test_a_bank_refuses_a_setup_that_is_not_for_its_bfv_key(secagg_keys, tmp_pat
     with pytest.raises(CryptoError) as e:
         _advertise(job, bank, _setup(job, secagg_keys, ["bank-0", "bank-1", "bank-2"], **{change: value}))
     assert e.value.reason == "key_id"
+
+
+def test_colluding_banks_raises_the_threshold_the_bank_accepts(secagg_keys, tmp_path):
+    """Four participants, default t = 3: enough against the server plus one bank, not plus two."""
+    from fedmoe.crypto.errors import CryptoError
+
+    job = make_job(secagg_keys, tmp_path, aggregation="secagg", min_banks=3)
+    four = ["bank-0", "bank-1", "bank-2", "bank-3"]
+    assert _advertise(job, bank_config(job, tmp_path), _setup(job, secagg_keys, four)).bundle
+    (tmp_path / "wary").mkdir()
+    job = make_job(secagg_keys, tmp_path / "wary", aggregation="secagg", min_banks=3)  # its own state dir
+    wary = bank_config(job, tmp_path / "wary", "colluding-banks = 2\n")
+    with pytest.raises(CryptoError, match=r"threshold 3 is outside \[4, 4\]"):
+        _advertise(job, wary, _setup(job, secagg_keys, four))
+    assert _advertise(job, wary, _setup(job, secagg_keys, four, threshold=4)).bundle
