@@ -91,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         sp.add_argument("--adapter", type=Path, help="adapter folder to apply on top")
         sp.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "auto"], default="fp32")
         sp.add_argument("--trace-experts", type=Path, help="write experts.jsonl, expert_summary.json, expert_load.png")
+        sp.add_argument("--no-token-trace", action="store_true", help="with --trace-experts: skip experts.jsonl")
         sp.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 on a busy machine)")
         if name == "generate":
             sp.add_argument("--prompt", action="append", default=[], help="repeatable")
@@ -152,12 +153,20 @@ def _load(args: argparse.Namespace) -> tuple[DeepseekForCausalLM, object]:
     return model, tokenizer
 
 
+def _tracer(args: argparse.Namespace, model: DeepseekForCausalLM, tokenizer) -> ExpertTracer | None:
+    if not args.trace_experts:
+        return None
+    jsonl = None if args.no_token_trace else args.trace_experts / "experts.jsonl"
+    return ExpertTracer(model, jsonl, decode=lambda i: tokenizer.decode([i]))
+
+
 def _write_trace(tracer: ExpertTracer, out_dir: Path, console: Console) -> None:
     tracer.write_summary(out_dir / "expert_summary.json")
     tracer.write_heatmap(out_dir / "expert_load.png")
     worst = max((layer["max_over_mean_load"] for layer in tracer.summary()["layers"]), default=0.0)
+    jsonl = f"{out_dir / 'experts.jsonl'}, " if (out_dir / "experts.jsonl").exists() else ""
     console.print(
-        f"expert trace: {out_dir / 'experts.jsonl'}, {out_dir / 'expert_summary.json'}, "
+        f"expert trace: {jsonl}{out_dir / 'expert_summary.json'}, "
         f"{out_dir / 'expert_load.png'} (max/mean expert load {worst:.2f})"
     )
 
@@ -182,7 +191,7 @@ def _generate(args: argparse.Namespace, console: Console) -> None:
         use_cache=not args.no_cache,
         mla=args.mla,
     )
-    tracer = ExpertTracer(model, args.trace_experts / "experts.jsonl") if args.trace_experts else None
+    tracer = _tracer(args, model, tokenizer)
     total_tokens, total_seconds = 0, 0.0
     with tracer if tracer is not None else contextlib.nullcontext():
         for i, prompt in enumerate(prompts):
@@ -215,7 +224,7 @@ def _evaluate(args: argparse.Namespace, console: Console) -> None:
     windows = token_windows(texts, tokenizer, args.seq_len)
     if not windows:
         raise ModelError(f"{args.data}: fewer than 2 tokens to evaluate")
-    tracer = ExpertTracer(model, args.trace_experts / "experts.jsonl") if args.trace_experts else None
+    tracer = _tracer(args, model, tokenizer)
     with (
         tracer if tracer is not None else contextlib.nullcontext(),
         Progress(

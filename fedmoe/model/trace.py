@@ -3,10 +3,11 @@
 `ExpertTracer` hooks every Router (forward hooks, removed on exit; the model is not changed) and
 streams one JSONL line per (sequence, position, layer):
 
-    {"seq": 0, "pos": 5, "token": 104, "layer": 1, "experts": [3, 6], "weights": [0.71, 0.29]}
+    {"seq": 0, "pos": 5, "token": 104, "text": " payment", "layer": 1, "experts": [3, 6], "weights": [0.71, 0.29]}
 
-`experts` are in the router's top-k order, `weights` are the combine weights the MoE layer
-multiplies the expert outputs by (after normalization and routed_scaling_factor). It also keeps
+`experts` are sorted by weight, largest first; `weights` are the combine weights the MoE layer
+multiplies the expert outputs by (after normalization and routed_scaling_factor). `text` is the
+token decoded alone (present when the tracer is given a `decode` function). It also keeps
 per-layer counts and weight sums, written as a summary JSON and drawn as a PNG heatmap of the
 load per layer (rows) and expert (columns), as a share of the layer's (token, slot) pairs.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -34,15 +36,23 @@ class ExpertTracer:
 
     Args:
         model: the LM whose routers to trace.
-        jsonl_path: where to stream per-token lines (None: counts only).
+        jsonl_path: where to stream per-token lines (None: counts only, no per-token file).
+        decode: token id -> text (e.g. `lambda i: tokenizer.decode([i])`), written beside the id.
 
     Call `set_context(ids_BT, start, seq_offset)` before each forward so lines carry the token
     ids and positions (fedmoe.model.generate's `on_forward` hook fits); without it positions count
     from 0 per forward and tokens are null.
     """
 
-    def __init__(self, model: DeepseekForCausalLM, jsonl_path: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        model: DeepseekForCausalLM,
+        jsonl_path: str | Path | None = None,
+        *,
+        decode: Callable[[int], str] | None = None,
+    ) -> None:
         self.model = model
+        self._decode = decode
         self.layers: list[int] = []
         self._routers: list[Router] = []
         for name, module in model.named_modules():
@@ -96,27 +106,30 @@ class ExpertTracer:
                 self.tokens += ids_BTK.shape[0] * ids_BTK.shape[1]
             if self._out is None:
                 return
-            B, T, _ = ids_BTK.shape
-            tokens = self._ids if self._ids is not None and tuple(self._ids.shape) == (B, T) else None
-            lines = []
-            for b in range(B):
-                for t in range(T):
-                    lines.append(
-                        json.dumps(
-                            {
-                                "seq": self._seq_offset + b,
-                                "pos": self._start + t,
-                                "token": int(tokens[b, t]) if tokens is not None else None,
-                                "layer": layer,
-                                "experts": ids_BTK[b, t].tolist(),
-                                "weights": [round(w, 6) for w in weights_BTK[b, t].float().tolist()],
-                            },
-                            separators=(",", ":"),
-                        )
-                    )
-            self._out.write("\n".join(lines) + "\n")
+            self._write_lines(layer, weights_BTK, ids_BTK)
 
         return hook
+
+    def _write_lines(self, layer: int, weights_BTK: torch.Tensor, ids_BTK: torch.Tensor) -> None:
+        assert self._out is not None
+        B, T, _ = ids_BTK.shape
+        tokens = self._ids if self._ids is not None and tuple(self._ids.shape) == (B, T) else None
+        order_BTK = weights_BTK.float().argsort(dim=-1, descending=True, stable=True)
+        ids_BTK, weights_BTK = ids_BTK.gather(-1, order_BTK), weights_BTK.float().gather(-1, order_BTK)
+        lines = []
+        for b in range(B):
+            for t in range(T):
+                token = int(tokens[b, t]) if tokens is not None else None
+                line = {"seq": self._seq_offset + b, "pos": self._start + t, "token": token}
+                if self._decode is not None and token is not None:
+                    line["text"] = self._decode(token)
+                line.update(
+                    layer=layer,
+                    experts=ids_BTK[b, t].tolist(),
+                    weights=[round(w, 6) for w in weights_BTK[b, t].tolist()],
+                )
+                lines.append(json.dumps(line, separators=(",", ":"), ensure_ascii=False))
+        self._out.write("\n".join(lines) + "\n")
 
     # ---- summaries -------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -171,3 +184,38 @@ class ExpertTracer:
         atomic_write_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
         plt.close(fig)
         return Path(path)
+
+
+def write_heatmap_pair(before: ExpertTracer, after: ExpertTracer, path: str | Path, *, title: str = "") -> Path:
+    """PNG: the expert load of the same records before and after fine-tuning, side by side, and
+    their difference (rows = MoE layers, columns = experts, colour = share of the layer's pairs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if before.layers != after.layers or before.counts_LE.shape != after.counts_LE.shape:
+        raise ValueError(f"write_heatmap_pair: layers differ: {before.layers} vs {after.layers}")
+    shares = [t.counts_LE.double() / t.counts_LE.sum(dim=1, keepdim=True).clamp(min=1) for t in (before, after)]
+    L, E = shares[0].shape
+    fig, axes = plt.subplots(1, 3, figsize=(3 * max(3.0, 0.25 * E + 1.5), max(2.5, 0.3 * L + 1.5)))
+    diff = shares[1] - shares[0]
+    limit = float(diff.abs().max()) or 1.0
+    panels = (
+        (f"before ({before.tokens} tokens)", shares[0], "viridis", {"vmin": 0.0}),
+        (f"after ({after.tokens} tokens)", shares[1], "viridis", {"vmin": 0.0}),
+        ("after - before", diff, "coolwarm", {"vmin": -limit, "vmax": limit}),
+    )
+    for ax, (name, data, cmap, scale) in zip(axes, panels, strict=True):
+        im = ax.imshow(data.numpy(), aspect="auto", cmap=cmap, interpolation="nearest", **scale)
+        ax.set_title(name)
+        ax.set_xlabel("expert")
+        ax.set_yticks(range(L), [str(layer) for layer in before.layers])
+        fig.colorbar(im, ax=ax)
+    axes[0].set_ylabel("layer")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return Path(path)

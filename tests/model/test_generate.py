@@ -193,6 +193,11 @@ def test_cli_export_generate_evaluate(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tokens/s" in out and "Konto" in out
     assert {p.name for p in trace.iterdir()} >= {"experts.jsonl", "expert_summary.json", "expert_load.png"}
+    line = json.loads((trace / "experts.jsonl").read_text().splitlines()[0])
+    assert isinstance(line["text"], str) and line["weights"] == sorted(line["weights"], reverse=True)
+    assert main([*gen_args, "--trace-experts", str(tmp_path / "counts"), "--no-token-trace"]) == 0
+    assert {p.name for p in (tmp_path / "counts").iterdir()} == {"expert_summary.json", "expert_load.png"}
+    capsys.readouterr()
     # base + adapter gives the same greedy text as the merged folder
     with_adapter = ["generate", str(tmp_path / "base"), "--adapter", str(tmp_path / "out" / "adapter")]
     assert main([*with_adapter, "--prompt", "Konto", "--max-new-tokens", "8"]) == 0
@@ -211,3 +216,21 @@ def test_cli_export_generate_evaluate(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "typo"}\n')
     assert main(["evaluate", str(tmp_path / "base"), "--data", str(tmp_path / "bad.jsonl")]) == 2
     assert "bad.jsonl:2: expected an object with a string 'text' field" in capsys.readouterr().err
+
+
+def test_heatmap_pair_of_the_same_records_before_and_after(tmp_path):
+    from fedmoe.model.trace import write_heatmap_pair
+
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(preset("tiny")).eval()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    tracers = []
+    for _ in range(2):
+        with ExpertTracer(model) as tracer, torch.no_grad():
+            model(ids)
+        tracers.append(tracer)
+        with torch.no_grad():  # "fine-tuning": move the router
+            model.routers()[0].weight.add_(torch.randn_like(model.routers()[0].weight))
+    assert not torch.equal(tracers[0].counts_LE, tracers[1].counts_LE)
+    path = write_heatmap_pair(tracers[0], tracers[1], tmp_path / "before_after.png", title="bank 0 held-out")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
