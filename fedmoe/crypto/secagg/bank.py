@@ -47,6 +47,7 @@ from fedmoe.crypto.envelope import canonical_json
 from fedmoe.crypto.errors import CryptoError
 from fedmoe.crypto.identity import ConsortiumPins, Identity
 from fedmoe.crypto.secagg import messages
+from fedmoe.crypto.secagg.accountability import Check, evidence_digest, verify_quarantine
 from fedmoe.crypto.secagg.bfv import BfvKey, encrypt_residues
 from fedmoe.crypto.secagg.bfv_secret import decrypt_residues
 from fedmoe.crypto.secagg.common import (
@@ -542,6 +543,48 @@ class BankSecAgg:
         self.stage = "unmasked"
         self.timings["unmask"] = self.timings.get("unmask", 0.0) + time.perf_counter() - started
         return messages.UnmaskReply(**self._ids(), shares=tuple(shares))
+
+    # -------------------------------------------------------------------------------------------
+    # accountability (fedmoe.crypto.secagg.accountability)
+
+    def reveal(
+        self,
+        evidence: messages.QuarantineEvidence,
+        key: BfvKey,
+        rejects: Check,
+        *,
+        applied_round: int,
+        reveals_left: int,
+    ) -> messages.RoundReveal:
+        """This round's mask secret key, for a quarantine this bank confirmed itself (rule R).
+
+        Refused (CryptoError, nothing revealed): evidence of another round or setup; this bank not a
+        contributor of it or its advertisement not its own; a round it already applied (a reveal
+        never covers an applied round); no reveal left under its policy for this job; evidence whose
+        sum is not the aggregate the server sent, or passes `rejects` (a fake quarantine:
+        `accountability.verify_quarantine`). Only the mask key goes: never the identity key, another
+        round's keys or the self-mask seed (the server already holds every survivor's).
+        """
+        setup = self._setup()
+        where = f"reveal(bank {self.bank_id!r}, round {setup.round})"
+        if evidence.setup != setup:
+            raise CryptoError(f"{where}: evidence of another round or setup", reason="replay")
+        if self.stage not in ("masked", "consented", "unmasked") or self.bank_id not in evidence.aggregate.contributors:
+            raise CryptoError(f"{where}: this bank's input is not in that aggregate", reason="inconsistent")
+        if self.advertisement not in evidence.advertisements:
+            raise CryptoError(
+                f"{where}: the evidence does not hold this bank's own advertisement", reason="inconsistent"
+            )
+        if applied_round >= setup.round:
+            raise CryptoError(
+                f"{where}: this bank applied round {applied_round}: a reveal never covers an applied round"
+            )
+        if reveals_left <= 0:
+            raise CryptoError(f"{where}: this bank's policy allows no more reveals in this job ('max-reveals')")
+        verify_quarantine(evidence, key, self.pins, rejects)
+        return messages.RoundReveal.signed(
+            self.identity, **self._ids(), evidence_sha256=evidence_digest(evidence), mask_sk=self.mask_sk
+        )
 
     # -------------------------------------------------------------------------------------------
     # persistence between Flower messages

@@ -12,9 +12,16 @@ import numpy as np
 
 from fedmoe.crypto.errors import CryptoError
 from fedmoe.crypto.identity import ConsortiumPins
-from fedmoe.crypto.secagg.messages import KeyAdvertisement, Receipt, RoundSetup
-from fedmoe.crypto.secagg.params import min_secure_threshold, neighbourhood
-from fedmoe.crypto.secagg.primitives import KEY_BYTES, check_x25519_public, derive_key, prg_mod
+from fedmoe.crypto.secagg.messages import KeyAdvertisement, Receipt, RoundSetup, self_mask_commitment
+from fedmoe.crypto.secagg.params import add_mod, min_secure_threshold, neighbourhood, sub_mod
+from fedmoe.crypto.secagg.primitives import (
+    KEY_BYTES,
+    check_x25519_public,
+    derive_key,
+    prg_mod,
+    shamir_combine,
+    x25519_public,
+)
 
 
 def check_setup(setup: RoundSetup, bank_id: str, pins: ConsortiumPins, *, min_banks: int, colluding: int) -> int:
@@ -141,3 +148,63 @@ def verify_receipt(r: Receipt, setup: RoundSetup, pins: ConsortiumPins) -> None:
     pins.verify(r.bank_id, r.signed_bytes(), r.signature)
     if (r.job_id, r.round) != (setup.job_id, setup.round):
         raise CryptoError(f"receipt of {r.bank_id!r} is for another job/round", reason="replay")
+
+
+def reconstruct(
+    setup: RoundSetup, dealer: str, kind: str, shares: dict[int, bytes], advertisement: KeyAdvertisement
+) -> bytes:
+    """The secret `dealer` shared (its self-mask seed or mask key), from t shares, checked against its
+    signed advertisement (seed commitment, mask public key).
+
+    Raises:
+        CryptoError: reason "too_few" (fewer than t shares) or "commitment" (the dealer dealt
+            inconsistent shares: the secret does not match what it advertised).
+    """
+    if len(shares) < setup.threshold:
+        raise CryptoError(
+            f"{kind} of {dealer!r}: {len(shares)} valid shares, threshold {setup.threshold}", reason="too_few"
+        )
+    secret = shamir_combine(dict(sorted(shares.items())[: setup.threshold]))
+    if kind == "self_mask":
+        ok = advertisement.self_mask_commitment == self_mask_commitment(
+            job_id=setup.job_id, round=setup.round, bank_id=dealer, seed=secret
+        )
+    else:
+        ok = x25519_public(secret) == advertisement.mask_pk
+    if not ok:
+        raise CryptoError(
+            f"the {kind} reconstructed for {dealer!r} does not match its advertisement", reason="commitment"
+        )
+    return secret
+
+
+def residual_masks(
+    setup: RoundSetup,
+    survivors: tuple[str, ...],
+    masked_with: dict[str, tuple[str, ...]],
+    advertisements: dict[str, KeyAdvertisement],
+    self_seeds: dict[str, bytes],
+    mask_keys: dict[str, bytes],
+) -> np.ndarray:
+    """What the sum of the survivors' masked inputs holds beyond their plain sum: their self masks and
+    their pairwise masks with dropped banks (pairs of survivors cancel). `masked_with`: each
+    survivor's signed receipt; `mask_keys`: the dropped banks' reconstructed mask keys.
+
+    Returns:
+        uint64 residues modulo t, shape (n_elements + 1,).
+    """
+    t, n = setup.params.plain_modulus, setup.n_elements + 1
+    residual = np.zeros(n, dtype=np.uint64)
+    for s in survivors:
+        residual = add_mod(
+            residual, self_mask(self_seeds[s], n, t, job_id=setup.job_id, round=setup.round, bank_id=s), t
+        )
+    for dropped, key in mask_keys.items():
+        for s in survivors:
+            if dropped not in masked_with[s]:
+                continue
+            seed = pair_seed(key, advertisements[s].mask_pk, job_id=setup.job_id, round=setup.round, a=s, b=dropped)
+            m = pair_mask(seed, n, t)
+            # In s's input the pair's mask went in with + if s < dropped, else with -.
+            residual = add_mod(residual, m, t) if s < dropped else sub_mod(residual, m, t)
+    return residual

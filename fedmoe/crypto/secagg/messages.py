@@ -379,6 +379,43 @@ class SecureAggregate(RoundMessage):
     bundle: bytes
 
 
+# ------------------------------------------------------------------------------------------------
+# accountability (fedmoe.crypto.secagg.accountability)
+
+
+@message("secagg/quarantine_evidence")
+class QuarantineEvidence(Message):
+    """What a quarantined round's sum was unmasked from, all of it signed by the banks: a bank
+    recomputes the sum from it before it reveals anything (a fake quarantine is refused)."""
+
+    setup: RoundSetup
+    advertisements: tuple[KeyAdvertisement, ...]
+    inputs: tuple[MaskedInput, ...]  # the survivors' (receipt + bundle)
+    unmask: tuple[UnmaskReply, ...]  # the revealed shares (each signed by its dealer)
+    aggregate: SecureAggregate
+
+
+@message("secagg/round_reveal")
+class RoundReveal(BankRoundMessage):
+    """A bank's mask secret key of one round (never its identity key, never another round's), signed:
+    with it anyone holding the BFV key strips that bank's pairwise masks from that round's inputs."""
+
+    evidence_sha256: bytes  # the evidence it checked (accountability.evidence_digest)
+    mask_sk: bytes
+    signature: bytes
+
+
+@message("secagg/accusation")
+class Accusation(Message):
+    """A contribution found out of bound, and the signed receipt that proves who sent it."""
+
+    bank_id: str
+    round: int
+    reason: str
+    receipt: Receipt
+    revealed_by: tuple[str, ...]  # the banks whose mask keys opened it
+
+
 class SecAggAbort(CryptoError):
     """The round cannot be unmasked (e.g. fewer than t survivors); nothing was decrypted or revealed.
 

@@ -40,14 +40,12 @@ from fedmoe.crypto.secagg.common import (
     check_setup,
     complete_graph,
     consent_quorum,
-    pair_mask,
-    pair_seed,
-    self_mask,
+    reconstruct,
+    residual_masks,
     verify_advertisement,
     verify_receipt,
 )
-from fedmoe.crypto.secagg.params import SecAggParams, add_mod, centered, default_threshold, neighbourhood, sub_mod
-from fedmoe.crypto.secagg.primitives import shamir_combine, x25519_public
+from fedmoe.crypto.secagg.params import SecAggParams, centered, default_threshold, neighbourhood
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=messages.Message)
@@ -73,6 +71,10 @@ class ServerSecAgg:
         self.dropped: tuple[str, ...] = ()
         self.request: messages.UnmaskRequest | None = None
         self.consenting: tuple[str, ...] = ()
+        # kept for accountability (fedmoe.crypto.secagg.accountability): what the sum was unmasked from
+        self.inputs: dict[str, messages.MaskedInput] = {}
+        self.unmask_replies: dict[str, messages.UnmaskReply] = {}
+        self.aggregate: messages.SecureAggregate | None = None
         self._sum: list[ts.BFVVector] | None = None
         self._stage: messages.Stage = "advertise"
 
@@ -197,6 +199,7 @@ class ServerSecAgg:
                 self._exclude(bank, "masked_input", e)
                 continue
             self.receipts[bank] = msg.receipt
+            self.inputs[bank] = msg
 
         # A complaint excludes the accused: its input is not added and it is unmasked as dropped, so
         # the pairwise masks of every remaining pair are on both sides (or on neither).
@@ -342,50 +345,28 @@ class ServerSecAgg:
                 self._exclude(bank, "unmask", e, in_sum=True)
                 continue
             responders += 1
+            self.unmask_replies[bank] = reply
             for s in accepted:
                 shares[s.dealer][s.x] = s.y
         self._need(responders, "unmask", "banks that answered the unmask request")
 
-        t = setup.params.plain_modulus
-        n = setup.n_elements + 1
-        residual = np.zeros(n, dtype=np.uint64)
+        self_seeds, mask_keys = {}, {}
         for dealer, kind in want.items():
             if kind == "mask_key" and not any(dealer in self.receipts[s].masked_with for s in self.survivors):
                 continue  # nobody masked with it: nothing to remove
-            got = shares[dealer]
-            if len(got) < setup.threshold:
-                raise self._abort(
-                    f"{kind} of {dealer!r}: {len(got)} valid shares, threshold {setup.threshold}; nothing unmasked",
-                    "too_few",
-                )
-            secret = shamir_combine(dict(sorted(got.items())[: setup.threshold]))
-            adv = self.adverts[dealer]
-            if kind == "self_mask":
-                ok = adv.self_mask_commitment == messages.self_mask_commitment(
-                    job_id=setup.job_id, round=setup.round, bank_id=dealer, seed=secret
-                )
-                if ok:
-                    m = self_mask(secret, n, t, job_id=setup.job_id, round=setup.round, bank_id=dealer)
-                    residual = add_mod(residual, m, t)
-            else:
-                ok = x25519_public(secret) == adv.mask_pk
-                if ok:
-                    for s in self.survivors:
-                        if dealer not in self.receipts[s].masked_with:
-                            continue
-                        seed = pair_seed(
-                            secret, self.adverts[s].mask_pk, job_id=setup.job_id, round=setup.round, a=s, b=dealer
-                        )
-                        m = pair_mask(seed, n, t)
-                        # In s's input the pair's mask went in with + if s < dealer, else with -.
-                        residual = add_mod(residual, m, t) if s < dealer else sub_mod(residual, m, t)
-            if not ok:
-                self._exclude(dealer, "unmask", CryptoError(f"dealt inconsistent {kind} shares", reason="commitment"))
-                raise self._abort(
-                    f"the {kind} reconstructed for {dealer!r} does not match its signed advertisement "
-                    f"(the dealer dealt inconsistent shares)",
-                    "commitment",
-                )
+            try:
+                secret = reconstruct(setup, dealer, kind, shares[dealer], self.adverts[dealer])
+            except CryptoError as e:
+                if e.reason == "commitment":
+                    self._exclude(
+                        dealer, "unmask", CryptoError(f"dealt inconsistent {kind} shares", reason="commitment")
+                    )
+                raise self._abort(f"{e}; nothing unmasked", e.reason or "too_few") from None
+            (self_seeds if kind == "self_mask" else mask_keys)[dealer] = secret
+        masked_with = {s: self.receipts[s].masked_with for s in self.survivors}
+        residual = residual_masks(setup, self.survivors, masked_with, self.adverts, self_seeds, mask_keys)
+        t, n = setup.params.plain_modulus, setup.n_elements + 1
+        self.unmasked = {"self_mask": self_seeds, "mask_key": mask_keys}
         t_res = time.perf_counter()
         assert self._sum is not None
         minus = centered((np.uint64(t) - residual) % np.uint64(t), t)  # (n,) -residual, as TenSEAL takes it
@@ -404,13 +385,28 @@ class ServerSecAgg:
             len(self.dropped),
             len(self.exclusions),
         )
-        return messages.SecureAggregate(
+        self.aggregate = messages.SecureAggregate(
             job_id=setup.job_id,
             round=setup.round,
             contributors=self.survivors,
             receipts=tuple(self.receipts[b] for b in self.survivors),
             exclusions=tuple(self.exclusions),
             bundle=bundle,
+        )
+        return self.aggregate
+
+    def evidence(self) -> messages.QuarantineEvidence:
+        """Everything signed this round's sum was unmasked from, for banks to check a quarantine
+        (fedmoe.crypto.secagg.accountability): the setup, the advertisements, the survivors' masked
+        inputs, the unmask replies and the aggregate."""
+        if self.aggregate is None:
+            raise CryptoError("evidence: this round has no aggregate", reason="inconsistent")
+        return messages.QuarantineEvidence(
+            setup=self.setup,
+            advertisements=tuple(self.adverts[b] for b in sorted(self.adverts)),
+            inputs=tuple(self.inputs[b] for b in self.survivors),
+            unmask=tuple(self.unmask_replies[b] for b in sorted(self.unmask_replies)),
+            aggregate=self.aggregate,
         )
 
     # -------------------------------------------------------------------------------------------
