@@ -138,6 +138,9 @@ class Deployment:
 
     def start(self, *, simulation: bool = False) -> None:
         if simulation:
+            host, port = self.topology.superlink_host, self.topology.superlink_port
+            if port_in_use(host, port):  # else `flwr run` would submit to whatever federation listens there
+                raise LaunchError(f"superlink: port {port} on {host} is already in use; pick another --port")
             process = self.start_service("superlink", simulation_command(self.topology))
             wait_for_port(self.topology.superlink_host, self.topology.superlink_port, 60, process)
             return

@@ -209,3 +209,22 @@ def test_data_and_policy_reach_the_banks_node_config():
     node_config = {b: cmds[b][cmds[b].index("--node-config") + 1] for b in ("bank-0", "bank-1")}
     assert "data-path='/d/b0.jsonl'" in node_config["bank-0"] and "data-path" not in node_config["bank-1"]
     assert "policy-file='/p/b1.toml'" in node_config["bank-1"] and "policy-file" not in node_config["bank-0"]
+
+
+def test_a_simulation_never_submits_to_another_federations_superlink(tmp_path):
+    """Found running `make simulation` while a demo ran: it waited for 'its' SuperLink's port, found the
+    demo's open, and submitted its job to the demo's banks (which refused it: another BFV key)."""
+    import socket
+
+    from fedmoe.fl_server.deploy import loopback_topology
+    from fedmoe.fl_server.launch import Deployment, flwr_env
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        topo = loopback_topology(3, root=str(tmp_path), key_path=str(tmp_path / "k"), base_port=port)
+        deployment = Deployment(topo, tmp_path, flwr_env(tmp_path, topo.superlink_address), simulated_banks=3)
+        with pytest.raises(LaunchError, match=f"port {port} .* already in use"):
+            deployment.start(simulation=True)
+        assert "superlink" not in deployment.processes
