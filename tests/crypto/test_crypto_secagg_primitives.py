@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fedmoe.crypto.errors import CryptoError
+from fedmoe.crypto.ring import MAX_COEFF_BITS
 from fedmoe.crypto.secagg.params import SecAggParams, dequantize, is_prime, neighbourhood, plain_modulus_for, quantize
 from fedmoe.crypto.secagg.primitives import (
     derive_key,
@@ -61,13 +62,22 @@ def test_aead_binds_associated_data() -> None:
 def test_default_parameters() -> None:
     p = SecAggParams()
     t = p.plain_modulus
-    assert is_prime(t) and t % (2 * p.poly_modulus_degree) == 1 and t.bit_length() == 56
+    assert is_prime(t) and t % (2 * p.poly_modulus_degree) == 1 and t.bit_length() == 58
     assert plain_modulus_for(20, 4096) % 8192 == 1
-    # 64 banks at the largest allowed value still sum below t / 2: no wrap-around.
-    assert p.max_banks * p.max_abs_quantized <= (t - 1) // 2
+    # 128-bit security with room to spare: well under SEAL's ceiling for N (HE standard table)
+    assert sum(p.coeff_mod_bit_sizes) <= MAX_COEFF_BITS[p.poly_modulus_degree] - 48
+    # more than 64 banks: 1024 at the largest allowed value still sum below t / 2: no wrap-around.
+    assert p.max_banks == 1024 and p.max_banks * p.max_abs_quantized <= (t - 1) // 2
     assert p.max_abs_value > 1e8  # room for |w * delta| with raw sample counts as weights
     assert SecAggParams.from_dict(p.to_dict()) == p
-    for bad in ({"plain_bits": 80}, {"coeff_mod_bit_sizes": (60, 60)}, {"poly_modulus_degree": 1000}):
+    bad_cases = (
+        {"plain_bits": 80},
+        {"plain_bits": 60},  # TenSEAL refuses it
+        {"coeff_mod_bit_sizes": (60, 60, 60, 60)},  # 240 bits > 218 at N = 8192
+        {"poly_modulus_degree": 1000},
+        {"poly_modulus_degree": 4096, "coeff_mod_bit_sizes": (44, 44, 21), "plain_bits": 56, "max_banks": 2**16},
+    )  # the last: 25 bits of noise budget cannot sum 65536 inputs with 10 to spare
+    for bad in bad_cases:
         with pytest.raises(CryptoError):
             SecAggParams(**bad)
 

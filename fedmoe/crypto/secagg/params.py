@@ -3,18 +3,23 @@
 Pure functions and one frozen dataclass; shared by the bank and the server side.
 
 Choice of the defaults (measured with TenSEAL 0.3.18 on the dev machine, see docs/secagg.md):
-  N = 4096, coefficient moduli [44, 44, 21] bits (109 bits: the 128-bit-security maximum at N = 4096).
-      A fresh ciphertext lives modulo the two 44-bit primes (the 21-bit one is SEAL's special prime,
-      only used for key switching, which nobody does here). ~26 bytes per value on the wire.
-  t = the largest prime below 2^56 with t = 1 (mod 2N) (batching: N slots per ciphertext).
-      Measured noise budget of a fresh ciphertext: 25 bits, so 2^15 additions still decrypt with
-      10 bits to spare; the server adds <= max_banks ciphertexts and one plaintext.
+  N = 8192, coefficient moduli [54, 54, 54] bits: 162 bits, 56 under the HE standard's 128-bit
+      ceiling for N = 8192 (218 bits; SEAL's CoeffModulus::MaxBitCount), so the default has room
+      to spare (the earlier N = 4096 with 109 bits sat exactly on the ceiling). A fresh ciphertext
+      lives modulo the two data primes (the last one is SEAL's special prime, only used for key
+      switching, which nobody does here). ~30 bytes per value on the wire.
+  t = the largest prime below 2^58 with t = 1 (mod 2N) (batching: N slots per ciphertext; TenSEAL
+      refuses a 60-bit t). Measured noise budget of a fresh ciphertext: 42 bits (42 doublings of
+      one ciphertext still decrypt), so the sum of max_banks = 1024 inputs plus one plaintext uses
+      11 of them.
   scale = 2^20: a bank sends round(w * delta * 2^20) with w its sample weight. The mean's error is
       <= 2^-21 * K / sum(w) <= 4.8e-7 (w >= 1). The DP noise on a LoRA-B delta of the `small` preset
       is ~lr * sigma * clip / batch = 0.01 * 0.5 * 1 / 16 = 3e-4 per SGD step (AdamW: ~lr = 1e-2),
       so the quantization error is > 600x below it.
-  max_banks = 64: |round(w * delta * scale)| must stay below (t - 1) / 2 / max_banks = 2^49, i.e.
-      |w * delta| < 5.4e8, so the sum of 64 banks never wraps modulo t.
+  max_banks = 1024: |round(w * delta * scale)| must stay below (t - 1) / 2 / max_banks ~ 2^47, i.e.
+      |w * delta| < 1.3e8, so the sum of 1024 banks never wraps modulo t. (Past ~100 banks the
+      pairwise shares grow as n^2 under everyone-neighbours-everyone; k-regular neighbourhoods,
+      which the library supports, keep them at n k.)
 """
 
 from __future__ import annotations
@@ -47,11 +52,11 @@ class SecAggParams:
         max_banks: most contributions one sum may hold; bounds |quantized value| so sums never wrap.
     """
 
-    poly_modulus_degree: int = 4096
-    coeff_mod_bit_sizes: tuple[int, ...] = (44, 44, 21)
-    plain_bits: int = 56
+    poly_modulus_degree: int = 8192
+    coeff_mod_bit_sizes: tuple[int, ...] = (54, 54, 54)
+    plain_bits: int = 58
     scale_bits: int = 20
-    max_banks: int = 64
+    max_banks: int = 1024
 
     def __post_init__(self) -> None:
         n, bits = ring_sizes(self, MAX_COEFF_BITS)
@@ -62,19 +67,21 @@ class SecAggParams:
                 f"SecAggParams.coeff_mod_bit_sizes: {sum(bits)} bits exceed the 128-bit-security limit "
                 f"{MAX_COEFF_BITS[n]} for N = {n}"
             )
-        if not isinstance(self.plain_bits, int) or not 20 <= self.plain_bits <= 60:
-            raise CryptoError(f"SecAggParams.plain_bits: expected an int in [20, 60], got {self.plain_bits!r}")
+        if not isinstance(self.plain_bits, int) or not 20 <= self.plain_bits <= 59:
+            raise CryptoError(f"SecAggParams.plain_bits: expected an int in [20, 59], got {self.plain_bits!r}")
         data_bits = sum(bits[:-1]) if len(bits) > 1 else bits[0]
-        # Measured: fresh noise budget ~ data_bits - plain_bits - 7; keep >= 16 bits for additions.
-        if data_bits - self.plain_bits - 7 < 16:
+        if not isinstance(self.max_banks, int) or not 2 <= self.max_banks <= 2**16:
+            raise CryptoError(f"SecAggParams.max_banks: expected an int in [2, 65536], got {self.max_banks!r}")
+        # Measured: fresh noise budget ~ data_bits - plain_bits - 7 bits; a sum of max_banks inputs and
+        # one plaintext spends log2(max_banks + 1); keep 10 bits to spare after it.
+        needed = math.ceil(math.log2(self.max_banks + 1)) + 10
+        if data_bits - self.plain_bits - 7 < needed:
             raise CryptoError(
-                f"SecAggParams: plain_bits {self.plain_bits} leaves under 16 bits of BFV noise budget in the "
-                f"{data_bits} data bits of {list(bits)}"
+                f"SecAggParams: plain_bits {self.plain_bits} leaves under {needed} bits of BFV noise budget (sums "
+                f"of {self.max_banks} inputs, 10 to spare) in the {data_bits} data bits of {list(bits)}"
             )
         if not isinstance(self.scale_bits, int) or not 0 <= self.scale_bits <= 40:
             raise CryptoError(f"SecAggParams.scale_bits: expected an int in [0, 40], got {self.scale_bits!r}")
-        if not isinstance(self.max_banks, int) or not 2 <= self.max_banks <= 2**16:
-            raise CryptoError(f"SecAggParams.max_banks: expected an int in [2, 65536], got {self.max_banks!r}")
         if self.max_abs_quantized < 2 ** (self.scale_bits + 8):
             raise CryptoError(
                 f"SecAggParams: t / (2 max_banks) = {self.max_abs_quantized} leaves |w * delta| < 256 at "

@@ -101,7 +101,7 @@ class ServerSecAgg:
             key: the job's BFV public key (its id and parameters go into the setup).
             layout_hash: the trainable view's layout hash, signed along with the setup.
             min_banks: fewest contributors a sum may have.
-            neighbours_k: 0 = everyone neighbours everyone (the default: sums hold <= max_banks = 64
+            neighbours_k: 0 = everyone neighbours everyone (the default: sums hold <= max_banks = 1024
                 banks); an even k for k-regular neighbourhoods in larger federations.
             threshold: Shamir threshold; default max(2, ceil(2h/3), floor((h+1)/2) + 1) for h holders.
             params: defaults to the key's parameters.
