@@ -52,6 +52,14 @@ class BankPolicy:
         colluding_banks: how many banks colluding with the server secure aggregation must resist
             (>= 1): the bank refuses a setup whose threshold is below min_secure_threshold(holders,
             this) and a consent quorum is sized for it (docs/secagg.md, "Release rules", A3).
+        reveal_on_quarantine: whether, after the banks quarantined a secure aggregate as out of bound,
+            this bank reveals that round's mask secret key so the poisoner can be named (only after it
+            recomputed the sum from the signed evidence and its own check rejected it; never for a
+            round it applied; docs/secagg.md "Accountable rounds"). Revealing makes that round's
+            individual updates readable to every holder of the BFV key (each DP-protected, its
+            epsilon already spent). False by default.
+        max_reveals: the most rounds per job this bank reveals (a colluding bank poisoning on
+            purpose buys at most this many).
         allow_shared_key_aggregation: whether this bank trains in jobs with `aggregation = "ckks"`,
             where every bank holds the one CKKS secret key, so the server plus any one bank can read
             this bank's update (the floor above is then no protection either). True by default (one
@@ -71,6 +79,8 @@ class BankPolicy:
     release_metrics: tuple[str, ...] = ()
     min_banks: int = BANK_FLOOR
     colluding_banks: int = 1
+    reveal_on_quarantine: bool = False
+    max_reveals: int = 1
     allow_shared_key_aggregation: bool = True
     source: str = field(default="defaults", compare=False)
 
@@ -100,6 +110,8 @@ class BankPolicy:
             or self.colluding_banks < 1
         ):
             raise bad("colluding-banks", "an integer >= 1", self.colluding_banks)
+        if not isinstance(self.max_reveals, int) or isinstance(self.max_reveals, bool) or self.max_reveals < 0:
+            raise bad("max-reveals", "an integer >= 0", self.max_reveals)
         unknown = sorted(set(self.release_metrics) - set(RELEASABLE_METRICS))
         if unknown:
             raise bad("release-metrics", f"a subset of {list(RELEASABLE_METRICS)}", unknown)

@@ -24,6 +24,7 @@ Key material, all in the folder of the node-config's `key-path` (the bank's own 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,6 +40,7 @@ from fedmoe.crypto.secagg.bfv import BfvKey
 from fedmoe.crypto.secagg.bfv_secret import load_bfv_secret
 from fedmoe.crypto.secagg.messages import (
     MaskedInputRequest,
+    QuarantineEvidence,
     RoundSetup,
     SecureAggregate,
     ShareKeysRequest,
@@ -216,6 +218,7 @@ def handle_stage(job: JobConfig, config: BankConfig, request: RoundRequest, node
                 secagg.check_masked_input(masked_request, keys.bfv)
             sealer = SecAggSealer(job, config, keys, secagg, masked_request)
             reply = train_once(job, config, request, secagg_opener(job, config, keys), sealer)
+            forget_reveals(job, config, through=applied_round(job, config))  # applied: never revealed
             if request.secagg_next and reply.status is TrainStatus.OK:  # the next round's setup
                 reply = replace(reply, next_bundle=advertise_ahead(job, config, keys, request, request.round + 1))
             return reply
@@ -249,6 +252,8 @@ def advertise(
 
 def later_stage(job: JobConfig, config: BankConfig, keys: SecAggKeys, request: RoundRequest) -> TrainReply:
     """Stages 1, 3 and 4: share keys, consent to the unmask view, unmask (then forget the round)."""
+    if request.stage == "reveal":  # a stage the protocol does not carry yet (docs/secagg.md "Accountable rounds")
+        return _reply(config, request, reveal_stage(job, config, keys, request.secagg))
     secagg = load_round(job, config, keys, request.round)
     if request.stage is SecAggStage.SHARE_KEYS:
         out = secagg.share_keys(ShareKeysRequest.from_bytes(request.secagg))
@@ -261,10 +266,78 @@ def later_stage(job: JobConfig, config: BankConfig, keys: SecAggKeys, request: R
     save_round(job, config, secagg)
     reply = _reply(config, request, out.to_bytes())
     if request.stage is SecAggStage.UNMASK:
+        if config.policy.reveal_on_quarantine:
+            keep_for_reveal(job, config, secagg)
         forget_rounds(job, config, through=request.round)
         if request.secagg_next:  # the next round's share-keys request
             reply = replace(reply, next_bundle=share_ahead(job, config, keys, request))
     return reply
+
+
+# ---- accountability: a round's mask key kept until the round is applied, revealed on request --------
+def reveal_file(job: JobConfig, config: BankConfig, round_idx: int) -> Path:
+    return config.job_dir(job.job_id) / "secagg" / f"reveal-{round_idx:04d}.json"
+
+
+def keep_for_reveal(job: JobConfig, config: BankConfig, secagg: BankSecAgg) -> None:
+    """After unmasking, only under the policy's `reveal-on-quarantine`: what `reveal_stage` needs of
+    the round (its setup, advertisement and mask secret key; no share held for a peer, no self-mask
+    seed, no share key), 0600, until the bank applied that round (`forget_reveals`)."""
+    kept = secagg.state_dict()
+    kept.update(held={}, self_seed="", share_sk="")
+    assert secagg.setup is not None
+    atomic_write_json(reveal_file(job, config, secagg.setup.round), kept, mode=0o600)
+
+
+def forget_reveals(job: JobConfig, config: BankConfig, *, through: int) -> None:
+    for path in (config.job_dir(job.job_id) / "secagg").glob("reveal-*.json"):
+        if int(path.stem.split("-")[1]) <= through:
+            path.unlink(missing_ok=True)
+
+
+def applied_round(job: JobConfig, config: BankConfig) -> int:
+    state = config.job_dir(job.job_id) / "state.json"
+    return int(read_json(state).get("applied_round", 0)) if state.exists() else 0
+
+
+def reveal_stage(job: JobConfig, config: BankConfig, keys: SecAggKeys, evidence_bytes: bytes) -> bytes:
+    """A quarantined round's evidence in, this bank's RoundReveal out, or a refusal naming the rule:
+    the policy's `reveal-on-quarantine` and `max-reveals`, no round it applied, and the quarantine
+    confirmed from the signed evidence with its own BFV key and its own aggregate check
+    (BankSecAgg.reveal). Each reveal is logged in the job's `secagg/reveals.jsonl`."""
+    from fedmoe.fl_client.aggregate_check import AggregateRejected, check_aggregate
+
+    policy = config.policy
+    evidence = QuarantineEvidence.from_bytes(evidence_bytes)
+    round_idx = evidence.setup.round
+    if not policy.reveal_on_quarantine:
+        raise CryptoError(
+            f"bank {config.bank_id}: its policy never reveals round keys ('reveal-on-quarantine' is false)"
+        )
+    path = reveal_file(job, config, round_idx)
+    if not path.exists():
+        raise CryptoError(f"bank {config.bank_id}: no round keys kept for round {round_idx}", reason="inconsistent")
+    log = config.job_dir(job.job_id) / "secagg" / "reveals.jsonl"
+    done = log.read_text(encoding="utf-8").splitlines() if log.exists() else []
+
+    def rejects(mean: np.ndarray) -> str | None:
+        try:
+            check_aggregate(job, round_idx, mean, float(len(evidence.aggregate.contributors)))
+        except AggregateRejected as err:
+            return str(err)
+        return None
+
+    secagg = BankSecAgg.from_state(read_json(path), keys.identity, keys.pins)
+    reveal = secagg.reveal(
+        evidence,
+        keys.bfv,
+        rejects,
+        applied_round=applied_round(job, config),
+        reveals_left=policy.max_reveals - len(done),
+    )
+    with log.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"round": round_idx, "evidence_sha256": reveal.evidence_sha256.hex()}) + "\n")
+    return reveal.to_bytes()
 
 
 def advertise_ahead(
@@ -316,4 +389,5 @@ def handle_secagg_evaluate(job: JobConfig, config: BankConfig, request: RoundReq
     reply = handle_evaluate(job, config, request, opener=secagg_opener(job, config, keys))
     with exclusive_lock(config.lock_file):  # the job's closing message: keys advertised ahead go
         forget_rounds(job, config, through=request.round + 1)
+        forget_reveals(job, config, through=request.round + 1)
     return reply

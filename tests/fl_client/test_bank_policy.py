@@ -246,3 +246,54 @@ def test_colluding_banks_raises_the_threshold_the_bank_accepts(secagg_keys, tmp_
     with pytest.raises(CryptoError, match=r"threshold 3 is outside \[4, 4\]"):
         _advertise(job, wary, _setup(job, secagg_keys, four))
     assert _advertise(job, wary, _setup(job, secagg_keys, four, threshold=4)).bundle
+
+
+def test_a_bank_reveals_a_round_key_only_as_its_policy_allows(secagg_keys, tmp_path):
+    """reveal-on-quarantine (docs/secagg.md "Accountable rounds"): bank-2 poisoned round 1; bank-0
+    reveals its round-1 mask key only if its policy says so, only for a round it has not applied,
+    at most max-reveals times per job, and only what keep_for_reveal kept (no peer's share)."""
+    import numpy as np
+
+    from fedmoe.crypto.errors import CryptoError
+    from fedmoe.crypto.identity import load_identity, load_pins
+    from fedmoe.crypto.secagg.bank import BankSecAgg
+    from fedmoe.crypto.secagg.bfv import PUBLIC_FILE, load_bfv_public
+    from fedmoe.crypto.secagg.messages import RoundReveal
+    from fedmoe.crypto.secagg.server import ServerSecAgg
+    from fedmoe.fl_client.secagg_bank import SecAggKeys, keep_for_reveal, reveal_file, reveal_stage
+    from fedmoe.protocol.config import PINS_FILE, identity_file_name
+
+    job = make_job(secagg_keys, tmp_path, aggregation="secagg", min_banks=3)
+    ids = [f"bank-{i}" for i in range(4)]
+    pins, public = load_pins(secagg_keys / PINS_FILE), load_bfv_public(secagg_keys / PUBLIC_FILE)
+    banks = {b: BankSecAgg(load_identity(secagg_keys / identity_file_name(b)), pins) for b in ids}
+    setup = ServerSecAgg.make_setup(
+        job_id=job.job_id, round=1, participants=ids, n_elements=10, key=public, min_banks=3
+    )
+    server = ServerSecAgg(setup, pins, public)
+    reqs = server.receive_advertisements({b: banks[b].advertise(setup, public) for b in ids})
+    reqs = server.receive_shares({b: banks[b].share_keys(q) for b, q in reqs.items()})
+    deltas = {b: np.full(10, 10.0 if b == "bank-2" else 1e-6, np.float32) for b in ids}
+    reqs = server.receive_masked_inputs({b: banks[b].masked_input(q, deltas[b], 1.0, public) for b, q in reqs.items()})
+    orders = server.orders_without_consent()
+    server.receive_unmask({b: banks[b].unmask(o) for b, o in orders.items()})
+    evidence = server.evidence().to_bytes()
+
+    no = bank_config(job, tmp_path)  # the default policy: never reveals
+    keep_for_reveal(job, no, banks["bank-0"])
+    with pytest.raises(CryptoError, match="'reveal-on-quarantine' is false"):
+        reveal_stage(job, no, SecAggKeys.load(no), evidence)
+    kept = json.loads(reveal_file(job, no, 1).read_text())
+    assert kept["held"] == {} and kept["self_seed"] == "" and kept["share_sk"] == ""  # the mask key only
+    assert oct(reveal_file(job, no, 1).stat().st_mode & 0o777) == "0o600"
+
+    yes = bank_config(job, tmp_path, "reveal-on-quarantine = true\n")
+    state = yes.job_dir(job.job_id) / "state.json"
+    state.write_text(json.dumps({"applied_round": 1}))  # as if it had applied round 1
+    with pytest.raises(CryptoError, match="applied"):
+        reveal_stage(job, yes, SecAggKeys.load(yes), evidence)
+    state.write_text(json.dumps({"applied_round": 0}))
+    reveal = RoundReveal.from_bytes(reveal_stage(job, yes, SecAggKeys.load(yes), evidence))
+    assert reveal.bank_id == "bank-0" and reveal.mask_sk == banks["bank-0"].mask_sk
+    with pytest.raises(CryptoError, match="no more reveals"):  # max-reveals = 1 per job
+        reveal_stage(job, yes, SecAggKeys.load(yes), evidence)
