@@ -188,7 +188,7 @@ def _node_config(bank: BankNode) -> str:
 
 
 def executor_env(bank: BankNode) -> dict[str, str]:
-    """A bank executor's environment: its node-config, checked when it starts (fedmoe/fl_client/executor.py)."""
+    """A bank executor's environment: its node-config, checked by fedmoe-superexec when it starts."""
     return {"FEDMOE_NODE_CONFIG": _node_config(bank)}
 
 
@@ -420,7 +420,7 @@ def bank_services(
     net = f"{name}-net"
     supernode = _flower_service(
         commands[name],
-        # Healthy only while its pulls reach the SuperLink (fedmoe/fl_client/supernode.py): never
+        # Healthy only while its pulls reach the SuperLink (fedmoe-supernode touches its alive file): never
         # "healthy" before it connected or after it gave up.
         environment={**FLOWER_ENV, "FEDMOE_SUPERNODE_ALIVE": SUPERNODE_ALIVE_FILE},
         healthcheck={**_tcp_check(HEALTH_PORT), "test": ["CMD", "fedmoe-supernode", "--alive-within", "30"]},
