@@ -18,6 +18,7 @@ from fedmoe.fl_client.dp.samplers.common import NORM_METHOD_ATTR
 from fedmoe.model.deepseek import DeepseekForCausalLM, ModelConfig, lm_loss
 from fedmoe.model.lora import LoraConfig, configure_trainable
 from fedmoe.model.quant import quantize_frozen_
+from tests.fl_client.test_dp_helpers import reference_per_sample_grads, trainable  # the single-sample loop
 
 GQA_MOE = ModelConfig(
     model_type="qwen2_moe",
@@ -79,22 +80,6 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, targets
 
 
-def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def loop_reference(model: DeepseekForCausalLM, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    params = trainable(model)
-    grads: dict[str, list[torch.Tensor]] = {name: [] for name in params}
-    for b in range(inputs.shape[0]):
-        model.zero_grad(set_to_none=True)
-        lm_loss(model(inputs[b : b + 1]), targets[b : b + 1], reduction="per_sample")[0].backward()
-        for name, p in params.items():
-            grads[name].append(p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-    model.zero_grad(set_to_none=True)
-    return {name: torch.stack(g) for name, g in grads.items()}
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_hooks_per_sample_grads_match_the_loop(mode):
     model = gqa_model(mode)
@@ -105,7 +90,7 @@ def test_hooks_per_sample_grads_match_the_loop(mode):
     if mode == "full":
         assert any("shared_expert_gate" in n for n in names) and any("k_proj.bias" in n for n in names)
     inputs, targets = batch()
-    expected = loop_reference(model, inputs, targets)
+    expected = reference_per_sample_grads(model, inputs, targets)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
     try:
         with warnings.catch_warnings():
@@ -122,7 +107,7 @@ def test_hooks_per_sample_grads_match_the_loop(mode):
 def test_ghost_and_mixed_norms_match_the_loop(mode):
     model = gqa_model(mode)
     inputs, targets = batch()
-    expected = loop_reference(model, inputs, targets)
+    expected = reference_per_sample_grads(model, inputs, targets)
     plan = plan_norm_methods(model, mode="mixed", seq_len=T)
     plan = {name: ("ghost", "instantiate")[i % 2] for i, name in enumerate(plan)}  # both methods on every kind
     modules = dict(model.named_modules())
