@@ -48,7 +48,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not federation"
 
 test-federation: $(STAMP)
-	$(BIN)/python -m pytest -q -m federation
+	$(BIN)/python -m pytest -q -m federation --tb=short --show-capture=no  # a failure's own message says what the processes last logged
 
 # 3 banks on 127.0.0.1 (real SuperLink/SuperNodes), small preset, FFA-LoRA, secure aggregation (masks +
 # BFV), DP eps=8 per bank with CSPRNG noise, each bank under its own policy (deploy/demo-bank-policy.toml: the strict defaults,

@@ -88,11 +88,31 @@ def alive_within(seconds: float, path: str = "") -> bool:
         return False
 
 
-def reporting_pulls(pull: Callable) -> Callable:
-    """Flower's pull, marking the SuperNode alive whenever a pull returned (the SuperLink answered)."""
+# Flower's pull retries connection errors forever, but any other failure of one pull (an HTTP 500
+# "database is locked", a SuperLink restarting on its database) ends the SuperNode's loop: the bank
+# would be gone for good after one bad answer. A failing pull counts as "no message" for up to
+# PULL_PATIENCE seconds of consecutive failures; after that the process exits (restart policy).
+PULL_PATIENCE = float(os.environ.get("FEDMOE_SUPERNODE_PULL_PATIENCE", "120"))
+
+
+def reporting_pulls(pull: Callable, *, patience: float = PULL_PATIENCE) -> Callable:
+    """Flower's pull, marking the SuperNode alive whenever a pull returned (the SuperLink answered),
+    and riding out failed pulls for `patience` seconds (each is logged)."""
+    failing_since: float | None = None
 
     def pull_and_mark(*args, **kwargs):
-        result = pull(*args, **kwargs)
+        nonlocal failing_since
+        try:
+            result = pull(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - a stop signal is not an Exception and still ends it
+            now = time.monotonic()
+            failing_since = now if failing_since is None else failing_since
+            if now - failing_since > patience:
+                logger.error("pulling from the SuperLink failed for %.0f s; giving up: %r", now - failing_since, err)
+                raise
+            logger.warning("pulling from the SuperLink failed (%r); retrying for up to %.0f s", err, patience)
+            return None
+        failing_since = None
         touch_alive()
         return result
 

@@ -7,6 +7,8 @@ import ast
 import inspect
 import time
 
+import httpx
+import pytest
 from flwr.supernode import start_client_internal
 
 from fedmoe.fl_client import supernode
@@ -71,3 +73,31 @@ def test_a_reply_the_superlink_failed_to_store_is_pushed_again(monkeypatch):
     assert calls == ["reply"]  # a finished run is not retried
     params = list(inspect.signature(start_client_internal._push_messages).parameters)
     assert params == ["state", "object_store", "send", "push_object"], "flwr's push loop changed: revisit"
+
+
+def _failing_receive():
+    request = httpx.Request("POST", "http://127.0.0.1/v1/fleet/pull-messages")
+    response = httpx.Response(500, request=request, text="database is locked")
+    raise httpx.HTTPStatusError("500 Internal Server Error", request=request, response=response)
+
+
+def _pull(pull, receive):
+    return pull(
+        state=None, object_store=None, node_config={}, receive=receive, get_run=None, get_fab=None,
+        pull_object=None, confirm_message_received=None, trusted_entities=None,
+    )  # fmt: skip
+
+
+def test_one_failed_pull_does_not_end_the_supernode_but_a_lasting_failure_does():
+    """Flower's own pull lets an HTTP 500 escape, which ends the SuperNode's loop (the bank is gone for
+    good); fedmoe-supernode's counts it as "no message" and gives up only after `patience` seconds."""
+    flowers = start_client_internal._pull_and_store_message
+    with pytest.raises(httpx.HTTPStatusError):
+        _pull(flowers, _failing_receive)
+    pull = supernode.reporting_pulls(flowers, patience=0.3)
+    assert _pull(pull, _failing_receive) is None  # logged, then the loop sleeps and pulls again
+    assert _pull(pull, lambda: None) is None  # the SuperLink answers again: the failure clock resets
+    assert _pull(pull, _failing_receive) is None
+    time.sleep(0.4)
+    with pytest.raises(httpx.HTTPStatusError):  # failing for longer than patience: the process exits
+        _pull(pull, _failing_receive)

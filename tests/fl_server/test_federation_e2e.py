@@ -150,13 +150,27 @@ def test_two_banks_two_rounds_private_and_encrypted(tmp_path):
     assert not list(server_dir.rglob("*secret*"))
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
+def wait_for(predicate, timeout: float, what: str, diagnose=None) -> None:
+    """Polls `predicate`; on timeout fails with `diagnose()` (what the processes last said) attached."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}" + (f"\n{diagnose()}" if diagnose else ""))
+
+
+def last_words(deployment, job: JobConfig, lines: int = 4) -> str:
+    """The server's saved state and the last lines of every process log: why a federation test waited."""
+    state = read_state(job)
+    out = [
+        f"server state: completed_round={state.get('completed_round')} finished={state.get('finished')} "
+        f"end_reason={state.get('end_reason')!r}"
+    ]
+    for log in sorted(deployment.log_dir.glob("*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        out += [f"{log.stem}: {line[:160]}" for line in tail]
+    return "\n".join(out)
 
 
 def test_bank_killed_mid_round_and_server_restart_resume(tmp_path):
@@ -178,7 +192,12 @@ def test_bank_killed_mid_round_and_server_restart_resume(tmp_path):
         deployment.kill("bank-2")
 
         # Round 1 completes with the two other banks and says why bank-2 is missing.
-        wait_for(lambda: read_state(job).get("completed_round") == 1, 300, "round 1 to complete")
+        wait_for(
+            lambda: read_state(job).get("completed_round") == 1,
+            300,
+            "round 1 to complete",
+            diagnose=lambda: last_words(deployment, job),
+        )
         round1 = read_state(job)["rounds"][0]
         assert round1["participants"] == ["bank-0", "bank-1"] and round1["aggregated"]
         assert any("bank-2" in who or "node-" in who for who in round1["left_out"]), round1["left_out"]
@@ -191,7 +210,12 @@ def test_bank_killed_mid_round_and_server_restart_resume(tmp_path):
         deployment.restart("serverapp")
         resubmit = deployment.flwr_run(run_config, timeout=120, stream=False)
         assert resubmit.returncode == 0
-        wait_for(lambda: read_state(job).get("finished", False), 300, "the resumed job to finish")
+        wait_for(
+            lambda: read_state(job).get("finished", False),
+            300,
+            "the resumed job to finish",
+            diagnose=lambda: last_words(deployment, job),
+        )
         pids += [p.pid for p in deployment.processes.values()]
 
     assert_processes_gone(pids)
