@@ -1,6 +1,6 @@
 """CLI: verify privacy ledgers, write a self-contained report, sign it off.
 
-    python -m fedmoe.audit [--out DIR] [--pins FILE] [--empirical [--canaries M] [--epsilon E]] LEDGER...
+    python -m fedmoe.audit [--out DIR] [--pins FILE] [--policy BANK=FILE] [--empirical ...] LEDGER...
     python -m fedmoe.audit --sign-off NAME [--officer-key PATH] [--sign-off-failed] --out DIR LEDGER...
     python -m fedmoe.audit --verify-sign-off DIR [--officer-public-key HEX] [LEDGER...]
 
@@ -61,6 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="FILE",
         help="pinned consortium identity keys (pins JSON; repeat to merge): every entry's signature must verify",
     )
+    parser.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="BANK=FILE",
+        help="a bank's policy file (repeat per bank): every entry of that bank must carry its hash and comply with it",
+    )
     _add_sign_off_args(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     args = parser.parse_args(argv)
@@ -74,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--sign-off-failed needs --sign-off NAME")
     if args.inject_no_noise and not args.empirical:
         parser.error("--inject-no-noise needs --empirical")
+    bad = [p for p in args.policy if "=" not in p or not p.split("=", 1)[0] or not p.split("=", 1)[1]]
+    if bad:
+        parser.error(f"--policy expected BANK=FILE, got {bad[0]!r}")
+    args.policies = dict(p.split("=", 1) for p in args.policy)
     return args
 
 
@@ -165,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     except CryptoError as err:
         console.print(f"[red]error:[/] {err}")
         return 2
-    result = audit_ledgers(args.ledgers, pins=pins)
+    result = audit_ledgers(args.ledgers, pins=pins, policies=args.policies)
     if args.empirical:
         try:
             config = CanaryAuditConfig(

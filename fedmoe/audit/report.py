@@ -78,6 +78,26 @@ WHAT_TO_DO: dict[str, str] = {
     "original from the bank and check the pins file.",
     "signature": "Signatures were not checked against pinned keys: run the audit again with --pins FILE to prove "
     "which bank wrote each entry.",
+    "dataset-identity": "One dataset has several ledgers (its lifetime budget was reset): count their composed ε "
+    "as spent, stop training on this dataset if it is above the budget, and have the bank set 'dataset-id'.",
+    "dataset-changed": "Rows were added to the dataset under the same ledger: confirm with the bank; one budget "
+    "covers both versions.",
+    "policy-file": "The bank's policy file is missing or unreadable: get the policy that was in force from the bank.",
+    "policy-hash": "The entry was written under another policy than the file given: get the policy that was in "
+    "force at that time, and find out who changed it.",
+    "policy-overrides": "Node-config loosened the bank's policy: remove the override; count the ε spent above the "
+    "policy as overspent.",
+    "policy-noise": "σ below the policy's floor: stop the bank's private jobs and find out why its policy check "
+    "did not refuse.",
+    "policy-clip": "Clip norm outside the policy's range: stop the bank's private jobs and find out why its policy "
+    "check did not refuse.",
+    "policy-delta": "δ above the policy's max-delta: stop the bank's private jobs and find out why its policy check "
+    "did not refuse.",
+    "policy-unit": "A weaker privacy unit than the policy's: treat those rounds as protecting only that unit.",
+    "policy-budget": "Budget or ε above the policy's lifetime ε: stop training on this dataset and record the "
+    "overspend.",
+    "policy-noise-source": "Predictable noise or no DP without the policy allowing it: treat those releases as "
+    "not private.",
     "refused-round": "No action needed: the bank's own budget check refused this round and nothing was spent; "
     "the bank has no budget left for another round like it.",
     "failed-round": "Nothing was spent; if rounds keep failing, ask the bank for its logs.",

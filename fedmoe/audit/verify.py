@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fedmoe.audit.policy_check import check_dataset_identities, check_entry_policy, load_policies
 from fedmoe.crypto.errors import CryptoError
 from fedmoe.crypto.identity import ConsortiumPins
 from fedmoe.protocol.accounting import epsilon_pld, epsilon_rdp, epsilon_tolerance
@@ -360,7 +361,11 @@ def _check_entry(
                 entry,
             )
         same_job = entry["job_id"] == prev["job_id"]  # a new job on the same data may read the curve elsewhere
-        for name in ("bank_id", "dataset_fingerprint", *(("accountant", "delta") if same_job else ())):
+        if entry["dataset_fingerprint"] != prev["dataset_fingerprint"]:  # rows added to the same dataset
+            out.add("warning", "dataset-changed", where, "the dataset's records changed (fingerprint "
+                    f"{str(prev['dataset_fingerprint'])[:12]}... -> {str(entry['dataset_fingerprint'])[:12]}...) "
+                    "under the same ledger: one budget covers both", entry)  # fmt: skip
+        for name in ("bank_id", "dataset_id", *(("accountant", "delta") if same_job else ())):
             if entry[name] != prev[name]:
                 out.add(
                     "error",
@@ -588,6 +593,7 @@ def _audit_bank_file(
     rec: _Recompute,
     out: _Collector,
     pins: ConsortiumPins | None = None,
+    policies: Mapping[str, tuple[Path, Any]] | None = None,
 ) -> dict[tuple[str, str], _BankView]:
     views: dict[tuple[str, str], _BankView] = {}
     prev: dict[str, Any] | None = None
@@ -601,6 +607,9 @@ def _audit_bank_file(
             out.add("error", "sequence", where, f"bank_id: expected {first_ids!r} like line 1, got {ids!r}", entry)
         _check_signature(entry, where, pins, out)
         if _check_entry(entry, where, prev, rec, out):
+            policy_path, policy = (policies or {}).get(str(entry["bank_id"]), (None, None))
+            if policy is not None:
+                check_entry_policy(entry, where, policy, policy_path, out.add)
             prev = entry
             key = (str(entry["job_id"]), str(entry["bank_id"]))
             views.setdefault(key, _BankView(path, "bank", chain_ok=chain_ok)).entries.append((line, entry))
@@ -763,7 +772,12 @@ def _summarize(
     )
 
 
-def audit_ledgers(paths: Iterable[str | os.PathLike[str]], *, pins: ConsortiumPins | None = None) -> AuditResult:
+def audit_ledgers(
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    pins: ConsortiumPins | None = None,
+    policies: Mapping[str, str | os.PathLike[str]] | None = None,
+) -> AuditResult:
     """Verifies bank ledgers and server mirror files; recomputes every epsilon independently.
 
     Pure: reads the files, prints nothing, raises nothing for bad content (every problem is a
@@ -785,6 +799,8 @@ def audit_ledgers(paths: Iterable[str | os.PathLike[str]], *, pins: ConsortiumPi
     files: list[LedgerFile] = []
     bank_views: dict[tuple[str, str], _BankView] = {}
     mirror_views: dict[tuple[str, str], _BankView] = {}
+    loaded = load_policies(policies, out.add)
+    bank_files: list[tuple[Path, list[dict[str, Any]]]] = []
     for raw in paths:
         path = Path(raw)
         chain, entries = read_verified(path)
@@ -792,7 +808,8 @@ def audit_ledgers(paths: Iterable[str | os.PathLike[str]], *, pins: ConsortiumPi
             out.add("error", "chain", (path, chain.first_bad_line or None), chain.problem)
         kind = _file_kind(entries)
         if kind == "bank":
-            views = _audit_bank_file(path, entries, chain.ok, rec, out, pins)
+            views = _audit_bank_file(path, entries, chain.ok, rec, out, pins, loaded)
+            bank_files.append((path, entries))
             for view in views.values():
                 view.head_hash, view.n_lines = chain.last_hash, chain.n_entries
             _keep_first(bank_views, views, "sequence", "bank ledger", out)
@@ -812,6 +829,7 @@ def audit_ledgers(paths: Iterable[str | os.PathLike[str]], *, pins: ConsortiumPi
         ids = sorted({(str(e.get("job_id")), str(e.get("bank_id"))) for e in entries})
         files.append(LedgerFile(path, kind, chain, tuple(b for _, b in ids), tuple(sorted({j for j, _ in ids}))))
 
+    check_dataset_identities(bank_files, loaded, out.add)
     for key, mirror in mirror_views.items():
         if key in bank_views:
             _cross_check(bank_views[key], mirror, out)

@@ -290,7 +290,7 @@ def local_round(bank: Bank, data: BankData, round_idx: int) -> RoundResult:
     privacy.record_missed(round_idx, bank.attempted_rounds())
     refusals = privacy.policy_refusals()
     if refusals:
-        return privacy.refuse(round_idx, "; ".join(map(str, refusals)))
+        return privacy.refuse(round_idx, refusals)
     if not bank.job.dp:  # the policy allows it (allow-no-dp): on the record as non-private
         return privacy.record_non_private(round_idx, bank.train_plain(data, round_idx))
     return privacy.train(bank.model, data, round_idx)

@@ -127,8 +127,8 @@ class BankConfig:
 
 
 def _policy(raw: Mapping[str, Any], bank_id: str) -> BankPolicy:
-    """The policy file's rules; node-config `epsilon`/`delta` (the bank's own) override its budget."""
-    overrides = {k: v for k, v in (("epsilon", raw.get("epsilon")), ("max_delta", raw.get("delta"))) if v is not None}
+    """The policy file's rules; node-config `epsilon`/`delta` (the bank's own) may only tighten them."""
+    node = {k: raw[k] for k in ("epsilon", "delta") if raw.get(k) is not None}
     if raw.get("policy-file"):
-        return BankPolicy.from_file(raw["policy-file"], **overrides)
-    return BankPolicy.from_mapping({}, source=f"defaults of {bank_id}", **overrides)
+        return BankPolicy.from_file(raw["policy-file"]).tightened(**node)
+    return BankPolicy.from_mapping({}, source=f"defaults of {bank_id}").tightened(**node)

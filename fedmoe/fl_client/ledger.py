@@ -69,6 +69,9 @@ def round_entry(
     started_at: str | None = None,
     noise_source: str = "csprng",
     dataset_fingerprint: str = "",
+    dataset_id: str = "",
+    policy_hash: str = "",
+    policy_overrides: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """A bank's ledger entry for one round, every field the audit re-derives epsilon from.
 
@@ -90,7 +93,10 @@ def round_entry(
         started_at: when the round started (ISO 8601 UTC); `Ledger.append` adds `written_at`.
         noise_source: "csprng", "seeded" (the bank's policy allowed predictable noise) or "none"
             (a non-private round).
-        dataset_fingerprint: the dataset (and privacy unit) this ledger's budget belongs to.
+        dataset_fingerprint: the set of records this round saw (order-, duplicate- and unit-free).
+        dataset_id: the dataset identity this ledger's lifetime budget belongs to.
+        policy_hash, policy_overrides: the bank's policy in force (its content hash) and the node-config
+            values applied over it; the audit checks the entry against that policy file.
 
     Returns:
         A JSON-ready dict (a `BankEntry`, schema BANK_SCHEMA) for `Ledger.append`.
@@ -167,6 +173,9 @@ def round_entry(
         secure_mode=bool(cfg.secure_mode),
         noise_source=noise_source,
         dataset_fingerprint=dataset_fingerprint,
+        dataset_id=dataset_id,
+        policy_hash=policy_hash,
+        policy_overrides=dict(policy_overrides or {}),
         grad_sample_mode=cfg.grad_sample_mode,
         # accounting, at the bank's delta
         accountant=cfg.accountant,

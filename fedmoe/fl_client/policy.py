@@ -13,8 +13,10 @@ the defaults below hold (the strict ones). Example: deploy/bank-policy.example.t
 from __future__ import annotations
 
 import difflib
+import hashlib
 import math
-from dataclasses import dataclass, field, fields
+import re
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +24,17 @@ from fedmoe.crypto.secagg.params import BANK_FLOOR
 from fedmoe.protocol.config import PRIVACY_UNITS, JobConfig
 from fedmoe.protocol.errors import ConfigError
 from fedmoe.protocol.files import read_document
+from fedmoe.protocol.ledger import canonical_json
 
 # Metrics a policy may let leave the bank. None of them is DP-protected: off by default.
 RELEASABLE_METRICS: tuple[str, ...] = ("train-loss", "eval-loss")
 # Privacy units from weakest to strongest: protecting a whole customer covers each of its records.
 UNIT_STRENGTH = {unit: rank for rank, unit in enumerate(PRIVACY_UNITS)}
+# Node-config keys that may override the policy file, and the policy field each tightens.
+NODE_OVERRIDES = {"epsilon": "epsilon", "delta": "max_delta"}
+# Fields that describe where a policy came from, not what it allows (left out of its hash).
+_META_FIELDS = ("source", "overrides", "file_hash")
+_DATASET_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,15 @@ class BankPolicy:
             this bank's update (the floor above is then no protection either). True by default (one
             institution federating its own silos); a consortium's banks set it false
             (deploy/bank-policy.example.toml).
+        dataset_id: the bank's own name for this dataset; its ledger lives under privacy/<dataset-id>/ and
+            every version of the data (rows added, reordered) spends from that one lifetime budget. Empty:
+            the ledger is found by the records themselves (the one that holds any of them), else named by
+            the dataset's fingerprint.
+        eval_only_known_models: release an eval loss only for a model the bank produced itself or the
+            consortium's signed aggregate, never for one the server chose (true by default).
         source: where the policy came from (file path or "defaults"), for messages.
+        overrides: node-config values applied over the file (each only tightens it), for the ledger.
+        file_hash: content hash of the policy before `overrides` (what `fedmoe audit --policy` checks).
     """
 
     epsilon: float = 8.0
@@ -82,7 +98,11 @@ class BankPolicy:
     reveal_on_quarantine: bool = False
     max_reveals: int = 1
     allow_shared_key_aggregation: bool = True
+    dataset_id: str = ""
+    eval_only_known_models: bool = True
     source: str = field(default="defaults", compare=False)
+    overrides: tuple[tuple[str, float], ...] = field(default=(), compare=False)
+    file_hash: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str, got: Any) -> ConfigError:
@@ -115,6 +135,38 @@ class BankPolicy:
         unknown = sorted(set(self.release_metrics) - set(RELEASABLE_METRICS))
         if unknown:
             raise bad("release-metrics", f"a subset of {list(RELEASABLE_METRICS)}", unknown)
+        if self.dataset_id and not _DATASET_ID.match(self.dataset_id):
+            raise bad("dataset-id", "letters, digits, '.', '_', '-' (at most 64, starting with a letter or digit)",
+                      self.dataset_id)  # fmt: skip
+        if not self.file_hash:
+            object.__setattr__(self, "file_hash", self.content_hash())
+
+    def content_hash(self) -> str:
+        """SHA-256 of the rules (every field but the provenance ones), canonical JSON: comments and key
+        order in the file do not change it; any rule does."""
+        body = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self) if f.name not in _META_FIELDS}
+        return hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
+    def tightened(self, **node: float) -> BankPolicy:
+        """The policy with node-config `epsilon` / `delta` applied: each may only tighten the file.
+
+        Raises:
+            ConfigError: a node-config value looser than the policy's (rule 'node-config-tightens-only').
+        """
+        changes: dict[str, float] = {}
+        for key, value in sorted(node.items()):
+            name = NODE_OVERRIDES[key]
+            if value > getattr(self, name):
+                raise ConfigError(
+                    f"node-config '{key}' = {value:g} loosens bank policy {self.source} "
+                    f"('{name.replace('_', '-')}' = {getattr(self, name):g}): node-config may only tighten the "
+                    "policy (rule 'node-config-tightens-only')"
+                )
+            changes[name] = float(value)
+        if not changes:
+            return self
+        overrides = tuple((k, float(v)) for k, v in sorted(node.items()))
+        return replace(self, **changes, overrides=overrides, file_hash=self.file_hash)
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> BankPolicy:
@@ -125,7 +177,7 @@ class BankPolicy:
 
     @classmethod
     def from_mapping(cls, raw: dict[str, Any], *, source: str, **overrides: Any) -> BankPolicy:
-        known = {f.name.replace("_", "-"): f for f in fields(cls) if f.name != "source"}
+        known = {f.name.replace("_", "-"): f for f in fields(cls) if f.name not in _META_FIELDS}
         kwargs: dict[str, Any] = {}
         for key, value in raw.items():
             if key not in known:
@@ -154,14 +206,29 @@ def _typed(source: str, key: str, value: Any, default: Any) -> Any:
 
 @dataclass(frozen=True)
 class Refusal:
-    """A job setting the bank's policy does not allow: the key, the job's value, the bound."""
+    """A job setting (or a bank setting) the bank's policy does not allow: the key, the value, the bound.
+
+    Its text is what the server sees: it names the rule and the policy's limit, never a number
+    derived from the bank's dataset (its size, q, 1/n, a calibrated sigma). `detail` may hold those
+    for the bank's own log and ledger; it never leaves the bank.
+    """
 
     key: str
     got: Any
     bound: str
+    rule: str = ""  # the rule's name (defaults to the key)
+    of_policy: bool = False  # the bank's own settings refuse, whatever the job asks
+    detail: str = field(default="", compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.rule or self.key
 
     def __str__(self) -> str:
-        return f"run config '{self.key}' = {self.got!r} is refused by the bank's policy: {self.bound}"
+        if self.of_policy:
+            return f"refused by the bank's own policy (rule '{self.name}'): {self.bound}"
+        head = f"run config '{self.key}' = {self.got!r} is refused by the bank's policy"
+        return f"{head} (rule '{self.name}'): {self.bound}"
 
 
 def check_job(job: JobConfig, policy: BankPolicy) -> list[Refusal]:
@@ -194,17 +261,38 @@ def check_job(job: JobConfig, policy: BankPolicy) -> list[Refusal]:
     return out
 
 
-def check_round(policy: BankPolicy, *, delta: float, n_samples: int, noise_multiplier: float) -> list[Refusal]:
-    """Checks that need the bank's data: delta <= 1/n and the calibrated sigma >= the policy's floor."""
-    out: list[Refusal] = []
-    if delta > 1.0 / max(n_samples, 1):
-        out.append(Refusal("delta", delta, f"delta must be <= 1/n = {1.0 / max(n_samples, 1):.3g} for this dataset"))
-    if noise_multiplier < policy.min_noise_multiplier:
-        out.append(
+def check_data(policy: BankPolicy, *, n_samples: int) -> list[Refusal]:
+    """The policy against the bank's own data: 'max-delta' <= 1/n.
+
+    Compares the *policy's* bound, never the job's delta, with 1/n: the outcome does not depend on
+    anything the server sends, so it cannot be used to search for n (issue 26).
+    """
+    if policy.max_delta > 1.0 / max(n_samples, 1):
+        return [
             Refusal(
-                "epsilon",
-                f"sigma {noise_multiplier:.3f}",
-                f"'min-noise-multiplier' is {policy.min_noise_multiplier:g}: the job's budget per round is too large",
+                "max-delta",
+                policy.max_delta,
+                f"'max-delta' = {policy.max_delta:g} is too large for this bank's dataset (delta must be below 1/n); "
+                "its operator must lower it",
+                rule="delta-below-1/n",
+                of_policy=True,
+                detail=f"1/n = {1.0 / max(n_samples, 1):.3g} ({n_samples} units)",
             )
+        ]
+    return []
+
+
+def check_noise(policy: BankPolicy, job: JobConfig, *, noise_multiplier: float) -> list[Refusal]:
+    """The calibrated sigma against the policy's floor (the sigma itself stays in the bank's detail)."""
+    if noise_multiplier >= policy.min_noise_multiplier:
+        return []
+    return [
+        Refusal(
+            "epsilon",
+            job.epsilon,
+            "the job's budget per round needs less noise than "
+            f"'min-noise-multiplier' = {policy.min_noise_multiplier:g}",
+            rule="min-noise-multiplier",
+            detail=f"calibrated sigma {noise_multiplier:.4f}",
         )
-    return out
+    ]

@@ -1,12 +1,21 @@
 """A bank's privacy bookkeeping for one train message: policy checks, DP config, ledger, accountant.
 
-The budget belongs to the bank's *dataset*, not to a job: the ledger and the accountant live in
-`<state-root>/privacy/<dataset fingerprint>/`, so a new job on the same data continues from the
-epsilon already spent. Everything here runs under the bank's round lock (fedmoe.fl_client.bank).
+The budget belongs to the bank's *dataset identity*, not to a job, a file order or a privacy unit:
+the ledger and the accountant live in `<state-root>/privacy/<dataset id>/`, so a new job on the
+same data continues from the epsilon already spent, whatever unit it asks for (a customer-level
+round is also a record-level one, and spends from the same record-level lifetime budget).
+
+Which ledger: the policy's `dataset-id` when set; else the ledger that already holds any of these
+records (or customers); else a new one named by the dataset fingerprint. Each ledger folder keeps
+`records.sha256`, the sorted set of 16-byte digests of every record (and customer id) it ever
+covered; it never leaves the bank. A dataset whose records overlap a *second* ledger is refused
+(rule 'dataset-overlap'): its budget would be split. Adding rows needs nothing declared as long as
+some old rows remain (the ledger is found by content); a bank that replaces its data wholesale
+keeps its `dataset-id` in the policy. Everything here runs under the bank's round lock.
 
 What leaves the bank about its privacy is a commitment to each ledger entry (ids, status, chain
-position, hash, and the bank's own "exhausted" verdict): never n, q, sigma or epsilon, from which
-the dataset size would follow.
+position, hash, and the bank's own "exhausted" verdict) and, for a refusal, the rule's name and the
+policy's limit: never n, q, 1/n, sigma or epsilon, from which the dataset size would follow.
 """
 
 from __future__ import annotations
@@ -16,18 +25,20 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedmoe.crypto.identity import ConsortiumPins, generate_identity, load_identity, write_pins
 from fedmoe.fl_client.config import BankConfig
-from fedmoe.fl_client.dp import AccountantState, BudgetExceeded, DPConfig, DPError, HistoryEntry, train_private_round
+from fedmoe.fl_client.dp import AccountantState, DPConfig, DPError, HistoryEntry, train_private_round
 from fedmoe.fl_client.dp.accountant import noise_multiplier_for, sample_rate_for
 from fedmoe.fl_client.fedopt import local_dp_config
-from fedmoe.fl_client.ledger import accountant_state_from_ledger, round_entry
-from fedmoe.fl_client.policy import Refusal, check_job, check_round
-from fedmoe.fl_client.task import BankData, dp_config, round_seed
+from fedmoe.fl_client.ledger import accountant_state_from_ledger, next_round_epsilon, round_entry
+from fedmoe.fl_client.policy import Refusal, check_data, check_job, check_noise
+from fedmoe.fl_client.task import RECORD_HASH_BYTES, BankData, dp_config, round_seed
 from fedmoe.protocol.config import JobConfig
 from fedmoe.protocol.errors import ConfigError
+from fedmoe.protocol.files import atomic_write_bytes
 from fedmoe.protocol.ledger import Ledger, Signer, bank_exhausted, commitment_of, skipped_rounds, utc_now
 
 logger = logging.getLogger(__name__)
@@ -60,6 +71,54 @@ def bank_signer(config: BankConfig) -> Signer:
     return identity.public_key.hex(), identity.sign
 
 
+RECORDS_FILE = "records.sha256"  # in each ledger folder: the sorted digests of every record it covered
+
+
+def _digests(path: Path) -> set[bytes]:
+    raw = path.read_bytes() if path.exists() else b""
+    width = RECORD_HASH_BYTES
+    return {raw[i : i + width] for i in range(0, len(raw) - len(raw) % width, width)}
+
+
+@dataclass(frozen=True)
+class DatasetIdentity:
+    """The ledger folder whose lifetime budget this data spends from, and any overlap problem."""
+
+    folder: Path
+    dataset_id: str
+    overlapping: tuple[str, ...] = ()  # *other* ledgers that cover some of these records: refused
+
+
+def dataset_identity(config: BankConfig, data: BankData) -> DatasetIdentity:
+    """Finds this data's ledger: the policy's dataset-id, else the one holding any of its records."""
+    root = config.state_root / "privacy"
+    mine = {bytes(row) for row in data.record_hashes.numpy()}
+    found = []
+    for folder in sorted(p for p in root.glob("*") if p.is_dir()):
+        if not mine.isdisjoint(_digests(folder / RECORDS_FILE)):
+            found.append(folder)
+    wanted = config.policy.dataset_id
+    if wanted:
+        target = root / wanted
+    elif found:
+        target = found[0]
+    else:
+        target = root / data.fingerprint[:24]
+    others = tuple(f.name for f in found if f != target)
+    return DatasetIdentity(target, target.name, others)
+
+
+def record_coverage(identity: DatasetIdentity, data: BankData) -> None:
+    """Adds this data's digests to its ledger's record set (before any entry is written)."""
+    path = identity.folder / RECORDS_FILE
+    known = _digests(path)
+    mine = {bytes(row) for row in data.record_hashes.numpy()}
+    if mine <= known:
+        return
+    union = sorted(known | mine)
+    atomic_write_bytes(path, np.frombuffer(b"".join(union), dtype=np.uint8).tobytes())
+
+
 def _load_accountant(path: Path, cfg: DPConfig) -> AccountantState:
     if not path.exists():
         return AccountantState.fresh(cfg)
@@ -73,7 +132,9 @@ class BankPrivacy:
         self.job, self.config, self.policy = job, config, config.policy
         self.cfg = local_dp_config(job, dp_config(job, config))
         self.n_samples, self.fingerprint = len(data.train), data.fingerprint
-        self.dir = config.privacy_dir(data.fingerprint)
+        self.identity = dataset_identity(config, data)
+        self.dir = self.identity.folder
+        record_coverage(self.identity, data)
         self.ledger = Ledger(self.dir / "ledger.jsonl")
         self.signer = bank_signer(config)
         self.entries = self.ledger.entries()
@@ -99,6 +160,9 @@ class BankPrivacy:
             budget_epsilon=self.cfg.target_epsilon,
             noise_source=noise,
             dataset_fingerprint=self.fingerprint,
+            dataset_id=self.identity.dataset_id,
+            policy_hash=self.policy.file_hash,
+            policy_overrides=dict(self.policy.overrides),
             **({"report": None, "state": self.accountant} | details),
         )
         return self.ledger.append(entry, signer=self.signer)
@@ -115,11 +179,19 @@ class BankPrivacy:
             else:
                 self.append(missed, "skipped", reason="the bank was not asked to train in this round")
 
-    def refuse(self, round_idx: int, reason: str) -> RoundResult:
-        """Nothing trained, nothing spent; the refusal is on the bank's record and the server sees why."""
-        logger.warning("bank %s refuses round %d: %s", self.config.bank_id, round_idx, reason)
+    def refuse(self, round_idx: int, refusals: list[Refusal]) -> RoundResult:
+        """Nothing trained, nothing spent; the refusal is on the bank's record and the server sees the rules.
+
+        The server sees each refusal's rule and the policy's limit; the numbers behind it (n, q, sigma)
+        go only to the bank's log and its own ledger entry.
+        """
+        public = "; ".join(map(str, refusals))
+        detail = "; ".join(r.detail for r in refusals if r.detail)
+        logger.warning("bank %s refuses round %d: %s%s", self.config.bank_id, round_idx, public,
+                       f" ({detail})" if detail else "")  # fmt: skip
+        reason = f"{public} [bank only: {detail}]" if detail else public
         stored = self.append(round_idx, "refused", reason=reason, planned=self.planned())
-        return RoundResult(commitment=self.commit(stored, exhausted=True), refused=reason)
+        return RoundResult(commitment=self.commit(stored, exhausted=True), refused=public)
 
     def planned(self) -> HistoryEntry | None:
         """The mechanism the next round would run (None when no noise can meet the budget)."""
@@ -129,12 +201,51 @@ class BankPrivacy:
         except DPError:
             return None
 
+    def budget_refusal(self, detail: str) -> Refusal:
+        return Refusal(
+            "epsilon",
+            self.job.epsilon,
+            f"this round would pass the lifetime budget epsilon <= {self.policy.epsilon:g} of the bank's dataset "
+            "(every job and privacy unit on it together)",
+            rule="lifetime-budget",
+            detail=detail,
+        )
+
+    def round_refusals(self) -> list[Refusal]:
+        """The checks that need the bank's data; their text carries no number derived from it."""
+        refusals = check_data(self.policy, n_samples=self.n_samples)
+        try:
+            q = sample_rate_for(self.cfg, self.n_samples)
+        except DPError as err:
+            bound = "the expected batch must be smaller than this bank's dataset"
+            return [*refusals, Refusal("batch-size", self.job.batch_size, bound, detail=str(err))]
+        try:
+            sigma = noise_multiplier_for(self.cfg, self.n_samples)
+        except DPError as err:
+            return [*refusals, self.budget_refusal(str(err))]
+        refusals += check_noise(self.policy, self.job, noise_multiplier=sigma)
+        after = next_round_epsilon(self.accountant, HistoryEntry(sigma, q, self.cfg.local_steps))
+        if after > min(self.cfg.target_epsilon, self.policy.epsilon):
+            spent = self.accountant.epsilon()
+            refusals.append(self.budget_refusal(f"epsilon {spent:.4f} spent, the round would bring it to {after:.4f}"))
+        return refusals
+
     def policy_refusals(self) -> list[Refusal]:
         refusals = check_job(self.job, self.policy)
-        planned = self.planned() if not refusals and self.job.dp else None
-        if planned is not None:
-            sigma = planned.noise_multiplier
-            refusals += check_round(self.policy, delta=self.cfg.delta, n_samples=self.n_samples, noise_multiplier=sigma)
+        if self.identity.overlapping:
+            refusals.append(
+                Refusal(
+                    "dataset",
+                    None,
+                    "these records overlap more than one of the bank's dataset ledgers, so no single lifetime "
+                    "budget covers them; the bank's operator must name the dataset ('dataset-id')",
+                    rule="dataset-overlap",
+                    of_policy=True,
+                    detail=f"ledger {self.identity.dataset_id!r} and {list(self.identity.overlapping)}",
+                )
+            )
+        if not refusals and self.job.dp:
+            refusals += self.round_refusals()
         return refusals
 
     def train(self, model: torch.nn.Module, data: BankData, round_idx: int) -> RoundResult:
@@ -150,10 +261,8 @@ class BankPrivacy:
         started_at = utc_now()
         try:
             report = train_private_round(model, data.train, self.cfg, self.accountant, seed=seed)
-        except BudgetExceeded as err:
-            return self.refuse(round_idx, str(err))
-        except DPError as err:  # e.g. a budget too small for a single step: exhausted, not an error
-            return self.refuse(round_idx, f"cannot train within the budget: {err}")
+        except DPError as err:  # BudgetExceeded, or a budget too small for a single step: exhausted
+            return self.refuse(round_idx, [self.budget_refusal(str(err))])
         # Ledger first, then accountant: a crash can over-count, never under-count. round_entry records
         # what one more identical round would bring epsilon to: the bank's own "exhausted" verdict.
         stored = self.append(round_idx, "trained", report=report, state=None, started_at=started_at)

@@ -69,20 +69,39 @@ def build_model(job: JobConfig) -> DeepseekForCausalLM:
     return configure_trainable(model, job.train_mode, lora)
 
 
+RECORD_HASH_BYTES = 16  # per-record digest kept on the bank (128 bits: collisions out of reach)
+
+
 @dataclass
 class BankData:
     train: PackedData  # one privacy unit (record or customer) per sample
     held_out: PackedData
     source: str
-    fingerprint: str  # of the records and the privacy unit: the key of the bank's lifetime budget
+    fingerprint: str  # of the set of records (not their order, duplicates or the unit): the dataset's identity
+    record_hashes: torch.Tensor  # uint8 (n_distinct, RECORD_HASH_BYTES), sorted: finds overlap with other ledgers
+    has_customer_id: bool = False  # the records carry a customer_id column (item: customer-level by default)
 
 
-def data_fingerprint(records: list[dict], privacy_unit: str) -> str:
-    """SHA-256 of the bank's records (canonical JSON) and privacy unit: same data, same budget."""
-    digest = hashlib.sha256(f"{privacy_unit}\n".encode())
-    for record in records:
-        digest.update(json.dumps(record, sort_keys=True, default=str, ensure_ascii=False).encode() + b"\n")
-    return digest.hexdigest()
+def record_hashes(records: list[dict]) -> torch.Tensor:
+    """The sorted set of per-record digests (SHA-256 of each record's canonical JSON, truncated).
+
+    Order- and duplicate-independent: the same records reordered, or with a row repeated, give the
+    same set. It never leaves the bank (it is kept next to the bank's ledger to detect overlap).
+    """
+    digests = {
+        hashlib.sha256(json.dumps(r, sort_keys=True, default=str, ensure_ascii=False).encode()).digest()[
+            :RECORD_HASH_BYTES
+        ]
+        for r in records
+    }
+    flat = b"".join(sorted(digests))
+    return torch.frombuffer(bytearray(flat), dtype=torch.uint8).reshape(len(digests), RECORD_HASH_BYTES).clone()
+
+
+def data_fingerprint(records: list[dict]) -> str:
+    """SHA-256 over the sorted set of record digests: the dataset's identity, whatever the row order,
+    duplicated rows or privacy unit (a customer-level round spends from the same lifetime budget)."""
+    return hashlib.sha256(b"fedmoe.dataset/2\n" + record_hashes(records).numpy().tobytes()).hexdigest()
 
 
 def load_bank_data(job: JobConfig, bank: BankConfig, vocab_size: int) -> BankData:
@@ -94,13 +113,17 @@ def load_bank_data(job: JobConfig, bank: BankConfig, vocab_size: int) -> BankDat
     parts = {
         "tokenizer": [type(tokenizer).__name__, tokenizer.vocab_size, tokenizer.eos_id, tokenizer.pad_id],
         "split-pack": [job.seq_len, job.privacy_unit, job.eval_fraction, job.seed],
+        "identity": 2,  # record-set fingerprint + record hashes (issue 26)
         "data": "file" if bank.data_path is not None else
         ["synthetic", job.synthetic_banks, bank.partition_id, job.records_per_bank],
     }  # fmt: skip
     tokenizer_file = Path(job.base_checkpoint) / "tokenizer.json" if job.base_checkpoint else None
     key = cache_key(parts, data_file=bank.data_path, tokenizer_file=tokenizer_file)
     packed = cached(bank.state_root / "data-cache", key, lambda: _pack_bank_data(job, bank, tokenizer))
-    return BankData(packed["train"], packed["held_out"], packed["source"], packed["fingerprint"])
+    return BankData(
+        packed["train"], packed["held_out"], packed["source"], packed["fingerprint"], packed["record_hashes"],
+        bool(packed["has_customer_id"]),
+    )  # fmt: skip
 
 
 def _pack_bank_data(job: JobConfig, bank: BankConfig, tokenizer) -> dict:
@@ -131,7 +154,9 @@ def _pack_bank_data(job: JobConfig, bank: BankConfig, tokenizer) -> dict:
         "train": pack_records(train, **pack),
         "held_out": pack_records(held_out, **pack),
         "source": source,
-        "fingerprint": data_fingerprint(records, job.privacy_unit),
+        "fingerprint": data_fingerprint(records),
+        "record_hashes": record_hashes(records),
+        "has_customer_id": int(bool(records) and "customer_id" in records[0]),
     }
 
 

@@ -55,8 +55,10 @@ def test_node_config_defaults_and_errors(tmp_path):
 
 def test_node_config_rejects_bad_delta_and_counts(tmp_path):
     job = JobConfig(key_dir=str(tmp_path / "keys"))
-    with pytest.raises(ConfigError, match=r"'max-delta' expected a number in \(0, 1\), got 2.0"):
-        BankConfig.from_node_config({"bank-id": "b", "delta": 2}, job)
+    with pytest.raises(ConfigError, match=r"'max-delta' expected a number in \(0, 1\), got 0.0"):
+        BankConfig.from_node_config({"bank-id": "b", "delta": 0}, job)
+    with pytest.raises(ConfigError, match=r"node-config 'delta' = 2 loosens .*'node-config-tightens-only'"):
+        BankConfig.from_node_config({"bank-id": "b", "delta": 2}, job)  # issue 26: node-config only tightens
     with pytest.raises(ConfigError, match="'planned-rounds'/'torch-threads' expected >= 0, got -1/0"):
         BankConfig.from_node_config({"bank-id": "b", "planned-rounds": -1}, job)
 
