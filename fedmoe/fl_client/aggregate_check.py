@@ -81,3 +81,16 @@ def check_aggregate(job: JobConfig, round_idx: int, mean: np.ndarray, total_weig
             f"largest |coordinate| of the mean update is {peak:.3g}, "
             f"above the bound {bound:.3g} (= {_bound_text(job)})",
         )
+
+
+def check_contribution(job: JobConfig, update: np.ndarray) -> str | None:
+    """Why one bank's update (opened in an accountable round) is out of bound, or None: finite, and
+    every coordinate within the bound an honest bank's own clamped update obeys (the mean's bound)."""
+    bad = int(np.size(update) - np.count_nonzero(np.isfinite(update)))
+    if bad:
+        return f"{bad} non-finite value(s) in its update"
+    peak = float(np.max(np.abs(update))) if np.size(update) else 0.0
+    bound = coordinate_bound(job)
+    if peak > bound:
+        return f"largest |coordinate| of its update is {peak:.3g}, above the bound {bound:.3g} (= {_bound_text(job)})"
+    return None

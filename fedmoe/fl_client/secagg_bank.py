@@ -34,11 +34,13 @@ import numpy as np
 
 from fedmoe.crypto.errors import CryptoError
 from fedmoe.crypto.identity import ConsortiumPins, Identity, load_identity, load_pins
+from fedmoe.crypto.secagg.accountability import verdict
 from fedmoe.crypto.secagg.bank import BankSecAgg, open_aggregate
 from fedmoe.crypto.secagg.bfv import SECRET_FILE as BFV_SECRET_FILE
 from fedmoe.crypto.secagg.bfv import BfvKey
 from fedmoe.crypto.secagg.bfv_secret import load_bfv_secret
 from fedmoe.crypto.secagg.messages import (
+    AccuseRequest,
     MaskedInputRequest,
     QuarantineEvidence,
     RoundSetup,
@@ -233,6 +235,7 @@ def advertise(
     setup = RoundSetup.from_bytes(request.secagg)
     if (setup.job_id, setup.round) != (job.job_id, request.round):
         raise CryptoError(f"advertise: setup for job {setup.job_id!r} round {setup.round}", reason="replay")
+    refuse_accused(job, config, setup)
     forget_rounds(job, config, through=request.round - 1 if forget_through is None else forget_through)
     path = state_file(job, config, request.round)
     if path.exists():
@@ -252,8 +255,10 @@ def advertise(
 
 def later_stage(job: JobConfig, config: BankConfig, keys: SecAggKeys, request: RoundRequest) -> TrainReply:
     """Stages 1, 3 and 4: share keys, consent to the unmask view, unmask (then forget the round)."""
-    if request.stage == "reveal":  # a stage the protocol does not carry yet (docs/secagg.md "Accountable rounds")
+    if request.stage is SecAggStage.REVEAL:  # accountability (docs/secagg.md "Accountable rounds")
         return _reply(config, request, reveal_stage(job, config, keys, request.secagg))
+    if request.stage is SecAggStage.ACCUSE:
+        return _reply(config, request, accuse_stage(job, config, keys, request.secagg))
     secagg = load_round(job, config, keys, request.round)
     if request.stage is SecAggStage.SHARE_KEYS:
         out = secagg.share_keys(ShareKeysRequest.from_bytes(request.secagg))
@@ -338,6 +343,42 @@ def reveal_stage(job: JobConfig, config: BankConfig, keys: SecAggKeys, evidence_
     with log.open("a", encoding="utf-8") as f:
         f.write(json.dumps({"round": round_idx, "evidence_sha256": reveal.evidence_sha256.hex()}) + "\n")
     return reveal.to_bytes()
+
+
+def accused_file(job: JobConfig, config: BankConfig) -> Path:
+    return config.job_dir(job.job_id) / "secagg" / "accused.json"
+
+
+def accuse_stage(job: JobConfig, config: BankConfig, keys: SecAggKeys, request_bytes: bytes) -> bytes:
+    """A quarantined round's evidence and the reveals in, this bank's signed Verdict out: every
+    contribution it can open with its own BFV key, checked against the bound an honest bank's own
+    update obeys. A bank it finds out of bound is recorded in `secagg/accused.json`, and this bank
+    never masks with it again in this job (`refuse_accused`)."""
+    from fedmoe.fl_client.aggregate_check import check_contribution
+
+    request = AccuseRequest.from_bytes(request_bytes)
+    found = verdict(keys.identity, request, keys.bfv, keys.pins, lambda update: check_contribution(job, update))
+    path = accused_file(job, config)
+    accused = read_json(path) if path.exists() else {}
+    for accusation in found.accused:
+        accused.setdefault(accusation.bank_id, {"round": accusation.round, "reason": accusation.reason})
+        logger.error("bank %s: %s poisoned round %d: %s", config.bank_id, accusation.bank_id, accusation.round,
+                     accusation.reason)  # fmt: skip
+    atomic_write_json(path, accused)
+    return found.to_bytes()
+
+
+def refuse_accused(job: JobConfig, config: BankConfig, setup: RoundSetup) -> None:
+    """A setup with a bank this bank found poisoning an earlier round of the job is refused."""
+    path = accused_file(job, config)
+    accused = read_json(path) if path.exists() else {}
+    for bank in setup.participants:
+        if bank in accused:
+            raise CryptoError(
+                f"bank {config.bank_id}: the setup of round {setup.round} includes {bank!r}, which this bank "
+                f"found poisoning round {accused[bank]['round']} ({accused[bank]['reason']}): refused",
+                reason="inconsistent",
+            )
 
 
 def advertise_ahead(

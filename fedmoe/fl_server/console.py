@@ -47,6 +47,8 @@ class ConsoleReporter:
             self.console.print(f"  [yellow]left out[/] {who}: {why}")
         for quarantined in record.quarantined:
             self.console.print(f"  [red]quarantined[/] the aggregate of round {quarantined}: banks rejected it")
+        for bank, finding in record.named.items():
+            self.console.print(f"  [red]excluded[/] {bank}: {finding}")
         if record.no_aggregate:
             self.console.print(f"  [red]no aggregate[/]: {record.no_aggregate}")
 

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 
 from fedmoe.crypto import ExpectedHeader, aggregate, load_public_context
 from fedmoe.crypto.keys import PUBLIC_FILE
+from fedmoe.fl_server.accountability import Accountability
 from fedmoe.fl_server.layout import trainable_layout
 from fedmoe.fl_server.outcomes import MIRROR_STATUS, BankOutcome, Outcome, Reporter
 from fedmoe.fl_server.secagg_round import SecAggRound, load_secagg_keys
@@ -178,10 +179,11 @@ class Federation:
     # ---- one round: select -> send -> collect -> aggregate -> record ----------------------------
     def select(self, nodes: list[int]) -> tuple[list[int], list[BankOutcome]]:
         """The nodes asked to train, and outcomes for banks that are not asked."""
-        selected = [n for n in nodes if self.node_bank.get(n) not in self.state.exhausted]
+        left_out = {**self.state.exhausted, **self.state.excluded}  # no budget left, or named a poisoner
+        selected = [n for n in nodes if self.node_bank.get(n) not in left_out]
         connected = {self.label(n) for n in nodes}
         outcomes = [
-            BankOutcome(self.node_bank[n], Outcome.NOT_SELECTED, self.state.exhausted[self.node_bank[n]])
+            BankOutcome(self.node_bank[n], Outcome.NOT_SELECTED, left_out[self.node_bank[n]])
             for n in nodes
             if n not in selected
         ]
@@ -277,15 +279,37 @@ class Federation:
         started = time.perf_counter()
         secagg = SecAggRound(self, round_idx, record)
         bank_outcomes, bundle = secagg.run(selected)
+        self.quarantine_rejected(outcomes + bank_outcomes, record)
+        named = self.hold_accountable(round_idx, record, secagg) if record.quarantined else {}
+        if named:  # the round again without the banks the verdicts named (their keys are fresh)
+            secagg = SecAggRound(self, round_idx, record)
+            bank_outcomes, bundle = secagg.run([n for n in selected if self.node_bank.get(n) not in named])
+            bank_outcomes += [BankOutcome(bank, Outcome.NAMED, why) for bank, why in named.items()]
         record.seconds["round-trip"] = time.perf_counter() - started
         outcomes += bank_outcomes
-        self.quarantine_rejected(outcomes, record)
         self.record(record, outcomes, bundle)
         if secagg.abort_text:
             record.no_aggregate = secagg.abort_text
         if self.job.dp:
             self.mirror_ledgers(record.round, outcomes)
         return record
+
+    def hold_accountable(self, round_idx: int, record: RoundRecord, secagg: SecAggRound) -> dict[str, str]:
+        """The reveal and accuse exchanges for each round quarantined in this one (fedmoe.fl_server.
+        accountability); the banks most verdicts name are excluded from the job: {bank: finding}."""
+        named: dict[str, str] = {}
+        for quarantined in record.quarantined:
+            driver = SecAggRound(self, round_idx, record)
+            driver.nodes = dict(secagg.nodes)  # the banks identified in this round
+            result = Accountability(driver, self.store, quarantined).run()
+            if result is None:
+                continue
+            for bank, finding in result.named().items():
+                logger.error("round %d: %s", round_idx, finding)
+                self.state.excluded[bank] = finding
+                named[bank] = finding
+            record.named.update(result.named())
+        return named
 
     def quarantine_rejected(self, outcomes: list[BankOutcome], record: RoundRecord) -> None:
         """An aggregate most answering banks rejected is never sent again (honest banks agree on it)."""
@@ -395,7 +419,7 @@ class Federation:
         """(why the job cannot run this round, whether a later resubmission can resume it)."""
         if len(nodes) < self.job.min_banks:
             return f"only {len(nodes)} bank(s) connected before round {round_idx}, min-banks {self.job.min_banks}", True
-        selectable = [n for n in nodes if self.node_bank.get(n) not in self.state.exhausted]
+        selectable = [n for n in nodes if self.node_bank.get(n) not in {**self.state.exhausted, **self.state.excluded}]
         if len(selectable) < self.job.min_banks:
             return (
                 f"job ended before round {round_idx}: {len(selectable)} bank(s) with privacy budget left, "

@@ -30,6 +30,7 @@ class Outcome(StrEnum):
     ALREADY_RELEASED = "already released"  # released this round under other round keys (a restarted round)
     EXCLUDED = "excluded by secure aggregation"  # left out at a stage with a typed reason (signature, share, ...)
     ABORTED = "round aborted"  # its masked input was valid, but the round could not be unmasked
+    NAMED = "named a poisoner"  # most banks' signed verdicts found its input of a quarantined round out of bound
 
 
 # What the server's ledger mirror records for each outcome.

@@ -48,7 +48,7 @@ from fedmoe.crypto.secagg.messages import Exclusion, RoundSetup, SecAggAbort, Se
 from fedmoe.crypto.secagg.messages import Message as SecAggMessage
 from fedmoe.crypto.secagg.server import ServerSecAgg
 from fedmoe.fl_server.outcomes import BankOutcome, Outcome, Reporter
-from fedmoe.fl_server.state import RoundRecord, ServerState
+from fedmoe.fl_server.state import RoundRecord, ServerState, ServerStore
 from fedmoe.protocol.config import PINS_FILE, JobConfig
 from fedmoe.protocol.messages import (
     RoundRequest,
@@ -99,6 +99,7 @@ class RoundHost(Protocol):
     layout_hash: str
     n_elements: int
     node_bank: dict[int, str]
+    store: ServerStore
 
     def bind(self, node: int, claimed: str) -> str: ...
     def check_start(self, outcomes: list[BankOutcome]) -> None: ...
@@ -165,6 +166,7 @@ class SecAggRound:
         )
         if aggregate is None:
             return outcomes, None
+        self.fed.store.keep_evidence(self.round, server.evidence().to_bytes())  # banks may quarantine it next round
         return outcomes, pack_secagg_result(setup.to_bytes(), aggregate.to_bytes())
 
     def stages(self, server: ServerSecAgg, ahead: Ahead) -> SecureAggregate:

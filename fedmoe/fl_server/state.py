@@ -4,6 +4,9 @@
         job.json                 the run config of the job
         state.json               completed round, per-bank applied round, per-round records
         aggregates/round-NNNN.bundle   encrypted sum (and encrypted total weight) of round N
+        evidence/round-NNNN.bin  secure aggregation: what round N's sum was unmasked from (signed
+                                 inputs and shares), kept for the next round's quarantine check
+        accountability/round-NNNN/     a quarantined round's evidence, reveals, verdicts, summary.json
         results.json             per-round table for people and tools
         metrics.csv              one row per round and bank (eval loss, outcome, seconds): for plotting
 
@@ -34,6 +37,7 @@ class RoundRecord:
     no_aggregate: str = ""  # why the round produced no aggregate ("" when it did)
     quarantined: list[int] = field(default_factory=list)  # earlier rounds whose aggregate banks rejected here
     quarantine_reason: str = ""  # set on a round whose own aggregate was quarantined later
+    named: dict[str, str] = field(default_factory=dict)  # bank -> finding: poisoned a quarantined round
     train_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     eval_loss: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -47,6 +51,7 @@ class ServerState:
     applied: dict[str, int] = field(default_factory=dict)  # bank -> last aggregate it applied
     seen: list[str] = field(default_factory=list)  # every bank (or unnamed node) met so far
     exhausted: dict[str, str] = field(default_factory=dict)  # bank -> why it is no longer selected
+    excluded: dict[str, str] = field(default_factory=dict)  # bank -> the finding that named it a poisoner
     node_bank: dict[str, str] = field(default_factory=dict)  # SuperNode id -> bank (ids survive restarts)
     rounds: list[RoundRecord] = field(default_factory=list)
     eval_round0: dict[str, float] = field(default_factory=dict)
@@ -101,6 +106,17 @@ class ServerStore:
 
     def save_aggregate(self, round_idx: int, bundle: bytes) -> None:
         atomic_write_bytes(self.aggregate_file(round_idx), bundle)
+
+    def evidence_file(self, round_idx: int) -> Path:
+        return self.root / "evidence" / f"round-{round_idx:04d}.bin"
+
+    def keep_evidence(self, round_idx: int, evidence: bytes) -> None:
+        """A secure round's evidence (signed inputs and shares, the sum), kept for the next round's
+        quarantine check (fedmoe.fl_server.accountability); older rounds' are deleted."""
+        atomic_write_bytes(self.evidence_file(round_idx), evidence)
+        for old in (self.root / "evidence").glob("round-*.bin"):
+            if int(old.stem.split("-")[1]) < round_idx - 1:
+                old.unlink(missing_ok=True)
 
     def aggregates_after(self, state: ServerState, applied_round: int) -> dict[int, bytes]:
         """Encrypted sums of the rounds after `applied_round` that produced one."""

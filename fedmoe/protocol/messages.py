@@ -35,6 +35,7 @@ class SecAggStage(StrEnum):
     """One Flower exchange of a secure-aggregation round (docs/secagg.md), sent as "train.secagg_<stage>".
 
     IDENTIFY runs only for nodes the server has not bound to a bank yet: the bank signs who it is.
+    REVEAL and ACCUSE run only after banks quarantined an aggregate (docs/secagg.md "Accountable rounds").
     """
 
     IDENTIFY = "identify"
@@ -43,6 +44,8 @@ class SecAggStage(StrEnum):
     MASKED_INPUT = "masked_input"  # the bank catches up, trains once, masks and encrypts its update
     CONSENT = "consent"
     UNMASK = "unmask"
+    REVEAL = "reveal"  # accountability, after a quarantine: the evidence -> this bank's RoundReveal
+    ACCUSE = "accuse"  # the evidence + the reveals -> this bank's signed Verdict
 
     @property
     def message_type(self) -> str:

@@ -30,9 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedmoe.crypto.envelope import canonical_json
 from fedmoe.crypto.errors import CryptoError
-from fedmoe.crypto.identity import ConsortiumPins
+from fedmoe.crypto.identity import ConsortiumPins, Identity
 from fedmoe.crypto.secagg import messages
 from fedmoe.crypto.secagg.bfv import BfvKey
 from fedmoe.crypto.secagg.bfv_secret import decrypt_residues
@@ -54,16 +53,7 @@ Check = Callable[[np.ndarray], "str | None"]
 
 def evidence_digest(evidence: messages.QuarantineEvidence) -> bytes:
     """What a reveal names: the setup, every survivor's signed receipt, the aggregate's bytes."""
-    return hashlib.sha256(
-        canonical_json(
-            {
-                "type": "secagg/evidence",
-                "setup": evidence.setup.digest().hex(),
-                "receipts": [i.receipt.signature.hex() for i in evidence.inputs],
-                "aggregate": hashlib.sha256(evidence.aggregate.bundle).hexdigest(),
-            }
-        )
-    ).digest()
+    return evidence.digest()
 
 
 @dataclass
@@ -283,3 +273,20 @@ def name_poisoners(
                 )
             )
     return accused, masked
+
+
+def verdict(
+    identity: Identity, request: messages.AccuseRequest, key: BfvKey, pins: ConsortiumPins, rejects_one: Check
+) -> messages.Verdict:
+    """This bank's signed finding on a quarantined round (`name_poisoners` with its own BFV key)."""
+    accused, masked = name_poisoners(request.evidence, list(request.reveals), key, pins, rejects_one)
+    setup = request.evidence.setup
+    return messages.Verdict.signed(
+        identity,
+        bank_id=identity.bank_id,
+        job_id=setup.job_id,
+        round=setup.round,
+        evidence_sha256=request.evidence.digest(),
+        accused=tuple(accused),
+        masked=tuple(masked),
+    )

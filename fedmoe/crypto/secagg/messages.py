@@ -394,6 +394,19 @@ class QuarantineEvidence(Message):
     unmask: tuple[UnmaskReply, ...]  # the revealed shares (each signed by its dealer)
     aggregate: SecureAggregate
 
+    def digest(self) -> bytes:
+        """What a reveal and a verdict name: the setup, every survivor's signed receipt, the aggregate."""
+        return hashlib.sha256(
+            canonical_json(
+                {
+                    "type": "secagg/evidence",
+                    "setup": self.setup.digest().hex(),
+                    "receipts": [i.receipt.signature.hex() for i in self.inputs],
+                    "aggregate": hashlib.sha256(self.aggregate.bundle).hexdigest(),
+                }
+            )
+        ).digest()
+
 
 @message("secagg/round_reveal")
 class RoundReveal(BankRoundMessage):
@@ -414,6 +427,26 @@ class Accusation(Message):
     reason: str
     receipt: Receipt
     revealed_by: tuple[str, ...]  # the banks whose mask keys opened it
+
+
+@message("secagg/accuse_request")
+class AccuseRequest(Message):
+    """A quarantined round's evidence and the reveals the server collected: each bank opens what it
+    can with its own BFV key and answers with a signed `Verdict`."""
+
+    evidence: QuarantineEvidence
+    reveals: tuple[RoundReveal, ...]
+
+
+@message("secagg/verdict")
+class Verdict(BankRoundMessage):
+    """A bank's signed finding on a quarantined round: the contributions it found out of bound (each
+    with the accused's own signed receipt) and those that stayed masked (too few reveals)."""
+
+    evidence_sha256: bytes
+    accused: tuple[Accusation, ...]
+    masked: tuple[str, ...]
+    signature: bytes
 
 
 class SecAggAbort(CryptoError):
