@@ -84,9 +84,10 @@ def check_entry_policy(entry: Mapping[str, Any], where: Any, policy: BankPolicy,
             "policy-delta",
             f"field 'delta' = {entry['delta']:g} is above the policy's 'max-delta' = {rules.max_delta:g}",
         )
-    if UNIT_STRENGTH.get(entry["privacy_unit"], -1) < UNIT_STRENGTH[rules.privacy_unit]:
+    unit = rules.unit_for(has_customer_id=bool(entry["customer_ids"]))  # "" = customer on data with customer ids
+    if UNIT_STRENGTH.get(entry["privacy_unit"], -1) < UNIT_STRENGTH[unit]:
         fail("policy-unit", f"field 'privacy_unit' = {entry['privacy_unit']!r} is weaker than the policy's "
-             f"'privacy-unit' = {rules.privacy_unit!r}")  # fmt: skip
+             f"'privacy-unit' = {unit!r}")  # fmt: skip
     for name in ("budget_epsilon", "epsilon"):
         if entry[name] > rules.epsilon * (1 + 1e-9):
             fail("policy-budget", f"field '{name}' = {entry[name]:.4g} is above the policy's lifetime "

@@ -80,6 +80,8 @@ WHAT_TO_DO: dict[str, str] = {
     "which bank wrote each entry.",
     "dataset-identity": "One dataset has several ledgers (its lifetime budget was reset): count their composed ε "
     "as spent, stop training on this dataset if it is above the budget, and have the bank set 'dataset-id'.",
+    "record-level": "The bank chose record-level DP on data with customer ids: confirm that protecting single "
+    "records (not a customer's whole history) is what the bank intends.",
     "dataset-changed": "Rows were added to the dataset under the same ledger: confirm with the bank; one budget "
     "covers both versions.",
     "policy-file": "The bank's policy file is missing or unreadable: get the policy that was in force from the bank.",

@@ -436,6 +436,15 @@ def _check_privacy_flags(entry: Mapping[str, Any], where: _Where, out: _Collecto
             "set allow-no-dp = false; this dataset's model updates of that round are not protected",
             entry,
         )
+    if entry["customer_ids"] and entry["privacy_unit"] == "record" and entry["status"] == "trained":
+        out.add(
+            "warning",
+            "record-level",
+            where,
+            "the data has customer ids, but the bank's policy says privacy-unit = 'record' (customer-level is the "
+            "default): a customer's whole history is protected only record by record",
+            entry,
+        )
     n = entry["n_samples"]
     if n > 0 and entry["delta"] > 1.0 / n:
         out.add(

@@ -70,6 +70,7 @@ def round_entry(
     noise_source: str = "csprng",
     dataset_fingerprint: str = "",
     dataset_id: str = "",
+    customer_ids: bool = False,
     policy_hash: str = "",
     policy_overrides: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
@@ -95,6 +96,7 @@ def round_entry(
             (a non-private round).
         dataset_fingerprint: the set of records this round saw (order-, duplicate- and unit-free).
         dataset_id: the dataset identity this ledger's lifetime budget belongs to.
+        customer_ids: the data has a customer_id column (record-level DP on it only by an explicit policy line).
         policy_hash, policy_overrides: the bank's policy in force (its content hash) and the node-config
             values applied over it; the audit checks the entry against that policy file.
 
@@ -174,6 +176,7 @@ def round_entry(
         noise_source=noise_source,
         dataset_fingerprint=dataset_fingerprint,
         dataset_id=dataset_id,
+        customer_ids=bool(customer_ids),
         policy_hash=policy_hash,
         policy_overrides=dict(policy_overrides or {}),
         grad_sample_mode=cfg.grad_sample_mode,

@@ -45,7 +45,11 @@ class BankPolicy:
         epsilon: lifetime budget for this dataset, over every job that ever trains on it.
         max_delta: the largest delta a job may use; the bank also refuses delta > 1/n.
         min_noise_multiplier: rounds calibrated below this sigma are refused.
-        privacy_unit: the weakest privacy unit the bank accepts ("record" < "customer").
+        privacy_unit: the weakest privacy unit the bank accepts ("record" < "customer"). Empty (the
+            default): "customer" when the bank's data file has a `customer_id` column, else "record"
+            (the synthetic corpus of tests and demos has no real customers and keeps the job's unit); a
+            bank that wants record-level DP on customer data says `privacy-unit = "record"`, and
+            every ledger entry then shows it (`customer_ids: true` with unit "record").
         clip_norm_min, clip_norm_max: accepted range of the job's clip norm.
         allow_no_dp: whether a job may train without DP at all (never by default).
         seeded_noise: reproducible-experiment mode: sampling and noise seeded from job values,
@@ -87,7 +91,7 @@ class BankPolicy:
     epsilon: float = 8.0
     max_delta: float = 1e-5
     min_noise_multiplier: float = 0.3
-    privacy_unit: str = "record"
+    privacy_unit: str = ""
     clip_norm_min: float = 1e-3
     clip_norm_max: float = 10.0
     allow_no_dp: bool = False
@@ -114,7 +118,7 @@ class BankPolicy:
             raise bad("max-delta", "a number in (0, 1)", self.max_delta)
         if not (math.isfinite(self.min_noise_multiplier) and self.min_noise_multiplier >= 0):
             raise bad("min-noise-multiplier", "a finite number >= 0", self.min_noise_multiplier)
-        if self.privacy_unit not in PRIVACY_UNITS:
+        if self.privacy_unit not in ("", *PRIVACY_UNITS):
             raise bad("privacy-unit", " or ".join(map(repr, PRIVACY_UNITS)), self.privacy_unit)
         if not 0 < self.clip_norm_min <= self.clip_norm_max < math.inf:
             raise bad("clip-norm-min/clip-norm-max", "0 < min <= max < inf", (self.clip_norm_min, self.clip_norm_max))
@@ -140,6 +144,11 @@ class BankPolicy:
                       self.dataset_id)  # fmt: skip
         if not self.file_hash:
             object.__setattr__(self, "file_hash", self.content_hash())
+
+    def unit_for(self, *, has_customer_id: bool) -> str:
+        """The weakest unit this bank trains at for its data: customer-level when it has customer ids,
+        unless the policy says `privacy-unit = "record"` explicitly."""
+        return self.privacy_unit or ("customer" if has_customer_id else "record")
 
     def content_hash(self) -> str:
         """SHA-256 of the rules (every field but the provenance ones), canonical JSON: comments and key
@@ -244,7 +253,7 @@ def check_job(job: JobConfig, policy: BankPolicy) -> list[Refusal]:
         out.append(
             Refusal("secure-mode", job.secure_mode, "noise must come from the OS CSPRNG ('seeded-noise' is false)")
         )
-    if UNIT_STRENGTH[job.privacy_unit] < UNIT_STRENGTH[policy.privacy_unit]:
+    if policy.privacy_unit and UNIT_STRENGTH[job.privacy_unit] < UNIT_STRENGTH[policy.privacy_unit]:
         out.append(Refusal("privacy-unit", job.privacy_unit, f"the bank protects at least a {policy.privacy_unit!r}"))
     if job.aggregation != "secagg" and not policy.allow_shared_key_aggregation:
         out.append(

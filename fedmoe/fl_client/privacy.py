@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +130,9 @@ class BankPrivacy:
 
     def __init__(self, job: JobConfig, config: BankConfig, data: BankData) -> None:
         self.job, self.config, self.policy = job, config, config.policy
-        self.cfg = local_dp_config(job, dp_config(job, config))
+        # the unit the data was packed for: the job's, or stronger (customer when it has customer ids)
+        self.cfg = replace(local_dp_config(job, dp_config(job, config)), privacy_unit=data.privacy_unit)
+        self.customer_ids = data.has_customer_id
         self.n_samples, self.fingerprint = len(data.train), data.fingerprint
         self.identity = dataset_identity(config, data)
         self.dir = self.identity.folder
@@ -161,6 +163,7 @@ class BankPrivacy:
             noise_source=noise,
             dataset_fingerprint=self.fingerprint,
             dataset_id=self.identity.dataset_id,
+            customer_ids=self.customer_ids,
             policy_hash=self.policy.file_hash,
             policy_overrides=dict(self.policy.overrides),
             **({"report": None, "state": self.accountant} | details),

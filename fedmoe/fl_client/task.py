@@ -28,7 +28,7 @@ from fedmoe.model.checkpoint import load_pretrained
 from fedmoe.model.deepseek import DeepseekForCausalLM, preset
 from fedmoe.model.lora import LoraConfig, configure_trainable
 from fedmoe.model.tokenizer import load_tokenizer
-from fedmoe.protocol.config import JobConfig
+from fedmoe.protocol.config import PRIVACY_UNITS, JobConfig
 from fedmoe.protocol.errors import ConfigError
 
 
@@ -51,7 +51,8 @@ def build_model(job: JobConfig) -> DeepseekForCausalLM:
     """The job's base model with its trainable view configured: identical at every bank.
 
     A base checkpoint is checked against the job's pin (`base-checkpoint-sha256`) first, so a
-    bank never trains from a copy that differs from everyone else's.
+    bank never trains from a copy that differs from everyone else's. `base-precision = "int8"`
+    keeps the frozen base in 8 bits (fedmoe.model.quant); the trainable view is the same.
     """
     if job.base_checkpoint:
         if job.base_checkpoint_sha256:
@@ -66,7 +67,12 @@ def build_model(job: JobConfig) -> DeepseekForCausalLM:
         torch.manual_seed(job.seed)  # seeded init: every bank builds the same weights
         model = DeepseekForCausalLM(preset(job.model_preset))
     lora = LoraConfig(rank=job.lora_rank, alpha=job.lora_alpha, seed=job.seed)
-    return configure_trainable(model, job.train_mode, lora)
+    model = configure_trainable(model, job.train_mode, lora)
+    if job.base_precision == "int8":  # after the adapters: their A factors come from the fp32 base
+        from fedmoe.model.quant import quantize_frozen_  # (kept here: this edit touches build_model only)
+
+        quantize_frozen_(model)
+    return model
 
 
 RECORD_HASH_BYTES = 16  # per-record digest kept on the bank (128 bits: collisions out of reach)
@@ -79,7 +85,8 @@ class BankData:
     source: str
     fingerprint: str  # of the set of records (not their order, duplicates or the unit): the dataset's identity
     record_hashes: torch.Tensor  # uint8 (n_distinct, RECORD_HASH_BYTES), sorted: finds overlap with other ledgers
-    has_customer_id: bool = False  # the records carry a customer_id column (item: customer-level by default)
+    has_customer_id: bool = False  # the bank's own data file has a customer_id column
+    privacy_unit: str = "record"  # the unit the samples were packed for (the bank's, may be stronger than the job's)
 
 
 def record_hashes(records: list[dict]) -> torch.Tensor:
@@ -112,7 +119,7 @@ def load_bank_data(job: JobConfig, bank: BankConfig, vocab_size: int) -> BankDat
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids, model vocab_size is {vocab_size}")
     parts = {
         "tokenizer": [type(tokenizer).__name__, tokenizer.vocab_size, tokenizer.eos_id, tokenizer.pad_id],
-        "split-pack": [job.seq_len, job.privacy_unit, job.eval_fraction, job.seed],
+        "split-pack": [job.seq_len, job.privacy_unit, bank.policy.privacy_unit, job.eval_fraction, job.seed],
         "identity": 2,  # record-set fingerprint + record hashes (issue 26)
         "data": "file" if bank.data_path is not None else
         ["synthetic", job.synthetic_banks, bank.partition_id, job.records_per_bank],
@@ -122,7 +129,7 @@ def load_bank_data(job: JobConfig, bank: BankConfig, vocab_size: int) -> BankDat
     packed = cached(bank.state_root / "data-cache", key, lambda: _pack_bank_data(job, bank, tokenizer))
     return BankData(
         packed["train"], packed["held_out"], packed["source"], packed["fingerprint"], packed["record_hashes"],
-        bool(packed["has_customer_id"]),
+        bool(packed["has_customer_id"]), str(packed["privacy_unit"]),
     )  # fmt: skip
 
 
@@ -140,15 +147,17 @@ def _pack_bank_data(job: JobConfig, bank: BankConfig, tokenizer) -> dict:
         profile = profiles[bank.partition_id]
         records = generate_bank_corpus(profile, job.records_per_bank, seed=job.seed)
         source = f"synthetic {profile.bank_id} ({profile.locale})"
-    train, held_out = train_eval_split(
-        records, eval_fraction=job.eval_fraction, seed=job.seed, privacy_unit=job.privacy_unit
-    )
+    # A bank's own file with a customer_id column: customer-level DP unless its policy says "record".
+    # The synthetic corpus (generated, no real customers: tests and demos) keeps the job's unit.
+    has_customer_id = bank.data_path is not None and bool(records) and "customer_id" in records[0]
+    unit = stronger_unit(job.privacy_unit, bank.policy.unit_for(has_customer_id=has_customer_id))
+    train, held_out = train_eval_split(records, eval_fraction=job.eval_fraction, seed=job.seed, privacy_unit=unit)
     pack = dict(
         encode=tokenizer.encode,
         seq_len=job.seq_len,
         eos_id=tokenizer.eos_id,
         pad_id=tokenizer.pad_id,
-        privacy_unit=job.privacy_unit,
+        privacy_unit=unit,
     )
     return {
         "train": pack_records(train, **pack),
@@ -156,8 +165,14 @@ def _pack_bank_data(job: JobConfig, bank: BankConfig, tokenizer) -> dict:
         "source": source,
         "fingerprint": data_fingerprint(records),
         "record_hashes": record_hashes(records),
-        "has_customer_id": int(bool(records) and "customer_id" in records[0]),
+        "has_customer_id": int(has_customer_id),
+        "privacy_unit": unit,
     }
+
+
+def stronger_unit(a: str, b: str) -> str:
+    """The stronger of two privacy units: a bank may always protect more than the job asks."""
+    return max(a, b, key=PRIVACY_UNITS.index)
 
 
 def dp_config(job: JobConfig, bank: BankConfig) -> DPConfig:

@@ -331,6 +331,7 @@ class BankEntry:
     noise_source: str  # one of NOISE_SOURCES: "seeded" is predictable noise (the audit fails it)
     grad_sample_mode: str
     dataset_fingerprint: str  # SHA-256 over the sorted set of record digests (order/duplicate/unit-free)
+    customer_ids: bool  # the data has a customer_id column: "record" then only by an explicit policy line
     dataset_id: str  # the dataset identity whose lifetime budget this ledger holds (the ledger's folder)
     policy_hash: str  # content hash of the bank's policy file in force (BankPolicy.content_hash)
     policy_overrides: dict  # node-config values applied over it (each may only tighten it)

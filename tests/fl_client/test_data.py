@@ -449,3 +449,18 @@ def test_the_synthetic_corpus_is_the_same_in_every_process():
         for seed in ("1", "2")
     }
     assert len(outputs) == 1, outputs
+
+
+def test_customer_packing_keeps_the_most_whole_records_that_fit():
+    """Issue 26: the old packing took a customer's records in order and cut the sample at the first
+    that overflowed, so one long record crowded out every short one behind it."""
+    records = [
+        {"text": "L" * 12, "customer_id": "A"},
+        {"text": "s1", "customer_id": "A"},
+        {"text": "s2", "customer_id": "A"},
+        {"text": "s3", "customer_id": "A"},
+    ]
+    packed = _pack(records, seq_len=9, privacy_unit="customer")  # 10 tokens: three short records (3 each)
+    assert packed.record_indices == [[1, 2, 3, 0]]  # the three whole, then the long one in the space left
+    short = encode("s1") + [EOS] + encode("s2") + [EOS] + encode("s3") + [EOS]
+    assert packed.tokens[0].tolist() == short + encode("L")

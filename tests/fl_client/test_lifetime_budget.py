@@ -57,8 +57,11 @@ def make_job(keys: Path, root: Path, job_id: str, **overrides) -> JobConfig:
     return JobConfig(**(fields | overrides))
 
 
+RECORD_LEVEL = 'privacy-unit = "record"\n'  # these records carry customer ids: customer-level is the default
+
+
 def bank_on(
-    job: JobConfig, root: Path, rows: list[dict], policy: str = "epsilon = 3.0\n", name: str = "d"
+    job: JobConfig, root: Path, rows: list[dict], policy: str = "epsilon = 3.0\n" + RECORD_LEVEL, name: str = "d"
 ) -> BankConfig:
     data = write_jsonl(rows, root / f"{name}.jsonl")
     (root / "policy.toml").write_text(policy, encoding="utf-8")
@@ -119,7 +122,9 @@ def test_a_spent_budget_is_not_reset_by_reordering_duplicating_adding_rows_or_a_
 def test_records_of_two_ledgers_are_refused_as_an_overlap_naming_the_rule(keys, tmp_path, records):
     _spend_the_budget(keys, tmp_path, records)
     job = make_job(keys, tmp_path, "named")
-    bank = bank_on(job, tmp_path, records, policy='epsilon = 3.0\ndataset-id = "cards-2026"\n', name="named")
+    bank = bank_on(
+        job, tmp_path, records, policy='epsilon = 3.0\ndataset-id = "cards-2026"\n' + RECORD_LEVEL, name="named"
+    )
     reply = train(job, bank)
     assert reply.status is TrainStatus.REFUSED and "rule 'dataset-overlap'" in reply.reason, reply.reason
     assert "cards-2026" not in reply.reason  # the bank's own names stay at the bank
@@ -162,10 +167,10 @@ def _server_visible(reply, job: JobConfig, root: Path) -> str:
 @pytest.mark.parametrize(
     "kind,job_overrides,policy",
     [
-        ("batch-size", {"batch_size": 1000}, "epsilon = 3.0\n"),
-        ("delta-below-1/n", {"delta": 1e-5}, "epsilon = 3.0\nmax-delta = 0.5\n"),
-        ("min-noise-multiplier", {"epsilon": 50.0}, "epsilon = 60.0\nmin-noise-multiplier = 5.0\n"),
-        ("lifetime-budget", {}, "epsilon = 3.0\n"),
+        ("batch-size", {"batch_size": 1000}, "epsilon = 3.0\n" + RECORD_LEVEL),
+        ("delta-below-1/n", {"delta": 1e-5}, "epsilon = 3.0\nmax-delta = 0.5\n" + RECORD_LEVEL),
+        ("min-noise-multiplier", {"epsilon": 50.0}, "epsilon = 60.0\nmin-noise-multiplier = 5.0\n" + RECORD_LEVEL),
+        ("lifetime-budget", {}, "epsilon = 3.0\n" + RECORD_LEVEL),
     ],
 )
 def test_no_refusal_carries_a_number_derived_from_n(keys, tmp_path, records, kind, job_overrides, policy):
@@ -182,3 +187,30 @@ def test_no_refusal_carries_a_number_derived_from_n(keys, tmp_path, records, kin
     for number in _n_numbers(n, job):  # not inside a longer number or a hex hash
         assert not re.search(rf"(?<![0-9a-f.]){re.escape(number)}(?![0-9a-f])", visible), (number, reply.reason)
     assert "sigma" not in reply.reason and "q=" not in reply.reason and "1/n =" not in reply.reason
+
+
+# ---- customer-level DP is the default on data with customer ids (item 5) -------------------------
+
+
+def test_customer_level_is_the_default_when_the_data_has_customer_ids(keys, tmp_path, records):
+    from fedmoe.audit import audit_ledgers
+
+    job = make_job(keys, tmp_path, "default-unit", epsilon=8.0, batch_size=2)  # the job asks for "record"
+    bank = bank_on(job, tmp_path, records, policy="")
+    assert train(job, bank).status is TrainStatus.OK
+    [entry] = Ledger(ledgers(bank)[0]).entries()
+    assert entry["privacy_unit"] == "customer" and entry["customer_ids"] is True
+    assert entry["n_samples"] < len({r["customer_id"] for r in records})  # customers (the held-out ones apart)
+    assert not [f for f in audit_ledgers(ledgers(bank)).findings if f.check == "record-level"]
+
+
+def test_record_level_on_customer_data_only_by_an_explicit_policy_line_the_audit_shows(keys, tmp_path, records):
+    from fedmoe.audit import audit_ledgers
+
+    job = make_job(keys, tmp_path, "record-unit", epsilon=8.0)
+    bank = bank_on(job, tmp_path, records, policy='privacy-unit = "record"\n')
+    assert train(job, bank).status is TrainStatus.OK
+    [entry] = Ledger(ledgers(bank)[0]).entries()
+    assert entry["privacy_unit"] == "record" and entry["customer_ids"] is True
+    result = audit_ledgers(ledgers(bank))
+    assert result.ok and [f.check for f in result.warnings if f.check == "record-level"] == ["record-level"]

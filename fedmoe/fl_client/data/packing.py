@@ -92,8 +92,8 @@ def pack_records(
       consecutive samples share one token and every next-token pair is trained exactly once;
       nothing is truncated and only the last sample is padded. A record may span two samples
       (record_indices lists it in both). Dense, for non-private training and eval.
-    - privacy_unit="customer" (mode None or "concat"): all of one customer's records, in input
-      order, concatenated into one sample and truncated: a sample is a customer.
+    - privacy_unit="customer" (mode None or "concat"): one sample per customer holding as many of
+      its records, whole and in input order, as fit (chosen shortest first): a sample is a customer.
 
     Args:
         records: dicts with a non-empty string "text" (and "customer_id" for customers).
@@ -183,22 +183,35 @@ def _encode_records(
 
 
 def _pack_customers(records: Sequence[dict[str, Any]], encoded: list[list[int]], width: int) -> Packing:
-    """One sample per customer: their records in input order, until the sample holds `width` tokens."""
+    """One sample per customer: as many of their records, whole, as fit in `width` tokens.
+
+    Whole records are chosen shortest first (the most that fit) and kept in input order; the space
+    left holds the next record in input order, truncated. What does not fit is dropped, never spread
+    over a second sample (one unit = one sample for DP-SGD).
+    """
     by_customer: dict[str, list[int]] = {}
     for i, cid in enumerate(customer_ids(records)):
         by_customer.setdefault(cid, []).append(i)
     seqs: list[list[int]] = []
     members: list[list[int]] = []
     for idxs in by_customer.values():
-        seq: list[int] = []
-        included = []
-        for i in idxs:
-            if len(seq) >= width:
+        included: list[int] = []
+        used = 0
+        for i in sorted(idxs, key=lambda i: len(encoded[i])):
+            if used + len(encoded[i]) > width:
                 break
-            seq.extend(encoded[i])
             included.append(i)
-        seqs.append(seq)
+            used += len(encoded[i])
+        included.sort()
+        rest = [i for i in idxs if i not in set(included)]
+        if rest and used < width:  # the space left: the next record in input order, truncated
+            included.append(rest[0])
+        seqs.append([t for i in included for t in encoded[i]])
         members.append(included)
+    kept = sum(len(m) for m in members)
+    if kept < len(records):
+        logger.info("pack_records: customer samples keep %d of %d records whole (one sample per customer)",
+                    kept, len(records))  # fmt: skip
     return seqs, members, list(by_customer)
 
 
