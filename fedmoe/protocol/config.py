@@ -17,6 +17,9 @@ from fedmoe.protocol.errors import ConfigError
 
 PRIVACY_UNITS: tuple[str, ...] = ("record", "customer")
 AGGREGATIONS: tuple[str, ...] = ("secagg", "ckks")
+# How a bank holds the frozen base while it trains (fedmoe.model.quant): fp32, or int8 weights with
+# per-channel scales (LoRA factors and everything trainable stay fp32; exports use the fp32 base).
+BASE_PRECISIONS: tuple[str, ...] = ("fp32", "int8")
 # What every bank applies to the decrypted mean update (fedmoe.fl_client.fedopt).
 UPDATE_RULES: tuple[str, ...] = ("adam", "sgdm", "mean")
 
@@ -83,6 +86,7 @@ class JobConfig:
     base_checkpoint: str = ""  # HF-format folder on local disk; empty = preset with seeded init
     base_checkpoint_sha256: str = ""  # content pin every bank checks its copy against ("" = no pin)
     train_mode: str = "lora"
+    base_precision: str = "fp32"  # fp32 | int8: the frozen base while training (memory only; layout unchanged)
     lora_rank: int = 8
     lora_alpha: float = 16.0
     seq_len: int = 128
@@ -139,6 +143,9 @@ class JobConfig:
         if self.aggregation not in AGGREGATIONS:
             names = " or ".join(map(repr, AGGREGATIONS))
             raise ConfigError(f"run config: 'aggregation' expected {names}, got {self.aggregation!r}")
+        if self.base_precision not in BASE_PRECISIONS:
+            names = " or ".join(map(repr, BASE_PRECISIONS))
+            raise ConfigError(f"run config: 'base-precision' expected {names}, got {self.base_precision!r}")
         if not 0 < self.delta < 1:
             raise ConfigError(f"run config: 'delta' expected in (0, 1), got {self.delta}")
         self._check_round()
