@@ -84,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     up.add_argument("--top-k", type=int, default=UpcycleSpec.top_k, help="routed experts per token [2]")
     up.add_argument("--expert-width", type=int, default=UpcycleSpec.expert_width, help="routed expert width [384]")
     up.add_argument("--seed", type=int, default=UpcycleSpec.seed, help="seed of the router and expert slices [0]")
+    up.add_argument("--print-path", action="store_true", help="print only the MoE folder's path (for scripts)")
 
     for name, help_ in (("generate", "generate text"), ("evaluate", "perplexity on a text/JSONL file")):
         sp = sub.add_parser(name, help=help_)
@@ -270,7 +271,10 @@ def _upcycle(args: argparse.Namespace, console: Console) -> None:
         raise ModelError("upcycle: --dense needs --out")
     else:
         out = upcycle_folder(args.dense, args.out, spec)
-    console.print(f"upcycled -> {out}")
+    if args.print_path:
+        print(out)
+    else:
+        console.print(f"upcycled -> {out}")
 
 
 def main(argv: list[str] | None = None) -> int:

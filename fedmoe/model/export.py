@@ -322,3 +322,49 @@ def export_job(
             base = written["base"] = export_base(model, out_dir / "base", dtype=dtype)
         written["adapter"] = export_adapter(model, out_dir / "adapter", base_model_name_or_path=base, seed=seed)
     return written
+
+
+def greedy_continuations(
+    model: DeepseekForCausalLM, prompts_ids: list[list[int]], max_new_tokens: int, eos_id: int | None
+) -> list[list[int]]:
+    """Our greedy decoding (KV cache) of each prompt, the new tokens cut before the first eos."""
+    from fedmoe.model.generate import SamplingConfig, generate
+
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, eos_id=eos_id)
+    out = []
+    with torch.no_grad():
+        for ids in prompts_ids:
+            new = generate(model.eval(), torch.tensor([ids]), cfg).tokens_BN[0].tolist()
+            out.append(new[: new.index(eos_id)] if eos_id in new else new)
+    return out
+
+
+def transformers_greedy(
+    folder: str | Path, prompts_ids: list[list[int]], max_new_tokens: int, eos_id: int | None
+) -> tuple[str, list[list[int]]]:
+    """An exported folder read back by transformers (`AutoModelForCausalLM`, float32) and decoded greedily.
+
+    Returns:
+        (the class transformers chose, e.g. "Qwen2MoeForCausalLM"; per prompt its new tokens, cut
+        before the first eos) to hold against `greedy_continuations` of our model.
+    """
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for ids in prompts_ids:
+            prompt = torch.tensor([ids])
+            full = hf.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos_id,
+                pad_token_id=eos_id,
+            )
+            new = full[0, prompt.shape[1] :].tolist()
+            out.append(new[: new.index(eos_id)] if eos_id in new else new)
+    name = type(hf).__name__
+    del hf
+    return name, out
