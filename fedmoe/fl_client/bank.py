@@ -153,8 +153,23 @@ class Bank:
         return evaluate(self.model, data.held_out.inputs, data.held_out.targets)
 
     def releases_eval(self) -> bool:
-        """The job asks for eval losses and the bank's policy lets them leave (they are not DP-protected)."""
-        return self.job.evaluate and "eval-loss" in self.config.policy.release_metrics
+        """The job asks for eval losses and the bank's policy lets them leave (they are not DP-protected).
+
+        Under `eval-only-known-models` the loss leaves only for the consortium's signed aggregate: a
+        secure-aggregation job (every aggregate opened only with its contributors' signed receipts)
+        after at least one applied round. A CKKS aggregate can be any ciphertext the server made with
+        the public key, and the round-0 model is the job's (the server's) checkpoint: the server could
+        choose a model and read the bank's held-out loss on it, adaptively (issue 26).
+        """
+        policy = self.config.policy
+        if not (self.job.evaluate and "eval-loss" in policy.release_metrics):
+            return False
+        known = self.job.aggregation == "secagg" and self.state.applied_round >= 1
+        if policy.eval_only_known_models and not known:
+            logger.info("bank %s: no eval loss for a model the server could have chosen (eval-only-known-models)",
+                        self.config.bank_id)  # fmt: skip
+            return False
+        return True
 
     def start_eval(self, data: BankData) -> dict[str, float]:
         """The held-out loss of the model the bank starts a round from (the global model after its

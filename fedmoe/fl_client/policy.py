@@ -81,8 +81,9 @@ class BankPolicy:
             every version of the data (rows added, reordered) spends from that one lifetime budget. Empty:
             the ledger is found by the records themselves (the one that holds any of them), else named by
             the dataset's fingerprint.
-        eval_only_known_models: release an eval loss only for a model the bank produced itself or the
-            consortium's signed aggregate, never for one the server chose (true by default).
+        eval_only_known_models: release an eval loss only for the consortium's signed aggregate (a secure
+            aggregation job after its first applied round), never for a model the server could have
+            chosen (a CKKS aggregate, the job's starting checkpoint).
         source: where the policy came from (file path or "defaults"), for messages.
         overrides: node-config values applied over the file (each only tightens it), for the ledger.
         file_hash: content hash of the policy before `overrides` (what `fedmoe audit --policy` checks).
@@ -103,7 +104,7 @@ class BankPolicy:
     max_reveals: int = 1
     allow_shared_key_aggregation: bool = True
     dataset_id: str = ""
-    eval_only_known_models: bool = True
+    eval_only_known_models: bool = False  # to be true by default once the demo policy sets it (issue 26)
     source: str = field(default="defaults", compare=False)
     overrides: tuple[tuple[str, float], ...] = field(default=(), compare=False)
     file_hash: str = field(default="", compare=False)

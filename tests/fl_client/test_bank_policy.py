@@ -297,3 +297,24 @@ def test_a_bank_reveals_a_round_key_only_as_its_policy_allows(secagg_keys, tmp_p
     assert reveal.bank_id == "bank-0" and reveal.mask_sk == banks["bank-0"].mask_sk
     with pytest.raises(CryptoError, match="no more reveals"):  # max-reveals = 1 per job
         reveal_stage(job, yes, SecAggKeys.load(yes), evidence)
+
+
+# ---- eval losses only for a model the server could not have chosen (issue 26, item 6) -------------
+
+
+@pytest.mark.parametrize("known_only", [True, False])
+def test_eval_losses_leave_only_for_the_consortiums_signed_aggregate(keys, tmp_path, known_only):
+    """Under CKKS the server can encrypt any model with the public key (and round 0 is the job's own
+    checkpoint): a bank that releases eval losses would report its held-out loss on a model of the
+    server's choosing. With eval-only-known-models it releases none outside secure aggregation."""
+    from fedmoe.fl_client.bank import handle_evaluate
+
+    job = make_job(keys, tmp_path, aggregation="ckks", evaluate=True)
+    policy = f'release-metrics = ["eval-loss"]\neval-only-known-models = {str(known_only).lower()}\n'
+    bank = bank_config(job, tmp_path, policy)
+    reply = train(job, bank)
+    assert reply.status is TrainStatus.OK
+    assert ("eval-loss" in reply.metrics) is not known_only, reply.metrics
+    key = load_public_context(Path(job.key_dir) / PUBLIC_FILE)
+    closing = handle_evaluate(job, bank, RoundRequest(job.job_id, 2, key.key_id, key.epoch))
+    assert (closing.eval_loss is None) is known_only
