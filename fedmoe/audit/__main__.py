@@ -19,6 +19,7 @@ refused, or does not verify), 2 bad usage.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.logging import RichHandler
 
-from fedmoe.audit.canary import AuditError, CanaryAuditConfig, run_canary_audit
+from fedmoe.audit.canary import CANARY_ROUND, AuditError, CanaryAuditConfig, claim_from_ledgers, run_canary_audit
 from fedmoe.audit.report import render_table, write_report
 from fedmoe.audit.signoff import SignOffError, default_officer_key, sign_off, verify_sign_off
 from fedmoe.audit.verify import audit_ledgers
@@ -160,6 +161,27 @@ def _sign_off(args: argparse.Namespace, out: Path, console: Console) -> int:
     return 0
 
 
+def _canary_config(args: argparse.Namespace, console: Console) -> CanaryAuditConfig | None:
+    """The claim to audit: the first bank ledger's own single-round claim, else --epsilon/--delta."""
+    claim = claim_from_ledgers(args.ledgers) if args.ledgers else None
+    fault = 0.0 if args.inject_no_noise else None
+    try:
+        if claim is None:
+            return CanaryAuditConfig(canaries=args.canaries, target_epsilon=args.epsilon, delta=args.delta,
+                                     seed=args.seed, noise_multiplier_override=fault)  # fmt: skip
+        console.print(f"empirical audit of the claim of {claim['source']}: epsilon {claim['target_epsilon']:.4g}",
+                      soft_wrap=True)  # fmt: skip
+        training = dataclasses.replace(CANARY_ROUND, local_steps=claim["steps"])
+        return CanaryAuditConfig(
+            canaries=args.canaries, target_epsilon=claim["target_epsilon"], delta=claim["delta"], seed=args.seed,
+            noise_multiplier=claim["noise_multiplier"], sample_rate=claim["sample_rate"], training=training,
+            noise_multiplier_override=fault,
+        )  # fmt: skip
+    except AuditError as err:
+        console.print(f"[red]error:[/] {err}")
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Piped output (make audit | tee, CI logs) gets a wide table instead of rich's 80 columns.
@@ -178,18 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = audit_ledgers(args.ledgers, pins=pins, policies=args.policies)
     if args.empirical:
-        try:
-            config = CanaryAuditConfig(
-                canaries=args.canaries,
-                target_epsilon=args.epsilon,
-                delta=args.delta,
-                seed=args.seed,
-                noise_multiplier_override=0.0 if args.inject_no_noise else None,
-            )
-        except AuditError as err:
-            console.print(f"[red]error:[/] {err}")
+        config = _canary_config(args, console)
+        if config is None:
             return 2
-        with console.status(f"empirical audit: {args.canaries} canaries, one private round on the tiny model"):
+        with console.status(f"empirical audit: {args.canaries} canaries, private rounds on the tiny model"):
             result = result.with_empirical(run_canary_audit(config))
     render_table(result, console)
     out = args.out or ((args.ledgers[0].parent / "audit") if args.ledgers else Path("audit"))

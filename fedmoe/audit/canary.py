@@ -17,45 +17,57 @@ largest eps whose p-value is below 0.05 (`epsilon_lower_bound`, the search of th
 appendix code). A lower bound above the epsilon the accountant claims means the implementation
 leaks more than it says: the audit fails.
 
-What we run (white-box canaries through the real DP-SGD path). The paper allows black-box
+What we audit (issue 26): a *claim* -- a mechanism (sigma, q, steps), e.g. a ledger entry's, said to
+be (epsilon, delta)-DP -- not the audit's own calibration. `fedmoe-audit --empirical LEDGER` takes
+the first bank ledger's first trained round (its history is that round alone) and its recorded
+epsilon. Every run goes through the production noise path: `run_dp_steps(seed=None)`, Poisson
+batches and Gaussian noise from the OS CSPRNG; the seed only draws which canaries go in (and
+breaks ties), so inclusion and training randomness are independent.
+
+Verdicts. FAIL: the lower bound exceeds the claim. Otherwise the claim survived, which alone
+proves little (the one-run bound is weak), so the audit runs positive controls: the same q and
+steps at the sigma whose true epsilon is 2x, 4x, ... 32x the claim, then without noise, until one
+is refuted. PASS only when the first (2x) was: the audit would have caught an understatement of
+that size. Else INCONCLUSIVE, naming the smallest true epsilon at which it refuted the claim.
+Measured at m = 1000 (claim epsilon 2, q 0.107, 30 steps; tiny model): sigma 0 FAIL (bound 4.39);
+sigma 0.3 / 0.5 / 0.75 (true epsilon ~60 / 19 / 8) INCONCLUSIVE (bounds 0.88 / 0.56 / 0.30; no
+control refuted the claim short of sigma 0); a true claim (sigma 1.58) INCONCLUSIVE (bound 0).
+
+The score (white-box canaries through the real DP-SGD path). The paper allows black-box
 (input canaries, loss scores) and white-box auditors (gradient canaries, parameter access);
 any score computed from the trained model is valid. Ours:
     - the bank's data: a synthetic bank corpus (fedmoe.fl_client.data), one record per sample;
     - canary i: a record made of one marker token t_i repeated, where t_i is an id no record and
       no other canary uses (byte tokenizer ids end at 258; the tiny model's vocab is widened to
       hold m markers), so the embedding row t_i moves only when canary i is in a batch (plus noise);
-    - training: `train_private_round` on `fedmoe.model.deepseek.preset("tiny")` in train mode "full"
-      (every parameter, the embedding included) -- the real per-sample clipping (the configured
-      grad_sample_mode), Poisson sampling, Gaussian noise and accountant of fedmoe.fl_client.dp;
+    - training: the DP step loop of fedmoe.fl_client.dp (`run_dp_steps`) on
+      `fedmoe.model.deepseek.preset("tiny")` in train mode "full" (every parameter, the embedding
+      included) -- the real per-sample clipping, Poisson sampling and Gaussian noise;
     - score_i = < E0[t_i] - E_T[t_i], u_i >, u_i the unit gradient of canary i's loss w.r.t. that
       row at the initial model: how far the row moved down canary i's own gradient. With SGD
       and no weight decay an absent canary's row moves by noise alone.
-This is in the spirit of the paper's white-box "Dirac canary" experiments (a canary owns a
-coordinate block nobody else touches) while the canary is a real record, clipped with all the
-other per-sample gradients. Without noise (a bug) every sampled canary stands out and the bound
-is far above any small claimed epsilon; with correct noise it stays below the claim.
-
-Caveat: `train_private_round` sets q = expected_batch / n and calibrates sigma for that q, so
-each canary in or out moves q by ~1/n (0.2% here); accountants treat q as fixed. Second order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from opacus.accountants.utils import get_noise_multiplier
 from scipy import stats
 
 from fedmoe.fl_client.data import generate_bank_corpus, make_bank_profiles, pack_records
-from fedmoe.fl_client.dp import AccountantState, DPConfig, DPError, sample_rate_for, train_private_round
+from fedmoe.fl_client.dp import DPConfig, DPError, sample_rate_for
 from fedmoe.fl_client.dp.trainer import check_data, run_dp_steps
 from fedmoe.model.deepseek import DeepseekForCausalLM, lm_loss, preset
 from fedmoe.model.lora import configure_trainable
@@ -183,11 +195,14 @@ CANARY_ROUND = DPConfig(
 
 @dataclass(frozen=True)
 class CanaryAuditConfig:
-    """One canary audit of one bank's private round (tiny model, synthetic bank data).
+    """One canary audit of a claim: mechanism (sigma, q, steps) claimed to be (epsilon, delta)-DP.
 
     Attributes:
         canaries: m.
-        target_epsilon, delta: the bank's budget for the audited round (sigma is calibrated).
+        target_epsilon, delta: the claim under audit (a ledger entry's epsilon for its round).
+        noise_multiplier: the mechanism's sigma (a ledger entry's); None: the sigma the accountant
+            calibrates for the claim (a true claim).
+        sample_rate: the mechanism's q; None: the audit's own (expected batch / its n).
         k_plus, k_minus: "in" / "out" guesses (None: m // 4 and 0). Fixed before the run (no
             search over k, which would need a multiple-testing correction).
         confidence: of the lower bound.
@@ -195,21 +210,27 @@ class CanaryAuditConfig:
         seq_len: tokens per training sample.
         training: the audited DP-SGD round (clip norm, steps, batch, optimizer, accountant...),
             with target_epsilon and delta put in by `dp_config` (default CANARY_ROUND).
-        seed: canary draw, tie breaks, batch sampling and noise.
-        noise_multiplier_override: FAULT INJECTION for tests/demos: train with this sigma through
-            `_train_round_fixed_noise_TEST_ONLY` while the claim stays target_epsilon.
+        control_factors: positive controls, run when the claim survives: mechanisms whose true epsilon
+            is factor x the claim (then one without noise); a PASS needs the first one refuted.
+        seed: canary inclusion and tie breaks only; batch sampling and noise always come from the
+            production CSPRNG path (`run_dp_steps(seed=None)`), independent of it.
+        noise_multiplier_override: FAULT INJECTION (the CLI's --inject-no-noise): train at this sigma
+            whatever the claim's, and mark the result as fault-injected.
         threads: torch intra-op threads during the run (1 is fastest for the tiny model; restored).
     """
 
     canaries: int = 1000
     target_epsilon: float = 2.0
     delta: float = 1e-5
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
     k_plus: int | None = None
     k_minus: int | None = None
     confidence: float = 0.95
     records: int = 100
     seq_len: int = 8
     training: DPConfig = CANARY_ROUND
+    control_factors: tuple[float, ...] = (2.0, 4.0, 8.0, 16.0, 32.0)
     seed: int = 0
     noise_multiplier_override: float | None = None
     threads: int | None = 1
@@ -229,16 +250,25 @@ class CanaryAuditConfig:
             self.dp_config()
         except DPError as err:
             raise AuditError(f"CanaryAuditConfig: {err}") from None
-        if self.noise_multiplier_override is not None and not self.noise_multiplier_override >= 0:
-            raise AuditError(
-                "CanaryAuditConfig.noise_multiplier_override: expected None or >= 0, "
-                f"got {self.noise_multiplier_override}"
-            )
+        for name in ("noise_multiplier_override", "noise_multiplier"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise AuditError(f"CanaryAuditConfig.{name}: expected None or >= 0, got {value}")
+        if self.sample_rate is not None and not 0 < self.sample_rate <= 1:
+            raise AuditError(f"CanaryAuditConfig.sample_rate: expected None or in (0, 1], got {self.sample_rate}")
+        if not self.control_factors or any(not f > 1 for f in self.control_factors):
+            raise AuditError(f"CanaryAuditConfig.control_factors: expected factors > 1, got {self.control_factors}")
 
     @property
     def guesses(self) -> tuple[int, int]:
         k_plus = self.canaries // 4 if self.k_plus is None else self.k_plus
         return k_plus, 0 if self.k_minus is None else self.k_minus
+
+    @property
+    def audited_sigma(self) -> float | None:
+        if self.noise_multiplier_override is not None:  # fault injection wins over the claim's sigma
+            return self.noise_multiplier_override
+        return self.noise_multiplier
 
     def dp_config(self) -> DPConfig:
         return dataclasses.replace(self.training, target_epsilon=self.target_epsilon, delta=self.delta)
@@ -246,12 +276,14 @@ class CanaryAuditConfig:
 
 @dataclass(frozen=True)
 class CanaryAuditResult:
-    """The outcome: the empirical epsilon lower bound next to the claimed epsilon.
+    """The outcome: the empirical epsilon lower bound next to the claim, and the audit's power.
 
-    `passed` is False when the lower bound exceeds the claim: the run leaked more than its
-    accountant says (a bug in clipping, noise, sampling or accounting). With m canaries and r
-    guesses even a perfect attack certifies at most `max_certifiable_epsilon`; a claim above it
-    cannot be refuted by this audit, so it is "not testable" (never a PASS).
+    Verdicts: FAIL when the lower bound exceeds the claim (the mechanism leaks more than claimed);
+    PASS only when it does not *and* the first positive control (a mechanism whose true epsilon is
+    `control_factor` x the claim, same q and steps) was refuted, i.e. this audit would have caught
+    an understatement of that size; INCONCLUSIVE otherwise, with `smallest_refutable`: the smallest
+    true epsilon among the controls at which a violation of the claim was detected (inf: only a run
+    without noise, or none).
     """
 
     canaries: int
@@ -272,28 +304,52 @@ class CanaryAuditResult:
     fault_injected: bool
     seconds: float
     max_certifiable_epsilon: float = math.inf
+    controls: tuple[tuple[float, float, float], ...] = ()  # (true epsilon, sigma, lower bound), in order run
+    control_factor: float = 2.0
 
     @property
     def testable(self) -> bool:
         return self.claimed_epsilon < self.max_certifiable_epsilon
 
     @property
+    def refuted(self) -> bool:
+        return self.epsilon_lower_bound > self.claimed_epsilon
+
+    @property
+    def power_adequate(self) -> bool:
+        return bool(self.controls) and self.controls[0][2] > self.claimed_epsilon
+
+    @property
+    def smallest_refutable(self) -> float:
+        detected = [eps for eps, _, bound in self.controls if bound > self.claimed_epsilon]
+        return detected[0] if detected else math.inf
+
+    @property
     def passed(self) -> bool:
-        return self.testable and self.epsilon_lower_bound <= self.claimed_epsilon
+        return self.verdict == "PASS"
 
     @property
     def verdict(self) -> str:
-        if self.epsilon_lower_bound > self.claimed_epsilon:
+        if self.refuted:
             return "FAIL"
-        return "PASS" if self.testable else "NOT TESTABLE"
+        return "PASS" if self.testable and self.power_adequate else "INCONCLUSIVE"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed, "testable": self.testable, "verdict": self.verdict}
+        extra = {"refuted": self.refuted, "power_adequate": self.power_adequate}
+        smallest = self.smallest_refutable
+        extra["smallest_refutable"] = None if math.isinf(smallest) else smallest
+        return {**asdict(self), **extra, "passed": self.passed, "testable": self.testable, "verdict": self.verdict}
 
     def summary(self) -> str:
         verdict = self.verdict
-        if not self.testable:
-            verdict += f" (m={self.canaries} canaries certify at most epsilon {self.max_certifiable_epsilon:.2f})"
+        if verdict == "INCONCLUSIVE":
+            smallest = self.smallest_refutable
+            could = "nothing short of a run without noise" if math.isinf(smallest) else f"epsilon {smallest:.3g}"
+            verdict += (
+                f" (no power: a mechanism at {self.control_factor:g}x the claim was not caught; the smallest true "
+                f"epsilon it refuted the claim at: {could}; m={self.canaries} canaries certify at most "
+                f"{self.max_certifiable_epsilon:.2f})"
+            )
         return (
             f"{verdict}: epsilon lower bound {self.epsilon_lower_bound:.3f} ({self.confidence:.0%} confidence) vs "
             f"claimed {self.claimed_epsilon:.3f} at delta={self.delta:g}; {self.correct}/{self.guesses} guesses "
@@ -347,14 +403,99 @@ def _canary_directions(
     return directions / directions.norm(dim=1, keepdim=True).clamp(min=1e-30)
 
 
+@dataclass(frozen=True)
+class _Setup:
+    """What every run of one audit shares: the bank's packed records and the canaries."""
+
+    records_in: torch.Tensor  # (n_records, L)
+    records_tg: torch.Tensor
+    record_ids: list[str]
+    markers_M: torch.Tensor  # (m,) token ids no record contains
+    tokens_ML: torch.Tensor  # (m, L + 1): canary i is its marker repeated
+    vocab_size: int
+
+
+def _setup(config: CanaryAuditConfig) -> _Setup:
+    tokenizer = ByteTokenizer()
+    profile = make_bank_profiles(1, seed=config.seed)[0]
+    records = generate_bank_corpus(profile, config.records, seed=config.seed) if config.records else []
+    L, m = config.seq_len, config.canaries
+    markers_M = tokenizer.vocab_size + torch.arange(m)
+    tokens_ML = markers_M[:, None].expand(m, L + 1).contiguous()
+    empty = torch.empty(0, L, dtype=torch.long)
+    rec_in, rec_tg, ids = empty, empty, []
+    if records:
+        packed = pack_records(records, encode=tokenizer.encode, seq_len=L, eos_id=tokenizer.eos_id,
+                              pad_id=tokenizer.pad_id, privacy_unit="record")  # fmt: skip
+        rec_in, rec_tg, ids = packed.inputs, packed.targets, list(packed.unit_ids)
+    return _Setup(rec_in, rec_tg, ids, markers_M, tokens_ML, max(320, tokenizer.vocab_size + m))
+
+
+def _one_run(config: CanaryAuditConfig, setup: _Setup, *, sigma: float, q: float | None, run: int) -> dict:
+    """One private round on fresh canaries: inclusion from its own seeded generator, sampling and
+    noise from the production CSPRNG path (`run_dp_steps(seed=None)`), then score and count."""
+    m, (k_plus, k_minus) = config.canaries, config.guesses
+    included = np.random.default_rng([config.seed, run]).random(m) < 0.5  # S_i, independent of training
+    mask = torch.from_numpy(included)
+    inputs = torch.cat([setup.records_in, setup.tokens_ML[mask, :-1]]).contiguous()
+    targets = torch.cat([setup.records_tg, setup.tokens_ML[mask, 1:]]).contiguous()
+    ids = setup.record_ids + [f"canary-{i}" for i in np.flatnonzero(included)]
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(config.seed)
+        model = DeepseekForCausalLM(preset("tiny", vocab_size=setup.vocab_size))
+    configure_trainable(model, "full")
+    weight = model.model.embed_tokens.weight
+    directions = _canary_directions(model, setup.tokens_ML, setup.markers_M)
+    rows_before = weight.detach()[setup.markers_M].double().clone()
+    cfg = config.dp_config()
+    q = sample_rate_for(cfg, len(ids)) if q is None else q
+    inputs, targets = check_data(_Units(inputs, targets, ids), cfg)
+    run_dp_steps(model, inputs, targets, cfg, noise_multiplier=sigma, sample_rate=q, seed=None)
+    scores = ((rows_before - weight.detach()[setup.markers_M].double()) * directions).sum(dim=1)
+    r, v = count_guesses(scores.numpy(), included, k_plus=k_plus, k_minus=k_minus, seed=config.seed + 7 + run)
+    bound = epsilon_lower_bound(m=m, r=r, v=v, delta=config.delta, confidence=config.confidence)
+    return {"r": r, "v": v, "in": int(included.sum()), "n": len(ids), "q": q, "bound": bound}
+
+
+@functools.lru_cache(maxsize=256)
+def _sigma_for(epsilon: float, delta: float, q: float, steps: int) -> float:
+    """sigma whose (q, steps) Poisson-subsampled Gaussian spends `epsilon` at `delta` (PRV; RDP if PRV fails)."""
+    for accountant in ("prv", "rdp"):
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore")
+                sigma = get_noise_multiplier(
+                    target_epsilon=epsilon,
+                    target_delta=delta,
+                    sample_rate=q,
+                    steps=steps,
+                    accountant=accountant,
+                    epsilon_tolerance=0.01,
+                )
+                return float(sigma)
+        except (ValueError, RuntimeError, ArithmeticError):
+            continue
+    return 0.0
+
+
+def _controls(config: CanaryAuditConfig, setup: _Setup, q: float) -> tuple[tuple[float, float, float], ...]:
+    """Positive controls at factor x the claim (then without noise), until one refutes the claim."""
+    steps, claim, out = config.training.local_steps, config.target_epsilon, []
+    plan = [(f * claim, _sigma_for(f * claim, config.delta, q, steps)) for f in config.control_factors]
+    for run, (eps, sigma) in enumerate([*plan, (math.inf, 0.0)], start=1):
+        bound = _one_run(config, setup, sigma=sigma, q=q, run=run)["bound"]
+        out.append((eps, sigma, bound))
+        logger.info("canary audit control: true epsilon %.3g (sigma %.4g): lower bound %.3f", eps, sigma, bound)
+        if bound > claim:
+            break
+    return tuple(out)
+
+
 def run_canary_audit(config: CanaryAuditConfig | None = None) -> CanaryAuditResult:
-    """Runs the one-run canary audit of one private round and computes the epsilon lower bound.
+    """Audits a claim: the mechanism (sigma, q, steps) through the production noise path, m canaries.
 
-    Args:
-        config: the audit (default CanaryAuditConfig(): m=1000 canaries, epsilon 2).
-
-    Returns:
-        CanaryAuditResult; `passed` is False when the lower bound exceeds the claimed epsilon.
+    The claim survives when the empirical lower bound stays at or below it; it PASSes only when a
+    positive control (true epsilon = control_factors[0] x the claim) was refuted by the same audit.
 
     Raises:
         AuditError: bad config. DPError: the DP config cannot be calibrated.
@@ -362,81 +503,41 @@ def run_canary_audit(config: CanaryAuditConfig | None = None) -> CanaryAuditResu
     config = config or CanaryAuditConfig()
     started = time.perf_counter()
     m, (k_plus, k_minus) = config.canaries, config.guesses
+    claim, steps = config.target_epsilon, config.training.local_steps
+    certifiable = epsilon_lower_bound(m=m, r=k_plus + k_minus, v=k_plus + k_minus, delta=config.delta,
+                                      confidence=config.confidence)  # fmt: skip
     with _torch_threads(config.threads):
-        gen = torch.Generator().manual_seed(config.seed)
-        tokenizer = ByteTokenizer()
-        profile = make_bank_profiles(1, seed=config.seed)[0]
-        records = generate_bank_corpus(profile, config.records, seed=config.seed) if config.records else []
-        L = config.seq_len
-        markers_M = tokenizer.vocab_size + torch.arange(m)  # ids no record can contain
-        tokens_ML = markers_M[:, None].expand(m, L + 1).contiguous()  # canary i: its marker, L+1 times
-        included_M = torch.rand(m, generator=gen) < 0.5  # S_i: each canary in with probability 1/2
-
-        parts_in, parts_tg, unit_ids = [], [], []
-        if records:
-            packed = pack_records(
-                records,
-                encode=tokenizer.encode,
-                seq_len=L,
-                eos_id=tokenizer.eos_id,
-                pad_id=tokenizer.pad_id,
-                privacy_unit="record",
-            )
-            parts_in.append(packed.inputs)
-            parts_tg.append(packed.targets)
-            unit_ids += list(packed.unit_ids)
-        parts_in.append(tokens_ML[included_M, :-1])
-        parts_tg.append(tokens_ML[included_M, 1:])
-        unit_ids += [f"canary-{i}" for i in torch.nonzero(included_M).flatten().tolist()]
-        data = _Units(torch.cat(parts_in).contiguous(), torch.cat(parts_tg).contiguous(), unit_ids)
-
-        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-            torch.manual_seed(config.seed)
-            model = DeepseekForCausalLM(preset("tiny", vocab_size=max(320, tokenizer.vocab_size + m)))
-        configure_trainable(model, "full")
-        weight = model.model.embed_tokens.weight
-        directions = _canary_directions(model, tokens_ML, markers_M)
-        rows_before = weight.detach()[markers_M].double().clone()
-
-        cfg = config.dp_config()
-        n = len(unit_ids)
-        if config.noise_multiplier_override is None:
-            report = train_private_round(model, data, cfg, AccountantState.fresh(cfg), seed=config.seed)
-            sigma, q, claimed = report.sigma, report.q, report.epsilon_total
-        else:
-            # FAULT INJECTION (the audit's own test): the trainer's DP step loop at a forced sigma,
-            # which `train_private_round` never allows (it calibrates sigma from the budget).
-            sigma, q, claimed = config.noise_multiplier_override, sample_rate_for(cfg, n), config.target_epsilon
-            inputs, targets = check_data(data, cfg)
-            run_dp_steps(model, inputs, targets, cfg, noise_multiplier=sigma, sample_rate=q, seed=config.seed)
-            logger.warning("canary audit: FAULT INJECTED, trained with noise_multiplier=%g", sigma)
-        scores = ((rows_before - weight.detach()[markers_M].double()) * directions).sum(dim=1)
-
-    included = included_M.numpy()
-    r, v = count_guesses(scores.numpy(), included, k_plus=k_plus, k_minus=k_minus, seed=config.seed + 7)
-    bound = epsilon_lower_bound(m=m, r=r, v=v, delta=config.delta, confidence=config.confidence)
+        setup = _setup(config)
+        n_expected = len(setup.record_ids) + m // 2
+        q = config.sample_rate or min(1.0, config.training.expected_batch_size / n_expected)
+        sigma = config.audited_sigma
+        sigma = _sigma_for(claim, config.delta, q, steps) if sigma is None else sigma
+        main = _one_run(config, setup, sigma=sigma, q=q, run=0)
+        survived = main["bound"] <= claim
+        controls = _controls(config, setup, q) if survived and claim < certifiable else ()
     result = CanaryAuditResult(
-        canaries=m,
-        in_canaries=int(included.sum()),
-        k_plus=k_plus,
-        k_minus=k_minus,
-        guesses=r,
-        correct=v,
-        confidence=config.confidence,
-        delta=config.delta,
-        epsilon_lower_bound=bound,
-        claimed_epsilon=float(claimed),
-        p_value_at_claim=p_value(m=m, r=r, v=v, epsilon=float(claimed), delta=config.delta),
-        noise_multiplier=float(sigma),
-        sample_rate=float(q),
-        steps=cfg.local_steps,
-        n_samples=n,
-        fault_injected=config.noise_multiplier_override is not None,
-        seconds=time.perf_counter() - started,
-        # a perfect attacker: every guess right. Above this, the audit cannot refute a claim.
-        max_certifiable_epsilon=epsilon_lower_bound(
-            m=m, r=k_plus + k_minus, v=k_plus + k_minus, delta=config.delta, confidence=config.confidence
-        ),
-    )
+        canaries=m, in_canaries=main["in"], k_plus=k_plus, k_minus=k_minus, guesses=main["r"], correct=main["v"],
+        confidence=config.confidence, delta=config.delta, epsilon_lower_bound=main["bound"], claimed_epsilon=claim,
+        p_value_at_claim=p_value(m=m, r=main["r"], v=main["v"], epsilon=claim, delta=config.delta),
+        noise_multiplier=float(sigma), sample_rate=float(q), steps=steps, n_samples=main["n"],
+        fault_injected=config.noise_multiplier_override is not None, seconds=time.perf_counter() - started,
+        max_certifiable_epsilon=certifiable, controls=controls, control_factor=config.control_factors[0],
+    )  # fmt: skip
     logger.info("canary audit: %s", result.summary())
     return result
+
+
+def claim_from_ledgers(paths: list) -> dict[str, Any] | None:
+    """The first single-round claim in the bank ledgers given: (sigma, q, steps) and the epsilon the
+    bank recorded for it (its first trained round, whose history is that round alone), or None."""
+    from fedmoe.protocol.ledger import BANK_SCHEMA, read_verified
+
+    for path in paths:
+        _, entries = read_verified(path)
+        for entry in entries:
+            if entry.get("schema") == BANK_SCHEMA and entry.get("status") == "trained" and len(entry["history"]) == 1:
+                sigma, q, steps = entry["history"][0]
+                return {"noise_multiplier": float(sigma), "sample_rate": float(q), "steps": int(steps),
+                        "target_epsilon": float(entry["epsilon"]), "delta": float(entry["delta"]),
+                        "source": f"{path} round {entry['round']}"}  # fmt: skip
+    return None

@@ -256,8 +256,10 @@ def _empirical_flags(result: AuditResult) -> list[Flag]:
                 message=f"empirical canary audit {emp.summary()}",
                 what_to_do=WHAT_TO_DO["empirical"]
                 if emp.verdict == "FAIL"
-                else f"Nothing is refuted: with m = {emp.canaries} canaries the audit cannot certify ε above "
-                f"{emp.max_certifiable_epsilon:.2f}; run it with more canaries or a smaller --epsilon.",
+                else f"Nothing is refuted, but nothing is shown either: the audit did not catch a mechanism at "
+                f"{emp.control_factor:g}x the claim (and with m = {emp.canaries} canaries cannot certify ε above "
+                f"{emp.max_certifiable_epsilon:.2f}); rely on the accountant and the code's tests, or rerun with "
+                "more canaries.",
             )
         )
     return flags
@@ -444,7 +446,7 @@ def render_table(result: AuditResult, console: Console) -> None:
     for emp in result.empirical:
         color = "green" if emp.passed else "red"
         console.print(
-            f"[bold]empirical audit (tiny model, its own ε — not this job's configuration)[/] "
+            f"[bold]empirical audit (tiny model; the claim's σ, q, steps through the production noise path)[/] "
             f"[{color}]{escape(emp.summary())}[/]",
             soft_wrap=True,
         )
@@ -867,7 +869,7 @@ def _html_empirical(result: AuditResult) -> str:
             f'<p>Verdict: <span class="{verdict_css}">{_esc(e.verdict)}</span>. '
             f"<strong>What it tested is not this job's configuration:</strong> one private round of DP-SGD on the "
             f"<em>tiny</em> model (whole model trained, SGD) over synthetic data with m = {e.canaries} canaries "
-            f"({e.in_canaries} inserted, n = {e.n_samples}), at its own claimed ε = {e.claimed_epsilon:.3f}, "
+            f"({e.in_canaries} inserted, n = {e.n_samples}), at the claimed ε = {e.claimed_epsilon:.3f}, "
             f"δ = {e.delta:g}, σ = {e.noise_multiplier:.4g}, q = {e.sample_rate:.4g}, {e.steps} steps"
             f"{' — with the noise switched off on purpose (fault injection)' if e.fault_injected else ''}. "
             f"It checks that clipping, noise, sampling and accounting in the code leak no more than claimed; "
@@ -885,8 +887,10 @@ def _html_empirical(result: AuditResult) -> str:
                 ],  # fmt: skip
                 numeric=(0, 1, 2),
             )
-            + "<p class=small>A lower bound above the claim fails. With m canaries even a perfect attack "
-            "cannot show ε above the certifiable maximum, so a claim above it is “NOT TESTABLE”, never a pass.</p>"
+            + "<p class=small>A lower bound above the claim fails. A pass also needs the same audit to have "
+            "caught a positive control (a mechanism whose true ε is twice the claim); otherwise the result is "
+            "“INCONCLUSIVE”, never a pass. With m canaries even a perfect attack cannot show ε above the "
+            "certifiable maximum.</p>"
         )
     return "".join(parts)
 

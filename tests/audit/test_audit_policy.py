@@ -123,3 +123,18 @@ def test_the_cli_takes_a_policy_per_bank(tmp_path, identity, policy_file):
     args = ["--pins", str(pins), "--out", str(tmp_path / "out"), str(path)]
     assert main(args) == 0  # without the policy nothing is wrong with it
     assert main(["--policy", f"bank-0={policy_file}", *args]) == 1
+
+
+def test_the_empirical_audit_takes_the_ledgers_own_claim(tmp_path, identity, capsys):
+    """Issue 26: the canary audit tested its own --epsilon on its own calibration, not the ledger's claim."""
+    from fedmoe.audit.canary import claim_from_ledgers
+
+    path = plant(tmp_path / "l.jsonl", identity, sigma=0.3)  # sigma 0.3: its true epsilon is large
+    entry = Ledger(path).entries()[0]
+    claim = claim_from_ledgers([path])
+    assert claim["noise_multiplier"] == 0.3 and claim["target_epsilon"] == entry["epsilon"]
+    assert (claim["sample_rate"], claim["steps"]) == (BATCH / N, 2)
+    code = main(["--empirical", "--canaries", "400", "--out", str(tmp_path / "out"), str(path)])
+    printed = capsys.readouterr().out
+    assert "empirical audit of the claim of" in printed and "sigma=0.3" in printed
+    assert code == 1 and "PASS:" not in printed  # never a pass without power

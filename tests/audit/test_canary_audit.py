@@ -1,7 +1,8 @@
 """The one-run canary audit (Steinke, Nasr & Jagielski 2023): the bound, and real private runs.
 
 A run without noise must be caught (lower bound far above a small claimed epsilon); a correct
-private run (epsilon 2) must not be (lower bound at or below the claim).
+private run (epsilon 2) must not be refuted; neither it nor a planted understatement may PASS
+unless the audit caught a positive control at twice the claim (issue 26).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 from fedmoe.audit import (
     AuditError,
     CanaryAuditConfig,
+    CanaryAuditResult,
     count_guesses,
     epsilon_lower_bound,
     p_value,
@@ -74,13 +76,42 @@ def test_run_without_noise_is_caught():
     assert "FAIL" in result.summary()
 
 
-def test_correct_private_run_stays_below_its_claimed_epsilon():
-    result = run_canary_audit(CanaryAuditConfig(canaries=1000, target_epsilon=2.0))
-    assert not result.fault_injected and result.noise_multiplier > 1.0
-    assert 1.9 <= result.claimed_epsilon <= 2.0  # the accountant's epsilon of the real round
-    assert result.epsilon_lower_bound <= result.claimed_epsilon
-    assert result.passed and result.p_value_at_claim >= 0.05
-    assert result.to_dict()["passed"] is True
+def test_a_true_claim_is_not_refuted_but_without_power_it_is_inconclusive_not_a_pass():
+    """Issue 26: a PASS needs the audit to have caught a positive control (a mechanism at 2x the
+    claim). At m=1000 the one-run bound is too weak for that, so a true claim is INCONCLUSIVE."""
+    result = run_canary_audit(CanaryAuditConfig(canaries=1000, target_epsilon=2.0, control_factors=(2.0,)))
+    assert not result.fault_injected and result.noise_multiplier > 1.0  # calibrated for the claim
+    assert result.epsilon_lower_bound <= result.claimed_epsilon == 2.0 and not result.refuted
+    assert [eps for eps, _, _ in result.controls] == [4.0, math.inf]  # 2x the claim, then no noise
+    assert result.controls[-1][2] > 2.0  # the run without noise is caught: the pipeline has some power
+    assert result.verdict == "INCONCLUSIVE" and not result.passed
+    assert "INCONCLUSIVE" in result.summary() and "nothing short of a run without noise" in result.summary()
+
+
+@pytest.mark.parametrize("sigma", [0.3])
+def test_a_planted_understatement_never_passes(sigma):
+    """Issue 26: sigma 0.3 claiming epsilon 2 (its true epsilon is ~60) PASSed the old audit."""
+    result = run_canary_audit(CanaryAuditConfig(canaries=1000, target_epsilon=2.0, noise_multiplier=sigma,
+                                                control_factors=(2.0,)))  # fmt: skip
+    assert result.noise_multiplier == sigma and result.claimed_epsilon == 2.0
+    assert not result.passed and result.verdict in ("FAIL", "INCONCLUSIVE"), result.summary()
+
+
+def _result(bound: float, controls: tuple) -> CanaryAuditResult:
+    return CanaryAuditResult(
+        canaries=1000, in_canaries=500, k_plus=250, k_minus=0, guesses=250, correct=200, confidence=0.95,
+        delta=1e-5, epsilon_lower_bound=bound, claimed_epsilon=2.0, p_value_at_claim=0.5, noise_multiplier=1.0,
+        sample_rate=0.1, steps=30, n_samples=600, fault_injected=False, seconds=1.0, max_certifiable_epsilon=4.4,
+        controls=controls,
+    )  # fmt: skip
+
+
+def test_pass_needs_the_claim_to_survive_and_the_first_positive_control_to_be_caught():
+    assert _result(1.0, ((4.0, 1.0, 2.5),)).verdict == "PASS"
+    assert _result(1.0, ((4.0, 1.0, 0.5), (8.0, 0.7, 2.1))).verdict == "INCONCLUSIVE"
+    assert _result(1.0, ((4.0, 1.0, 0.5), (8.0, 0.7, 2.1))).smallest_refutable == 8.0
+    assert _result(1.0, ()).verdict == "INCONCLUSIVE"
+    assert _result(2.5, ()).verdict == "FAIL"
 
 
 def test_cli_empirical_fault_injection_fails(tmp_path, capsys):
@@ -104,6 +135,6 @@ def test_a_claim_above_what_the_canaries_can_certify_is_never_a_pass():
     """m = 1000 canaries, 250 guesses certify at most ~4.4: a sigma = 0 run claiming 8 is not testable."""
     result = run_canary_audit(CanaryAuditConfig(canaries=1000, target_epsilon=8.0, noise_multiplier_override=0.0))
     assert result.max_certifiable_epsilon < 8.0
-    assert not result.testable and not result.passed
-    assert result.verdict in ("FAIL", "NOT TESTABLE") and "certify at most" in result.summary()
+    assert not result.testable and not result.passed and result.controls == ()
+    assert result.verdict == "INCONCLUSIVE" and "certify at most" in result.summary()
     assert result.to_dict()["verdict"] == result.verdict
