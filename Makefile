@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 RUNS   := runs
 
-.PHONY: venv test test-latest lock test-federation demo audit local-demo federation simulation lint format clean provision compose-test experiment
+.PHONY: venv test test-latest lock test-federation demo demo-tiny audit local-demo federation simulation lint format clean provision compose-test experiment
 
 # torch==2.13.0 first: it is the CPU wheel; any other torch spec would pull a multi-GB CUDA build.
 # The environment is installed with the versions of one passing resolve ($(LOCK), `make lock` writes
@@ -50,23 +50,51 @@ test: $(STAMP)
 test-federation: $(STAMP)
 	$(BIN)/python -m pytest -q -m federation --tb=short --show-capture=no  # a failure's own message says what the processes last logged
 
-# 3 banks on 127.0.0.1 (real SuperLink/SuperNodes), small preset, FFA-LoRA, secure aggregation (masks +
-# BFV), DP eps=8 per bank with CSPRNG noise, each bank under its own policy (deploy/demo-bank-policy.toml: the strict defaults,
-# releasing its plain losses so the table can show them), 3 rounds; then the privacy audit against
-# the consortium's pinned identity keys (keys/pins.json from the key ceremony); then bank-0 exports the global model and generates a few lines.
-# A fresh job each time: the previous demo's folder is moved aside.
+# The real base: SmolLM2-135M-Instruct upcycled into a sparse MoE (8 x 384 routed experts, top-2, +
+# the dense FFN as shared expert; `fedmoe-model upcycle --recipe smollm2-moe`: dequantized and cached
+# in ~/.cache/fedmoe on first use, exact: docs/model.md), fine-tuned by 3 banks on 127.0.0.1 (real
+# SuperLink/SuperNodes) with secure aggregation (masks + BFV) and DP eps=8 per bank (CSPRNG noise),
+# each bank under its own policy (deploy/demo-bank-policy.toml: the strict defaults, releasing its plain
+# losses so the table can show them). Sized for 10 minutes on 2 CPU cores (docs/performance.md): the
+# frozen base in int8, FFA-LoRA rank 1 on q/k/v/o_proj + the routed experts (368,640 trained floats),
+# 3 rounds of one DP-SGD step on 4 records of <= 64 tokens, 200 records per bank.
+# Then the privacy audit against the consortium's pinned identity keys (keys/pins.json from the key
+# ceremony); then bank-0 exports the global model from the fp32 base, prints every bank's greedy
+# continuation of the prompts before and after, checks that transformers reads the merged folder as a
+# Qwen2-MoE and generates the same tokens, and writes the expert trace of its held-out records before
+# vs after (final/expert_trace.png). A fresh job each time: the previous demo's folder is moved aside.
 DEMO_ROOT := $(RUNS)/demo
 DEMO_POLICY := deploy/demo-bank-policy.toml
+DEMO_POLICIES := --policy bank-0=$(DEMO_POLICY) --policy bank-1=$(DEMO_POLICY) --policy bank-2=$(DEMO_POLICY)
+DEMO_JOB := job-id="demo" num-rounds=3 base-precision="int8" train-mode="lora" lora-rank=1 \
+	seq-len=64 batch-size=4 records-per-bank=200 eval-fraction=0.05 epsilon=8.0
+DEMO_PROMPTS := --prompt "Card payment of" --prompt "ATM WITHDRAWAL"
 demo: $(STAMP)
 	@if [ -d $(DEMO_ROOT) ]; then rm -rf $(DEMO_ROOT).prev && mv $(DEMO_ROOT) $(DEMO_ROOT).prev; fi
-	$(BIN)/fedmoe-launch --banks 3 --root $(DEMO_ROOT) \
-		--policy bank-0=$(DEMO_POLICY) --policy bank-1=$(DEMO_POLICY) --policy bank-2=$(DEMO_POLICY) \
-		--run-config 'job-id="demo" num-rounds=20 model-preset="small" train-mode="lora" epsilon=8.0'
+	@base=$$($(BIN)/python -m fedmoe.model upcycle --recipe smollm2-moe --print-path) && \
+	echo "base checkpoint: $$base (SmolLM2-135M-Instruct upcycled to a sparse MoE)" && \
+	$(BIN)/fedmoe-launch --banks 3 --root $(DEMO_ROOT) $(DEMO_POLICIES) \
+		--run-config '$(DEMO_JOB) base-checkpoint="'"$$base"'"'
 	$(MAKE) --no-print-directory audit LEDGERS="$(DEMO_ROOT)/banks/*/privacy/*/ledger.jsonl $(DEMO_ROOT)/server/demo/ledger-mirror/*.jsonl" \
 		PINS="$(DEMO_ROOT)/keys/pins.json"
 	$(BIN)/fedmoe-export --job $(DEMO_ROOT)/server/demo/job.json \
-		--node-config "bank-id='bank-0' state-dir='$(DEMO_ROOT)/banks/bank-0'" --out $(DEMO_ROOT)/final
-	$(BIN)/fedmoe-generate $(DEMO_ROOT)/final/merged --threads 1 --max-new-tokens 48 \
+		--node-config "bank-id='bank-0' state-dir='$(DEMO_ROOT)/banks/bank-0'" --out $(DEMO_ROOT)/final \
+		--compare-bank "bank-id='bank-1' partition-id=1 state-dir='$(DEMO_ROOT)/banks/bank-1'" \
+		--compare-bank "bank-id='bank-2' partition-id=2 state-dir='$(DEMO_ROOT)/banks/bank-2'" \
+		$(DEMO_PROMPTS) --max-new-tokens 24 --check-transformers --trace-held-out 10
+
+# The fast demo on a seeded random model (the `small` preset, byte tokenizer): 3 banks, FFA-LoRA,
+# secure aggregation, DP eps=8, 20 rounds of one DP step (~6 minutes); audit, export, generation.
+DEMO_TINY_ROOT := $(RUNS)/demo-tiny
+demo-tiny: $(STAMP)
+	@if [ -d $(DEMO_TINY_ROOT) ]; then rm -rf $(DEMO_TINY_ROOT).prev && mv $(DEMO_TINY_ROOT) $(DEMO_TINY_ROOT).prev; fi
+	$(BIN)/fedmoe-launch --banks 3 --root $(DEMO_TINY_ROOT) $(DEMO_POLICIES) \
+		--run-config 'job-id="demo" num-rounds=20 model-preset="small" train-mode="lora" epsilon=8.0'
+	$(MAKE) --no-print-directory audit LEDGERS="$(DEMO_TINY_ROOT)/banks/*/privacy/*/ledger.jsonl $(DEMO_TINY_ROOT)/server/demo/ledger-mirror/*.jsonl" \
+		PINS="$(DEMO_TINY_ROOT)/keys/pins.json" AUDIT_OUT=$(DEMO_TINY_ROOT)/audit
+	$(BIN)/fedmoe-export --job $(DEMO_TINY_ROOT)/server/demo/job.json \
+		--node-config "bank-id='bank-0' state-dir='$(DEMO_TINY_ROOT)/banks/bank-0'" --out $(DEMO_TINY_ROOT)/final
+	$(BIN)/fedmoe-generate $(DEMO_TINY_ROOT)/final/merged --threads 1 --max-new-tokens 48 \
 		--prompt "Card payment of" --prompt "Transfer to"
 
 # Privacy audit: verify hash chains and signatures, recompute epsilon (PLD + RDP), table + report.

@@ -174,9 +174,9 @@ def show_continuations(bank, others, start, replica, prompts, args, tokenizer) -
         print(f"{bank_id}: replica after round {bank.state.applied_round}, sha256 {digest[:16]}{same}")
     for i, text in enumerate(args.prompt):
         print(f"prompt {text!r}")
-        print(f"  before (every bank)    : {text}{tokenizer.decode(before[i])!r}")
+        print(f"  before (every bank): {text + tokenizer.decode(before[i])!r}")
         for bank_id in flats:
-            print(f"  after  {bank_id:<16}: {text}{tokenizer.decode(after[bank_id][i])!r}")
+            print(f"  after  {bank_id:<12}: {text + tokenizer.decode(after[bank_id][i])!r}")
     return after[bank.config.bank_id]
 
 
@@ -199,17 +199,18 @@ def check_transformers(merged: Path, prompts, ours, max_new_tokens: int, tokeniz
 def trace_held_out(bank: Bank, start: torch.Tensor, replica: torch.Tensor, n: int, out: Path) -> Path:
     """Expert load of the bank's first n held-out records before and after, side by side (PNG + summaries)."""
     data = load_bank_data(bank.job, bank.config, bank.model.config.vocab_size).held_out
-    inputs, lengths = data.inputs[:n], data.lengths[:n]
+    inputs_BT = data.inputs[:n]
+    valid_BT = torch.arange(inputs_BT.shape[1]) < data.lengths[:n, None]  # real tokens; right padding is not counted
     tracers = []
     for name, flat in (("before", start), ("after", replica)):
         bank.view.load_flat_(flat)
         tracer = ExpertTracer(bank.model, None)
+        tracer.set_context(inputs_BT, 0, valid_BT=valid_BT)  # causal: padding on the right changes no real token
         with tracer, torch.no_grad():
-            for row, length in zip(inputs, lengths.tolist(), strict=True):  # real tokens only, no padding
-                bank.model.eval()(row[: max(1, min(length, row.numel()))].unsqueeze(0))
+            bank.model.eval()(inputs_BT)
         tracer.write_summary(out / f"expert_summary_{name}.json")
         tracers.append(tracer)
-    title = f"{bank.config.bank_id}: {len(inputs)} held-out records, before vs after job {bank.job.job_id}"
+    title = f"{bank.config.bank_id}: {len(inputs_BT)} held-out records, before vs after job {bank.job.job_id}"
     path = write_heatmap_pair(tracers[0], tracers[1], out / "expert_trace.png", title=title)
     moved = int((tracers[1].counts_LE - tracers[0].counts_LE).abs().sum()) // 2
     pairs = int(tracers[0].counts_LE.sum())

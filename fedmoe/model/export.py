@@ -350,6 +350,7 @@ def transformers_greedy(
     """
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars would fill the demo's console
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     out = []
     with torch.no_grad():

@@ -41,7 +41,8 @@ class ExpertTracer:
 
     Call `set_context(ids_BT, start, seq_offset)` before each forward so lines carry the token
     ids and positions (fedmoe.model.generate's `on_forward` hook fits); without it positions count
-    from 0 per forward and tokens are null.
+    from 0 per forward and tokens are null. `set_context(..., valid_BT=mask)` leaves the masked-out
+    positions (right padding of a batch) out of the counts and the lines.
     """
 
     def __init__(
@@ -69,12 +70,17 @@ class ExpertTracer:
         self._out: IO[str] | None = None
         self._hooks: list[Any] = []
         self._ids: torch.Tensor | None = None
+        self._valid: torch.Tensor | None = None
         self._start = 0
         self._seq_offset = 0
 
-    def set_context(self, ids_BT: torch.Tensor, start: int, seq_offset: int = 0) -> None:
-        """The ids about to be fed, the position of their first column, the batch's first seq index."""
+    def set_context(
+        self, ids_BT: torch.Tensor, start: int, seq_offset: int = 0, valid_BT: torch.Tensor | None = None
+    ) -> None:
+        """The ids about to be fed, the position of their first column, the batch's first seq index,
+        and optionally which positions count (bool, same shape: False = padding)."""
         self._ids, self._start, self._seq_offset = ids_BT.detach().cpu(), start, seq_offset
+        self._valid = valid_BT.detach().cpu().bool() if valid_BT is not None else None
 
     def __enter__(self) -> ExpertTracer:
         if self._jsonl_path is not None:
@@ -99,18 +105,29 @@ class ExpertTracer:
 
         def hook(module: Router, inputs: tuple[torch.Tensor, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
             weights_BTK, ids_BTK = (t.detach().cpu() for t in output)
+            valid_BT = self._valid_mask(ids_BTK.shape[:2])
+            ids_NK, weights_NK = ids_BTK[valid_BT], weights_BTK[valid_BT]  # N = counted (token) positions
             E = self.counts_LE.shape[1]
-            self.counts_LE[idx] += torch.bincount(ids_BTK.reshape(-1), minlength=E)
-            self.weight_sums_LE[idx].index_add_(0, ids_BTK.reshape(-1), weights_BTK.reshape(-1).double())
+            self.counts_LE[idx] += torch.bincount(ids_NK.reshape(-1), minlength=E)
+            self.weight_sums_LE[idx].index_add_(0, ids_NK.reshape(-1), weights_NK.reshape(-1).double())
             if idx == 0:
-                self.tokens += ids_BTK.shape[0] * ids_BTK.shape[1]
+                self.tokens += ids_NK.shape[0]
             if self._out is None:
                 return
-            self._write_lines(layer, weights_BTK, ids_BTK)
+            self._write_lines(layer, weights_BTK, ids_BTK, valid_BT)
 
         return hook
 
-    def _write_lines(self, layer: int, weights_BTK: torch.Tensor, ids_BTK: torch.Tensor) -> None:
+    def _valid_mask(self, shape_BT: torch.Size) -> torch.Tensor:
+        if self._valid is None:
+            return torch.ones(shape_BT, dtype=torch.bool)
+        if tuple(self._valid.shape) != tuple(shape_BT):
+            raise ValueError(f"ExpertTracer: valid mask {tuple(self._valid.shape)}, routed batch {tuple(shape_BT)}")
+        return self._valid
+
+    def _write_lines(
+        self, layer: int, weights_BTK: torch.Tensor, ids_BTK: torch.Tensor, valid_BT: torch.Tensor
+    ) -> None:
         assert self._out is not None
         B, T, _ = ids_BTK.shape
         tokens = self._ids if self._ids is not None and tuple(self._ids.shape) == (B, T) else None
@@ -119,6 +136,8 @@ class ExpertTracer:
         lines = []
         for b in range(B):
             for t in range(T):
+                if not valid_BT[b, t]:
+                    continue
                 token = int(tokens[b, t]) if tokens is not None else None
                 line = {"seq": self._seq_offset + b, "pos": self._start + t, "token": token}
                 if self._decode is not None and token is not None:

@@ -93,6 +93,7 @@ def test_export_shows_before_after_checks_transformers_and_traces(job, tmp_path,
     text = capsys.readouterr().out
     assert "bank-1: replica after round 2" in text and "(= bank-0's replica, bit for bit)" in text, text
     assert text.count("before (every bank)") == 2 and text.count("after  bank-1") == 2, text
+    assert "  after  bank-1      : 'IBAN" in text, text
     assert f"transformers reads {out / 'merged'} as Qwen2MoeForCausalLM" in text, text
     assert text.count("(the same 8 tokens as ours)") == 2, text
     summaries = [json.loads((out / f"expert_summary_{w}.json").read_text()) for w in ("before", "after")]

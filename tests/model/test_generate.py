@@ -234,3 +234,26 @@ def test_heatmap_pair_of_the_same_records_before_and_after(tmp_path):
     assert not torch.equal(tracers[0].counts_LE, tracers[1].counts_LE)
     path = write_heatmap_pair(tracers[0], tracers[1], tmp_path / "before_after.png", title="bank 0 held-out")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trace_of_a_right_padded_batch_counts_only_real_tokens(tmp_path):
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(preset("tiny")).eval()
+    gen = torch.Generator().manual_seed(2)
+    rows = [torch.randint(0, 256, (n,), generator=gen) for n in (11, 5, 8)]
+    batch_BT = torch.stack([torch.nn.functional.pad(r, (0, 11 - len(r)), value=0) for r in rows])
+    valid_BT = torch.arange(11) < torch.tensor([len(r) for r in rows])[:, None]
+    alone = ExpertTracer(model)
+    with alone, torch.no_grad():
+        for r in rows:
+            model(r[None])
+    padded = ExpertTracer(model, tmp_path / "experts.jsonl")
+    padded.set_context(batch_BT, 0, valid_BT=valid_BT)
+    with padded, torch.no_grad():
+        model(batch_BT)
+    assert padded.tokens == alone.tokens == 24
+    assert torch.equal(padded.counts_LE, alone.counts_LE)  # causal: right padding moves no real token's routing
+    lines = (tmp_path / "experts.jsonl").read_text().splitlines()
+    assert len(lines) == 24 * len(padded.layers) and '"seq":1,"pos":5' not in "".join(lines)
+    with pytest.raises(ValueError, match=r"valid mask \(3, 11\), routed batch \(1, 11\)"), padded, torch.no_grad():
+        model(batch_BT[:1])
