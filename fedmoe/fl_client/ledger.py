@@ -13,7 +13,7 @@ import platform
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fedmoe.fl_client.dp.accountant import AccountantState, HistoryEntry, epsilon_for_history
+from fedmoe.fl_client.dp.accountant import AccountantState, HistoryEntry, epsilon_for_history, epsilon_replace_one
 from fedmoe.fl_client.dp.config import DPConfig
 from fedmoe.fl_client.dp.errors import DPError
 from fedmoe.fl_client.dp.trainer import RoundPrivacyReport
@@ -152,6 +152,11 @@ def round_entry(
         except (ValueError, ArithmeticError, RuntimeError) as err:
             logger.warning("%s: PRV epsilon not computed (%s); recording null", where, err)
             eps_prv = None
+    try:  # the n-dependent noise level makes replace-one the adjacency that counts once n is known
+        eps_replace: float | None = epsilon_replace_one(history, delta=cfg.delta)
+    except (ValueError, ArithmeticError, RuntimeError) as err:
+        logger.warning("%s: replace-one epsilon not computed (%s); recording null", where, err)
+        eps_replace = None
     return BankEntry(
         schema=BANK_SCHEMA,
         job_id=job_id,
@@ -189,6 +194,7 @@ def round_entry(
         epsilon_spent_this_round=float(epsilon - epsilon_before),
         epsilon_prv=None if eps_prv is None else float(eps_prv),
         epsilon_pld=epsilon_pld(history, delta=cfg.delta),
+        epsilon_replace_one=eps_replace,
         epsilon_next_round=None if epsilon_next_round is None else float(epsilon_next_round),
         budget_epsilon=float(budget_epsilon),
         versions=library_versions(),

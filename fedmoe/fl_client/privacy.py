@@ -220,7 +220,7 @@ class BankPrivacy:
         try:
             q = sample_rate_for(self.cfg, self.n_samples)
         except DPError as err:
-            bound = "the expected batch must be smaller than this bank's dataset"
+            bound = "cannot train within the budget: the expected batch must be smaller than this bank's dataset"
             return [*refusals, Refusal("batch-size", self.job.batch_size, bound, detail=str(err))]
         try:
             sigma = noise_multiplier_for(self.cfg, self.n_samples)

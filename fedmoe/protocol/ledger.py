@@ -344,6 +344,7 @@ class BankEntry:
     epsilon_spent_this_round: float
     epsilon_prv: float | None  # null when Opacus' PRV could not be computed (RDP banks)
     epsilon_pld: float
+    epsilon_replace_one: float | None  # the same history under replace-one adjacency (n public), PLD
     epsilon_next_round: float | None
     budget_epsilon: float
     versions: dict

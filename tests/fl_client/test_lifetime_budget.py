@@ -214,3 +214,14 @@ def test_record_level_on_customer_data_only_by_an_explicit_policy_line_the_audit
     assert entry["privacy_unit"] == "record" and entry["customer_ids"] is True
     result = audit_ledgers(ledgers(bank))
     assert result.ok and [f.check for f in result.warnings if f.check == "record-level"] == ["record-level"]
+
+
+def test_every_entry_records_the_replace_one_epsilon(keys, tmp_path, records):
+    """sigma is calibrated from n, so the update's noise level can reveal n; with n known the
+    replace-one epsilon is what counts, and the ledger records it (issue 26, item 2)."""
+    from fedmoe.fl_client.dp.accountant import epsilon_replace_one
+
+    bank, history = _spend_the_budget(keys, tmp_path, records)
+    [entry] = Ledger(ledgers(bank)[0]).entries()
+    assert entry["epsilon_replace_one"] == pytest.approx(epsilon_replace_one(history, delta=entry["delta"]))
+    assert entry["epsilon_replace_one"] > entry["epsilon_pld"]  # replace-one costs more than add/remove
