@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -170,6 +172,15 @@ def last_words(deployment, job: JobConfig, lines: int = 4) -> str:
     for log in sorted(deployment.log_dir.glob("*.log")):
         tail = log.read_text(errors="replace").splitlines()[-lines:]
         out += [f"{log.stem}: {line[:160]}" for line in tail]
+    submitted = (deployment.log_dir / "flwr-run.log").read_text(errors="replace")
+    runs = re.findall(r"Successfully started run (\d+)", submitted)
+    if runs:  # the last ServerApp's own log (it goes to the SuperLink, not to a file here)
+        flwr = Path(sys.executable).parent / "flwr"
+        shown = subprocess.run(
+            [str(flwr), "log", runs[-1], "fedmoe-loopback", "--show"],
+            env=deployment.env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        out += [f"serverapp run {runs[-1]}: {line[:200]}" for line in (shown.stdout + shown.stderr).splitlines()[-25:]]
     return "\n".join(out)
 
 
