@@ -90,17 +90,15 @@ class BankData:
 
 
 def record_hashes(records: list[dict]) -> torch.Tensor:
-    """The sorted set of per-record digests (SHA-256 of each record's canonical JSON, truncated).
+    """The sorted set of per-record digests (SHA-256 of each record's canonical JSON, truncated),
+    plus one digest per customer id (domain-separated): data about the same customers overlaps.
 
     Order- and duplicate-independent: the same records reordered, or with a row repeated, give the
     same set. It never leaves the bank (it is kept next to the bank's ledger to detect overlap).
     """
-    digests = {
-        hashlib.sha256(json.dumps(r, sort_keys=True, default=str, ensure_ascii=False).encode()).digest()[
-            :RECORD_HASH_BYTES
-        ]
-        for r in records
-    }
+    items = {b"record\n" + json.dumps(r, sort_keys=True, default=str, ensure_ascii=False).encode() for r in records}
+    items |= {b"customer\n" + str(r["customer_id"]).encode() for r in records if "customer_id" in r}
+    digests = {hashlib.sha256(item).digest()[:RECORD_HASH_BYTES] for item in items}
     flat = b"".join(sorted(digests))
     return torch.frombuffer(bytearray(flat), dtype=torch.uint8).reshape(len(digests), RECORD_HASH_BYTES).clone()
 
@@ -120,7 +118,7 @@ def load_bank_data(job: JobConfig, bank: BankConfig, vocab_size: int) -> BankDat
     parts = {
         "tokenizer": [type(tokenizer).__name__, tokenizer.vocab_size, tokenizer.eos_id, tokenizer.pad_id],
         "split-pack": [job.seq_len, job.privacy_unit, bank.policy.privacy_unit, job.eval_fraction, job.seed],
-        "identity": 2,  # record-set fingerprint + record hashes (issue 26)
+        "identity": 3,  # record-set fingerprint + record and customer digests (issue 26)
         "data": "file" if bank.data_path is not None else
         ["synthetic", job.synthetic_banks, bank.partition_id, job.records_per_bank],
     }  # fmt: skip

@@ -95,7 +95,7 @@ def _spend_the_budget(keys, tmp_path, records) -> tuple[BankConfig, list]:
 
 @pytest.mark.parametrize(
     "variant",
-    ["reordered", "duplicated-row", "customer-unit", "rows-added"],
+    ["reordered", "duplicated-row", "customer-unit", "rows-added", "same-customers-new-rows"],
 )
 def test_a_spent_budget_is_not_reset_by_reordering_duplicating_adding_rows_or_a_stronger_unit(
     keys, tmp_path, records, variant
@@ -106,6 +106,7 @@ def test_a_spent_budget_is_not_reset_by_reordering_duplicating_adding_rows_or_a_
         "duplicated-row": [*records, records[0]],
         "customer-unit": records,
         "rows-added": [*records, *generate_bank_corpus(make_bank_profiles(2, seed=0)[1], 20, seed=1)],
+        "same-customers-new-rows": [{**r, "text": r["text"] + " (next month)"} for r in records],
     }[variant]
     unit = {"privacy_unit": "customer"} if variant == "customer-unit" else {}
     job = make_job(keys, tmp_path, "second", **unit)
