@@ -112,10 +112,41 @@ def save_round(job: JobConfig, config: BankConfig, secagg: BankSecAgg) -> None:
 
 
 def forget_rounds(job: JobConfig, config: BankConfig, *, through: int) -> None:
-    """Deletes the secrets of rounds up to `through` (done, or superseded by a later round)."""
-    for path in (config.job_dir(job.job_id) / "secagg").glob("round-*.json"):
+    """Deletes the secrets and kept replies of rounds up to `through` (done, or superseded by a later round)."""
+    folder = config.job_dir(job.job_id) / "secagg"
+    for path in [*folder.glob("round-*.json"), *folder.glob("replies-*.json")]:
         if int(path.stem.split("-")[1]) <= through:
             path.unlink(missing_ok=True)
+
+
+# ---- a restarted server repeats a round: the same request gets the same reply -----------------------
+# A server that crashed mid-round (after banks trained and released, even after they unmasked) runs
+# the round again. With the same setup it sends the same requests; each bank answers each one with
+# the reply it already gave (kept until the round is superseded), so the round completes and no ε is
+# lost. Nothing new leaves the bank: a different request at a stage already answered is refused by
+# the release rules (BankSecAgg's stage checks), as before.
+def replies_file(job: JobConfig, config: BankConfig, round_idx: int) -> Path:
+    return config.job_dir(job.job_id) / "secagg" / f"replies-{round_idx:04d}.json"
+
+
+def _request_key(stage: str, request: bytes) -> str:
+    return f"{stage}:{hashlib.sha256(request).hexdigest()}"
+
+
+def kept_reply(job: JobConfig, config: BankConfig, round_idx: int, stage: str, request: bytes) -> bytes | None:
+    path = replies_file(job, config, round_idx)
+    kept = read_json(path).get(_request_key(stage, request)) if path.exists() else None
+    if kept is not None:
+        logger.warning("bank %s: round %d %s repeated (a restarted server): the same reply", config.bank_id,
+                       round_idx, stage)  # fmt: skip
+    return bytes.fromhex(kept) if kept is not None else None
+
+
+def keep_reply(job: JobConfig, config: BankConfig, round_idx: int, stage: str, request: bytes, reply: bytes) -> None:
+    path = replies_file(job, config, round_idx)
+    kept = read_json(path) if path.exists() else {}
+    kept[_request_key(stage, request)] = reply.hex()
+    atomic_write_json(path, kept, mode=0o600)
 
 
 def binding_of(secagg: BankSecAgg) -> str:
@@ -238,11 +269,15 @@ def advertise(
     refuse_accused(job, config, setup)
     forget_rounds(job, config, through=request.round - 1 if forget_through is None else forget_through)
     path = state_file(job, config, request.round)
+    released = config.job_dir(job.job_id) / "released" / f"round-{request.round:04d}.json"
     if path.exists():
         old = BankSecAgg.from_state(read_json(path), keys.identity, keys.pins)
-        if old.stage == "advertised" and old.setup == setup and old.advertisement is not None:
+        # The same setup again gets the same keys while they are not shared yet (a repeat), or once the
+        # round was released under them (a restarted server repeats the round: every later request it
+        # repeats gets the reply already given). Keys shared but not yet used are never shared twice:
+        # a bank in between takes fresh keys below.
+        if old.setup == setup and old.advertisement is not None and (old.stage == "advertised" or released.exists()):
             return _reply(config, request, old.advertisement.to_bytes())
-    released = config.job_dir(job.job_id) / "released" / f"round-{request.round:04d}.json"
     if released.exists():  # a restarted round: its masked input went out under other keys
         reason = f"round {request.round} was already released under other round keys: not trained or masked again"
         return TrainReply(config.bank_id, request.round, TrainStatus.ALREADY_RELEASED, 0, "", reason=reason)
@@ -259,6 +294,18 @@ def later_stage(job: JobConfig, config: BankConfig, keys: SecAggKeys, request: R
         return _reply(config, request, reveal_stage(job, config, keys, request.secagg))
     if request.stage is SecAggStage.ACCUSE:
         return _reply(config, request, accuse_stage(job, config, keys, request.secagg))
+    payload = kept_reply(job, config, request.round, str(request.stage), request.secagg)
+    if payload is None:
+        payload = answer_stage(job, config, keys, request)
+    reply = _reply(config, request, payload)
+    if request.stage is SecAggStage.UNMASK and request.secagg_next:  # the next round's share-keys request
+        reply = replace(reply, next_bundle=share_ahead(job, config, keys, request))
+    return reply
+
+
+def answer_stage(job: JobConfig, config: BankConfig, keys: SecAggKeys, request: RoundRequest) -> bytes:
+    """Share keys, consent or unmask for the first time; the reply is kept for a repeat of the request.
+    The round's secrets stay until a later round supersedes it (a restarted server may repeat it)."""
     secagg = load_round(job, config, keys, request.round)
     if request.stage is SecAggStage.SHARE_KEYS:
         out = secagg.share_keys(ShareKeysRequest.from_bytes(request.secagg))
@@ -269,14 +316,11 @@ def later_stage(job: JobConfig, config: BankConfig, keys: SecAggKeys, request: R
     else:
         raise ConfigError(f"bank {config.bank_id}: no handler for secagg stage {request.stage!r}")
     save_round(job, config, secagg)
-    reply = _reply(config, request, out.to_bytes())
-    if request.stage is SecAggStage.UNMASK:
-        if config.policy.reveal_on_quarantine:
-            keep_for_reveal(job, config, secagg)
-        forget_rounds(job, config, through=request.round)
-        if request.secagg_next:  # the next round's share-keys request
-            reply = replace(reply, next_bundle=share_ahead(job, config, keys, request))
-    return reply
+    payload = out.to_bytes()
+    keep_reply(job, config, request.round, str(request.stage), request.secagg, payload)
+    if request.stage is SecAggStage.UNMASK and config.policy.reveal_on_quarantine:
+        keep_for_reveal(job, config, secagg)
+    return payload
 
 
 # ---- accountability: a round's mask key kept until the round is applied, revealed on request --------
@@ -404,6 +448,10 @@ def share_ahead(job: JobConfig, config: BankConfig, keys: SecAggKeys, request: R
     still goes out, and the server runs round r+1's advertise stage: a bank whose keys were shared
     takes fresh ones there)."""
     next_round = request.round + 1
+    stage = str(SecAggStage.SHARE_KEYS)
+    kept = kept_reply(job, config, next_round, stage, request.secagg_next)
+    if kept is not None:
+        return kept
     try:
         share_request = ShareKeysRequest.from_bytes(request.secagg_next)
         if (share_request.setup.job_id, share_request.setup.round) != (job.job_id, next_round):
@@ -414,7 +462,9 @@ def share_ahead(job: JobConfig, config: BankConfig, keys: SecAggKeys, request: R
     except Exception as err:  # noqa: BLE001 - the unmask reply must go out
         logger.warning("bank %s: no key shares ahead for round %d: %r", config.bank_id, next_round, err)
         return b""
-    return out.to_bytes()
+    payload = out.to_bytes()
+    keep_reply(job, config, next_round, stage, request.secagg_next, payload)  # a repeat of it asks the same
+    return payload
 
 
 def _reply(config: BankConfig, request: RoundRequest, payload: bytes) -> TrainReply:
