@@ -329,6 +329,7 @@ def test_the_empirical_audit_is_labelled_with_what_it_tested(demo, pins, tmp_pat
         canaries=1000, in_canaries=490, k_plus=250, k_minus=0, guesses=250, correct=136, confidence=0.95,
         delta=1e-5, epsilon_lower_bound=0.0, claimed_epsilon=1.991, p_value_at_claim=1.0, noise_multiplier=1.592,
         sample_rate=0.108, steps=30, n_samples=590, fault_injected=False, seconds=40.0, max_certifiable_epsilon=4.39,
+        controls=((3.98, 1.05, 2.5),),  # a PASS needs a refuted positive control (issue 26)
     )  # fmt: skip
     result = audit_ledgers(job_paths(demo), pins=pins).with_empirical(canary)
     files = write_report(result, tmp_path)
