@@ -104,7 +104,7 @@ class BankPolicy:
     max_reveals: int = 1
     allow_shared_key_aggregation: bool = True
     dataset_id: str = ""
-    eval_only_known_models: bool = False  # to be true by default once the demo policy sets it (issue 26)
+    eval_only_known_models: bool = True  # never an eval loss of a model the server could have chosen (issue 26)
     source: str = field(default="defaults", compare=False)
     overrides: tuple[tuple[str, float], ...] = field(default=(), compare=False)
     file_hash: str = field(default="", compare=False)

@@ -96,7 +96,7 @@ def test_policy_file_errors_name_file_key_expected_and_got(tmp_path):
             BankPolicy.from_file(path)
     with pytest.raises(ConfigError, match="file not found"):
         BankPolicy.from_file(tmp_path / "missing.toml")
-    # the example states every default, except that it chooses record-level DP explicitly (the
-    # default is customer-level on data with a customer_id column, issue 26)
+    # the example states every default (privacy-unit empty: customer-level on data with a customer_id
+    # column, issue 26; eval losses only for the consortium's signed aggregate)
     example = BankPolicy.from_file(ROOT / "deploy" / "bank-policy.example.toml")
-    assert example == BankPolicy(privacy_unit="record") and BankPolicy().privacy_unit == ""
+    assert example == BankPolicy() and BankPolicy().privacy_unit == "" and example.eval_only_known_models
