@@ -78,6 +78,10 @@ WHAT_TO_DO: dict[str, str] = {
     "original from the bank and check the pins file.",
     "signature": "Signatures were not checked against pinned keys: run the audit again with --pins FILE to prove "
     "which bank wrote each entry.",
+    "named-poisoner": "The consortium's banks found this bank's masked input of a quarantined round out of bound and "
+    "signed verdicts naming it; the server excluded it from the job. The evidence, the reveals and the verdicts are "
+    "in the server's <job>/accountability/round-NNNN/ (anyone holding the BFV key re-checks them); decide with the "
+    "consortium whether the bank stays pinned.",
     "dataset-identity": "One dataset has several ledgers (its lifetime budget was reset): count their composed ε "
     "as spent, stop training on this dataset if it is above the budget, and have the bank set 'dataset-id'.",
     "record-level": "The bank chose record-level DP on data with customer ids: confirm that protecting single "

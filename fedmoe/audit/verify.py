@@ -45,6 +45,7 @@ from fedmoe.protocol.accounting import epsilon_pld, epsilon_rdp, epsilon_toleran
 from fedmoe.protocol.ledger import (
     BANK_SCHEMA,
     MIRROR_SCHEMA,
+    NAMED_POISONER,
     ROUND_STATUSES,
     SERVER_STATUSES,
     ChainReport,
@@ -645,6 +646,8 @@ def _audit_mirror_file(
             continue
         first_ids = first_ids or (wrapper["job_id"], wrapper["bank_id"])
         prev_round = wrapper["round"]
+        if str(wrapper.get("reason", "")).startswith(NAMED_POISONER):  # an accountable round named this bank
+            out.add("warning", "named-poisoner", where, f"bank {wrapper['bank_id']!r}: {wrapper['reason']}", wrapper)
         view = views.setdefault(first_ids, _BankView(path, "mirror", chain_ok=chain_ok))
         view.server.append((line, wrapper))
         commitment = wrapper.get("commitment")

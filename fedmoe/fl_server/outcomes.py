@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from fedmoe.fl_server.state import RoundRecord, ServerState
+from fedmoe.protocol.ledger import NAMED_POISONER
 
 
 class Outcome(StrEnum):
@@ -30,7 +31,7 @@ class Outcome(StrEnum):
     ALREADY_RELEASED = "already released"  # released this round under other round keys (a restarted round)
     EXCLUDED = "excluded by secure aggregation"  # left out at a stage with a typed reason (signature, share, ...)
     ABORTED = "round aborted"  # its masked input was valid, but the round could not be unmasked
-    NAMED = "named a poisoner"  # most banks' signed verdicts found its input of a quarantined round out of bound
+    NAMED = NAMED_POISONER  # most banks' signed verdicts found its input of a quarantined round out of bound
 
 
 # What the server's ledger mirror records for each outcome.

@@ -59,6 +59,9 @@ CHAIN_FIELDS = ("seq", "prev_hash", "hash")
 
 RoundStatus = Literal["trained", "refused", "skipped", "dropped", "failed", "non-private"]
 ServerStatus = Literal["received", "skipped", "dropped"]
+# The reason a mirror entry starts with when most banks' signed verdicts named the bank the poisoner of
+# a quarantined secure round (docs/secagg.md "Accountable rounds"); the audit reports it.
+NAMED_POISONER = "named a poisoner"
 ROUND_STATUSES: tuple[str, ...] = typing.get_args(RoundStatus)
 SERVER_STATUSES: tuple[str, ...] = typing.get_args(ServerStatus)
 NoiseSource = Literal["csprng", "seeded", "none"]

@@ -19,6 +19,7 @@ import torch
 from test_federation_e2e import free_port_block, wait_for
 from test_hostile_loopback import FACTOR, HOSTILE, bank_dir, read_json, replica_round, run_config
 
+from fedmoe.audit.verify import audit_ledgers
 from fedmoe.crypto.identity import load_pins
 from fedmoe.crypto.secagg.accountability import name_poisoners
 from fedmoe.crypto.secagg.bfv import SECRET_FILE as BFV_SECRET_FILE
@@ -86,9 +87,14 @@ def test_a_poisoner_is_named_excluded_and_the_next_round_aggregates_the_others(t
     assert state["excluded"] == {POISONER: finding}
     assert state["end_reason"].endswith("rounds without an aggregate (too few banks or quarantined): [2]")
 
-    # the server's ledger mirror names it, with the finding
+    # the server's ledger mirror names it, with the finding, and so does the officer's audit
     mirror = (server_dir / "ledger-mirror" / f"{POISONER}.jsonl").read_text()
     assert "named poisoner of round 2" in mirror
+    ledgers = [*tmp_path.glob("banks/*/privacy/*/ledger.jsonl"), *(server_dir / "ledger-mirror").glob("*.jsonl")]
+    audit = audit_ledgers(ledgers, pins=load_pins(tmp_path / "keys" / PINS_FILE))
+    named = [f for f in audit.findings if f.check == "named-poisoner"]
+    assert [(f.bank_id, f.round) for f in named] == [(POISONER, 3)], audit.findings
+    assert finding in named[0].message and not audit.errors, audit.errors
 
     # the evidence kept for the auditor re-checks: with the BFV key, the reveals open bank-3's input
     kept = server_dir / "accountability" / "round-0002"
