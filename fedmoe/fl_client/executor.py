@@ -45,6 +45,7 @@ from fedmoe.protocol.flower import quick_object_pulls
 
 logger = logging.getLogger(__name__)
 
+TASK_INPUT_WAIT_SECONDS = 600.0  # Flower waits up to 2 h for a task's message objects
 APPROVED_APPS_ENV = "FEDMOE_APPROVED_APPS"  # the bank's approved-apps file
 DEFAULT_APPROVED_APPS = "/etc/fedmoe/approved-apps"  # the image's; a missing file approves nothing
 NO_GATE = "off"  # FEDMOE_APPROVED_APPS=off: no gate (the loopback launcher: the operator's own working tree)
@@ -370,7 +371,9 @@ def main() -> None:
         return warm()
 
     superexec.get_executor = executor_for
-    quick_object_pulls()  # a task's message objects: retried after 0.02 s, not 1 s (fedmoe/protocol/flower.py)
+    # a task's message objects: retried after 0.02 s, not 1 s, and given up after TASK_INPUT_WAIT_SECONDS
+    # (they come from the bank's own SuperNode; a task whose objects never come must not hold the bank)
+    quick_object_pulls(max_seconds=TASK_INPUT_WAIT_SECONDS)
     flower_superexec()
 
 

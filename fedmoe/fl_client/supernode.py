@@ -88,6 +88,30 @@ def alive_within(seconds: float, path: str = "") -> bool:
         return False
 
 
+class RunEnded(RuntimeError):
+    """The run of a message ended while its objects were being pulled (an ordinary Exception)."""
+
+
+def ending_runs_fail_the_task(pull_object: Callable) -> Callable:
+    """Flower's object pull, with the end of the message's run raised as an ordinary exception.
+
+    flwr 1.42 raises RunNotRunningException, a BaseException, when a message's run ends while the
+    SuperNode pulls its objects (a restarted server's old run). Its handler then skips the cleanup
+    that every other failure gets: the message's task stays pending with objects that never arrive,
+    the bank's executor claims it and waits for them (up to 2 h), and the bank runs nothing else: the
+    "restart that wedges" of issue 27, seen in CI. As an Exception, Flower deletes the message and
+    finishes its task as failed."""
+    from flwr.supercore.run import RunNotRunningException
+
+    def pull(*args, **kwargs):
+        try:
+            return pull_object(*args, **kwargs)
+        except RunNotRunningException:
+            raise RunEnded("the message's run is no longer running") from None
+
+    return pull
+
+
 # Flower's pull retries connection errors forever, but any other failure of one pull (an HTTP 500
 # "database is locked", a SuperLink restarting on its database) ends the SuperNode's loop: the bank
 # would be gone for good after one bad answer. A failing pull counts as "no message" for up to
@@ -102,6 +126,8 @@ def reporting_pulls(pull: Callable, *, patience: float = PULL_PATIENCE) -> Calla
 
     def pull_and_mark(*args, **kwargs):
         nonlocal failing_since
+        if "pull_object" in kwargs:
+            kwargs["pull_object"] = ending_runs_fail_the_task(kwargs["pull_object"])
         try:
             result = pull(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - a stop signal is not an Exception and still ends it

@@ -18,8 +18,10 @@ LONGEST_RETRY_SECONDS = 0.25
 MAX_TRIES_PER_OBJECT = 100_000  # 2 h of 0.25 s pauses is 28,800 tries: PULL_MAX_TIME ends it first
 
 
-def quick_object_pulls() -> None:
-    """Every object pull in this process retries after 0.02 s, doubling to 0.25 s (idempotent)."""
+def quick_object_pulls(max_seconds: float | None = None) -> None:
+    """Every object pull in this process retries after 0.02 s, doubling to 0.25 s (idempotent);
+    `max_seconds`: the longest total wait instead of Flower's 2 h (a bank's executor, whose objects
+    come from its own SuperNode: a longer wait means they will never come)."""
     from flwr.supercore.inflatable import inflatable_utils
 
     for function in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
@@ -28,3 +30,5 @@ def quick_object_pulls() -> None:
             backoff_cap=LONGEST_RETRY_SECONDS,
             max_tries_per_object=MAX_TRIES_PER_OBJECT,
         )
+        if max_seconds is not None and "max_time" in function.__kwdefaults__:
+            function.__kwdefaults__["max_time"] = max_seconds

@@ -9,6 +9,7 @@ import inspect
 import sys
 from types import SimpleNamespace
 
+from fedmoe.fl_client import executor
 from fedmoe.fl_client.executor import WarmClientApps, forget_app_modules, warm_executor_class
 from fedmoe.fl_server.deploy import loopback_topology, service_commands
 from fedmoe.protocol import flower
@@ -51,6 +52,23 @@ def test_object_pulls_retry_quickly_everywhere():
         # Flower's total limit still ends a hopeless pull, before the count of tries does
         assert defaults["max_time"] / flower.LONGEST_RETRY_SECONDS < defaults["max_tries_per_object"]
     assert "initial_backoff=initial_backoff" in inspect.getsource(inflatable_utils.pull_and_inflate_object_from_tree)
+
+
+def test_a_banks_executor_gives_up_on_a_tasks_objects_after_ten_minutes_not_two_hours():
+    """The wedge of issue 27: a task whose message objects never come (its run ended while the
+    SuperNode pulled them) held the bank's executor for Flower's 2 h; the executor waits 600 s."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    pulls = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+    saved = [dict(f.__kwdefaults__) for f in pulls]
+    try:
+        assert all(f.__kwdefaults__["max_time"] >= 3600 for f in pulls)  # Flower's own limit
+        flower.quick_object_pulls(max_seconds=executor.TASK_INPUT_WAIT_SECONDS)
+        assert all(f.__kwdefaults__["max_time"] == 600 for f in pulls)
+        assert "quick_object_pulls(max_seconds=TASK_INPUT_WAIT_SECONDS)" in inspect.getsource(executor.main)
+    finally:
+        for function, defaults in zip(pulls, saved, strict=True):
+            function.__kwdefaults__.update(defaults)
 
 
 def test_the_bundles_code_runs_not_an_older_copy(tmp_path, evil_app, monkeypatch):  # noqa: F811

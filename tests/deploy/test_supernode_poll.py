@@ -101,3 +101,56 @@ def test_one_failed_pull_does_not_end_the_supernode_but_a_lasting_failure_does()
     time.sleep(0.4)
     with pytest.raises(httpx.HTTPStatusError):  # failing for longer than patience: the process exits
         _pull(pull, _failing_receive)
+
+
+def _message_of_a_run_that_ends(state):
+    """A message of run 7 whose objects cannot be pulled: its run ended meanwhile (a restarted server)."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_object_tree
+    from flwr.supercore.run import Run, RunNotRunningException, RunStatus
+    from flwr.supercore.task_identity import TaskIdentity
+
+    run = Run(
+        run_id=7, fab_id="fedmoe/fedmoe", fab_version="0.1.0", fab_hash="h", override_config={}, pending_at="",
+        starting_at="", running_at="", finished_at="", status=RunStatus("running", "", ""), flwr_aid="",
+        federation_id="", primary_task_id=None, bytes_sent=0, bytes_recv=0, clientapp_runtime=0.0,
+    )  # fmt: skip
+    state.store_run(run)
+    state.set_node_id(5)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 3
+    message = Message(RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=5, message_type="train")
+
+    def pull_object(run_id, object_id):
+        raise RunNotRunningException
+
+    return (lambda: (message, get_object_tree(message))), pull_object
+
+
+@pytest.fixture
+def task_identity():
+    """This process plays a task for the message it builds; the identity is unset again afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    yield
+    TaskIdentity._task_id = TaskIdentity._run_id = TaskIdentity._node_id = None
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["flower", "fedmoe-supernode"])
+def test_a_message_whose_run_ends_mid_pull_leaves_no_pending_task(wrapped, task_identity):
+    """Flower's own pull leaves the task of such a message pending (the executor would claim it and
+    wait for its objects for 2 h: the wedge); fedmoe-supernode's fails the task, so the bank's
+    executor is free for the next run's messages."""
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate import NodeStateFactory
+
+    factory = NodeStateFactory(ObjectStoreFactory())
+    state, store = factory.state(), factory.objectstore_factory.store()
+    receive, pull_object = _message_of_a_run_that_ends(state)
+    flowers = start_client_internal._pull_and_store_message
+    pull = supernode.reporting_pulls(flowers) if wrapped else flowers
+    assert pull(
+        state=state, object_store=store, node_config={}, receive=receive, get_run=None, get_fab=None,
+        pull_object=pull_object, confirm_message_received=lambda *a: None, trusted_entities=None,
+    ) is None  # fmt: skip
+    [task] = state.get_tasks()
+    assert (task.status.status == "pending") is not wrapped, task
