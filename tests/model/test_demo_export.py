@@ -10,6 +10,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from test_upcycle import LLAMA as UPCYCLE_LLAMA  # noqa: E402  (tests/model is on sys.path under pytest)
+
 from fedmoe.fl_client.bank import Bank  # noqa: E402
 from fedmoe.fl_client.config import BankConfig  # noqa: E402
 from fedmoe.fl_client.export import main  # noqa: E402
@@ -21,18 +23,8 @@ from fedmoe.model.upcycle import UpcycleSpec, upcycle_folder  # noqa: E402
 from fedmoe.protocol.config import JobConfig  # noqa: E402
 from fedmoe.protocol.errors import ConfigError  # noqa: E402
 
-LLAMA = dict(
-    vocab_size=300,  # the byte tokenizer's 259 ids fit
-    hidden_size=48,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=6,
-    num_key_value_heads=2,
-    tie_word_embeddings=True,
-    rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-    bos_token_id=258,
-    eos_token_id=256,
-)
+# test_upcycle's dense Llama, with the byte tokenizer's ids (its 259 ids fit in 300)
+LLAMA = {**UPCYCLE_LLAMA, "vocab_size": 300, "bos_token_id": 258, "eos_token_id": 256}
 
 
 @pytest.fixture
