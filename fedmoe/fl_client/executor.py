@@ -171,7 +171,8 @@ def run_task(spec, load_app: Callable) -> None:
         try:
             push_task_output(client=client, context=context, sub_status=status, details=details)
         finally:
-            heartbeat.stop()
+            if heartbeat.is_running:  # (a heartbeat refused with 401 has already ended its thread)
+                heartbeat.stop()
             client.close()
         kind = message.metadata.message_type if message is not None else "?"
         logger.info("task %s (%s) %s in %.2f s", spec.task_id, kind, status, time.perf_counter() - started)
@@ -224,6 +225,8 @@ def _runtime_client(spec):
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supercore.tls import validate_and_resolve_root_certificates
 
+    invoker = make_simple_http_retry_invoker()
+    invoker.should_giveup = _task_over_on_401(invoker.should_giveup)
     return RuntimeHttpClient.from_server_address(
         server_address=spec.runtime_api_address,
         insecure=spec.insecure,
@@ -232,8 +235,23 @@ def _runtime_client(spec):
             RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
             RuntimeTokenHttpInterceptor(spec.token),
         ],
-        retry_invoker=make_simple_http_retry_invoker(),
+        retry_invoker=invoker,
     )
+
+
+def _task_over_on_401(should_giveup: Callable[[Exception], bool]) -> Callable[[Exception], bool]:
+    """Flower answers a 401 by sending SIGINT to its own process: right for a `flwr-clientapp` that
+    runs one task, fatal here, where it ended the bank's whole executor (a SuperNode revokes the token
+    of a task it gave up on, e.g. one whose run ended mid-pull). Here a 401 ends that call, so that
+    task fails and the executor goes on with the next one."""
+    import httpx
+
+    def giveup(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == httpx.codes.UNAUTHORIZED:
+            return True
+        return should_giveup(exc)
+
+    return giveup
 
 
 def warm_executor_class(approved_file: str | None):

@@ -139,3 +139,22 @@ def test_a_bundle_must_be_the_one_its_hash_names(tmp_path, evil_app, monkeypatch
     with pytest.raises(AppRefused, match="sha256"):
         apps.load(SimpleNamespace(fab_id="mallory/evil", fab_version="1.0.0"), Fab("0" * 64, content, {}))
     assert not (tmp_path / "flwr-home").exists() and not (tmp_path / "code-ran").exists()
+
+
+def test_a_revoked_task_token_fails_that_task_and_never_ends_the_executor():
+    """chaos13: the SuperNode revoked the token of a task whose run had ended; Flower's retry rule
+    answered the 401 with SIGINT to its own process and the bank's executor was gone. The task's
+    client gives up on that call instead (the task fails); other errors keep Flower's rule."""
+    import httpx
+
+    spec = SimpleNamespace(runtime_api_address="127.0.0.1:9", insecure=True, root_certificates_path=None, token="t")
+    client = executor._runtime_client(spec)
+    request = httpx.Request("POST", "http://127.0.0.1:9/v1/runtime/pull-object")
+
+    def error(status: int) -> httpx.HTTPStatusError:
+        return httpx.HTTPStatusError(str(status), request=request, response=httpx.Response(status, request=request))
+
+    giveup = client._retry_invoker.should_giveup
+    assert giveup(error(401)) is True  # no SIGINT: this test process would have been interrupted
+    assert giveup(error(503)) is False and giveup(error(500)) is True  # Flower's own rule otherwise
+    client.close()
