@@ -24,6 +24,7 @@ from fedmoe.protocol.config import JobConfig
 from fedmoe.protocol.errors import ConfigError
 from fedmoe.protocol.ledger import Ledger, mirror_entry
 from fedmoe.protocol.messages import RoundRequest, TrainStatus
+from tests.fl_client.test_bank_policy import make_job as policy_job
 
 N_RECORDS = 120
 
@@ -41,20 +42,9 @@ def records() -> list[dict]:
 
 
 def make_job(keys: Path, root: Path, job_id: str, **overrides) -> JobConfig:
-    fields = dict(
-        job_id=job_id,
-        model_preset="tiny",
-        seq_len=32,
-        local_steps=2,
-        num_rounds=1,
-        min_banks=1,
-        epsilon=3.0,
-        batch_size=8,
-        key_dir=str(keys),
-        bank_state_root=str(root / "banks"),
-        server_state_dir=str(root / "server"),
-    )
-    return JobConfig(**(fields | overrides))
+    """test_bank_policy's tiny job, one round at epsilon 3 and batch 8 (these banks read a data file)."""
+    fields = dict(job_id=job_id, num_rounds=1, epsilon=3.0, batch_size=8)
+    return policy_job(keys, root, **(fields | overrides))
 
 
 RECORD_LEVEL = 'privacy-unit = "record"\n'  # these records carry customer ids: customer-level is the default
