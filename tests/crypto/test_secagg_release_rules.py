@@ -1,0 +1,115 @@
+"""The bank's release rules for unmask orders (issue 32): each consent counts only for its own view,
+its own round and its own signer, and only a survivor's.
+
+The split-view test in test_crypto_secagg.py mixes consents of banks that are not survivors of the
+ordered view, so the survivor check stops it before the view digest is compared; here every signer
+is a survivor of the ordered view and only the digest (or the round, or the signature) is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from secagg_helpers import JOB, make_updates, start_round
+
+from fedmoe.crypto.errors import CryptoError
+from fedmoe.crypto.secagg.common import consent_quorum
+from fedmoe.crypto.secagg.messages import UnmaskConsent, UnmaskOrder
+
+N = 64
+
+
+def _through_masked_input(r, updates, weights, key) -> dict:
+    reqs = r.server.receive_advertisements({b: bank.advertise(r.setup) for b, bank in r.banks.items()})
+    reqs = r.server.receive_shares({b: r.banks[b].share_keys(q) for b, q in reqs.items()})
+    return r.server.receive_masked_inputs(
+        {b: r.banks[b].masked_input(q, updates[b], weights[b], key) for b, q in reqs.items()}
+    )
+
+
+@pytest.fixture
+def two_views(identities, bfv_public):
+    """Five banks after masked input (t = quorum = 4); the honest view (everyone survived) and view B
+    (bank3 dropped: its mask key would be released), which bank0 has consented to."""
+    ids, pins = identities
+    r = start_round(ids[:5], pins, bfv_public, N)
+    updates, weights = make_updates(list(r.banks), N)
+    honest = _through_masked_input(r, updates, weights, bfv_public)["bank0"]
+    assert consent_quorum(r.setup) == 4
+    view_b = dataclasses.replace(
+        honest,
+        survivors=tuple(b for b in honest.survivors if b != "bank3"),
+        dropped=("bank3",),
+        receipts=tuple(x for x in honest.receipts if x.bank_id != "bank3"),
+    )
+    own = r.banks["bank0"].consent(view_b)
+    return r, ids, honest, view_b, own
+
+
+def _signed(ids, u: int, view, *, round: int = 1, job: str = JOB) -> UnmaskConsent:
+    return UnmaskConsent.signed(ids[u], bank_id=f"bank{u}", job_id=job, round=round, view_sha256=view.view_sha256())
+
+
+def test_consents_of_survivors_on_another_view_do_not_count(two_views):
+    """bank1, bank2 and bank4 survive in view B but signed the honest view: with bank0's own consent
+    that is 4 signers, a quorum only if the digest they signed were not compared."""
+    r, ids, honest, view_b, own = two_views
+    others = tuple(r.banks[f"bank{u}"].consent(honest) for u in (1, 2, 4))
+    with pytest.raises(CryptoError, match="not for this view") as err:
+        r.banks["bank0"].unmask(UnmaskOrder(request=view_b, consents=(own, *others)))
+    assert err.value.reason == "inconsistent" and r.banks["bank0"].released == {}
+
+
+def test_a_quorum_on_the_view_releases(two_views):
+    """The same order with every consent on view B (bank1, 2, 4 colluding with the server) is taken:
+    the test above fails for the digest alone."""
+    r, ids, honest, view_b, own = two_views
+    reply = r.banks["bank0"].unmask(
+        UnmaskOrder(request=view_b, consents=(own, *(_signed(ids, u, view_b) for u in (1, 2, 4))))
+    )
+    assert {s.dealer: s.kind for s in reply.shares}["bank3"] == "mask_key"
+    assert r.banks["bank0"].released["bank3"] == "mask_key"
+
+
+def test_consents_below_the_quorum_release_nothing(two_views):
+    r, ids, honest, view_b, own = two_views
+    with pytest.raises(CryptoError) as err:
+        r.banks["bank0"].unmask(UnmaskOrder(request=view_b, consents=(own, *(_signed(ids, u, view_b) for u in (1, 2)))))
+    assert err.value.reason == "too_few" and r.banks["bank0"].released == {}
+
+
+def test_a_consent_counts_once_per_signer(two_views):
+    r, ids, honest, view_b, own = two_views
+    twice = (own, _signed(ids, 1, view_b), _signed(ids, 1, view_b), _signed(ids, 2, view_b))
+    with pytest.raises(CryptoError) as err:
+        r.banks["bank0"].unmask(UnmaskOrder(request=view_b, consents=twice))
+    assert err.value.reason == "too_few" and r.banks["bank0"].released == {}
+
+
+def test_a_consent_of_a_dropped_bank_does_not_count(two_views):
+    r, ids, honest, view_b, own = two_views
+    dropped = _signed(ids, 3, view_b)  # bank3's real signature, but bank3 is not a survivor of view B
+    order = UnmaskOrder(request=view_b, consents=(own, _signed(ids, 1, view_b), _signed(ids, 2, view_b), dropped))
+    with pytest.raises(CryptoError, match="not for this view"):
+        r.banks["bank0"].unmask(order)
+    assert r.banks["bank0"].released == {}
+
+
+@pytest.mark.parametrize("other", [{"round": 2}, {"job": "another-job"}])
+def test_a_consent_for_another_round_or_job_is_a_replay(two_views, other):
+    r, ids, honest, view_b, own = two_views
+    stale = _signed(ids, 4, view_b, **other)
+    order = UnmaskOrder(request=view_b, consents=(own, _signed(ids, 1, view_b), _signed(ids, 2, view_b), stale))
+    with pytest.raises(CryptoError) as err:
+        r.banks["bank0"].unmask(order)
+    assert err.value.reason == "replay" and r.banks["bank0"].released == {}
+
+
+def test_a_consent_signed_by_another_key_is_refused(two_views):
+    r, ids, honest, view_b, own = two_views
+    forged = UnmaskConsent.signed(ids[2], bank_id="bank4", job_id=JOB, round=1, view_sha256=view_b.view_sha256())
+    order = UnmaskOrder(request=view_b, consents=(own, _signed(ids, 1, view_b), _signed(ids, 2, view_b), forged))
+    with pytest.raises(CryptoError):
+        r.banks["bank0"].unmask(order)
+    assert r.banks["bank0"].released == {}
