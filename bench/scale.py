@@ -1,6 +1,6 @@
 """How a round scales with the number of banks: wall time, the server's own time, bank memory.
 
-    .venv/bin/python bench/scale.py --mode simulation --banks 3,15,100 --preset tiny
+    .venv/bin/python bench/scale.py --mode simulation --banks 3,15,50,100 --preset tiny
     .venv/bin/python bench/scale.py --mode loopback --banks 15 --preset small --rounds 2
 
 For each federation size: one job (DP-SGD, secure aggregation: the defaults) on this machine,
@@ -50,12 +50,20 @@ class PeakRss(threading.Thread):
                     continue
 
 
+def job_max_banks(banks: int, run_config: str) -> str:
+    """`max-banks=<banks>` past the job's default 64 (a bank rejects an aggregate of more contributors than
+    its job's max-banks), unless the caller set max-banks itself."""
+    if banks <= 64 or "max-banks" in run_config:
+        return ""
+    return f" max-banks={banks}"
+
+
 def run_job(banks: int, args: argparse.Namespace, root: Path) -> tuple[float, int]:
     run_config = (
         f'job-id="scale" num-rounds={args.rounds} model-preset="{args.preset}" train-mode="lora" '
         f"local-steps={args.local_steps} records-per-bank={args.records} min-banks=3 "
         f"round-timeout={args.round_timeout} {args.run_config}"
-    )
+    ) + job_max_banks(banks, args.run_config)
     argv = [sys.executable, "-m", "fedmoe.fl_server.launch", "--banks", str(banks), "--root", str(root)]
     argv += ["--port", str(args.port), "--run-config", run_config]
     if args.mode == "simulation":
@@ -91,7 +99,7 @@ def rounds_of(root: Path) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=["simulation", "loopback"], default="simulation")
-    p.add_argument("--banks", default="3,15,100", help="comma-separated federation sizes")
+    p.add_argument("--banks", default="3,15,50,100", help="comma-separated federation sizes")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--local-steps", type=int, default=5)
