@@ -15,6 +15,7 @@ the HKDF info, and every AEAD ciphertext authenticates (job, round, dealer, reci
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 from collections.abc import Iterable
@@ -193,6 +194,26 @@ def shamir_split(secret: bytes, xs: Iterable[int], threshold: int) -> dict[int, 
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    """The Lagrange coefficients that interpolate at 0 from the points xs (distinct, in the field).
+
+    Cached: the server reconstructs every survivor's self-mask seed from the same first t holders,
+    so one round needs one set (t modular inversions) instead of t inversions per survivor, which
+    dominated its unmasking at 64+ banks.
+    """
+    p = SHAMIR_PRIME
+    coefficients = []
+    for i, xi in enumerate(xs):
+        num, den = 1, 1
+        for j, xj in enumerate(xs):
+            if i != j:
+                num = num * (-xj) % p
+                den = den * (xi - xj) % p
+        coefficients.append(num * pow(den, -1, p) % p)
+    return tuple(coefficients)
+
+
 def shamir_combine(shares: dict[int, bytes], *, secret_bytes: int = KEY_BYTES) -> bytes:
     """Lagrange-interpolate the secret at 0 from shares {x: y}; needs >= threshold of them.
 
@@ -203,14 +224,8 @@ def shamir_combine(shares: dict[int, bytes], *, secret_bytes: int = KEY_BYTES) -
     pts = [(x, int.from_bytes(y, "big")) for x, y in shares.items()]
     if not pts or any(not 0 <= y < p for _, y in pts):
         raise CryptoError("shamir_combine: no shares, or a share outside the field", reason="share")
-    secret = 0
-    for i, (xi, yi) in enumerate(pts):
-        num, den = 1, 1
-        for j, (xj, _) in enumerate(pts):
-            if i != j:
-                num = num * (-xj) % p
-                den = den * (xi - xj) % p
-        secret = (secret + yi * num * pow(den, -1, p)) % p
+    coefficients = lagrange_at_zero(tuple(x for x, _ in pts))
+    secret = sum(y * c for (_, y), c in zip(pts, coefficients, strict=True)) % p
     if secret >= 1 << (8 * secret_bytes):
         raise CryptoError("shamir_combine: the interpolated value is not a secret of this size", reason="commitment")
     return secret.to_bytes(secret_bytes, "big")
