@@ -10,6 +10,8 @@ either simulated inside the SuperLink (Flower's Ray backend) or as a real loopba
     server_s      the server's own compute (ServerSecAgg steps: key routing, share checks, summing
                   the BFV ciphertexts, removing the masks; CKKS: adding ciphertexts)
     bank_max_s    the slowest bank's training + sealing
+    stages_s      secure aggregation: each Flower exchange's wall time (identify, advertise, share_keys,
+                  masked_input, consistency, unmask; "-ahead" = done with the previous round's exchanges)
 and per job: the largest RSS any bank process reached (sampled from /proc every 0.5 s: a bank's warm
 executor, fedmoe-superexec, in the loopback deployment, a Ray ClientApp actor, which runs many banks, in simulation;
 banks do not report it: it grows with their dataset).
@@ -90,6 +92,8 @@ def rounds_of(root: Path) -> list[dict]:
             "contributors": len(r["participants"]),
             "wall_s": round(r["seconds"].get("round", 0.0), 1),
             "server_s": round(r["seconds"].get("aggregate", 0.0), 2),
+            "stages_s": {k.removeprefix("secagg-"): round(v, 1) for k, v in r["seconds"].items()
+                         if k.startswith("secagg-")},
             "bank_max_s": round(max((m.get("seconds-train", 0) + m.get("seconds-encrypt", 0) for m in metrics),
                                     default=0.0), 1),
         })  # fmt: skip
