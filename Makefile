@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 RUNS   := runs
 
-.PHONY: venv test test-latest lock test-federation demo demo-tiny audit local-demo federation simulation lint format clean provision compose-test experiment
+.PHONY: venv test test-latest lock test-federation demo demo-tiny audit local-demo federation simulation lint format clean provision compose-test experiment mutation
 
 # torch==2.13.0 first: it is the CPU wheel; any other torch spec would pull a multi-GB CUDA build.
 # The environment is installed with the versions of one passing resolve ($(LOCK), `make lock` writes
@@ -124,6 +124,42 @@ experiment: $(STAMP)
 	@mkdir -p $(RUNS)/experiment
 	nice -n 10 $(BIN)/python bench/utility.py $(EXPERIMENT_ARGS) >$(RUNS)/experiment/utility.json
 	@cat $(RUNS)/experiment/utility.json
+
+# Mutation testing of the privacy and security core (docs/testing.md; not in `make test`): mutmut
+# copies fedmoe/ into mutants/, mutates the functions MUTATION_SCOPE names (in the files
+# [tool.mutmut] only_mutate lists) and runs, per mutant, the tests of its selection that reach that
+# function. A fresh run each time (mutants/ removed); report and summary in $(RUNS)/mutation/.
+MUTATION_SCOPE := \
+	'fedmoe.fl_client.dp.engine.xǁ_SecureNoiseMixinǁ*' \
+	'fedmoe.fl_client.dp.rng.xǁPoissonBatchSamplerǁ*' 'fedmoe.fl_client.dp.rng.x_secure_uniform__*' \
+	'fedmoe.fl_client.dp.rng.x_secure_gaussian_like__*' \
+	'fedmoe.fl_client.dp.accountant.x__merged__*' 'fedmoe.fl_client.dp.accountant.x_epsilon_for_history__*' \
+	'fedmoe.fl_client.dp.accountant.x_sample_rate_for__*' 'fedmoe.fl_client.dp.accountant.x_check_budget__*' \
+	'fedmoe.fl_client.dp.accountant.x_epsilon_replace_one__*' 'fedmoe.protocol.accounting.x_epsilon_replace_one__*' \
+	'fedmoe.protocol.accounting.x__merged__*' 'fedmoe.protocol.accounting.x__dp_event__*' \
+	'fedmoe.protocol.accounting.x_epsilon_pld__*' 'fedmoe.protocol.accounting.x_epsilon_rdp__*' \
+	'fedmoe.protocol.accounting.x_epsilon_tolerance__*' \
+	'fedmoe.fl_client.aggregate_check.x_coordinate_bound__*' 'fedmoe.fl_client.aggregate_check.x_check_aggregate__*' \
+	'fedmoe.fl_client.aggregate_check.x_check_contribution__*' \
+	'fedmoe.crypto.secagg.bank.xǁBankSecAggǁunmask__*' 'fedmoe.crypto.secagg.bank.xǁBankSecAggǁ_accept_view__*' \
+	'fedmoe.crypto.secagg.bank.xǁBankSecAggǁ_check_masking__*' 'fedmoe.crypto.secagg.bank.xǁBankSecAggǁfloor__*' \
+	'fedmoe.protocol.ledger.x__parse_chain__*' 'fedmoe.protocol.ledger.x_entry_hash__*' \
+	'fedmoe.protocol.ledger.x_signed_message__*' 'fedmoe.protocol.ledger.x_verify_chain__*' \
+	'fedmoe.protocol.ledger.x_read_verified__*' \
+	'fedmoe.audit.verify.x__check_signature__*' 'fedmoe.audit.verify.x__check_epsilons__*' \
+	'fedmoe.audit.verify.xǁ_Recomputeǁ*'
+MUTATION_OUT := $(RUNS)/mutation
+mutation: $(STAMP)
+	@$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/pip install --quiet -c $(LOCK) -e ".[mutation]"
+	rm -rf mutants $(MUTATION_OUT) && mkdir -p $(MUTATION_OUT)
+	@start=$$(date +%s); nice -n 10 $(BIN)/mutmut run $(MUTATION_SCOPE) >$(MUTATION_OUT)/run.log 2>&1; \
+	echo "mutmut run exited $$? after $$(( $$(date +%s) - start )) s" > $(MUTATION_OUT)/summary.txt
+	@# every mutant of the scope with its outcome; out-of-scope mutants were never run ("not checked")
+	$(BIN)/mutmut results --all true | grep -v ': not checked$$' | sed 's/^ *//' | sort > $(MUTATION_OUT)/mutants.txt
+	@awk -F': ' '{n[$$2]++; t++} END {for (s in n) printf "%s: %d\n", s, n[s]; \
+		printf "total: %d, score (killed + timeout) / total: %.1f%%\n", t, 100 * (n["killed"] + n["timeout"]) / t}' \
+		$(MUTATION_OUT)/mutants.txt >> $(MUTATION_OUT)/summary.txt
+	@cat $(MUTATION_OUT)/summary.txt; echo "survivors (mutmut show NAME):"; grep -v ': killed$$\|: timeout$$' $(MUTATION_OUT)/mutants.txt || true
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
