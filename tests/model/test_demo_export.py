@@ -7,21 +7,19 @@ import json
 
 import pytest
 import torch
+import transformers  # a test extra: without it the run fails, never skips the parity tests
+from test_upcycle import LLAMA as UPCYCLE_LLAMA  # (tests/model is on sys.path under pytest)
 
-transformers = pytest.importorskip("transformers")
-
-from test_upcycle import LLAMA as UPCYCLE_LLAMA  # noqa: E402  (tests/model is on sys.path under pytest)
-
-from fedmoe.fl_client.bank import Bank  # noqa: E402
-from fedmoe.fl_client.config import BankConfig  # noqa: E402
-from fedmoe.fl_client.export import main  # noqa: E402
-from fedmoe.fl_client.task import build_model  # noqa: E402
-from fedmoe.model.checkpoint import load_pretrained  # noqa: E402
-from fedmoe.model.quant import Int8LoRAExpertLinear, Int8LoRALinear  # noqa: E402
-from fedmoe.model.trainable import TrainableView  # noqa: E402
-from fedmoe.model.upcycle import UpcycleSpec, upcycle_folder  # noqa: E402
-from fedmoe.protocol.config import JobConfig  # noqa: E402
-from fedmoe.protocol.errors import ConfigError  # noqa: E402
+from fedmoe.fl_client.bank import Bank
+from fedmoe.fl_client.config import BankConfig
+from fedmoe.fl_client.export import main
+from fedmoe.fl_client.task import build_model
+from fedmoe.model.checkpoint import load_pretrained
+from fedmoe.model.quant import Int8LoRAExpertLinear, Int8LoRALinear
+from fedmoe.model.trainable import TrainableView
+from fedmoe.model.upcycle import UpcycleSpec, upcycle_folder
+from fedmoe.protocol.config import JobConfig
+from fedmoe.protocol.errors import ConfigError
 
 # test_upcycle's dense Llama, with the byte tokenizer's ids (its 259 ids fit in 300)
 LLAMA = {**UPCYCLE_LLAMA, "vocab_size": 300, "bos_token_id": 258, "eos_token_id": 256}

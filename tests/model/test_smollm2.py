@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers  # a test extra: without it the run fails, never skips the parity tests
 
-transformers = pytest.importorskip("transformers")
-
-from fedmoe.fl_client.data.synthetic import generate_bank_corpus, make_bank_profiles  # noqa: E402
-from fedmoe.model.checkpoint import load_pretrained, save_pretrained  # noqa: E402
-from fedmoe.model.generate import SamplingConfig, generate  # noqa: E402
-from fedmoe.model.tokenizer import load_tokenizer  # noqa: E402
-from fedmoe.model.upcycle import smollm2_moe  # noqa: E402
+from fedmoe.fl_client.data.synthetic import generate_bank_corpus, make_bank_profiles
+from fedmoe.model.checkpoint import load_pretrained, save_pretrained
+from fedmoe.model.generate import SamplingConfig, generate
+from fedmoe.model.tokenizer import load_tokenizer
+from fedmoe.model.upcycle import smollm2_moe
 
 # The float64 exactness test (~1 min) runs in `make test` as `slow`; the others (1-2 min each on
 # this 2-core box) are marked `federation` and run with `make test-federation`.
