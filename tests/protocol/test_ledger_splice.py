@@ -69,3 +69,65 @@ def test_a_first_line_must_chain_to_genesis(tmp_path, identity):
     report = verify_chain(tmp_path / "theirs.jsonl")
     assert report.ok and report.n_entries == 2 and report.first_bad_line is None and report.problem == ""
     assert read_verified(tmp_path / "theirs.jsonl")[1][0]["prev_hash"] == GENESIS_HASH
+
+
+# ---------------------------------------------------------------------------------------------
+# Every other rule of the chain, each on its own, on small signed chains (no training: `make mutation`
+# runs these per mutant of `_parse_chain`)
+# ---------------------------------------------------------------------------------------------
+
+
+def rewrite(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda line: b"[1, 2]\n", "expected a JSON object, got list"),
+        (lambda line: b"{not json\n", "not valid JSON"),
+        (lambda line: b"\xff\xfe\n", "not valid JSON"),
+        (lambda line: line.replace(b'"seq":2,', b""), "missing chain field(s) ['seq']"),
+        (lambda line: line.replace(b'"hash":"', b'"hash_":"'), "missing chain field(s) ['hash']"),
+        (lambda line: line.replace(b'"note":"a2"', b'"note": "a2"'), "not in canonical JSON form"),
+        (lambda line: line.replace(b'"note":"a2"', b'"note":NaN'), "not canonical JSON"),
+        (lambda line: line.replace(b'"seq":2', b'"seq":3'), "field 'seq': expected 2, got 3"),
+        (lambda line: line.replace(b'"note":"a2"', b'"note":"a9"'), "field 'hash': expected"),
+    ],
+)
+def test_each_broken_rule_names_the_second_line(tmp_path, identity, damage, problem):
+    ours = write_chain(tmp_path / "ours.jsonl", identity, ["a1", "a2", "a3"])
+    path = rewrite(tmp_path / "broken.jsonl", [ours[0], damage(ours[1]), ours[2]])
+    report = verify_chain(path)
+    assert (report.ok, report.first_bad_line, report.n_entries) == (False, 2, 1), report
+    assert problem in report.problem, report.problem
+    assert report.describe() == f"{path}:2: {report.problem}"
+    assert [e["note"] for e in read_verified(path)[1]] == ["a1"]
+
+
+def test_a_torn_last_line_an_empty_file_and_a_missing_one(tmp_path, identity):
+    ours = write_chain(tmp_path / "ours.jsonl", identity, ["a1", "a2"])
+    torn = rewrite(tmp_path / "torn.jsonl", [ours[0], ours[1][:-1]])
+    report = verify_chain(torn)
+    assert (report.ok, report.first_bad_line, report.n_entries) == (False, 2, 0)  # refused before any line is read
+    assert "incomplete last line" in report.problem
+    empty = rewrite(tmp_path / "empty.jsonl", [])
+    assert verify_chain(empty) == verify_chain(empty) and verify_chain(empty).ok
+    assert (verify_chain(empty).n_entries, verify_chain(empty).last_hash) == (0, GENESIS_HASH)
+    assert read_verified(empty)[1] == []
+    for report in (verify_chain(tmp_path / "none.jsonl"), read_verified(tmp_path / "none.jsonl")[0]):
+        assert (report.ok, report.first_bad_line, report.problem) == (False, 0, "file not found")
+    assert read_verified(tmp_path / "none.jsonl")[1] == []
+    good = verify_chain(tmp_path / "ours.jsonl")
+    assert good.describe() == f"{tmp_path / 'ours.jsonl'}: chain ok, 2 entries"
+    assert good.last_hash == read_verified(tmp_path / "ours.jsonl")[1][-1]["hash"]
+
+
+def test_the_hash_covers_everything_but_hash_and_signature_and_the_signed_message_names_the_bank():
+    entry = {"seq": 1, "prev_hash": GENESIS_HASH, "bank_id": BANK, "x": [1, 2.5, "é"]}
+    digest = entry_hash(entry)
+    assert digest == entry_hash({**entry, "hash": "h", "signature": "s"})
+    assert len(digest) == 64 and digest != entry_hash({**entry, "signer": "k"})
+    assert digest != entry_hash({**entry, "x": [1, 2.5, "e"]})
+    assert signed_message(BANK, digest) == f"fedmoe.ledger.entry/1|{BANK}|{digest}".encode()
