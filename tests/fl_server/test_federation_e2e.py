@@ -18,11 +18,14 @@ import numpy as np
 import pytest
 import torch
 
+from fedmoe.audit.verify import audit_ledgers
 from fedmoe.crypto import ExpectedHeader, decrypt_mean, load_secret_context
+from fedmoe.crypto.identity import load_pins
 from fedmoe.crypto.keys import SECRET_FILE
 from fedmoe.fl_client.config import JobConfig
 from fedmoe.fl_client.state import load_tensors
 from fedmoe.fl_server.launch import job_paths, loopback
+from fedmoe.protocol.config import PINS_FILE
 
 pytestmark = [pytest.mark.slow, pytest.mark.federation]
 
@@ -134,6 +137,8 @@ def test_two_banks_two_rounds_private_and_encrypted(tmp_path):
         bank_state = json.loads((bank_dirs[b] / "state.json").read_text())
         assert bank_state["applied_round"] == 2
 
+    assert_private_and_audited(tmp_path, server_dir, banks, job)
+
     # Eval loss after round 2 is below round 0 for both banks.
     for b in banks:
         assert state["rounds"][-1]["eval_loss"][b] < state["eval_round0"][b]
@@ -150,6 +155,30 @@ def test_two_banks_two_rounds_private_and_encrypted(tmp_path):
         for needle in delta_bytes:
             assert needle not in data, f"plaintext delta bytes found in {path}"
     assert not list(server_dir.rglob("*secret*"))
+
+
+def assert_private_and_audited(root: Path, server_dir: Path, banks: list[str], job: JobConfig) -> None:
+    """Every bank trained both rounds under DP with CSPRNG noise within its budget, as its signed
+    ledger says; the privacy officer's audit of all ledgers (pinned keys, epsilon recomputed) passes."""
+    ledgers = sorted(root.glob("banks/*/privacy/*/ledger.jsonl"))
+    mirrors = sorted((server_dir / "ledger-mirror").glob("*.jsonl"))
+    assert len(ledgers) == len(banks) and len(mirrors) == len(banks), (ledgers, mirrors)
+    for path in ledgers:
+        entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        assert [(e["job_id"], e["round"], e["status"]) for e in entries] == [(job.job_id, 1, "trained"),
+                                                                              (job.job_id, 2, "trained")]  # fmt: skip
+        for e in entries:
+            assert e["noise_source"] == "csprng" and e["secure_mode"] and e["poisson_sampling"], e
+            assert e["noise_multiplier"] > 0 and 0 < e["sample_rate"] < 1 and e["signature"], e
+            assert e["epsilon_before"] < e["epsilon"] <= e["budget_epsilon"], e
+        assert entries[0]["epsilon_before"] == 0 and entries[1]["epsilon_before"] == entries[0]["epsilon"]
+    audit = audit_ledgers([*ledgers, *mirrors], pins=load_pins(root / "keys" / PINS_FILE))
+    assert audit.ok and audit.pins_checked, [str(f) for f in audit.errors]
+    assert sorted(b.bank_id for b in audit.banks) == banks
+    for summary in audit.banks:
+        assert summary.ok and summary.rounds_trained == (1, 2), summary
+        assert 0 < summary.epsilon_spent <= summary.budget
+        assert summary.epsilon_pld == pytest.approx(summary.epsilon_recorded, rel=0.02, abs=0.02)
 
 
 def wait_for(predicate, timeout: float, what: str, diagnose=None) -> None:
