@@ -6,7 +6,7 @@ Runs the same job twice, one after the other, in this run: with the code of `--b
 into a temporary git worktree: today's code before the round-trip work) and with this working
 tree. Each is a real loopback deployment (SuperLink, SuperNodes, executors on 127.0.0.1) of
 `--banks` banks, the `tiny` preset, FFA-LoRA, DP-SGD, the job's aggregation (secure aggregation by
-default), every bank under deploy/demo-bank-policy.toml (it releases its losses, so evaluation
+default), every bank under that version's deploy/demo-bank-policy.toml (it releases its losses, so evaluation
 runs). Per round, from the server's state.json:
 
     overhead = round wall time - max over banks (seconds-train + seconds-encrypt)
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-POLICY = REPO / "deploy" / "demo-bank-policy.toml"
+POLICY = Path("deploy") / "demo-bank-policy.toml"  # each version's own (older code rejects newer policy keys)
 
 
 def run_job(repo: Path, root: Path, banks: int, rounds: int, aggregation: str, port: int) -> float:
@@ -43,7 +43,7 @@ def run_job(repo: Path, root: Path, banks: int, rounds: int, aggregation: str, p
     argv = [sys.executable, "-m", "fedmoe.fl_server.launch", "--banks", str(banks), "--root", str(root)]
     argv += ["--port", str(port), "--run-config", run_config]
     for i in range(banks):
-        argv += ["--policy", f"bank-{i}={POLICY}"]
+        argv += ["--policy", f"bank-{i}={repo / POLICY}"]
     env = {**os.environ, "PYTHONPATH": str(repo)}
     started = time.perf_counter()
     result = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=3600)
