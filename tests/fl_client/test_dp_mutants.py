@@ -14,7 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from fedmoe.fl_client.dp.accountant import HistoryEntry, epsilon_for_history, epsilon_replace_one
+from fedmoe.fl_client.dp import AccountantState, BudgetExceeded, DPConfig, DPError
+from fedmoe.fl_client.dp.accountant import (
+    HistoryEntry,
+    check_budget,
+    epsilon_for_history,
+    epsilon_replace_one,
+    sample_rate_for,
+)
 from fedmoe.fl_client.dp.engine import SecureDPOptimizer, SecureDPOptimizerFastGradientClipping
 from fedmoe.fl_client.dp.rng import PoissonBatchSampler
 from fedmoe.protocol.accounting import epsilon_pld, epsilon_rdp
@@ -165,3 +172,35 @@ def test_a_round_of_zero_steps_costs_nothing(name):
     assert eps([]) == 0.0 and eps([HistoryEntry(SIG, Q_LO, 0)]) == 0.0
     with_empty = eps([HistoryEntry(SIG, Q_LO, STEPS), HistoryEntry(3.0, Q_HI, 0), HistoryEntry(SIG, Q_LO, STEPS)])
     assert with_empty == pytest.approx(eps([HistoryEntry(SIG, Q_LO, 2 * STEPS)]), rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The budget check reads epsilon *after* the round; q = B / n and its limits
+# ---------------------------------------------------------------------------------------------
+
+ROUND = HistoryEntry(SIG, Q_LO, STEPS)
+
+
+def budget_config(target: float, **overrides) -> DPConfig:
+    return DPConfig(target_epsilon=target, delta=DELTA, bank_id="bank-m", **overrides)
+
+
+def test_check_budget_reports_before_and_after_and_refuses_only_past_the_target():
+    state = AccountantState.fresh(budget_config(1.0)).appended(ROUND)
+    before, after = state.epsilon(), state.appended(ROUND).epsilon()
+    assert 0 < before < after
+    exact = check_budget(budget_config(after), state, ROUND)  # a round that lands on the target is allowed
+    assert (exact.entry, exact.epsilon_before, exact.epsilon_after) == (ROUND, before, after)
+    between = (before + after) / 2  # the budget still has room before the round, not after it
+    with pytest.raises(BudgetExceeded, match="would bring epsilon to"):
+        check_budget(budget_config(between), state, ROUND)
+    with pytest.raises(DPError, match="accountant"):  # a state of another accountant is not this bank's
+        check_budget(budget_config(after, accountant="rdp"), state, ROUND)
+
+
+def test_sample_rate_is_batch_over_units_and_needs_a_batch_of_units():
+    cfg = budget_config(1.0, expected_batch_size=8, physical_batch_size=8)
+    assert sample_rate_for(cfg, 8) == 1.0 and sample_rate_for(cfg, 200) == 0.04
+    for n in (7, 0):
+        with pytest.raises(DPError, match="needs at least that many"):
+            sample_rate_for(cfg, n)
