@@ -1,6 +1,6 @@
 """CLI: verify privacy ledgers, write a self-contained report, sign it off.
 
-    python -m fedmoe.audit [--out DIR] [--pins FILE] [--policy BANK=FILE] [--empirical ...] LEDGER...
+    python -m fedmoe.audit [--out DIR] (--pins FILE | --no-pins) [--policy BANK=FILE] [--empirical ...] LEDGER...
     python -m fedmoe.audit --sign-off NAME [--officer-key PATH] [--sign-off-failed] --out DIR LEDGER...
     python -m fedmoe.audit --verify-sign-off DIR [--officer-public-key HEX] [LEDGER...]
 
@@ -60,7 +60,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="FILE",
-        help="pinned consortium identity keys (pins JSON; repeat to merge): every entry's signature must verify",
+        help="pinned consortium identity keys (pins JSON; repeat to merge): every entry's signature must verify, "
+        "and every pinned bank must have a ledger among the files",
+    )
+    parser.add_argument(
+        "--bank",
+        action="append",
+        default=None,
+        metavar="BANK",
+        help="audit only these banks (repeat): pinned banks outside them need no ledger here (default: every "
+        "pinned bank must have one)",
+    )
+    parser.add_argument(
+        "--no-pins",
+        action="store_true",
+        help="audit without pinned keys (signatures checked only against the keys the entries name: anyone can "
+        "re-sign a forged ledger); without --pins or --no-pins the audit fails",
     )
     parser.add_argument(
         "--policy",
@@ -198,7 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     except CryptoError as err:
         console.print(f"[red]error:[/] {err}")
         return 2
-    result = audit_ledgers(args.ledgers, pins=pins, policies=args.policies)
+    if pins is not None and args.no_pins:
+        console.print("[red]error:[/] --pins and --no-pins contradict each other: pass one")
+        return 2
+    result = audit_ledgers(
+        args.ledgers, pins=pins, policies=args.policies, pins_required=not args.no_pins, scope=args.bank
+    )
     if args.empirical:
         config = _canary_config(args, console)
         if config is None:

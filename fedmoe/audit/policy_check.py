@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmoe.fl_client.policy import UNIT_STRENGTH, BankPolicy
-from fedmoe.protocol.accounting import epsilon_pld
+from fedmoe.protocol.accounting import epsilon_pld, epsilon_replace_one
 from fedmoe.protocol.errors import ConfigError
 
 Add = Callable[..., None]  # _Collector.add(severity, check, where, message, entry)
@@ -88,8 +88,8 @@ def check_entry_policy(entry: Mapping[str, Any], where: Any, policy: BankPolicy,
     if UNIT_STRENGTH.get(entry["privacy_unit"], -1) < UNIT_STRENGTH[unit]:
         fail("policy-unit", f"field 'privacy_unit' = {entry['privacy_unit']!r} is weaker than the policy's "
              f"'privacy-unit' = {unit!r}")  # fmt: skip
-    for name in ("budget_epsilon", "epsilon"):
-        if entry[name] > rules.epsilon * (1 + 1e-9):
+    for name in ("budget_epsilon", "epsilon", "epsilon_replace_one"):
+        if isinstance(entry.get(name), (int, float)) and entry[name] > rules.epsilon * (1 + 1e-9):
             fail("policy-budget", f"field '{name}' = {entry[name]:.4g} is above the policy's lifetime "
                  f"'epsilon' = {rules.epsilon:g}")  # fmt: skip
     if entry["noise_source"] == "seeded" and not rules.seeded_noise:
@@ -134,7 +134,7 @@ def check_dataset_identities(
         budget = policy.epsilon if policy is not None else min(float(e["budget_epsilon"]) for e in lasts)
         history = [h for e in lasts for h in e["history"]]
         try:
-            composed = epsilon_pld(history, delta=delta)
+            composed = max(epsilon_pld(history, delta=delta), epsilon_replace_one(history, delta=delta))
         except (ValueError, ArithmeticError, RuntimeError):
             composed = float("inf")
         paths = ", ".join(str(files[i][0]) for i in group)

@@ -12,11 +12,12 @@ Checks, for every bank entry (in a bank ledger, or wrapped in a mirror line):
                 steps); any other entry leaves it unchanged; q = expected batch / n.
     epsilon     epsilon recomputed from the recorded history, independently of the values
                 written: PLD (dp_accounting) against `epsilon_pld`, `epsilon_prv`,
-                `epsilon_before`, `epsilon_next_round` and the accountant's `epsilon`; for an
-                "rdp" bank also RDP (dp_accounting's RdpAccountant, not Opacus). Tolerance 1%
+                `epsilon_before`, `epsilon_next_round` and the accountant's `epsilon`, PLD
+                replace-one against `epsilon_replace_one`; for an "rdp" bank also RDP
+                (dp_accounting's RdpAccountant, not Opacus). Tolerance 1%
                 (+ PRV's documented eps_error of 0.01 for PRV values, which are upper bounds
                 within that of the truth).
-    budget      a trained entry's epsilon is within the bank's budget.
+    budget      a trained entry's epsilon, add/remove and replace-one, is within the bank's budget.
     sequence    rounds in order (a round recorded twice -- re-run after an interruption, both
                 spent -- is a warning); job, bank, accountant, delta constant.
     mirror      a mirror line's bank entry hashes correctly and names the same bank/round/job;
@@ -41,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fedmoe.audit.policy_check import check_dataset_identities, check_entry_policy, load_policies
 from fedmoe.crypto.errors import CryptoError
 from fedmoe.crypto.identity import ConsortiumPins
-from fedmoe.protocol.accounting import epsilon_pld, epsilon_rdp, epsilon_tolerance
+from fedmoe.protocol.accounting import epsilon_pld, epsilon_rdp, epsilon_replace_one, epsilon_tolerance
 from fedmoe.protocol.ledger import (
     BANK_SCHEMA,
     MIRROR_SCHEMA,
@@ -131,11 +132,13 @@ class BankSummary:
     ok: bool
     entries: tuple[dict[str, Any], ...] = ()  # the bank's ledger entries of this job, verbatim
     head_hash: str = ""  # hash of the last entry of the bank's ledger file (what a sign-off pins)
+    epsilon_replace_one: float = 0.0  # recomputed here (PLD, replace-one: n public)
 
     @property
     def epsilon_spent(self) -> float:
-        """The larger of the recorded and the recomputed (PLD) epsilon: what the bank has spent."""
-        return max(self.epsilon_recorded, self.epsilon_pld)
+        """What the bank has spent: the largest of the recorded, the recomputed (PLD) and the
+        replace-one epsilon (its noise level depends on n, so its budget holds under both)."""
+        return max(self.epsilon_recorded, self.epsilon_pld, self.epsilon_replace_one)
 
     @property
     def remaining(self) -> float:
@@ -179,6 +182,11 @@ def _pld_cached(delta: float, history: tuple[tuple[float, float, int], ...]) -> 
 
 
 @functools.lru_cache(maxsize=4096)
+def _replace_one_cached(delta: float, history: tuple[tuple[float, float, int], ...]) -> float:
+    return epsilon_replace_one(history, delta=delta)
+
+
+@functools.lru_cache(maxsize=4096)
 def _rdp_cached(delta: float, history: tuple[tuple[float, float, int], ...]) -> float:
     return epsilon_rdp(history, delta=delta)
 
@@ -195,6 +203,9 @@ class _Recompute:
 
     def rdp(self, history: Sequence[Sequence[float]], delta: float) -> float:
         return _rdp_cached(float(delta), self._key(history))
+
+    def replace_one(self, history: Sequence[Sequence[float]], delta: float) -> float:
+        return _replace_one_cached(float(delta), self._key(history))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,9 +512,27 @@ def _check_epsilons(
         method = "RDP (dp_accounting)" if accountant == "rdp" else "PLD (dp_accounting)"
         compare(field, float(entry[field]), reference, method, epsilon_tolerance(reference, accountant=accountant))
 
+    replace_one = entry.get("epsilon_replace_one")  # absent before issue 26; null if the bank could not compute it
+    if replace_one is not None:
+        compare(
+            "epsilon_replace_one",
+            float(replace_one),
+            rec.replace_one(history, delta),
+            "PLD replace-one (dp_accounting)",
+            epsilon_tolerance(rec.replace_one(history, delta), accountant="pld"),
+        )
     by_bank_accountant("epsilon_before", history[:-1] if status == "trained" else history)
     if entry["epsilon_next_round"] is not None and this is not None:
-        by_bank_accountant("epsilon_next_round", [*history, this])
+        if replace_one is None:  # written before issue 26: the bank's own accountant only
+            by_bank_accountant("epsilon_next_round", [*history, this])
+        else:  # the larger of the two adjacencies the bank's budget check enforces
+            nxt = [*history, this]
+            own = rec.rdp(nxt, delta) if accountant == "rdp" else rec.pld(nxt, delta)
+            reference = max(own, rec.replace_one(nxt, delta))
+            tol = epsilon_tolerance(reference, accountant=accountant)
+            compare(
+                "epsilon_next_round", float(entry["epsilon_next_round"]), reference, "max(add/remove, replace-one)", tol
+            )
 
     # ---- budget ---------------------------------------------------------------------------
     budget = float(entry["budget_epsilon"])
@@ -515,7 +544,23 @@ def _check_epsilons(
             f"over budget: epsilon {entry['epsilon']:.6g} > budget_epsilon {budget:.6g}",
             entry,
         )
-    if status == "refused" and entry["epsilon_next_round"] is not None and entry["epsilon_next_round"] <= budget:
+    over = status == "trained" and float(entry["epsilon"]) > budget + 1e-9
+    if status == "trained" and not over and replace_one is not None and float(replace_one) > budget + 1e-9:
+        out.add(
+            "error",
+            "budget",
+            where,
+            f"over budget under replace-one adjacency (the noise level depends on n): epsilon_replace_one "
+            f"{float(replace_one):.6g} > budget_epsilon {budget:.6g}",
+            entry,
+        )
+    budget_refusal = "rule 'lifetime-budget'" in str(entry["reason"])  # a policy rule's refusal is not about it
+    if (
+        status == "refused"
+        and budget_refusal
+        and entry["epsilon_next_round"] is not None
+        and entry["epsilon_next_round"] <= budget
+    ):
         out.add(
             "warning",
             "budget",
@@ -781,7 +826,37 @@ def _summarize(
         ok=ok,
         entries=tuple(entries),
         head_hash=authority.head_hash,
+        epsilon_replace_one=rec.replace_one(last["history"], delta),
     )
+
+
+def _check_pinned_banks_present(
+    pins: ConsortiumPins | None,
+    pins_required: bool,
+    bank_views: Mapping[tuple[str, str], _BankView],
+    files: list[LedgerFile],
+    out: _Collector,
+    scope: Iterable[str] | None,
+) -> None:
+    """Without pins anyone can re-sign a forged ledger; with pins, a pinned bank's ledger must be there."""
+    where = (files[0].path if files else Path("."), None)
+    if pins is None:
+        if pins_required and files:
+            out.add("error", "signature", where, "no pinned consortium keys: anyone can re-hash and re-sign a forged "
+                    "ledger with a key of their own. What to do: pass --pins FILE (the consortium's pins.json), or "
+                    "--no-pins to check self-consistency only")  # fmt: skip
+        elif bank_views:
+            out.add("warning", "signature", where, "signatures were checked against the keys the entries name, not "
+                    "against pinned consortium keys: pass --pins to prove authorship")  # fmt: skip
+        return
+    # banks with a ledger here (malformed or not: its findings say what is wrong with it), or a mirror
+    # (a mirrored bank without a ledger is flagged above)
+    present = {bank for _, bank in bank_views} | {b for f in files for b in f.bank_ids}
+    required = set(pins.keys) if scope is None else set(pins.keys) & set(scope)
+    for bank in sorted(required - present):
+        out.add("error", "missing-ledger", where, f"bank {bank!r} is pinned but none of its ledgers was given (deleted "
+                "or withheld?). What to do: obtain the bank's ledger.jsonl, or audit with the pins of the banks in "
+                "scope only", {"bank_id": bank})  # fmt: skip
 
 
 def audit_ledgers(
@@ -789,6 +864,8 @@ def audit_ledgers(
     *,
     pins: ConsortiumPins | None = None,
     policies: Mapping[str, str | os.PathLike[str]] | None = None,
+    pins_required: bool = False,
+    scope: Iterable[str] | None = None,
 ) -> AuditResult:
     """Verifies bank ledgers and server mirror files; recomputes every epsilon independently.
 
@@ -801,7 +878,11 @@ def audit_ledgers(
             cross-checked against it.
         pins: the consortium's pinned identity keys; every entry's signature must verify under
             the key pinned for its bank. Without pins, signatures are checked against the key the
-            entry names (self-consistency only), and a warning says so.
+            entry names (self-consistency only), and a warning says so. Every pinned bank must
+            have a bank ledger among `paths` (a deleted ledger is an error, mirrors or not).
+        pins_required: no pins is an error, not a warning (the CLI's default; `--no-pins` lifts it).
+        scope: the banks this audit covers (default: every pinned bank); a pinned bank outside it
+            need not have a ledger here.
 
     Returns:
         AuditResult (`ok` is False when any check failed).
@@ -855,14 +936,7 @@ def audit_ledgers(
                 {"bank_id": key[1], "job_id": key[0]},
             )
 
-    if pins is None and bank_views:
-        out.add(
-            "warning",
-            "signature",
-            (next(iter(bank_views.values())).path, None),
-            "signatures were checked against the keys the entries name, not against pinned consortium keys: "
-            "pass --pins to prove authorship",
-        )
+    _check_pinned_banks_present(pins, pins_required, bank_views, files, out, scope)
     summaries = []
     for key in sorted(bank_views):
         summary = _summarize(key, bank_views[key], mirror_views.get(key), rec, out.findings)

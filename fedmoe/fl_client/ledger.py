@@ -13,11 +13,11 @@ import platform
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fedmoe.fl_client.dp.accountant import AccountantState, HistoryEntry, epsilon_for_history, epsilon_replace_one
+from fedmoe.fl_client.dp.accountant import AccountantState, HistoryEntry, epsilon_for_history
 from fedmoe.fl_client.dp.config import DPConfig
 from fedmoe.fl_client.dp.errors import DPError
 from fedmoe.fl_client.dp.trainer import RoundPrivacyReport
-from fedmoe.protocol.accounting import epsilon_pld
+from fedmoe.protocol.accounting import epsilon_pld, epsilon_replace_one
 from fedmoe.protocol.ledger import BANK_SCHEMA, ROUND_STATUSES, BankEntry, LedgerError, RoundStatus
 
 # Packages whose versions go into every entry (distribution names).
@@ -44,8 +44,10 @@ def library_versions() -> dict[str, str]:
 
 
 def next_round_epsilon(state: AccountantState, planned: HistoryEntry) -> float:
-    """The epsilon the bank would reach after one more round `planned`, by its own accountant."""
-    return state.appended(planned).epsilon()
+    """The epsilon the bank would reach after one more round `planned`: the larger of its own
+    accountant's (add/remove) and replace-one's, the two its budget check enforces."""
+    after = state.appended(planned)
+    return max(after.epsilon(), epsilon_replace_one(after.history, delta=state.delta))
 
 
 def _history_list(history: Sequence[Sequence[float]]) -> list[list[float | int]]:
@@ -73,6 +75,7 @@ def round_entry(
     customer_ids: bool = False,
     policy_hash: str = "",
     policy_overrides: Mapping[str, float] | None = None,
+    requested: Mapping[str, object] | None = None,
 ) -> dict[str, Any]:
     """A bank's ledger entry for one round, every field the audit re-derives epsilon from.
 
@@ -99,6 +102,7 @@ def round_entry(
         customer_ids: the data has a customer_id column (record-level DP on it only by an explicit policy line).
         policy_hash, policy_overrides: the bank's policy in force (its content hash) and the node-config
             values applied over it; the audit checks the entry against that policy file.
+        requested: what the job asked for (run-config names); `cfg` holds the bank's own values.
 
     Returns:
         A JSON-ready dict (a `BankEntry`, schema BANK_SCHEMA) for `Ledger.append`.
@@ -184,6 +188,7 @@ def round_entry(
         customer_ids=bool(customer_ids),
         policy_hash=policy_hash,
         policy_overrides=dict(policy_overrides or {}),
+        requested=dict(requested or {}),
         grad_sample_mode=cfg.grad_sample_mode,
         # accounting, at the bank's delta
         accountant=cfg.accountant,

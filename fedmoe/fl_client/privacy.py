@@ -150,23 +150,51 @@ class BankPrivacy:
     def seeded(self) -> bool:
         return not self.cfg.secure_mode  # only reachable when the bank's policy allows seeded noise
 
-    def append(self, round_idx: int, status: str, **details) -> dict:
-        noise = "none" if status == "non-private" else ("seeded" if self.seeded else "csprng")
+    def within_policy(self) -> DPConfig:
+        """The round's DP config with every request the policy does not allow replaced by the policy's
+        value: what a refusal entry records as the bank's own (the request goes under `requested`), so
+        a server that sends a job meant to be refused cannot write its numbers into the bank's record."""
+        p = self.policy
+        return replace(
+            self.cfg,
+            target_epsilon=min(self.cfg.target_epsilon, p.epsilon),
+            delta=min(self.cfg.delta, p.max_delta),
+            clip_norm=min(max(self.cfg.clip_norm, p.clip_norm_min), p.clip_norm_max),
+            secure_mode=self.cfg.secure_mode or not p.seeded_noise,
+        )
+
+    def requested(self) -> dict:
+        """What the job asked for, in run-config names (recorded beside the bank's values)."""
+        job = self.job
+        return {
+            "dp": job.dp,
+            "epsilon": job.epsilon,
+            "delta": job.delta,
+            "clip-norm": job.clip_norm,
+            "secure-mode": job.secure_mode,
+            "privacy-unit": job.privacy_unit,
+            "aggregation": job.aggregation,
+        }
+
+    def append(self, round_idx: int, status: str, *, cfg: DPConfig | None = None, **details) -> dict:
+        cfg = cfg or self.cfg
+        noise = "none" if status == "non-private" else ("csprng" if cfg.secure_mode else "seeded")
         entry = round_entry(
             job_id=self.job.job_id,
             bank_id=self.config.bank_id,
             round=round_idx,
             status=status,
-            cfg=self.cfg,
+            cfg=cfg,
             n_samples=self.n_samples,
-            budget_epsilon=self.cfg.target_epsilon,
+            budget_epsilon=cfg.target_epsilon,
             noise_source=noise,
             dataset_fingerprint=self.fingerprint,
             dataset_id=self.identity.dataset_id,
             customer_ids=self.customer_ids,
             policy_hash=self.policy.file_hash,
             policy_overrides=dict(self.policy.overrides),
-            **({"report": None, "state": self.accountant} | details),
+            requested=self.requested(),
+            **({"report": None, "state": self.accountant.rekeyed(cfg)} | details),
         )
         return self.ledger.append(entry, signer=self.signer)
 
@@ -193,14 +221,15 @@ class BankPrivacy:
         logger.warning("bank %s refuses round %d: %s%s", self.config.bank_id, round_idx, public,
                        f" ({detail})" if detail else "")  # fmt: skip
         reason = f"{public} [bank only: {detail}]" if detail else public
-        stored = self.append(round_idx, "refused", reason=reason, planned=self.planned())
+        bank_cfg = self.within_policy()
+        stored = self.append(round_idx, "refused", cfg=bank_cfg, reason=reason, planned=self.planned(bank_cfg))
         return RoundResult(commitment=self.commit(stored, exhausted=True), refused=public)
 
-    def planned(self) -> HistoryEntry | None:
-        """The mechanism the next round would run (None when no noise can meet the budget)."""
+    def planned(self, cfg: DPConfig) -> HistoryEntry | None:
+        """The mechanism the next round would run under `cfg` (None when no noise can meet the budget)."""
         try:
             n = self.n_samples
-            return HistoryEntry(noise_multiplier_for(self.cfg, n), sample_rate_for(self.cfg, n), self.cfg.local_steps)
+            return HistoryEntry(noise_multiplier_for(cfg, n), sample_rate_for(cfg, n), cfg.local_steps)
         except DPError:
             return None
 
@@ -227,6 +256,7 @@ class BankPrivacy:
         except DPError as err:
             return [*refusals, self.budget_refusal(str(err))]
         refusals += check_noise(self.policy, self.job, noise_multiplier=sigma)
+        # add/remove and replace-one: the noise level depends on n (fedmoe.fl_client.dp.accountant.check_budget)
         after = next_round_epsilon(self.accountant, HistoryEntry(sigma, q, self.cfg.local_steps))
         if after > min(self.cfg.target_epsilon, self.policy.epsilon):
             spent = self.accountant.epsilon()

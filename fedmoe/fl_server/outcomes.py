@@ -30,7 +30,7 @@ class Outcome(StrEnum):
     # secure aggregation (fedmoe.fl_server.secagg_round)
     ALREADY_RELEASED = "already released"  # released this round under other round keys (a restarted round)
     EXCLUDED = "excluded by secure aggregation"  # left out at a stage with a typed reason (signature, share, ...)
-    ABORTED = "round aborted"  # its masked input was valid, but the round could not be unmasked
+    ABORTED = "aborted by others"  # its masked input was valid; others (named in the reason) broke the round
     NAMED = NAMED_POISONER  # most banks' signed verdicts found its input of a quarantined round out of bound
 
 

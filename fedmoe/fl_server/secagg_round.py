@@ -401,17 +401,34 @@ class SecAggRound:
         return f"nothing at stage {stage} within round-timeout {self.fed.job.round_timeout:g} s"
 
     # ---- outcomes ---------------------------------------------------------------------------------
+    def culprits_text(self, excluded: dict[str, str]) -> str:
+        """'; caused by: bank-3 refused (...), bank-4 excluded at masked_input (...)': the banks whose
+        refusal, failure or exclusion left the round below its threshold (empty when none is known)."""
+        causes = {**{w: o for w, o in self.failed.items()}, **{w: o for w, o in self.trained.items()}}
+        names = sorted(w for w, o in causes.items() if o.status is not Outcome.CONTRIBUTED) + sorted(
+            w for w in excluded if w not in causes or causes[w].status is Outcome.CONTRIBUTED
+        )
+        if not names:
+            return ""
+        return "; caused by: " + ", ".join(_culprit_text(w, causes.get(w), excluded) for w in names)
+
     def settle(self, aggregate: SecureAggregate | None, exclusions: list[Exclusion]) -> list[BankOutcome]:
         """One typed outcome per bank: contributed (in the signed contributor list) or why not."""
         contributors = set(aggregate.contributors) if aggregate is not None else set()
         excluded = {}
         for e in exclusions:  # the first exclusion of a bank is why it left
             excluded.setdefault(e.bank_id, f"{e.stage} ({e.reason}): {e.message}")
+        # 'too_few' exclusions are the abort's consequence (a bank whose input would be exposed), not a cause
+        caused = {e.bank_id: excluded[e.bank_id] for e in exclusions if e.reason != "too_few"}
+        if aggregate is None and self.abort_text:  # say who broke the round, and why
+            self.abort_text += self.culprits_text(caused)
         outcomes = []
         for who in sorted({*self.nodes, *self.failed, *self.trained}):
             trained = self.trained.get(who)
             if trained is not None and trained.status is Outcome.CONTRIBUTED:
-                if aggregate is None:  # a valid masked input, but nothing was unmasked
+                if aggregate is None and who in caused:  # one of the causes, under its own reason
+                    trained.status, trained.reason = Outcome.EXCLUDED, caused[who]
+                elif aggregate is None:  # a valid masked input, but nothing was unmasked
                     trained.status, trained.reason = Outcome.ABORTED, self.abort_text
                 elif who not in contributors:
                     trained.status, trained.reason = Outcome.EXCLUDED, excluded.get(who, "not in the sum")
@@ -425,6 +442,12 @@ class SecAggRound:
             else:  # identified, but the round ended before it was asked anything
                 outcomes.append(BankOutcome(who, Outcome.ABORTED, self.abort_text))
         return outcomes
+
+
+def _culprit_text(who: str, outcome: BankOutcome | None, excluded: dict[str, str]) -> str:
+    if outcome is not None and outcome.status is not Outcome.CONTRIBUTED:
+        return f"{who} {outcome.status}" + (f" ({outcome.reason[:160]})" if outcome.reason else "")
+    return f"{who} excluded at {excluded[who][:160]}"
 
 
 def _all_accepted(server: ServerSecAgg, step, replies: dict[str, bytes]) -> dict | None:

@@ -74,6 +74,25 @@ def epsilon_pld(history: Sequence[Sequence[float]], *, delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
+def epsilon_replace_one(history: Sequence[Sequence[float]], *, delta: float) -> float:
+    """Epsilon of a DP-SGD history at `delta` under *replace-one* adjacency (dp_accounting's PLD).
+
+    Add/remove neighbours (`epsilon_pld`, Opacus) hide the dataset size n; replace-one treats n as
+    public. A bank's sigma is calibrated from q = B/n, so its noise level (and whether a batch size
+    is refused) depends on n: for anyone who learns n that way, replace-one is the adjacency that
+    counts. Banks enforce their budget under both (issue 26); 0.0 for an empty history.
+    """
+    event = _dp_event(history)
+    if event is None:
+        return 0.0
+    accountant = pld_privacy_accountant.PLDAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE,
+        value_discretization_interval=PLD_DISCRETIZATION,
+    )
+    accountant.compose(event)
+    return float(accountant.get_epsilon(delta))
+
+
 def epsilon_rdp(history: Sequence[Sequence[float]], *, delta: float) -> float:
     """Epsilon of a DP-SGD history at `delta` by dp_accounting's RDP accountant (Mironov et al. 2019).
 

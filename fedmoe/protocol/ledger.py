@@ -338,6 +338,9 @@ class BankEntry:
     dataset_id: str  # the dataset identity whose lifetime budget this ledger holds (the ledger's folder)
     policy_hash: str  # content hash of the bank's policy file in force (BankPolicy.content_hash)
     policy_overrides: dict  # node-config values applied over it (each may only tighten it)
+    # what the job asked for (run-config names); the entry's own values are the bank's, within its
+    # policy: a refused request never writes the server's numbers into the bank's record (issue 27)
+    requested: dict
     # accounting, at the bank's delta
     accountant: str
     delta: float

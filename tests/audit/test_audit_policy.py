@@ -134,7 +134,17 @@ def test_the_empirical_audit_takes_the_ledgers_own_claim(tmp_path, identity, cap
     claim = claim_from_ledgers([path])
     assert claim["noise_multiplier"] == 0.3 and claim["target_epsilon"] == entry["epsilon"]
     assert (claim["sample_rate"], claim["steps"]) == (BATCH / N, 2)
-    code = main(["--empirical", "--canaries", "400", "--out", str(tmp_path / "out"), str(path)])
+    code = main(["--empirical", "--no-pins", "--canaries", "400", "--out", str(tmp_path / "out"), str(path)])
     printed = capsys.readouterr().out
     assert "empirical audit of the claim of" in printed and "sigma=0.3" in printed
     assert code == 1 and "PASS:" not in printed  # never a pass without power
+
+
+def test_a_round_over_budget_only_under_replace_one_fails_the_audit(tmp_path, identity, policy_file):
+    """sigma depends on n, so the budget must hold with n public too (issue 26, item 2): sigma 0.86 at
+    q = 6/48 over 2 steps spends 2.98 <= 3 by add/remove and 3.21 > 3 by replace-one."""
+    path = plant(tmp_path / "l.jsonl", identity, sigma=0.86, budget=3.0)
+    result = audit_ledgers([path], pins=ConsortiumPins.from_identities([identity[0]]))
+    found = [f for f in result.errors if f.check == "budget"]
+    assert found and "replace-one" in found[0].message, [str(f) for f in result.errors]
+    assert not [f for f in result.errors if f.check == "epsilon"]  # the recorded values are the true ones

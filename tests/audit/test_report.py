@@ -305,7 +305,7 @@ def test_cli_signs_off_refuses_a_failed_audit_and_verifies(demo, identities, tmp
     key = tmp_path / "officer.secret"
     out = tmp_path / "out"
     ledgers = [str(p) for p in job_paths(demo)]
-    assert main([*ledgers, "--out", str(out), "--sign-off", "Dana", "--officer-key", str(key)]) == 0
+    assert main([*ledgers, "--no-pins", "--out", str(out), "--sign-off", "Dana", "--officer-key", str(key)]) == 0
     printed = capsys.readouterr().out
     assert f"report SHA-256: {sha256_of(out / REPORT_FILE)}" in printed and "signed off:" in printed
     assert main(["--verify-sign-off", str(out), *ledgers]) == 0
@@ -313,9 +313,10 @@ def test_cli_signs_off_refuses_a_failed_audit_and_verifies(demo, identities, tmp
 
     failed = tmp_path / "failed"
     paths = [str(p) for p in crafted_job(tmp_path / "job", demo, identities)]
-    assert main([*paths, "--out", str(failed), "--sign-off", "Dana", "--officer-key", str(key)]) == 1
+    assert main([*paths, "--no-pins", "--out", str(failed), "--sign-off", "Dana", "--officer-key", str(key)]) == 1
     assert "sign-off refused" in capsys.readouterr().out and not (failed / SIGNOFF_FILE).exists()
-    args = [*paths, "--out", str(failed), "--sign-off", "Dana", "--officer-key", str(key), "--sign-off-failed"]
+    args = [*paths, "--no-pins", "--out", str(failed), "--sign-off", "Dana", "--officer-key", str(key)]
+    args.append("--sign-off-failed")
     assert main(args) == 1 and (failed / SIGNOFF_FILE).exists()
     assert "as failed" in json.loads((failed / SIGNOFF_FILE).read_text())["signed"]["statement"]
     capsys.readouterr()

@@ -19,6 +19,7 @@ from fedmoe.fl_client.dp import (
 )
 from fedmoe.model.deepseek import Router
 from fedmoe.model.trainable import TrainableView
+from fedmoe.protocol.accounting import epsilon_replace_one
 
 N, L = 48, 8
 
@@ -65,14 +66,16 @@ def test_bank_with_epsilon_1_refuses_the_round_past_its_budget():
         state = report.accountant_state
         reports.append(report)
     assert reports[0].epsilon_spent_this_round > reports[1].epsilon_spent_this_round > 0  # sub-additive
-    assert 0.98 <= reports[-1].epsilon_total <= 1.0
+    # the plan spends the budget under the larger of the two adjacencies (replace-one: sigma depends on n)
+    assert 0.98 <= max(reports[-1].epsilon_total, epsilon_replace_one(reports[-1].history, delta=1e-5)) <= 1.0
     assert reports[-1].history == (HistoryEntry(reports[0].sigma, 6 / N, 2),) * 2
     # Re-verifiable from the plain history alone:
     assert epsilon_for_history(reports[-1].history, delta=1e-5, mechanism="prv") == reports[-1].epsilon_total
 
     before_model, before_state = snapshot(model), state.to_json()
     with pytest.raises(
-        BudgetExceeded, match=r"bank 'bank-a'.*would bring epsilon to 1\.\d+; budget target_epsilon=1\.0"
+        BudgetExceeded,
+        match=r"bank 'bank-a'.*would bring epsilon to \d\.\d+ \(replace-one \d\.\d+\); budget target_epsilon=1\.0",
     ):
         train_private_round(model, data, cfg, state, seed=2)
     assert_same(before_model, snapshot(model))
@@ -221,9 +224,26 @@ def test_the_accountant_calibrates_the_batch_sizing_and_a_larger_batch_buys_less
              for b in (16, 48)]  # fmt: skip
     small, large = plans
     assert (small.expected_batch, small.steps, small.sample_rate) == (16, 40, 16 / 400)
-    assert small.sigma < large.sigma and large.noise_per_coordinate < small.noise_per_coordinate / 2
-    for plan in plans:
-        assert 8.0 - CALIBRATION_TOLERANCE <= plan.epsilon <= 8.0
+    # replace-one binds at the larger q (sigma 0.98 instead of 0.87), so the batch buys less than half
+    assert small.sigma < large.sigma and large.noise_per_coordinate < 0.6 * small.noise_per_coordinate
+    for plan in plans:  # the larger of the two adjacencies spends the budget (replace-one: sigma depends on n)
+        assert 8.0 - CALIBRATION_TOLERANCE <= max(plan.epsilon, plan.epsilon_replace_one) <= 8.0
         assert plan.noise_per_coordinate == pytest.approx(plan.sigma / plan.expected_batch)
     with pytest.raises(DPError, match="expected_batch_size=500 needs at least that many"):
         plan_for(config(expected_batch_size=500), 400)
+
+
+def test_a_round_within_budget_by_add_remove_but_not_by_replace_one_is_refused():
+    """Opacus' sigma alone (add/remove) is not enough: sigma depends on n, so replace-one counts (issue 26)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from fedmoe.fl_client.dp.accountant import check_budget
+
+    cfg = config(target_epsilon=8.0, planned_rounds=20, local_steps=1, expected_batch_size=32, accountant="prv")
+    q = 32 / 400
+    add_remove_sigma = get_noise_multiplier(
+        target_epsilon=8.0, target_delta=cfg.delta, sample_rate=q, steps=20, accountant="prv", epsilon_tolerance=0.01
+    )
+    state = AccountantState(mechanism="prv", delta=cfg.delta, history=(HistoryEntry(add_remove_sigma, q, 19),))
+    with pytest.raises(BudgetExceeded, match="replace-one"):
+        check_budget(cfg, state, HistoryEntry(add_remove_sigma, q, 1))

@@ -216,3 +216,15 @@ def test_every_entry_records_the_replace_one_epsilon(keys, tmp_path, records):
     [entry] = Ledger(ledgers(bank)[0]).entries()
     assert entry["epsilon_replace_one"] == pytest.approx(epsilon_replace_one(history, delta=entry["delta"]))
     assert entry["epsilon_replace_one"] > entry["epsilon_pld"]  # replace-one costs more than add/remove
+
+
+def test_the_budget_holds_under_replace_one_adjacency(keys, tmp_path, records):
+    """The noise level and the batch-size refusal depend on n, so the bank's guarantee must hold with n
+    public: the calibrated sigma meets the budget under replace-one too (issue 26, item 2)."""
+    from fedmoe.fl_client.dp.accountant import CALIBRATION_TOLERANCE
+
+    bank, _ = _spend_the_budget(keys, tmp_path, records)
+    [entry] = Ledger(ledgers(bank)[0]).entries()
+    budget = entry["budget_epsilon"]
+    assert budget - CALIBRATION_TOLERANCE <= entry["epsilon_replace_one"] <= budget
+    assert entry["epsilon"] < entry["epsilon_replace_one"]  # add/remove is the smaller one here

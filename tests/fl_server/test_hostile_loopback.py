@@ -242,7 +242,7 @@ def test_an_impersonating_node_is_refused_recorded_against_its_node_and_never_en
     [ledger] = (tmp_path / "banks" / "bank-0").glob("privacy/*/ledger.jsonl")
     audit = subprocess.run(
         [sys.executable, "-m", "fedmoe.audit", "--out", str(tmp_path / "audit"),
-         "--pins", str(tmp_path / "keys" / PINS_FILE), str(ledger), str(mirror / "bank-0.jsonl")],
+         "--pins", str(tmp_path / "keys" / PINS_FILE), "--bank", "bank-0", str(ledger), str(mirror / "bank-0.jsonl")],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-3000:]

@@ -222,8 +222,10 @@ def test_fewer_survivors_than_the_threshold_abort_the_round_and_nothing_is_appli
     r1, r2 = state.rounds
     assert not r1.aggregated and r1.participants == []
     assert "secure aggregation aborted (too_few)" in r1.no_aggregate and "masked_input" in r1.no_aggregate
-    assert {b: r1.outcomes[b] for b in ("bank-0", "bank-1")} == {"bank-0": "round aborted", "bank-1": "round aborted"}
+    # the honest banks are "aborted by others", and the round's reason names the others (issue 27)
+    assert r1.outcomes["bank-0"] == r1.outcomes["bank-1"] == "aborted by others"
     assert r1.outcomes["bank-2"] == r1.outcomes["bank-3"] == "no reply"
+    assert "caused by: bank-2 no reply" in r1.no_aggregate and "bank-3 no reply" in r1.no_aggregate
     assert not (tmp_path / "server" / JOB / "aggregates" / "round-0001.bundle").exists()
     assert 1 not in federation.store.aggregates_after(state, 0)
     # the trained banks' budget is on the record (mirrored as dropped, with their commitment)

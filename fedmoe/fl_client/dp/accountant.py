@@ -26,7 +26,7 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from fedmoe.fl_client.dp.config import ACCOUNTANTS, DPConfig
 from fedmoe.fl_client.dp.errors import BudgetExceeded, DPError
-from fedmoe.protocol.accounting import PRV_EPS_ERROR
+from fedmoe.protocol.accounting import PRV_EPS_ERROR, epsilon_replace_one
 from fedmoe.protocol.files import atomic_write_bytes
 
 STATE_VERSION = 1
@@ -50,37 +50,11 @@ def _merged(history: tuple[HistoryEntry, ...] | list[HistoryEntry]) -> list[tupl
     """
     out: list[tuple[float, float, int]] = []
     for sigma, q, steps in history:
-        if out and out[-1][0] == sigma and out[-1][1] == q:
+        if out and out[-1][0] == sigma:
             out[-1] = (sigma, q, out[-1][2] + steps)
         else:
             out.append((float(sigma), float(q), int(steps)))
     return out
-
-
-def epsilon_replace_one(history: tuple[HistoryEntry, ...] | list, *, delta: float) -> float:
-    """Epsilon of a history under *replace-one* adjacency (dp_accounting's PLD accountant).
-
-    The accountants above assume add/remove neighbours, which hides n. A bank's sigma is
-    calibrated from q = B/n, so the noise level of its update depends on n: for anyone who learns
-    n that way, replace-one is the adjacency that counts (more than the add/remove epsilon: 1.04x
-    to 1.4x in our configurations). The ledger records it beside the add/remove epsilon (issue 26);
-    0.0 for an empty history.
-    """
-    import dp_accounting
-    from dp_accounting.pld import pld_privacy_accountant
-
-    events = [
-        dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), n)
-        for s, q, n in _merged(list(history))
-        if n
-    ]
-    if not events:
-        return 0.0
-    accountant = pld_privacy_accountant.PLDAccountant(
-        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE, value_discretization_interval=1e-3
-    )
-    accountant.compose(dp_accounting.ComposedDpEvent(events))
-    return float(accountant.get_epsilon(delta))
 
 
 def epsilon_for_history(
@@ -131,9 +105,10 @@ def sample_rate_for(cfg: DPConfig, n_samples: int) -> float:
 def noise_multiplier_for(cfg: DPConfig, n_samples: int) -> float:
     """Noise multiplier sigma so that `planned_rounds * local_steps` steps at q spend target_epsilon.
 
-    Opacus' binary search over sigma (`get_noise_multiplier`): the returned sigma's plan epsilon
-    is at most target_epsilon and within CALIBRATION_TOLERANCE of it. A pure function of its
-    arguments (cached: a PRV search takes about a second).
+    Opacus' binary search over sigma (`get_noise_multiplier`), raised where needed so that the
+    plan also meets target_epsilon under replace-one adjacency (`_meeting_replace_one`): the
+    larger of the plan's two epsilons is at most target_epsilon and within CALIBRATION_TOLERANCE
+    of it. A pure function of its arguments (cached: a PRV search takes about a second).
 
     Args:
         cfg: the bank's DP config (budget, plan, batch, accountant).
@@ -150,7 +125,7 @@ def noise_multiplier_for(cfg: DPConfig, n_samples: int) -> float:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            return float(
+            sigma = float(
                 get_noise_multiplier(
                     target_epsilon=cfg.target_epsilon,
                     target_delta=cfg.delta,
@@ -166,6 +141,44 @@ def noise_multiplier_for(cfg: DPConfig, n_samples: int) -> float:
             f"bank {cfg.bank_id!r}: cannot calibrate noise for target_epsilon={cfg.target_epsilon}, "
             f"delta={cfg.delta}, q={q:.4g}, steps={cfg.total_planned_steps}: {err}"
         ) from None
+    return _meeting_replace_one(cfg, q, sigma)
+
+
+def _meeting_replace_one(cfg: DPConfig, q: float, sigma: float) -> float:
+    """The smallest sigma >= `sigma` (to CALIBRATION_TOLERANCE) whose plan also meets the budget
+    under replace-one adjacency.
+
+    Why: sigma comes from q = B/n, so the noise level of a bank's update depends on n; a bank's
+    guarantee must therefore hold with n public (issue 26). Epsilon falls smoothly with sigma, so
+    false position on a bracket (Illinois variant) needs ~4-6 PLD evaluations (~0.1-0.3 s each).
+    """
+    steps, target = cfg.total_planned_steps, cfg.target_epsilon
+
+    def excess(s: float) -> float:  # > 0: the plan at s passes the budget under replace-one
+        return epsilon_replace_one([(s, q, steps)], delta=cfg.delta) - target
+
+    if excess(sigma) <= 0:
+        return sigma
+    low, f_low = sigma, excess(sigma)
+    high, f_high = 2.0 * sigma, excess(2.0 * sigma)
+    while f_high > 0:
+        low, f_low, high = high, f_high, 2.0 * high
+        if high > 1e4:
+            raise DPError(f"bank {cfg.bank_id!r}: no sigma meets target_epsilon={cfg.target_epsilon} under replace-one")
+        f_high = excess(high)
+    side = 0
+    for _ in range(60):
+        if -f_high <= CALIBRATION_TOLERANCE or high - low <= 1e-9 * high:
+            break
+        mid = high - f_high * (high - low) / (f_high - f_low)
+        f_mid = excess(mid)
+        if f_mid > 0:
+            low, f_low = mid, f_mid
+            f_high, side = (f_high / 2, side) if side == -1 else (f_high, -1)
+        else:
+            high, f_high = mid, f_mid
+            f_low, side = (f_low / 2, side) if side == 1 else (f_low, 1)
+    return high
 
 
 @dataclass(frozen=True)
@@ -179,7 +192,8 @@ class DPPlan:
         sigma: the noise multiplier that spends target_epsilon over `steps`.
         noise_per_coordinate: sigma x C / B, the std of the noise on each coordinate of a step's
             mean clipped gradient (what a larger batch buys: sigma grows far slower than B).
-        epsilon: what the full plan spends (<= target_epsilon).
+        epsilon: what the full plan spends by the bank's accountant (add/remove, <= target_epsilon).
+        epsilon_replace_one: the same under replace-one adjacency (n public; <= target_epsilon).
     """
 
     expected_batch: int
@@ -188,6 +202,7 @@ class DPPlan:
     sigma: float
     noise_per_coordinate: float
     epsilon: float
+    epsilon_replace_one: float
 
 
 def plan_for(cfg: DPConfig, n_samples: int) -> DPPlan:
@@ -200,8 +215,9 @@ def plan_for(cfg: DPConfig, n_samples: int) -> DPPlan:
     q = sample_rate_for(cfg, n_samples)
     steps = cfg.total_planned_steps
     epsilon = epsilon_for_history([HistoryEntry(sigma, q, steps)], delta=cfg.delta, mechanism=cfg.accountant)
+    replace_one = epsilon_replace_one([(sigma, q, steps)], delta=cfg.delta)
     noise = sigma * cfg.clip_norm / cfg.expected_batch_size
-    return DPPlan(cfg.expected_batch_size, q, steps, sigma, noise, epsilon)
+    return DPPlan(cfg.expected_batch_size, q, steps, sigma, noise, epsilon, replace_one)
 
 
 @dataclass(frozen=True)
@@ -337,17 +353,23 @@ class BudgetCheck:
 def check_budget(cfg: DPConfig, state: AccountantState, entry: HistoryEntry) -> BudgetCheck:
     """Epsilon before and after one more round; raises if the round would pass the budget.
 
+    The budget holds under both adjacencies: add/remove by the bank's accountant, and replace-one
+    (n public: the noise level depends on n, see `_meeting_replace_one`).
+
     Raises:
         DPError: the state does not match the config (accountant, delta).
-        BudgetExceeded: epsilon after the round > cfg.target_epsilon.
+        BudgetExceeded: epsilon after the round > cfg.target_epsilon, under either adjacency.
     """
     state.check_matches(cfg)
     before = state.epsilon()
-    after = state.appended(entry).epsilon()
-    if after > cfg.target_epsilon:
+    after_state = state.appended(entry)
+    after = after_state.epsilon()
+    after_replace_one = epsilon_replace_one(after_state.history, delta=cfg.delta)
+    if max(after, after_replace_one) > cfg.target_epsilon:
         raise BudgetExceeded(
             f"bank {cfg.bank_id!r}: the next round (sigma={entry.noise_multiplier:.4g}, q={entry.sample_rate:.4g}, "
-            f"steps={entry.steps}) would bring epsilon to {after:.4f}; budget target_epsilon={cfg.target_epsilon} "
-            f"at delta={cfg.delta} ({cfg.accountant}); spent so far {before:.4f} over {len(state.history)} round(s)"
+            f"steps={entry.steps}) would bring epsilon to {after:.4f} (replace-one {after_replace_one:.4f}); budget "
+            f"target_epsilon={cfg.target_epsilon} at delta={cfg.delta} ({cfg.accountant}); spent so far "
+            f"{before:.4f} over {len(state.history)} round(s)"
         )
     return BudgetCheck(entry=entry, epsilon_before=before, epsilon_after=after)
