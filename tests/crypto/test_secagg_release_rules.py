@@ -74,7 +74,7 @@ def test_a_quorum_on_the_view_releases(two_views):
 
 def test_consents_below_the_quorum_release_nothing(two_views):
     r, ids, honest, view_b, own = two_views
-    with pytest.raises(CryptoError) as err:
+    with pytest.raises(CryptoError, match="3 banks consented to this view, need 4; nothing released") as err:
         r.banks["bank0"].unmask(UnmaskOrder(request=view_b, consents=(own, *(_signed(ids, u, view_b) for u in (1, 2)))))
     assert err.value.reason == "too_few" and r.banks["bank0"].released == {}
 
@@ -101,7 +101,7 @@ def test_a_consent_for_another_round_or_job_is_a_replay(two_views, other):
     r, ids, honest, view_b, own = two_views
     stale = _signed(ids, 4, view_b, **other)
     order = UnmaskOrder(request=view_b, consents=(own, _signed(ids, 1, view_b), _signed(ids, 2, view_b), stale))
-    with pytest.raises(CryptoError) as err:
+    with pytest.raises(CryptoError, match="consent of 'bank4' for another round") as err:
         r.banks["bank0"].unmask(order)
     assert err.value.reason == "replay" and r.banks["bank0"].released == {}
 
@@ -113,3 +113,71 @@ def test_a_consent_signed_by_another_key_is_refused(two_views):
     with pytest.raises(CryptoError):
         r.banks["bank0"].unmask(order)
     assert r.banks["bank0"].released == {}
+
+
+def test_an_order_without_consents_takes_only_the_everyone_survived_view(two_views):
+    """Rule CF: without consents, only the view in which every participant survived, and it binds the bank."""
+    r, ids, honest, view_b, own = two_views
+    bank1 = r.banks["bank1"]  # has signed nothing this round
+    leaves_out = dataclasses.replace(view_b, dropped=())  # bank3 neither survived nor dropped
+    for view in (view_b, leaves_out):
+        with pytest.raises(CryptoError, match=r"must be the view in which every participant survived.*rule CF") as err:
+            bank1.unmask(UnmaskOrder(request=view, consents=()))
+        assert err.value.reason == "inconsistent" and bank1.stage == "masked" and bank1.released == {}
+    order = UnmaskOrder(request=honest, consents=())
+    reply = bank1.unmask(order)
+    assert sorted(s.dealer for s in reply.shares) == sorted(r.banks) and {s.kind for s in reply.shares} == {"self_mask"}
+    assert bank1.stage == "unmasked" and bank1.unmask(order) == reply  # a retry gets the same shares
+    with pytest.raises(CryptoError, match=r"not the view this bank consented to \(rule U1\)") as err:
+        bank1.unmask(UnmaskOrder(request=view_b, consents=(own, *(_signed(ids, u, view_b) for u in (2, 4)))))
+    assert err.value.reason == "inconsistent" and set(bank1.released.values()) == {"self_mask"}
+
+
+def test_an_order_for_a_view_the_bank_did_not_sign_is_refused_whatever_its_consents(two_views):
+    """bank0 signed view B; an order for the honest view carrying a quorum of consents on view B
+    would otherwise release bank3's self mask to a bank that already agreed to release its mask key."""
+    r, ids, honest, view_b, own = two_views
+    on_b = (own, *(_signed(ids, u, view_b) for u in (1, 2, 4)))
+    with pytest.raises(CryptoError, match=r"not the view this bank consented to \(rule U1\)") as err:
+        r.banks["bank0"].unmask(UnmaskOrder(request=honest, consents=on_b))
+    assert err.value.reason == "inconsistent" and r.banks["bank0"].released == {}
+    with pytest.raises(CryptoError, match="rule U1"):  # bank2 has signed nothing: no order with consents
+        r.banks["bank2"].unmask(UnmaskOrder(request=view_b, consents=on_b))
+
+
+def test_an_order_for_another_round_is_a_replay(two_views):
+    r, ids, honest, view_b, own = two_views
+    stale = dataclasses.replace(view_b, round=2)
+    with pytest.raises(CryptoError, match=r"^unmask: job/round expected") as err:
+        r.banks["bank0"].unmask(UnmaskOrder(request=stale, consents=(own,)))
+    assert err.value.reason == "replay" and r.banks["bank0"].released == {}
+
+
+def test_a_quorum_order_retried_gets_the_same_shares_and_the_other_share_is_never_released(two_views):
+    r, ids, honest, view_b, own = two_views
+    order = UnmaskOrder(request=view_b, consents=(own, *(_signed(ids, u, view_b) for u in (1, 2, 4))))
+    reply = r.banks["bank0"].unmask(order)
+    assert r.banks["bank0"].unmask(order) == reply
+    kinds = {s.dealer: s.kind for s in reply.shares}
+    assert kinds == {"bank0": "self_mask", "bank1": "self_mask", "bank2": "self_mask", "bank3": "mask_key",
+                     "bank4": "self_mask"}  # fmt: skip
+
+
+def test_a_bank_that_released_one_share_of_a_peer_never_releases_the_other(two_views):
+    """The last line of defence (its state says bank3's self mask went out, e.g. restored from disk)."""
+    r, ids, honest, view_b, own = two_views
+    r.banks["bank0"].released["bank3"] = "self_mask"
+    order = UnmaskOrder(request=view_b, consents=(own, *(_signed(ids, u, view_b) for u in (1, 2, 4))))
+    with pytest.raises(CryptoError, match="both shares of 'bank3' requested") as err:
+        r.banks["bank0"].unmask(order)
+    assert err.value.reason == "inconsistent" and r.banks["bank0"].released == {"bank3": "self_mask"}
+
+
+def test_k_regular_neighbourhoods_take_no_order_without_consents(identities, bfv_public):
+    ids, pins = identities
+    r = start_round(ids[:8], pins, bfv_public, N, neighbours_k=4)
+    updates, weights = make_updates(list(r.banks), N)
+    request = _through_masked_input(r, updates, weights, bfv_public)["bank0"]
+    with pytest.raises(CryptoError, match=r"^unmask: an order without consents under k-regular") as err:
+        r.banks["bank0"].unmask(UnmaskOrder(request=request, consents=()))
+    assert err.value.reason == "inconsistent" and r.banks["bank0"].stage == "masked" and not r.banks["bank0"].released

@@ -204,3 +204,7 @@ def test_sample_rate_is_batch_over_units_and_needs_a_batch_of_units():
     for n in (7, 0):
         with pytest.raises(DPError, match="needs at least that many"):
             sample_rate_for(cfg, n)
+    single = budget_config(1.0, expected_batch_size=1, physical_batch_size=1)
+    assert sample_rate_for(single, 1) == 1.0  # one unit, batch of one: q = 1 is allowed
+    with pytest.raises(DPError):
+        sample_rate_for(single, 0)
