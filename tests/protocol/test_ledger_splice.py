@@ -116,8 +116,11 @@ def test_a_torn_last_line_an_empty_file_and_a_missing_one(tmp_path, identity):
     assert verify_chain(empty) == verify_chain(empty) and verify_chain(empty).ok
     assert (verify_chain(empty).n_entries, verify_chain(empty).last_hash) == (0, GENESIS_HASH)
     assert read_verified(empty)[1] == []
-    for report in (verify_chain(tmp_path / "none.jsonl"), read_verified(tmp_path / "none.jsonl")[0]):
-        assert (report.ok, report.first_bad_line, report.problem) == (False, 0, "file not found")
+    assert verify_chain(empty).path == empty and read_verified(empty)[0].path == empty
+    none = tmp_path / "none.jsonl"
+    for report in (verify_chain(none), read_verified(none)[0]):
+        assert (report.path, report.ok, report.n_entries, report.first_bad_line) == (none, False, 0, 0)
+        assert report.problem == "file not found"
     assert read_verified(tmp_path / "none.jsonl")[1] == []
     good = verify_chain(tmp_path / "ours.jsonl")
     assert good.describe() == f"{tmp_path / 'ours.jsonl'}: chain ok, 2 entries"
