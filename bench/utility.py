@@ -263,7 +263,8 @@ def run_arm(opts: Options, arm: Arm, data: dict[int, Split]) -> Arm:
     arm.tuning = {lr: statistics.mean(s.validation.loss for s in r["scores"].values()) for lr, r in tried.items()}
     arm.lr = min(arm.tuning, key=arm.tuning.__getitem__)
     runs = [tried[arm.lr]] + [run(opts, arm.members, data, lr=arm.lr, seed=s) for s in rest]
-    arm.runs = [{**r, "scores": {i: asdict(sc.held_out) for i, sc in r["scores"].items()}} for r in runs]
+    arm.runs = [{**r, "seed": s, "scores": {i: asdict(sc.held_out) for i, sc in r["scores"].items()}}
+                for s, r in zip(opts.seeds, runs, strict=True)]  # fmt: skip
     logger.info("%s %s: lr %g (validation %s)", arm.name, arm.members, arm.lr, arm.tuning)
     return arm
 
@@ -350,26 +351,45 @@ def experiment(opts: Options, only: set[str]) -> dict[str, object]:
     }
 
 
-def merged_arms(arms: list[Arm]) -> list[Arm]:
-    """One arm per (name, members): partial runs over parts of the lr grid joined, the lr with the
-    best validation loss over the joint grid kept (with its runs); the grid is the union."""
-    best: dict[tuple[str, tuple[int, ...]], Arm] = {}
+def merged_arms(arms: list[Arm], seeds: tuple[int, ...] | None = None) -> list[Arm]:
+    """One arm per (name, members), joined from partial runs (parts of the lr grid, parts of the seeds).
+
+    The tuning grid is the union of the parts' (a part tuned with another first seed comes with an
+    empty one: it adds runs only); the lr with the best validation loss is kept, with its runs: with
+    `seeds` and runs that carry their seed, one per seed in `seeds` order, gathered from every part
+    run at that lr (an arm without a run for every seed is left out, with a warning); otherwise (raw
+    files from before runs carried seeds) the tuned part's runs.
+    """
+    groups: dict[tuple[str, tuple[int, ...]], list[Arm]] = {}
     for arm in arms:
         arm.tuning = {float(lr): loss for lr, loss in arm.tuning.items()}
-        key = (arm.name, tuple(arm.members))
-        kept = best.get(key)
-        if kept is None:
-            best[key] = arm
-            continue
-        tuning = kept.tuning | arm.tuning
-        winner = arm if arm.tuning[arm.lr] < kept.tuning[kept.lr] else kept
-        best[key] = replace(winner, tuning=tuning)
-    return list(best.values())
+        groups.setdefault((arm.name, tuple(arm.members)), []).append(arm)
+    out = []
+    for (name, members), parts in groups.items():
+        tuning = {lr: loss for part in parts for lr, loss in part.tuning.items()}
+        if not tuning:
+            raise SystemExit(f"--merge: {name} {list(members)}: no part tuned it (none ran the first seed)")
+        lr = min(tuning, key=tuning.__getitem__)
+        at_lr = [part for part in parts if part.lr == lr]
+        if seeds is not None and all("seed" in r for part in at_lr for r in part.runs):
+            by_seed: dict[int, dict] = {}
+            for part in at_lr:
+                for r in part.runs:
+                    by_seed.setdefault(int(r["seed"]), r)
+            if missing := [s for s in seeds if s not in by_seed]:
+                logger.warning("--merge: %s %s left out: lr %g has no run of seeds %s", name, members, lr, missing)
+                continue
+            runs = [by_seed[s] for s in seeds]
+        else:
+            runs = next(part for part in at_lr if part.tuning).runs
+        out.append(replace(parts[0], tuning=tuning, lr=lr, runs=runs))
+    return out
 
 
 def summarize(opts: Options, raw: dict[str, object]) -> dict[str, object]:
     """The table from raw results (one run's, or several partial runs' merged)."""
-    arms = merged_arms([Arm(**a) for a in raw["arms"]])  # type: ignore[union-attr]
+    names = {"alone", "own"} | {f"{kind}{n}" for n in opts.banks for kind in ("fed", "pooled")}
+    arms = merged_arms([Arm(**a) for a in raw["arms"] if a["name"] in names], opts.seeds)  # type: ignore[index]
     for arm in arms:  # JSON keys are strings
         arm.runs = [{**r, "scores": {int(i): sc for i, sc in r["scores"].items()}} for r in arm.runs]
     sources = {int(i): s for i, s in raw["sources"].items()}  # type: ignore[union-attr]
@@ -441,7 +461,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared box)")
     p.add_argument("--only", default="", help="arms to run, e.g. alone,own,fed3,pooled3 (default: all)")
     p.add_argument("--raw", type=Path, help="write the raw results of the arms run here")
-    p.add_argument("--merge", nargs="+", type=Path, help="raw files of partial runs: print their joint table")
+    p.add_argument("--merge", nargs="+", type=Path, help="raw files of partial runs (lrs, seeds): their joint table")
     p.add_argument("--markdown", action="store_true", help="print the per-bank table as markdown, not JSON")
     args = p.parse_args(argv)
     banks = tuple(sorted({int(b) for b in args.banks.split(",") if b.strip()}))
@@ -468,6 +488,13 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
     if args.merge:
         parts = [json.loads(path.read_text()) for path in args.merge]
+        for part in parts:  # runs carry their seed; a part tuned with another first seed adds runs only
+            part_seeds = part["options"]["seeds"]
+            for arm in part["arms"]:
+                for run, seed in zip(arm["runs"], part_seeds, strict=True):
+                    run.setdefault("seed", seed)
+                if part_seeds[0] != opts.seeds[0]:
+                    arm["tuning"] = {}
         raw = {**parts[0], "arms": [a for part in parts for a in part["arms"]],
                "seconds": sum(part["seconds"] for part in parts)}  # fmt: skip
     else:
