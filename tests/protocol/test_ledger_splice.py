@@ -7,6 +7,7 @@ only a line whose `prev_hash` points elsewhere tries the link between lines.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,13 @@ def test_a_spliced_line_with_valid_hash_seq_and_signature_breaks_the_chain(tmp_p
     pins = ConsortiumPins.from_identities([identity])
     assert pins.is_valid(BANK, signed_message(BANK, lifted["hash"]), bytes.fromhex(lifted["signature"]))
     report = verify_chain(spliced)
-    assert not report.ok and report.first_bad_line == 2 and "prev_hash" in report.problem
+    first = read_verified(tmp_path / "ours.jsonl")[1][0]["hash"]
+    assert not report.ok and report.first_bad_line == 2
+    assert report.problem == (
+        f"field 'prev_hash': expected {first[:16]}... (hash of line 1), got {lifted['prev_hash'][:16]}... "
+        "(a line before it was deleted, inserted or edited)"
+    )
+    assert read_verified(spliced)[0] == report and report.path == spliced
     assert report.n_entries == 1 and report.last_hash == entry_hash(read_verified(tmp_path / "ours.jsonl")[1][0])
     _, prefix = read_verified(spliced)
     assert [e["note"] for e in prefix] == ["a1"]
@@ -90,7 +97,10 @@ def rewrite(path: Path, lines: list[bytes]) -> Path:
         (lambda line: b"\xff\xfe\n", "not valid JSON"),
         (lambda line: line.replace(b'"seq":2,', b""), "missing chain field(s) ['seq']"),
         (lambda line: line.replace(b'"hash":"', b'"hash_":"'), "missing chain field(s) ['hash']"),
-        (lambda line: line.replace(b'"note":"a2"', b'"note": "a2"'), "not in canonical JSON form"),
+        (
+            lambda line: line.replace(b'"note":"a2"', b'"note": "a2"'),
+            "line is not in canonical JSON form (edited by hand?)",
+        ),
         (lambda line: line.replace(b'"note":"a2"', b'"note":NaN'), "not canonical JSON"),
         (lambda line: line.replace(b'"seq":2', b'"seq":3'), "field 'seq': expected 2, got 3"),
         (lambda line: line.replace(b'"note":"a2"', b'"note":"a9"'), "field 'hash': expected"),
@@ -102,6 +112,12 @@ def test_each_broken_rule_names_the_second_line(tmp_path, identity, damage, prob
     report = verify_chain(path)
     assert (report.ok, report.first_bad_line, report.n_entries) == (False, 2, 1), report
     assert problem in report.problem, report.problem
+    if "field 'hash'" in problem:  # both hashes named, 16 hex digits each
+        entry = json.loads(damage(ours[1]))
+        assert report.problem == (
+            f"field 'hash': expected {entry_hash(entry)[:16]}... for the line's content, got "
+            f"{entry['hash'][:16]}... (the line was edited)"
+        )
     assert report.describe() == f"{path}:2: {report.problem}"
     assert [e["note"] for e in read_verified(path)[1]] == ["a1"]
 
@@ -111,7 +127,7 @@ def test_a_torn_last_line_an_empty_file_and_a_missing_one(tmp_path, identity):
     torn = rewrite(tmp_path / "torn.jsonl", [ours[0], ours[1][:-1]])
     report = verify_chain(torn)
     assert (report.ok, report.first_bad_line, report.n_entries) == (False, 2, 0)  # refused before any line is read
-    assert "incomplete last line" in report.problem
+    assert report.problem == "incomplete last line (no newline): a write was cut off or the file was edited"
     empty = rewrite(tmp_path / "empty.jsonl", [])
     assert verify_chain(empty) == verify_chain(empty) and verify_chain(empty).ok
     assert (verify_chain(empty).n_entries, verify_chain(empty).last_hash) == (0, GENESIS_HASH)
