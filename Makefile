@@ -144,7 +144,8 @@ MUTATION_OUT := $(RUNS)/mutation
 mutation: $(STAMP)
 	@$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/pip install --quiet -c $(LOCK) -e ".[mutation]"
 	rm -rf mutants $(MUTATION_OUT) && mkdir -p $(MUTATION_OUT)
-	@start=$$(date +%s); nice -n 10 $(BIN)/mutmut run $(MUTATION_SCOPE) >$(MUTATION_OUT)/run.log 2>&1; \
+	@# one intra-op thread: a forked child of a process whose OpenMP pool has started hangs in torch
+	@start=$$(date +%s); OMP_NUM_THREADS=1 nice -n 10 $(BIN)/mutmut run $(MUTATION_SCOPE) >$(MUTATION_OUT)/run.log 2>&1; \
 	echo "mutmut run exited $$? after $$(( $$(date +%s) - start )) s" > $(MUTATION_OUT)/summary.txt
 	@# every mutant of the scope with its outcome; out-of-scope mutants were never run ("not checked")
 	$(BIN)/mutmut results --all true | grep -v ': not checked$$' | sed 's/^ *//' | sort > $(MUTATION_OUT)/mutants.txt
