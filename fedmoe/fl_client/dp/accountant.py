@@ -50,7 +50,7 @@ def _merged(history: tuple[HistoryEntry, ...] | list[HistoryEntry]) -> list[tupl
     """
     out: list[tuple[float, float, int]] = []
     for sigma, q, steps in history:
-        if out and out[-1][0] == sigma:
+        if out and out[-1][0] == sigma and out[-1][1] == q:
             out[-1] = (sigma, q, out[-1][2] + steps)
         else:
             out.append((float(sigma), float(q), int(steps)))
