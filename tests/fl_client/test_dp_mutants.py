@@ -193,7 +193,9 @@ def test_check_budget_reports_before_and_after_and_refuses_only_past_the_target(
     limit = max(after, epsilon_replace_one(state.appended(ROUND).history, delta=DELTA))
     exact = check_budget(budget_config(limit), state, ROUND)  # a round that lands on the target is allowed
     assert (exact.entry, exact.epsilon_before, exact.epsilon_after) == (ROUND, before, after)
-    between = (before + after) / 2  # the budget still has room before the round, not after it
+    spent = max(before, epsilon_replace_one(state.history, delta=DELTA))
+    assert spent < limit
+    between = (spent + limit) / 2  # the budget still has room before the round, not after it
     with pytest.raises(BudgetExceeded, match="would bring epsilon to"):
         check_budget(budget_config(between), state, ROUND)
     with pytest.raises(DPError, match="accountant"):  # a state of another accountant is not this bank's
