@@ -12,6 +12,7 @@ from dp_accounting.pld import PLDAccountant
 from test_dp_helpers import reference_per_sample_grads, single_thread, tiny_model, token_batch, total_norms, trainable  # noqa: F401  (single_thread: autouse fixture)
 
 from fedmoe.fl_client.dp import DPConfig, HistoryEntry, epsilon_for_history, make_private, noise_multiplier_for
+from fedmoe.protocol.accounting import epsilon_replace_one
 
 B, T = 6, 10
 
@@ -126,5 +127,6 @@ def test_calibrated_sigma_spends_the_budget_over_the_plan():
     sigma = noise_multiplier_for(cfg, 200)
     plan = [HistoryEntry(sigma, 8 / 200, 10)] * 3
     eps = epsilon_for_history(plan, delta=cfg.delta, mechanism="prv")
-    assert 2.0 - 0.02 <= eps <= 2.0
+    # the larger of add/remove and replace-one spends the budget (sigma depends on n: issue 26)
+    assert 2.0 - 0.02 <= max(eps, epsilon_replace_one(plan, delta=cfg.delta)) <= 2.0
     assert abs(eps / pld_epsilon(plan, cfg.delta) - 1) < 0.02
