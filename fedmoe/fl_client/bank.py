@@ -10,7 +10,7 @@ between rounds lives in its state dir (DESIGN.md, "State on disk"):
                                update rule's optimizer state (fedmoe.fl_client.fedopt): one atomic file
         released/round-NNNN.*  what the bank released for a round (re-sent, never re-trained)
         secagg/round-NNNN.json the round's secure-aggregation secrets (0600; fedmoe.fl_client.secagg_bank)
-        deltas/round-NNNN.safetensors   plaintext deltas, only with keep-plaintext-deltas (tests)
+        deltas/round-NNNN.safetensors   plaintext deltas, only if the bank's policy says keep-plaintext-deltas (tests)
     <state-root>/privacy/<dataset fingerprint>/   (fedmoe.fl_client.privacy: shared by every job)
         ledger.jsonl, accountant.json
 
@@ -191,7 +191,7 @@ class Bank:
         return {"eval-loss": loss}
 
     def keep_delta(self, round_idx: int, delta: torch.Tensor, weight: float) -> None:
-        """Debug/test only (keep-plaintext-deltas): the bank's own plaintext delta, never sent."""
+        """Debug/test only (the bank policy's keep-plaintext-deltas): its own plaintext delta, never sent."""
         path = self.state_dir / "deltas" / f"round-{round_idx:04d}.safetensors"
         atomic_save_tensors(path, {"delta": delta, "weight": torch.tensor([weight], dtype=torch.float64)})
 
@@ -346,7 +346,7 @@ def seal_and_reply(
     started = time.perf_counter()
     bundle = sealer.seal(bank, round_idx, delta)
     result.metrics["seconds-encrypt"] = time.perf_counter() - started
-    if bank.job.keep_plaintext_deltas:
+    if bank.config.policy.keep_plaintext_deltas:  # the bank's policy only, never the job (issue 27)
         bank.keep_delta(round_idx, delta, 1.0)
     metrics = released_metrics(bank.config.policy, result.metrics)
     reply = bank.reply(round_idx, TrainStatus.OK, bundle=bundle, metrics=metrics, ledger_commitment=result.commitment)

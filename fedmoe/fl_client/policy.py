@@ -84,6 +84,9 @@ class BankPolicy:
         eval_only_known_models: release an eval loss only for the consortium's signed aggregate (a secure
             aggregation job after its first applied round), never for a model the server could have
             chosen (a CKKS aggregate, the job's starting checkpoint).
+        keep_plaintext_deltas: debug/test only: the bank keeps its own plaintext update of every round
+            on its disk (deltas/, never sent). Only the bank's policy can ask for that, never a job: a
+            server that could switch it on would make every bank write its updates in the clear (issue 27).
         source: where the policy came from (file path or "defaults"), for messages.
         overrides: node-config values applied over the file (each only tightens it), for the ledger.
         file_hash: content hash of the policy before `overrides` (what `fedmoe audit --policy` checks).
@@ -105,6 +108,7 @@ class BankPolicy:
     allow_shared_key_aggregation: bool = True
     dataset_id: str = ""
     eval_only_known_models: bool = True  # never an eval loss of a model the server could have chosen (issue 26)
+    keep_plaintext_deltas: bool = False  # debug/test only, and only by the bank's own policy (issue 27)
     source: str = field(default="defaults", compare=False)
     overrides: tuple[tuple[str, float], ...] = field(default=(), compare=False)
     file_hash: str = field(default="", compare=False)

@@ -121,7 +121,6 @@ class JobConfig:
     min_banks: int = 3
     max_banks: int = 64  # banks reject an aggregate whose total weight says more contributed
     round_timeout: float = 900.0
-    keep_plaintext_deltas: bool = False  # debug/test only: banks keep their deltas on disk
     evaluate: bool = True
     # paths (server and simulated banks resolve them relative to the working directory)
     key_dir: str = "runs/keys"

@@ -125,9 +125,8 @@ def noisy_round(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("noisy")
     keygen(root / "keys")
-    job = make_job(root / "keys", root, batch_size=1, epsilon=0.5, local_steps=1, keep_plaintext_deltas=True,
-                   min_banks=2)  # fmt: skip
-    bank = bank_config(job, root)
+    job = make_job(root / "keys", root, batch_size=1, epsilon=0.5, local_steps=1, min_banks=2)
+    bank = bank_config(job, root, "keep-plaintext-deltas = true\n")  # a bank policy setting, never a job's
     assert train(job, bank).status is TrainStatus.OK
     delta = load_tensors(bank.job_dir(job.job_id) / "deltas" / "round-0001.safetensors")["delta"]
     return job, delta

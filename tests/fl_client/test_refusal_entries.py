@@ -48,3 +48,19 @@ def test_the_budget_of_a_refusal_is_the_policys_when_it_is_below_the_job(keys, t
     assert train(job, bank).status is TrainStatus.REFUSED
     [entry] = ledger_entries(bank)
     assert entry["budget_epsilon"] == 0.001 and entry["requested"]["epsilon"] == 8.0
+
+
+def test_plaintext_deltas_reach_the_disk_only_by_the_banks_policy(keys, tmp_path):  # noqa: F811
+    """On the old code `keep-plaintext-deltas` was a run-config key: the server made banks write their
+    plaintext updates to disk (6 files in one run). Now a run config cannot ask for it (issue 27)."""
+    from fedmoe.protocol.config import JobConfig
+
+    job = JobConfig.from_run_config(make_job(keys, tmp_path).to_run_config() | {"keep-plaintext-deltas": True})
+    bank = bank_config(job, tmp_path)
+    assert train(job, bank).status is TrainStatus.OK
+    assert not list(bank.state_root.rglob("deltas/*.safetensors"))
+    (tmp_path / "keeping").mkdir()
+    own = make_job(keys, tmp_path / "keeping")
+    keeping = bank_config(own, tmp_path / "keeping", "keep-plaintext-deltas = true\n")
+    assert train(own, keeping).status is TrainStatus.OK
+    assert len(list(keeping.state_root.rglob("deltas/*.safetensors"))) == 1

@@ -7,12 +7,24 @@ this grid only replaces the wire so budget/selection logic can be tested in seco
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe.fl_client.app import app as client_app
+
+# The strict defaults + keep-plaintext-deltas: a bank policy setting, never a job's (issue 27).
+KEEP_DELTAS_POLICY = str(Path(__file__).with_name("keep-deltas-policy.toml"))
+KEEP_DELTAS_LINE = "\nkeep-plaintext-deltas = true\n"
+
+
+def keeping_deltas(base: str | Path, folder: Path) -> str:
+    """The bank policy `base` plus keep-plaintext-deltas = true, written into `folder`."""
+    path = folder / f"keep-deltas-{Path(base).stem}.toml"
+    path.write_text(Path(base).read_text(encoding="utf-8") + KEEP_DELTAS_LINE, encoding="utf-8")
+    return str(path)
 
 
 class LocalGrid(Grid):

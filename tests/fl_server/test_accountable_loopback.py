@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from local_grid import KEEP_DELTAS_LINE
 from test_federation_e2e import free_port_block, wait_for
 from test_hostile_loopback import FACTOR, HOSTILE, bank_dir, read_json, replica_round, run_config
 
@@ -44,7 +45,8 @@ def revealing_policy(tmp_path: Path) -> str:
     text = (ROOT / "deploy" / "demo-bank-policy.toml").read_text()
     assert "reveal-on-quarantine = false" in text
     path = tmp_path / "revealing-policy.toml"
-    path.write_text(text.replace("reveal-on-quarantine = false", "reveal-on-quarantine = true"))
+    # + keep-plaintext-deltas: the test compares the aggregate with the banks' kept deltas
+    path.write_text(text.replace("reveal-on-quarantine = false", "reveal-on-quarantine = true") + KEEP_DELTAS_LINE)
     return str(path)
 
 
@@ -57,7 +59,7 @@ def test_a_poisoner_is_named_excluded_and_the_next_round_aggregates_the_others(t
     config = run_config(
         tmp_path,
         job_id,
-        **{"num-rounds": 3, "min-banks": 3, "synthetic-banks": 4, "update-rule": "mean", "keep-plaintext-deltas": True},
+        **{"num-rounds": 3, "min-banks": 3, "synthetic-banks": 4, "update-rule": "mean"},
     )
     server_dir = tmp_path / "server" / job_id
     policy = revealing_policy(tmp_path)

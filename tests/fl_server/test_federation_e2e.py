@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from local_grid import keeping_deltas
 
 from fedmoe.audit.verify import audit_ledgers
 from fedmoe.crypto import ExpectedHeader, decrypt_mean, load_secret_context
@@ -36,7 +37,6 @@ TINY_JOB = {
     "records-per-bank": 240,
     "seq-len": 48,
     "batch-size": 16,
-    "keep-plaintext-deltas": True,
 }
 
 
@@ -45,8 +45,9 @@ ROOT = Path(__file__).resolve().parents[2]
 POLICY = str(ROOT / "deploy" / "demo-bank-policy.toml")
 
 
-def policies(n: int) -> dict[str, str]:
-    return {f"bank-{i}": POLICY for i in range(n)}
+def policies(n: int, folder: Path) -> dict[str, str]:
+    """The demo policy + keep-plaintext-deltas (these tests compare aggregates with the kept deltas)."""
+    return dict.fromkeys((f"bank-{i}" for i in range(n)), keeping_deltas(POLICY, folder))
 
 
 def job_dir(root: Path, bank: str, job: JobConfig) -> Path:
@@ -104,7 +105,7 @@ def files_under(*roots: Path) -> list[Path]:
 
 def test_two_banks_two_rounds_private_and_encrypted(tmp_path):
     run_config, job = job_config(tmp_path, **{"job-id": "e2e", "num-rounds": 2, "min-banks": 2})
-    with loopback(2, tmp_path, base_port=free_port_block(), policy_files=policies(2)) as deployment:
+    with loopback(2, tmp_path, base_port=free_port_block(), policy_files=policies(2, tmp_path)) as deployment:
         pids = [p.pid for p in deployment.processes.values()]
         result = deployment.flwr_run(run_config, timeout=540)
     assert result.returncode == 0
@@ -218,7 +219,7 @@ def test_bank_killed_mid_round_and_server_restart_resume(tmp_path):
         tmp_path,
         **{"job-id": "chaos", "num-rounds": 2, "min-banks": 2, "round-timeout": 240.0, "evaluate": False},
     )
-    with loopback(3, tmp_path, base_port=free_port_block(), policy_files=policies(3)) as deployment:
+    with loopback(3, tmp_path, base_port=free_port_block(), policy_files=policies(3, tmp_path)) as deployment:
         pids = [p.pid for p in deployment.processes.values()]
         submit = deployment.flwr_run(run_config, timeout=120, stream=False)
         assert submit.returncode == 0

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from local_grid import KEEP_DELTAS_POLICY
 from safetensors import safe_open
 from test_federation_e2e import free_port_block, wait_for  # the shared loopback helpers
 
@@ -89,10 +90,11 @@ def test_a_poisoned_masked_input_is_applied_by_no_honest_bank_and_its_round_is_q
     monkeypatch.setenv("FEDMOE_HOSTILE_FACTOR", repr(FACTOR))
     monkeypatch.setenv("FEDMOE_HOSTILE_ROUNDS", "2")
     monkeypatch.setenv("FEDMOE_HOSTILE_LOG", str(attack_log))
-    config = run_config(tmp_path, job_id, **{"num-rounds": 3, "min-banks": 2, "keep-plaintext-deltas": True})
+    config = run_config(tmp_path, job_id, **{"num-rounds": 3, "min-banks": 2})
     server_dir = tmp_path / "server" / job_id
     before: dict[str, dict[str, torch.Tensor]] = {}
-    with loopback(3, tmp_path, base_port=free_port_block()) as deployment:
+    policies = {f"bank-{i}": KEEP_DELTAS_POLICY for i in range(3)}  # the test reads the banks' kept deltas
+    with loopback(3, tmp_path, base_port=free_port_block(), policy_files=policies) as deployment:
         submit = deployment.flwr_run(config, timeout=120, stream=False)
         assert submit.returncode == 0, submit.stdout
         # The global model before the poisoned aggregate: each bank's replica once it applied round 1

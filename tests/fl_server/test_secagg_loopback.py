@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from local_grid import KEEP_DELTAS_POLICY
 from test_federation_e2e import free_port_block, wait_for  # the shared loopback helpers
 
 from fedmoe.crypto.identity import load_pins
@@ -46,12 +47,12 @@ def test_four_banks_secagg_survives_a_bank_killed_around_its_masked_input(tmp_pa
         "records-per-bank": 240,
         "synthetic-banks": 4,
         "seq-len": 48,
-        "keep-plaintext-deltas": True,
         "evaluate": False,
         "round-timeout": 300.0,  # a loaded 2-core host trains 4 banks at once
     }
     state_file = tmp_path / "server" / "sa-e2e" / "state.json"
-    with loopback(4, tmp_path, base_port=free_port_block()) as deployment:
+    policies = {f"bank-{i}": KEEP_DELTAS_POLICY for i in range(4)}
+    with loopback(4, tmp_path, base_port=free_port_block(), policy_files=policies) as deployment:
         submit = deployment.flwr_run(run_config, timeout=120, stream=False)
         assert submit.returncode == 0
         log = deployment.log_dir / "bank-3.log"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from local_grid import LocalGrid
+from local_grid import KEEP_DELTAS_POLICY, LocalGrid
 
 from fedmoe.crypto.identity import ConsortiumPins, generate_identity, load_identity, load_pins, write_pins
 from fedmoe.crypto.secagg.bank import open_aggregate
@@ -48,7 +48,6 @@ def run_config(tmp_path: Path, **overrides) -> dict:
         "synthetic-banks": 5,
         "seq-len": 32,
         "evaluate": False,
-        "keep-plaintext-deltas": True,
         "round-timeout": 1.0,  # in-process replies are immediate: this is how long a dropped bank costs
         "key-dir": str(tmp_path / "keys"),
         "server-state-dir": str(tmp_path / "server"),
@@ -58,7 +57,7 @@ def run_config(tmp_path: Path, **overrides) -> dict:
 
 
 def banks(n: int) -> dict[int, dict]:
-    return {100 + i: {"bank-id": f"bank-{i}", "partition-id": i} for i in range(n)}
+    return {100 + i: {"bank-id": f"bank-{i}", "partition-id": i, "policy-file": KEEP_DELTAS_POLICY} for i in range(n)}
 
 
 @pytest.fixture()
