@@ -294,12 +294,18 @@ def later_stage(job: JobConfig, config: BankConfig, keys: SecAggKeys, request: R
         return _reply(config, request, reveal_stage(job, config, keys, request.secagg))
     if request.stage is SecAggStage.ACCUSE:
         return _reply(config, request, accuse_stage(job, config, keys, request.secagg))
+    from fedmoe.fl_client.preflight import preflight  # torch and the bank's data: only these stages
+
     payload = kept_reply(job, config, request.round, str(request.stage), request.secagg)
     if payload is None:
         payload = answer_stage(job, config, keys, request)
     reply = _reply(config, request, payload)
+    if request.stage is SecAggStage.SHARE_KEYS:  # keys for this round: and whether it would train in it
+        reply = replace(reply, preflight=preflight(job, config, request.round))
     if request.stage is SecAggStage.UNMASK and request.secagg_next:  # the next round's share-keys request
-        reply = replace(reply, next_bundle=share_ahead(job, config, keys, request))
+        shares = share_ahead(job, config, keys, request)
+        ready = preflight(job, config, request.round + 1) if shares else ""
+        reply = replace(reply, next_bundle=shares, preflight=ready)
     return reply
 
 

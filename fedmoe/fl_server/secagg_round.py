@@ -46,11 +46,13 @@ from fedmoe.crypto.secagg.bfv import PUBLIC_FILE as BFV_PUBLIC_FILE
 from fedmoe.crypto.secagg.bfv import BfvKey, load_bfv_public
 from fedmoe.crypto.secagg.messages import Exclusion, RoundSetup, SecAggAbort, SecureAggregate
 from fedmoe.crypto.secagg.messages import Message as SecAggMessage
+from fedmoe.crypto.secagg.params import BANK_FLOOR
 from fedmoe.crypto.secagg.server import ServerSecAgg
 from fedmoe.fl_server.outcomes import BankOutcome, Outcome, Reporter
 from fedmoe.fl_server.state import RoundRecord, ServerState, ServerStore
 from fedmoe.protocol.config import PINS_FILE, JobConfig
 from fedmoe.protocol.messages import (
+    PREFLIGHT_READY,
     RoundRequest,
     SecAggStage,
     TrainReply,
@@ -80,6 +82,7 @@ class Ahead:
     advertisements: dict[str, bytes] | None = None
     server: ServerSecAgg | None = None
     masked_requests: dict[str, SecAggMessage] | None = None
+    preflight: dict[str, str] | None = None  # each participant's pre-flight, with its shares ahead
 
 
 def load_secagg_keys(job: JobConfig) -> SecAggServerKeys:
@@ -132,6 +135,8 @@ class SecAggRound:
         self.ahead: dict[str, bytes] = {}  # this round's advertisements that came with identify replies
         self.next_ads: dict[str, bytes] = {}  # the next round's, with masked-input replies
         self.next_shares: dict[str, bytes] = {}  # the next round's ShareKeysReply, with unmask replies
+        self.preflight: dict[str, str] = {}  # this round's pre-flight verdicts, with share-keys replies
+        self.next_preflight: dict[str, str] = {}  # the next round's, with unmask replies
 
     # ---- the round --------------------------------------------------------------------------------
     def run(self, selected: list[int]) -> tuple[list[BankOutcome], bytes | None]:
@@ -176,6 +181,7 @@ class SecAggRound:
         setup = server.setup
         if ahead.masked_requests is not None:
             masked_requests = ahead.masked_requests
+            self.preflight = dict(ahead.preflight or {})
         else:
             replies = ahead.advertisements
             if replies is None:
@@ -183,6 +189,7 @@ class SecAggRound:
             requests = self.server_work(server.receive_advertisements, replies)
             replies = self.exchange(SecAggStage.SHARE_KEYS, requests)
             masked_requests = self.server_work(server.receive_shares, replies)
+        masked_requests = self.preflight_gate(server, masked_requests)
         next_setup = self.next_setup(setup)
         following = dict.fromkeys(masked_requests, next_setup.to_bytes()) if next_setup is not None else {}
         replies = self.exchange(SecAggStage.MASKED_INPUT, masked_requests, following)
@@ -197,6 +204,25 @@ class SecAggRound:
         if next_server is not None:  # kept even if this round aborts below: the next round's keys are its own
             self.fed.secagg_ahead = self.server_work(self.next_masked_requests, next_server)
         return self.server_work(server.receive_unmask, replies)
+
+    def preflight_gate(self, server: ServerSecAgg, requests: dict[str, SecAggMessage]) -> dict[str, SecAggMessage]:
+        """Masked-input requests only for the banks whose pre-flight said ready (or said nothing: an older
+        bank), and none at all when those are fewer than the round needs: then nobody trains, and
+        nobody spends budget on a round that cannot be unmasked (issue 27). A refusing bank shared its
+        keys, so the round goes on without it as if it had dropped before its masked input."""
+        refused = {b: v for b, v in self.preflight.items() if b in requests and v not in ("", PREFLIGHT_READY)}
+        for bank, why in sorted(refused.items()):
+            self.fail(bank, Outcome.REFUSED, f"pre-flight: {why}")
+            if not why.startswith("not ready"):  # its policy or budget: it will refuse the job's later rounds too
+                self.fed.state.exhausted[bank] = f"refused the pre-flight of round {self.round}: {why}"
+        ready = {b: r for b, r in requests.items() if b not in refused}
+        need = max(server.setup.threshold, server.setup.min_banks, BANK_FLOOR)  # every bank refuses fewer
+        if refused and len(ready) < need:
+            raise SecAggAbort(
+                f"pre-flight: {len(ready)} of {len(requests)} banks ready, the round needs {need}: nobody "
+                "trained", reason="too_few",
+            )  # fmt: skip
+        return ready
 
     # ---- the next round's keys, ahead ------------------------------------------------------------
     def setup_for(self, round_idx: int, participants) -> RoundSetup:
@@ -241,7 +267,9 @@ class SecAggRound:
         if set(shares) != set(setup.participants):
             return None
         requests = _all_accepted(next_server, next_server.receive_shares, shares)
-        return Ahead(setup, server=next_server, masked_requests=requests) if requests is not None else None
+        if requests is None:
+            return None
+        return Ahead(setup, server=next_server, masked_requests=requests, preflight=dict(self.next_preflight))
 
     def take_ahead(self, setup: RoundSetup) -> Ahead:
         """What was done ahead for exactly this setup (nothing if the setup differs), recorded as
@@ -381,7 +409,10 @@ class SecAggRound:
             return None
         if stage is SecAggStage.UNMASK and tr.next_bundle:
             self.next_shares[bank] = tr.next_bundle  # checked by the next round's ServerSecAgg
+            self.next_preflight[bank] = tr.preflight
             self.bytes_received += len(tr.next_bundle)
+        if stage is SecAggStage.SHARE_KEYS:
+            self.preflight[bank] = tr.preflight
         return tr.bundle
 
     def read(self, label: str, reply: Message) -> TrainReply | None:

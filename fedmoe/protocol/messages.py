@@ -212,6 +212,9 @@ class TrainReply:
     ledger_commitment: str = ""  # JSON commitment to the bank's ledger entry ("" if none): never n or epsilon
     rejected_round: int = 0  # with AGGREGATE_REJECTED: the round whose aggregate failed validation
     next_bundle: bytes = b""  # the reply to `RoundRequest.secagg_next`: a KeyAdvertisement or a ShareKeysReply
+    # with the keys shared for a round (its share-keys stage, or ahead with the last round's unmask):
+    # the bank's pre-flight for that round, PREFLIGHT_READY or the refusal ("": not checked)
+    preflight: str = ""
 
     def to_content(self) -> RecordDict:
         config = _to_config(self, REPLY_FIELDS)
@@ -235,8 +238,9 @@ class TrainReply:
 
 REPLY_FIELDS: Fields = (
     ("bank_id", str), ("round", int), ("status", TrainStatus), ("applied_round", int), ("start_hash", str),
-    ("reason", str), ("ledger_commitment", str), ("rejected_round", int),
+    ("reason", str), ("ledger_commitment", str), ("rejected_round", int), ("preflight", str),
 )  # fmt: skip
+PREFLIGHT_READY = "ready"  # TrainReply.preflight: nothing the bank checks would refuse the round
 
 
 @dataclass(frozen=True)
