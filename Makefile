@@ -135,6 +135,7 @@ MUTATION_SCOPE := \
 	'fedmoe.fl_client.dp.accountant.x_check_budget__*' \
 	'fedmoe.protocol.accounting.x__merged__*' 'fedmoe.protocol.accounting.x__dp_event__*' \
 	'fedmoe.protocol.accounting.x_epsilon_pld__*' 'fedmoe.protocol.accounting.x_epsilon_rdp__*' \
+	'fedmoe.protocol.accounting.x_epsilon_replace_one__*' \
 	'fedmoe.protocol.accounting.x_epsilon_tolerance__*' 'fedmoe.fl_client.aggregate_check.x_c*' \
 	'fedmoe.crypto.secagg.bank.xǁBankSecAggǁunmask__*' \
 	'fedmoe.protocol.ledger.x__parse_chain__*' 'fedmoe.protocol.ledger.x_entry_hash__*' \

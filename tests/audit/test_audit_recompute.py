@@ -6,12 +6,14 @@ from __future__ import annotations
 import pytest
 
 from fedmoe.audit.verify import _Recompute
-from fedmoe.protocol.accounting import PRV_EPS_ERROR, epsilon_pld, epsilon_rdp, epsilon_tolerance
+from fedmoe.protocol.accounting import PRV_EPS_ERROR, epsilon_pld, epsilon_rdp, epsilon_replace_one, epsilon_tolerance
 
 HISTORY = [[1.1, 0.02, 30], [0.9, 0.05, 10]]
 
 
-@pytest.mark.parametrize(("method", "reference"), [("pld", epsilon_pld), ("rdp", epsilon_rdp)])
+@pytest.mark.parametrize(
+    ("method", "reference"), [("pld", epsilon_pld), ("rdp", epsilon_rdp), ("replace_one", epsilon_replace_one)]
+)
 def test_recomputed_epsilon_is_the_accountants_for_that_history_and_delta(method, reference):
     recompute = getattr(_Recompute(), method)
     expected = reference(HISTORY, delta=1e-5)

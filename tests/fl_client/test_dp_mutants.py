@@ -118,10 +118,24 @@ def test_poisson_rate_one_and_zero_are_exact():
 
 
 def test_poisson_sampler_refuses_a_generator_under_secure_mode_and_none_without():
-    with pytest.raises(AssertionError):
+    message = "^secure sampling takes no generator; seeded sampling needs one$"
+    with pytest.raises(AssertionError, match=message):
         PoissonBatchSampler(10, 0.5, 1, generator=torch.Generator(), secure=True)
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match=message):
         PoissonBatchSampler(10, 0.5, 1, generator=None, secure=False)
+
+
+def test_seeded_sampling_is_its_generators_float64_uniforms_whatever_the_global_seed():
+    """Seeded runs (where a bank's policy allows them) replay exactly: 53-bit uniforms from the
+    sampler's own generator, never torch's global one."""
+    n, q = 5000, 0.3
+    reference = torch.rand(n, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    expected = torch.nonzero(reference < q).flatten().tolist()
+    torch.manual_seed(1)
+    first = next(iter(PoissonBatchSampler(n, q, 1, generator=torch.Generator().manual_seed(5), secure=False)))
+    torch.manual_seed(2)
+    second = next(iter(PoissonBatchSampler(n, q, 1, generator=torch.Generator().manual_seed(5), secure=False)))
+    assert first == second == expected
 
 
 # ---------------------------------------------------------------------------------------------
