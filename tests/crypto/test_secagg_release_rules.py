@@ -183,3 +183,11 @@ def test_k_regular_neighbourhoods_take_no_order_without_consents(identities, bfv
     ) as err:
         r.banks["bank0"].unmask(UnmaskOrder(request=request, consents=()))
     assert err.value.reason == "inconsistent" and r.banks["bank0"].stage == "masked" and not r.banks["bank0"].released
+
+
+def test_an_order_without_consents_is_held_to_the_view_the_bank_signed(two_views):
+    """bank0 signed view B; the everyone-survived view without consents is a second view (rule V8)."""
+    r, ids, honest, view_b, own = two_views
+    with pytest.raises(CryptoError, match=r"^unmask\(bank 'bank0'\): a second, different unmask view .*rule V8") as err:
+        r.banks["bank0"].unmask(UnmaskOrder(request=honest, consents=()))
+    assert err.value.reason == "inconsistent" and r.banks["bank0"].released == {}
