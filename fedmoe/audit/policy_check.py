@@ -13,6 +13,7 @@ it, after the node-config overrides it records (which may only tighten the polic
     policy-unit      a privacy unit weaker than 'privacy-unit'
     policy-budget    the budget or the epsilon spent above the policy's lifetime 'epsilon'
     policy-noise-source  seeded noise without 'seeded-noise'; a round without DP without 'allow-no-dp'
+    policy-releases  the entry releases a plain metric the policy's 'release-metrics' does not
 
 Independently of any policy, `dataset-identity` sums epsilon over every ledger of one bank that
 covers the same dataset identity (same `dataset_id` or same `dataset_fingerprint`): a dataset has one
@@ -92,6 +93,10 @@ def check_entry_policy(entry: Mapping[str, Any], where: Any, policy: BankPolicy,
         if isinstance(entry.get(name), (int, float)) and entry[name] > rules.epsilon * (1 + 1e-9):
             fail("policy-budget", f"field '{name}' = {entry[name]:.4g} is above the policy's lifetime "
                  f"'epsilon' = {rules.epsilon:g}")  # fmt: skip
+    extra = sorted(set(entry.get("released_metrics") or ()) - set(rules.release_metrics))
+    if extra:
+        fail("policy-releases", f"field 'released_metrics' has {extra}, which the policy's 'release-metrics' = "
+             f"{list(rules.release_metrics)} does not release")  # fmt: skip
     if entry["noise_source"] == "seeded" and not rules.seeded_noise:
         fail("policy-noise-source", "seeded noise, but the policy's 'seeded-noise' is false")
     if entry["status"] == "non-private" and not rules.allow_no_dp:

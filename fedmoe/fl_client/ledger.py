@@ -76,6 +76,7 @@ def round_entry(
     policy_hash: str = "",
     policy_overrides: Mapping[str, float] | None = None,
     requested: Mapping[str, object] | None = None,
+    released_metrics: Sequence[str] = (),
 ) -> dict[str, Any]:
     """A bank's ledger entry for one round, every field the audit re-derives epsilon from.
 
@@ -103,6 +104,7 @@ def round_entry(
         policy_hash, policy_overrides: the bank's policy in force (its content hash) and the node-config
             values applied over it; the audit checks the entry against that policy file.
         requested: what the job asked for (run-config names); `cfg` holds the bank's own values.
+        released_metrics: the plain metrics (train-loss, eval-loss) the bank's replies carry, by its policy.
 
     Returns:
         A JSON-ready dict (a `BankEntry`, schema BANK_SCHEMA) for `Ledger.append`.
@@ -189,6 +191,7 @@ def round_entry(
         policy_hash=policy_hash,
         policy_overrides=dict(policy_overrides or {}),
         requested=dict(requested or {}),
+        released_metrics=sorted(released_metrics),
         grad_sample_mode=cfg.grad_sample_mode,
         # accounting, at the bank's delta
         accountant=cfg.accountant,

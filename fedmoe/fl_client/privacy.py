@@ -194,6 +194,7 @@ class BankPrivacy:
             policy_hash=self.policy.file_hash,
             policy_overrides=dict(self.policy.overrides),
             requested=self.requested(),
+            released_metrics=self.policy.release_metrics,
             **({"report": None, "state": self.accountant.rekeyed(cfg)} | details),
         )
         return self.ledger.append(entry, signer=self.signer)

@@ -341,6 +341,7 @@ class BankEntry:
     # what the job asked for (run-config names); the entry's own values are the bank's, within its
     # policy: a refused request never writes the server's numbers into the bank's record (issue 27)
     requested: dict
+    released_metrics: list  # the plain (not DP-protected) metrics its replies carry under its policy
     # accounting, at the bank's delta
     accountant: str
     delta: float

@@ -51,7 +51,9 @@ def report_for(cfg: DPConfig, state: AccountantState, sigma: float) -> RoundPriv
     )  # fmt: skip
 
 
-def plant(path: Path, identity, *, sigma=1.5, clip=1.0, budget=3.0, overrides=None, job="job", policy_hash=None):
+def plant(
+    path: Path, identity, *, sigma=1.5, clip=1.0, budget=3.0, overrides=None, job="job", policy_hash=None, released=()
+):
     """One signed bank ledger with one trained round, as the bank's own writer makes it."""
     bank, _ = identity
     cfg = DPConfig(target_epsilon=budget, delta=1e-5, clip_norm=clip, planned_rounds=1, local_steps=2,
@@ -61,7 +63,7 @@ def plant(path: Path, identity, *, sigma=1.5, clip=1.0, budget=3.0, overrides=No
         job_id=job, bank_id="bank-0", round=1, status="trained", report=report, cfg=cfg, n_samples=N,
         budget_epsilon=budget, dataset_fingerprint=FINGERPRINT, dataset_id="cards",
         policy_hash=policy_hash or BankPolicy.from_mapping({}, source="x").content_hash(),
-        policy_overrides=overrides,
+        policy_overrides=overrides, released_metrics=released,
     )  # fmt: skip
     Ledger(path).append(entry, signer=(bank.public_key.hex(), bank.sign))
     return path
@@ -84,6 +86,7 @@ def test_an_honest_entry_passes_against_its_policy(tmp_path, identity, policy_fi
         ({"clip": 100.0}, "policy-clip", "'clip_norm' = 100 is outside the policy's [0.001, 10]"),
         ({"sigma": 0.2, "budget": 80.0}, "policy-budget", "'budget_epsilon' = 80 is above the policy's lifetime"),
         ({"overrides": {"epsilon": 20.0}, "budget": 20.0}, "policy-overrides", "node-config 'epsilon' = 20 loosens"),
+        ({"released": ["eval-loss"]}, "policy-releases", "field 'released_metrics' has ['eval-loss'], which the"),
     ],
 )
 def test_a_planted_violation_of_the_policy_fails_the_audit_naming_it(
