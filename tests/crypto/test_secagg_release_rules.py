@@ -191,3 +191,21 @@ def test_an_order_without_consents_is_held_to_the_view_the_bank_signed(two_views
     with pytest.raises(CryptoError, match=r"^unmask\(bank 'bank0'\): a second, different unmask view .*rule V8") as err:
         r.banks["bank0"].unmask(UnmaskOrder(request=honest, consents=()))
     assert err.value.reason == "inconsistent" and r.banks["bank0"].released == {}
+
+
+def test_released_shares_are_the_held_ones_of_the_right_kind(two_views):
+    """Each share is the one this bank holds of that dealer: self-mask share of a survivor, mask-key
+    share of the dropped bank, with the dealer's signature; a dealer it holds nothing of is skipped."""
+    r, ids, honest, view_b, own = two_views
+    bank0 = r.banks["bank0"]
+    del bank0.held["bank1"]  # as if bank1 had sent bank0 no share: the others are still released
+    bank0.timings["unmask"] = 100.0
+    reply = bank0.unmask(UnmaskOrder(request=view_b, consents=(own, *(_signed(ids, u, view_b) for u in (1, 2, 4)))))
+    assert 100.0 < bank0.timings["unmask"] < 160.0  # its own time added to what consent took
+    assert sorted(s.dealer for s in reply.shares) == ["bank0", "bank2", "bank3", "bank4"]
+    for share in reply.shares:
+        held = bank0.held[share.dealer]
+        mask_key = share.dealer == "bank3"
+        assert share.kind == ("mask_key" if mask_key else "self_mask") and share.holder == "bank0" and share.x == held.x
+        expected = (held.mask_key, held.mask_key_sig) if mask_key else (held.self_mask, held.self_mask_sig)
+        assert (share.y, share.dealer_signature) == expected

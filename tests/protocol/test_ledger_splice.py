@@ -101,7 +101,7 @@ def rewrite(path: Path, lines: list[bytes]) -> Path:
             lambda line: line.replace(b'"note":"a2"', b'"note": "a2"'),
             "line is not in canonical JSON form (edited by hand?)",
         ),
-        (lambda line: line.replace(b'"note":"a2"', b'"note":NaN'), "not canonical JSON"),
+        (lambda line: line.replace(b'"note":"a2"', b'"note":NaN'), "ledger entry is not canonical JSON"),
         (lambda line: line.replace(b'"seq":2', b'"seq":3'), "field 'seq': expected 2, got 3"),
         (lambda line: line.replace(b'"note":"a2"', b'"note":"a9"'), "field 'hash': expected"),
     ],
@@ -111,7 +111,7 @@ def test_each_broken_rule_names_the_second_line(tmp_path, identity, damage, prob
     path = rewrite(tmp_path / "broken.jsonl", [ours[0], damage(ours[1]), ours[2]])
     report = verify_chain(path)
     assert (report.ok, report.first_bad_line, report.n_entries) == (False, 2, 1), report
-    assert problem in report.problem, report.problem
+    assert report.problem.startswith(problem), report.problem
     if "field 'hash'" in problem:  # both hashes named, 16 hex digits each
         entry = json.loads(damage(ours[1]))
         assert report.problem == (
