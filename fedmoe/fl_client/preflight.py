@@ -52,7 +52,10 @@ def preflight(job: JobConfig, config: BankConfig, round_idx: int) -> str:
 
 def round_refusals(job: JobConfig, config: BankConfig) -> list[Refusal]:
     """The refusals of the bank's next round, from its policy, data, ledger and free disk."""
-    free = shutil.disk_usage(config.state_root if config.state_root.exists() else config.state_root.parent).free
+    where = config.state_root.absolute()
+    while not where.exists():  # a new bank's state folder is made when it first trains
+        where = where.parent
+    free = shutil.disk_usage(where).free
     if free < MIN_FREE_BYTES:
         bound = f"the bank keeps at least {MIN_FREE_BYTES >> 20} MiB free for its state"
         return [Refusal("disk", free >> 20, bound, rule="disk-space", of_policy=True)]
