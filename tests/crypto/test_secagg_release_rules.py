@@ -14,6 +14,7 @@ import pytest
 from secagg_helpers import JOB, make_updates, start_round
 
 from fedmoe.crypto.errors import CryptoError
+from fedmoe.crypto.secagg.bank import BankSecAgg
 from fedmoe.crypto.secagg.common import consent_quorum
 from fedmoe.crypto.secagg.messages import UnmaskConsent, UnmaskOrder
 
@@ -209,3 +210,17 @@ def test_released_shares_are_the_held_ones_of_the_right_kind(two_views):
         assert share.kind == ("mask_key" if mask_key else "self_mask") and share.holder == "bank0" and share.x == held.x
         expected = (held.mask_key, held.mask_key_sig) if mask_key else (held.self_mask, held.self_mask_sig)
         assert (share.y, share.dealer_signature) == expected
+
+
+def test_the_quorum_counts_the_banks_own_colluders_under_k_regular_neighbourhoods(identities, bfv_public):
+    """8 banks, 4 neighbours each, banks assuming 2 colluders: the quorum is 6 (5 with one colluder)."""
+    ids, pins = identities
+    r = start_round(ids[:8], pins, bfv_public, N, neighbours_k=4)
+    r.banks = {i.bank_id: BankSecAgg(i, pins, colluding=2) for i in ids[:8]}
+    updates, weights = make_updates(list(r.banks), N)
+    request = _through_masked_input(r, updates, weights, bfv_public)["bank0"]
+    assert consent_quorum(r.setup, 2) == 6 > consent_quorum(r.setup, 1)
+    five = tuple(r.banks[f"bank{u}"].consent(request) for u in range(5))
+    with pytest.raises(CryptoError, match="5 banks consented to this view, need 6") as err:
+        r.banks["bank0"].unmask(UnmaskOrder(request=request, consents=five))
+    assert err.value.reason == "too_few" and not r.banks["bank0"].released
