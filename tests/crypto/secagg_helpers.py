@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,3 +101,37 @@ def run_round(
     replies = {b: r.banks[b].unmask(q) for b, q in orders.items() if b not in drop_before_unmask}
     r.aggregate = SecureAggregate.from_bytes(r.server.receive_unmask(deliver("unmask", replies)).to_bytes())
     return r.aggregate
+
+
+def through_masked_input(r, updates, weights, key, *, skip=()) -> dict:
+    """Advertise, share keys and masked input for every bank of round `r` (but `skip`): the server's
+    unmask requests, one per survivor."""
+    reqs = r.server.receive_advertisements({b: bank.advertise(r.setup) for b, bank in r.banks.items()})
+    reqs = r.server.receive_shares({b: r.banks[b].share_keys(q) for b, q in reqs.items()})
+    return r.server.receive_masked_inputs(
+        {b: r.banks[b].masked_input(q, updates[b], weights[b], key) for b, q in reqs.items() if b not in skip}
+    )
+
+
+def view_without(honest, bank: str):
+    """The server's split-view lie: the honest unmask request with `bank` moved from survivors to dropped
+    (its mask key would be released while its masked input is in the sum)."""
+    return dataclasses.replace(
+        honest,
+        survivors=tuple(b for b in honest.survivors if b != bank),
+        dropped=(bank,),
+        receipts=tuple(x for x in honest.receipts if x.bank_id != bank),
+    )
+
+
+def split_views(identities, bfv_public, n_elements: int):
+    """Five banks after masked input (t = consent quorum = 4): the round, the identities, the honest
+    unmask request of bank0 (everyone survived) and the lie of a split-view attack (bank3 dropped)."""
+    from fedmoe.crypto.secagg.common import consent_quorum
+
+    ids, pins = identities
+    r = start_round(ids[:5], pins, bfv_public, n_elements)
+    updates, weights = make_updates(list(r.banks), n_elements)
+    honest = through_masked_input(r, updates, weights, bfv_public)["bank0"]
+    assert consent_quorum(r.setup) == 4
+    return r, ids, honest, view_without(honest, "bank3")

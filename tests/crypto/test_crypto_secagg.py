@@ -10,12 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from secagg_helpers import JOB, make_updates, run_round, start_round, weighted_mean
+from secagg_helpers import (
+    JOB,
+    make_updates,
+    run_round,
+    split_views,
+    start_round,
+    through_masked_input,
+    weighted_mean,
+)
 
 from fedmoe.crypto.errors import CryptoError
 from fedmoe.crypto.secagg.bank import BankSecAgg, open_aggregate
 from fedmoe.crypto.secagg.bfv_secret import decrypt_residues
-from fedmoe.crypto.secagg.common import consent_quorum, pair_mask, pair_seed, self_mask
+from fedmoe.crypto.secagg.common import pair_mask, pair_seed, self_mask
 from fedmoe.crypto.secagg.messages import (
     EncryptedShare,
     KeyAdvertisement,
@@ -102,20 +110,11 @@ def test_too_few_unmask_replies_aborts(identities, bfv_public) -> None:
     assert e.value.reason == "too_few" and r.aggregate is None
 
 
-def _through_masked_input(r, updates, weights, key, *, skip=()) -> dict:
-    adv = {b: bank.advertise(r.setup) for b, bank in r.banks.items()}
-    reqs = r.server.receive_advertisements(adv)
-    reqs = r.server.receive_shares({b: r.banks[b].share_keys(q) for b, q in reqs.items()})
-    return r.server.receive_masked_inputs(
-        {b: r.banks[b].masked_input(q, updates[b], weights[b], key) for b, q in reqs.items() if b not in skip}
-    )
-
-
 def test_bank_refuses_unmask_with_fewer_than_t_survivors(identities, bfv_public) -> None:
     ids, pins = identities
     r = start_round(ids[:4], pins, bfv_public, N)  # t = 3
     updates, weights = make_updates(list(r.banks), N)
-    honest = _through_masked_input(r, updates, weights, bfv_public)["bank0"]
+    honest = through_masked_input(r, updates, weights, bfv_public)["bank0"]
     # A server that claims only two banks survived wants bank0's shares of too small a sum.
     few = dataclasses.replace(
         honest,
@@ -232,7 +231,7 @@ def test_bank_never_releases_both_shares_of_a_peer(identities, bfv_public) -> No
     ids, pins = identities
     r = start_round(ids[:5], pins, bfv_public, N)
     updates, weights = make_updates(list(r.banks), N)
-    honest = _through_masked_input(r, updates, weights, bfv_public)["bank0"]
+    honest = through_masked_input(r, updates, weights, bfv_public)["bank0"]
     # A lying server claims bank4 dropped (to get its mask key) while also asking for its self mask.
     both = dataclasses.replace(honest, dropped=("bank4",))
     with pytest.raises(CryptoError, match="both") as e:
@@ -266,17 +265,7 @@ def test_split_view_attack_gets_no_quorum(identities, bfv_public) -> None:
     """The server tells bank0 that bank3 dropped (to collect bank3's mask key) and tells bank1..2 that
     bank3 survived (to collect its self mask). With bank2 colluding, neither view gets a quorum of
     honest consents large enough to unlock both (n = 5, t = quorum = 4)."""
-    ids, pins = identities
-    r = start_round(ids[:5], pins, bfv_public, N)
-    updates, weights = make_updates(list(r.banks), N)
-    honest = _through_masked_input(r, updates, weights, bfv_public)["bank0"]
-    assert consent_quorum(r.setup) == 4
-    view_b = dataclasses.replace(
-        honest,
-        survivors=tuple(b for b in honest.survivors if b != "bank3"),
-        dropped=("bank3",),
-        receipts=tuple(x for x in honest.receipts if x.bank_id != "bank3"),
-    )
+    r, ids, honest, view_b = split_views(identities, bfv_public, N)
     # view A (bank3 survived): bank1, bank3, bank4 sign it, the colluder bank2 too -> 4
     sig_a = _consents(r, honest, ["bank1", "bank3", "bank4", "bank2"])
     # view B (bank3 dropped): bank0 and the colluder only -> 2 (bank1, 3, 4 already signed view A)
@@ -303,7 +292,7 @@ def test_no_consent_stage_when_nobody_dropped(identities, bfv_public, bfv_secret
     _check_sum(r, updates, weights, banks, bfv_secret, pins)  # bank3's self mask rebuilt from 3 shares
     # once a bank dropped before its masked input, the server must collect consents
     r = start_round(ids[:4], pins, bfv_public, N)
-    _through_masked_input(r, updates, weights, bfv_public, skip=("bank3",))
+    through_masked_input(r, updates, weights, bfv_public, skip=("bank3",))
     assert r.server.dropped == ("bank3",) and r.server.orders_without_consent() is None
     assert r.server.receive_consents({b: r.banks[b].consent(r.server.request) for b in ("bank0", "bank1", "bank2")})
 
@@ -314,7 +303,7 @@ def test_an_order_without_consents_is_the_banks_one_view(identities, bfv_public)
     ids, pins = identities
     r = start_round(ids[:5], pins, bfv_public, N)
     updates, weights = make_updates(list(r.banks), N)
-    honest = _through_masked_input(r, updates, weights, bfv_public)["bank0"]
+    honest = through_masked_input(r, updates, weights, bfv_public)["bank0"]
     others = [x for x in honest.receipts if x.bank_id != "bank4"]
     claims_dropped = dataclasses.replace(
         honest, survivors=("bank0", "bank1", "bank2", "bank3"), dropped=("bank4",), receipts=tuple(others)
@@ -343,7 +332,7 @@ def test_unsigned_survivor_is_refused(identities, bfv_public) -> None:
     ids, pins = identities
     r = start_round(ids[:4], pins, bfv_public, N)
     updates, weights = make_updates(list(r.banks), N)
-    honest = _through_masked_input(r, updates, weights, bfv_public, skip=("bank3",))["bank0"]
+    honest = through_masked_input(r, updates, weights, bfv_public, skip=("bank3",))["bank0"]
     # The server claims bank3 survived (to get its self mask), but cannot show bank3's signed receipt.
     forged = dataclasses.replace(
         honest,
@@ -395,7 +384,7 @@ def test_k_regular_neighbourhoods_always_collect_consents(identities, bfv_public
     ids, pins = identities
     r = start_round(ids[:8], pins, bfv_public, 500, neighbours_k=4)
     updates, weights = make_updates(list(r.banks), 500)
-    request = _through_masked_input(r, updates, weights, bfv_public)["bank0"]
+    request = through_masked_input(r, updates, weights, bfv_public)["bank0"]
     assert r.server.dropped == () and r.server.orders_without_consent() is None
     with pytest.raises(CryptoError, match="k-regular") as e:
         r.banks["bank0"].unmask(UnmaskOrder(request=request, consents=()))

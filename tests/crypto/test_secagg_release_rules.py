@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from secagg_helpers import JOB, make_updates, start_round
+from secagg_helpers import JOB, make_updates, split_views, start_round, through_masked_input
 
 from fedmoe.crypto.errors import CryptoError
 from fedmoe.crypto.secagg.bank import BankSecAgg
@@ -21,29 +21,11 @@ from fedmoe.crypto.secagg.messages import UnmaskConsent, UnmaskOrder
 N = 64
 
 
-def _through_masked_input(r, updates, weights, key) -> dict:
-    reqs = r.server.receive_advertisements({b: bank.advertise(r.setup) for b, bank in r.banks.items()})
-    reqs = r.server.receive_shares({b: r.banks[b].share_keys(q) for b, q in reqs.items()})
-    return r.server.receive_masked_inputs(
-        {b: r.banks[b].masked_input(q, updates[b], weights[b], key) for b, q in reqs.items()}
-    )
-
-
 @pytest.fixture
 def two_views(identities, bfv_public):
     """Five banks after masked input (t = quorum = 4); the honest view (everyone survived) and view B
     (bank3 dropped: its mask key would be released), which bank0 has consented to."""
-    ids, pins = identities
-    r = start_round(ids[:5], pins, bfv_public, N)
-    updates, weights = make_updates(list(r.banks), N)
-    honest = _through_masked_input(r, updates, weights, bfv_public)["bank0"]
-    assert consent_quorum(r.setup) == 4
-    view_b = dataclasses.replace(
-        honest,
-        survivors=tuple(b for b in honest.survivors if b != "bank3"),
-        dropped=("bank3",),
-        receipts=tuple(x for x in honest.receipts if x.bank_id != "bank3"),
-    )
+    r, ids, honest, view_b = split_views(identities, bfv_public, N)
     own = r.banks["bank0"].consent(view_b)
     return r, ids, honest, view_b, own
 
@@ -178,7 +160,7 @@ def test_k_regular_neighbourhoods_take_no_order_without_consents(identities, bfv
     ids, pins = identities
     r = start_round(ids[:8], pins, bfv_public, N, neighbours_k=4)
     updates, weights = make_updates(list(r.banks), N)
-    request = _through_masked_input(r, updates, weights, bfv_public)["bank0"]
+    request = through_masked_input(r, updates, weights, bfv_public)["bank0"]
     with pytest.raises(
         CryptoError, match=r"^unmask: an order without consents under k-regular .*refused \(rule CF\)$"
     ) as err:
@@ -218,7 +200,7 @@ def test_the_quorum_counts_the_banks_own_colluders_under_k_regular_neighbourhood
     r = start_round(ids[:8], pins, bfv_public, N, neighbours_k=4)
     r.banks = {i.bank_id: BankSecAgg(i, pins, colluding=2) for i in ids[:8]}
     updates, weights = make_updates(list(r.banks), N)
-    request = _through_masked_input(r, updates, weights, bfv_public)["bank0"]
+    request = through_masked_input(r, updates, weights, bfv_public)["bank0"]
     assert consent_quorum(r.setup, 2) == 6 > consent_quorum(r.setup, 1)
     five = tuple(r.banks[f"bank{u}"].consent(request) for u in range(5))
     with pytest.raises(CryptoError, match="5 banks consented to this view, need 6") as err:
