@@ -45,9 +45,11 @@ ROOT = Path(__file__).resolve().parents[2]
 POLICY = str(ROOT / "deploy" / "demo-bank-policy.toml")
 
 
-def policies(n: int, folder: Path) -> dict[str, str]:
-    """The demo policy + keep-plaintext-deltas (these tests compare aggregates with the kept deltas)."""
-    return dict.fromkeys((f"bank-{i}" for i in range(n)), keeping_deltas(POLICY, folder))
+def policies(n: int, keep_deltas_in: Path | None = None) -> dict[str, str]:
+    """The demo policy for n banks; with a folder, + keep-plaintext-deltas written there (for tests that
+    compare aggregates with the banks' kept deltas: only a bank policy may ask for them)."""
+    policy = keeping_deltas(POLICY, keep_deltas_in) if keep_deltas_in is not None else POLICY
+    return dict.fromkeys((f"bank-{i}" for i in range(n)), policy)
 
 
 def job_dir(root: Path, bank: str, job: JobConfig) -> Path:
