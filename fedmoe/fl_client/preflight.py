@@ -6,7 +6,8 @@ spent their budget for nothing (issue 27: two of five banks could drain every ho
 So a bank answers a pre-flight with the keys it shares for a round (the share-keys stage, or ahead
 with the last round's unmask: no extra exchange in a steady round): ready, or the refusal. The
 server sends masked-input requests only to ready banks, and only when they are at least the
-threshold; a bank that fails after saying ready is a crash, named as such.
+threshold. A bank that fails after saying ready still aborts a round at the threshold; the round's
+record names it (refused, no reply, client error), not yet as a crash after "ready".
 
 What leaves the bank is what a refusal at masked input would say (the rule and the policy's limit,
 never a number derived from its data); an unexpected error is named by its type only, its text
@@ -27,7 +28,7 @@ from fedmoe.fl_client.task import load_bank_data
 from fedmoe.protocol.config import JobConfig
 from fedmoe.protocol.errors import ConfigError
 from fedmoe.protocol.ledger import LedgerError
-from fedmoe.protocol.messages import PREFLIGHT_READY
+from fedmoe.protocol.messages import PREFLIGHT_NOT_READY, PREFLIGHT_READY
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def preflight(job: JobConfig, config: BankConfig, round_idx: int) -> str:
         refusals = round_refusals(job, config)
     except (ConfigError, DataError, DPError, LedgerError, OSError) as err:
         logger.error("bank %s pre-flight of round %d: %r", config.bank_id, round_idx, err)
-        return f"not ready: {type(err).__name__} at the bank (its log names it)"
+        return f"{PREFLIGHT_NOT_READY}: {type(err).__name__} at the bank (its log names it)"
     if refusals:
         text = "; ".join(map(str, refusals))
         logger.warning("bank %s pre-flight of round %d: refuses: %s", config.bank_id, round_idx, text)

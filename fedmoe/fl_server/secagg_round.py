@@ -52,6 +52,7 @@ from fedmoe.fl_server.outcomes import BankOutcome, Outcome, Reporter
 from fedmoe.fl_server.state import RoundRecord, ServerState, ServerStore
 from fedmoe.protocol.config import PINS_FILE, JobConfig
 from fedmoe.protocol.messages import (
+    PREFLIGHT_NOT_READY,
     PREFLIGHT_READY,
     RoundRequest,
     SecAggStage,
@@ -213,7 +214,7 @@ class SecAggRound:
         refused = {b: v for b, v in self.preflight.items() if b in requests and v not in ("", PREFLIGHT_READY)}
         for bank, why in sorted(refused.items()):
             self.fail(bank, Outcome.REFUSED, f"pre-flight: {why}")
-            if not why.startswith("not ready"):  # its policy or budget: it will refuse the job's later rounds too
+            if not why.startswith(PREFLIGHT_NOT_READY):  # its policy or budget: it refuses later rounds too
                 self.fed.state.exhausted[bank] = f"refused the pre-flight of round {self.round}: {why}"
         ready = {b: r for b, r in requests.items() if b not in refused}
         need = max(server.setup.threshold, server.setup.min_banks, BANK_FLOOR)  # every bank refuses fewer
@@ -435,7 +436,7 @@ class SecAggRound:
     def culprits_text(self, excluded: dict[str, str]) -> str:
         """'; caused by: bank-3 refused (...), bank-4 excluded at masked_input (...)': the banks whose
         refusal, failure or exclusion left the round below its threshold (empty when none is known)."""
-        causes = {**{w: o for w, o in self.failed.items()}, **{w: o for w, o in self.trained.items()}}
+        causes = {**self.failed, **self.trained}
         names = sorted(w for w, o in causes.items() if o.status is not Outcome.CONTRIBUTED) + sorted(
             w for w in excluded if w not in causes or causes[w].status is Outcome.CONTRIBUTED
         )

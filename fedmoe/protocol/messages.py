@@ -241,6 +241,7 @@ REPLY_FIELDS: Fields = (
     ("reason", str), ("ledger_commitment", str), ("rejected_round", int), ("preflight", str),
 )  # fmt: skip
 PREFLIGHT_READY = "ready"  # TrainReply.preflight: nothing the bank checks would refuse the round
+PREFLIGHT_NOT_READY = "not ready"  # its prefix when the check itself failed (not a policy refusal)
 
 
 @dataclass(frozen=True)
