@@ -121,7 +121,11 @@ def main() -> None:
     p.add_argument("--before", default="d9446e0^", help="the commit to compare with ('' to skip)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {', '.join(SCENARIOS)}")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "efficiency")
+    p.add_argument("--table", type=Path, help="print the markdown table of a run's JSON line (a file) and stop")
     args = p.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
     names = [n for n in args.scenarios.split(",") if n]
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
@@ -148,6 +152,61 @@ def main() -> None:
             if args.before:
                 subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=REPO, capture_output=True)
     print(json.dumps(result))
+
+
+def table(result: dict) -> str:
+    """The markdown table of docs/reliability.md from one run's JSON."""
+    header = ["scenario", "fault", "honest banks' ε per applied round, before", "after",
+              "faulty banks' ε spent, before / after", "rounds aggregated, before / after",
+              "what the server recorded after (round 1)"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for name, entry in result["scenarios"].items():
+        before, after = entry.get("before", {}), entry["after"]
+        cells = [name, entry["fault"], per_round(before), per_round(after), faulty_spent(before) + " / "
+                 + faulty_spent(after), aggregated(before) + " / " + aggregated(after), outcome(after)]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_round(run: dict) -> str:
+    if not run or "error" in run:
+        return "n/a" + (f" ({run['error'].strip().splitlines()[-1]})" if run else "")
+    shown = [shown_per_round(b) for b in run["banks"].values() if not b["faulty"]]
+    return ", ".join(shown) if len(set(shown)) > 1 else f"{shown[0]} (each of {len(shown)})"
+
+
+def shown_per_round(bank: dict) -> str:
+    value = bank["eps_per_applied_round"]
+    if value is None:
+        return "nothing spent"
+    if isinstance(value, str):
+        return f"**inf** (ε {bank['eps_spent']:.2f} spent, nothing applied)"
+    return f"{value:.3f}"
+
+
+def faulty_spent(run: dict) -> str:
+    spent = [f"{b['eps_spent']:.2f}" for b in run.get("banks", {}).values() if b["faulty"]]
+    return ", ".join(spent) or "-"
+
+
+def aggregated(run: dict) -> str:
+    return "".join("Y" if r["aggregated"] else "n" for r in run.get("rounds", [])) or "-"
+
+
+def outcome(run: dict, limit: int = 240) -> str:
+    """Round 1's record: why it has no aggregate, or what it says of the faulty banks, or who contributed."""
+    if not run.get("rounds"):
+        return "n/a"
+    first = run["rounds"][0]
+    faulty = [b for b, numbers in run["banks"].items() if numbers["faulty"]]
+    if first["no_aggregate"]:
+        text = first["no_aggregate"]
+    elif faulty:
+        text = "; ".join(f"{b}: {first['left_out'].get(b, first['outcomes'].get(b, '?'))}" for b in faulty)
+    else:
+        text = "aggregated: " + ", ".join(f"{b} {o}" for b, o in first["outcomes"].items())
+    text = text.replace("|", "/")
+    return f"`{text}`" if len(text) <= limit else f"`{text[:limit]}`…"
 
 
 def summary(entry: dict) -> str:
