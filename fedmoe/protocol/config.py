@@ -121,6 +121,9 @@ class JobConfig:
     min_banks: int = 3
     max_banks: int = 64  # banks reject an aggregate whose total weight says more contributed
     round_timeout: float = 900.0
+    # Before a round, how long the server waits for a bank of this job that is not connected (a
+    # restarted SuperNode) before starting the round without it; once per absence, not every round.
+    rejoin_grace: float = 60.0
     evaluate: bool = True
     # paths (server and simulated banks resolve them relative to the working directory)
     key_dir: str = "runs/keys"
@@ -134,6 +137,8 @@ class JobConfig:
             raise ConfigError(f"run config: 'min-banks' expected >= 1, got {self.min_banks}")
         if self.max_banks < self.min_banks:
             raise ConfigError(f"run config: 'max-banks' expected >= min-banks {self.min_banks}, got {self.max_banks}")
+        if self.rejoin_grace < 0:
+            raise ConfigError(f"run config: 'rejoin-grace' expected >= 0 seconds, got {self.rejoin_grace}")
         if not self.job_id or "/" in self.job_id:
             raise ConfigError(f"run config: 'job-id' expected a non-empty name without '/', got {self.job_id!r}")
         if self.privacy_unit not in PRIVACY_UNITS:
