@@ -107,8 +107,8 @@ WHAT_TO_DO: dict[str, str] = {
     "overspend.",
     "policy-noise-source": "Predictable noise or no DP without the policy allowing it: treat those releases as "
     "not private.",
-    "refused-round": "No action needed: the bank's own budget check refused this round and nothing was spent; "
-    "the bank has no budget left for another round like it.",
+    "refused-round": "No action needed: the bank refused this round (its policy or its budget check: the reason "
+    "names the rule) and nothing was spent.",
     "failed-round": "Nothing was spent; if rounds keep failing, ask the bank for its logs.",
     "empirical": "The DP-SGD code leaked more than its accountant claims: stop all private training until "
     "clipping, noise and sampling are fixed.",
@@ -231,7 +231,7 @@ def _round_notes(bank: BankSummary) -> list[Flag]:
             continue
         path, _, line = point.source.rpartition(":")
         reason = str(entry.get("reason") or "no reason recorded")
-        verb = "refused by the bank's own budget check" if point.status == "refused" else "failed at the bank"
+        verb = "refused by the bank" if point.status == "refused" else "failed at the bank"
         notes.append(
             Flag(
                 severity="info",

@@ -75,6 +75,7 @@ if TYPE_CHECKING:
     from fedmoe.audit.canary import CanaryAuditResult
 
 Severity = Literal["error", "warning", "info"]  # info: a note, not a failure
+BudgetSource = Literal["policy", "ledger"]  # the bank's policy file, or the largest budget_epsilon its ledger records
 # The bank entry schema, derived from the typed entry the bank's writer fills (fedmoe.protocol.ledger).
 _BANK_FIELDS = bank_entry_fields()
 
@@ -146,7 +147,7 @@ class BankSummary:
     entries: tuple[dict[str, Any], ...] = ()  # the bank's ledger entries of this job, verbatim
     head_hash: str = ""  # hash of the last entry of the bank's ledger file (what a sign-off pins)
     epsilon_replace_one: float = 0.0  # recomputed here (PLD, replace-one: n public)
-    budget_source: str = "ledger"  # "policy": the bank's policy file; "ledger": the largest budget_epsilon recorded
+    budget_source: BudgetSource = "ledger"
 
     @property
     def spent_in_job(self) -> bool:
@@ -808,16 +809,18 @@ def _mirror_without_ledger(key: tuple[str, str], mirror: _BankView, out: _Collec
             {"bank_id": bank, "job_id": job},
         )
         return
-    rows = Counter(w["server_status"] for _, w in mirror.server)
-    said = Counter(c["status"] for c in commitments)
+    rows = ", ".join(
+        f"{n} {status}" for status, n in sorted(Counter(w["server_status"] for _, w in mirror.server).items())
+    )
+    said = ", ".join(f"{n} {status}" for status, n in sorted(Counter(c["status"] for c in commitments).items()))
     out.add(
         "info",
         "not-trained",
         (mirror.path, None),
-        f"bank {bank!r} never trained in job {job!r} (the server's mirror: "
-        f"{', '.join(f'{n} {status}' for status, n in sorted(rows.items()))}"
-        f"{'; its commitments: ' + ', '.join(f'{n} {s}' for s, n in sorted(said.items())) if said else ''}): "
-        "none of its updates is in the job's aggregates, so no ε of this job needs its ledger",
+        f"bank {bank!r} never trained in job {job!r} (the server's mirror: {rows}"
+        + (f"; its commitments: {said}" if said else "")
+        + "): none of its updates reached the server, so nothing this job released needs its ledger (its "
+        "lifetime ε, a round whose reply was lost included, is in its own ledger)",
         {"bank_id": bank, "job_id": job},
     )
 
@@ -828,7 +831,7 @@ def _summarize(
     mirror: _BankView | None,
     rec: _Recompute,
     findings: list[Finding],
-    budget: tuple[float, str],
+    budget: tuple[float, BudgetSource],
 ) -> BankSummary | None:
     entries = [e for _, e in authority.entries]
     if not entries:
@@ -887,7 +890,7 @@ def _largest_budget(entries: list[dict[str, Any]]) -> float:
     return max(values, default=0.0)
 
 
-def _policy_budget(view: _BankView, policy: Any) -> tuple[float, str] | None:
+def _policy_budget(view: _BankView, policy: Any) -> tuple[float, BudgetSource] | None:
     """The bank's lifetime budget by its policy file, tightened by the node-config its last entry records."""
     if policy is None or not view.entries:
         return None

@@ -262,9 +262,9 @@ def check_job(job: JobConfig, config: BankConfig, request: RoundRequest) -> None
 
 # ---- the bank's own record of its job -------------------------------------------------------------
 JOB_RECORD = "job.json"  # in <state-root>/jobs/<job-id>/, beside state.json and the replica
-# What a resubmission of the same job may change (the server refuses any other change to its job.json,
-# fedmoe.fl_server.state): how many rounds, how long each may take. Neither changes the model.
-RESUBMIT_MAY_CHANGE = frozenset({"num-rounds", "round-timeout"})
+# What a resubmission of the same job may change: the server's OPERATIONAL_KEYS (fedmoe.fl_server.state,
+# which a bank does not import; a test keeps the two equal). None of them changes the model or the privacy.
+RESUBMIT_MAY_CHANGE = frozenset({"num-rounds", "round-timeout", "rejoin-grace"})
 
 
 def job_record_path(state_root: Path, job_id: str) -> Path:
@@ -290,7 +290,7 @@ def record_job(job: JobConfig, config: BankConfig) -> Path:
     """The run config this bank takes part in the job under, written by the bank itself the first time
     a message of the job reaches its state (what fedmoe-export reads at the bank: no server file needed).
 
-    Written once: every later message must carry the same job (but for num-rounds and round-timeout),
+    Written once: every later message must carry the same job (but for RESUBMIT_MAY_CHANGE),
     so a server can never change what the bank believes it trained.
 
     Raises:

@@ -14,8 +14,8 @@ job can continue the same optimizer from the exported model.
 The job is the bank's own record of it, `<state-dir>/jobs/<job-id>/job.json` (fedmoe.fl_client.bank.
 record_job: written by the bank from the run config it took part under, so no server file is needed).
 `--job FILE` (a job.json or TOML run config) may be given instead; where the bank has a record of that
-job, the file must agree with it (but for num-rounds and round-timeout). `--node-config` defaults to
-$FEDMOE_NODE_CONFIG, the bank executor's own.
+job, the file must agree with it (but for the keys a resubmission may change: num-rounds, round-timeout,
+rejoin-grace). `--node-config` defaults to $FEDMOE_NODE_CONFIG, the bank executor's own.
 
 The export always starts from the fp32 base (a job with `base-precision = "int8"` trained over an
 int8 copy of it; the trained factors are the same). The options show what fine-tuning did:

@@ -55,7 +55,9 @@ def test_a_server_cannot_change_the_job_a_bank_recorded(tmp_path):
     bank = BankConfig.from_node_config({"bank-id": "bank-0", "state-dir": str(tmp_path / "bank-0")}, job)
     path = record_job(job, bank)
     before = path.read_bytes()
-    assert record_job(replace(job, num_rounds=5, round_timeout=30.0), bank) == path  # a resubmission may
+    assert (
+        record_job(replace(job, num_rounds=5, round_timeout=30.0, rejoin_grace=5.0), bank) == path
+    )  # a resubmission may
     with pytest.raises(ConfigError, match=r"changes \['lr: 0.01 -> 0.5'\]") as err:
         record_job(replace(job, lr=0.5), bank)
     assert str(path) in str(err.value) and path.read_bytes() == before
@@ -66,3 +68,10 @@ def test_a_server_cannot_change_the_job_a_bank_recorded(tmp_path):
     assert export(["--job", str(other), "--node-config", node, "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
     assert export(["--job-id", "never-ran", "--node-config", node, "--out", str(tmp_path / "y")]) == 2
+
+
+def test_the_bank_and_the_server_agree_on_what_a_resubmission_may_change():
+    from fedmoe.fl_client.bank import RESUBMIT_MAY_CHANGE
+    from fedmoe.fl_server.state import OPERATIONAL_KEYS
+
+    assert RESUBMIT_MAY_CHANGE == set(OPERATIONAL_KEYS)
