@@ -283,7 +283,10 @@ def read_job_record(path: Path) -> JobConfig:
                         "first trains or applies an aggregate of the job)")  # fmt: skip
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object (a run config), got {type(raw).__name__}")
-    return JobConfig.from_run_config(raw)
+    try:
+        return JobConfig.from_run_config(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def record_job(job: JobConfig, config: BankConfig) -> Path:
