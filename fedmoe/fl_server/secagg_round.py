@@ -230,6 +230,7 @@ class SecAggRound:
         return ServerSecAgg.make_setup(
             job_id=self.fed.job.job_id, round=round_idx, participants=participants, n_elements=self.fed.n_elements,
             key=self.keys.bfv, layout_hash=self.fed.layout_hash, min_banks=self.fed.job.min_banks,
+            neighbours_k=self.fed.job.secagg_neighbours,
         )  # fmt: skip
 
     def next_setup(self, setup: RoundSetup) -> RoundSetup | None:

@@ -118,6 +118,10 @@ class JobConfig:
     # secagg: pairwise + self masks, then BFV (the server plus one bank cannot read another bank's
     # update); ckks: one shared CKKS key (one institution federating its own silos)
     aggregation: str = "secagg"
+    # secagg: each bank's masking neighbours. 0 = everyone neighbours everyone (the default); an even k =
+    # a k-regular graph (Bell et al. 2020): key shares grow as n k instead of n^2, the guarantees hold per
+    # neighbourhood of k + 1 banks, and every round runs the consent exchange (docs/secagg.md).
+    secagg_neighbours: int = 0
     min_banks: int = 3
     max_banks: int = 64  # banks reject an aggregate whose total weight says more contributed
     round_timeout: float = 900.0
@@ -137,6 +141,11 @@ class JobConfig:
             raise ConfigError(f"run config: 'min-banks' expected >= 1, got {self.min_banks}")
         if self.max_banks < self.min_banks:
             raise ConfigError(f"run config: 'max-banks' expected >= min-banks {self.min_banks}, got {self.max_banks}")
+        if self.secagg_neighbours < 0 or self.secagg_neighbours % 2:
+            raise ConfigError(
+                "run config: 'secagg-neighbours' expected 0 (everyone neighbours everyone) or an even number "
+                f">= 2, got {self.secagg_neighbours}"
+            )
         if self.rejoin_grace < 0:
             raise ConfigError(f"run config: 'rejoin-grace' expected >= 0 seconds, got {self.rejoin_grace}")
         if not self.job_id or "/" in self.job_id:
