@@ -50,7 +50,7 @@ from fedmoe.fl_client.state import atomic_save_tensors, load_tensors
 from fedmoe.fl_client.task import BankData, build_model, load_bank_data, round_seed
 from fedmoe.fl_client.train import TrainConfig, evaluate, train_local
 from fedmoe.model.trainable import TrainableView
-from fedmoe.protocol.config import JobConfig
+from fedmoe.protocol.config import RESUBMIT_MAY_CHANGE, JobConfig
 from fedmoe.protocol.errors import ConfigError
 from fedmoe.protocol.files import atomic_write_bytes, atomic_write_json, exclusive_lock, read_document, read_json
 from fedmoe.protocol.messages import EvalReply, RoundRequest, TrainReply, TrainStatus
@@ -262,9 +262,6 @@ def check_job(job: JobConfig, config: BankConfig, request: RoundRequest) -> None
 
 # ---- the bank's own record of its job -------------------------------------------------------------
 JOB_RECORD = "job.json"  # in <state-root>/jobs/<job-id>/, beside state.json and the replica
-# What a resubmission of the same job may change: the server's OPERATIONAL_KEYS (fedmoe.fl_server.state,
-# which a bank does not import; a test keeps the two equal). None of them changes the model or the privacy.
-RESUBMIT_MAY_CHANGE = frozenset({"num-rounds", "round-timeout", "rejoin-grace"})
 
 
 def job_record_path(state_root: Path, job_id: str) -> Path:

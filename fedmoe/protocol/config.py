@@ -74,6 +74,11 @@ def from_mapping(cls: type, raw: Mapping[str, Any], *, source: str, strict: bool
     return cls(**kwargs)
 
 
+# Run-config keys a resubmission of the same job may change: how long the server waits, never what
+# banks train or what their privacy is. The server's state and each bank's record of its job agree on it.
+RESUBMIT_MAY_CHANGE = frozenset({"num-rounds", "round-timeout", "rejoin-grace"})
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """One federated fine-tuning job: identical at the server and every bank."""
