@@ -46,8 +46,7 @@ def library_versions() -> dict[str, str]:
 def next_round_epsilon(state: AccountantState, planned: HistoryEntry) -> float:
     """The epsilon the bank would reach after one more round `planned`: the larger of its own
     accountant's (add/remove) and replace-one's, the two its budget check enforces."""
-    after = state.appended(planned)
-    return max(after.epsilon(), epsilon_replace_one(after.history, delta=state.delta))
+    return max(state.epsilon_after(planned))
 
 
 def _history_list(history: Sequence[Sequence[float]]) -> list[list[float | int]]:
