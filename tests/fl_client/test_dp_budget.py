@@ -136,6 +136,38 @@ def test_accountant_state_round_trips_through_json(tmp_path):
     assert json.loads(path.read_text())["history"] == [[0.87654321, 0.125, 7], [1.5, 0.1, 3]]
 
 
+def test_memoized_epsilon_answers_only_for_the_same_history_delta_and_adjacency():
+    """A bank asks about one history several times a round (pre-flight, budget check, ledger entry):
+    the memo answers a repeat with the value a fresh computation gives, never another key's value."""
+    from fedmoe.fl_client.dp.accountant import _opacus_epsilon
+    from fedmoe.protocol.accounting import _pld_epsilon, epsilon_pld
+
+    one, two = [HistoryEntry(1.0, 0.01, 40)], [HistoryEntry(1.0, 0.01, 40), HistoryEntry(1.0, 0.01, 40)]
+    calls = [
+        lambda: epsilon_for_history(one, delta=1e-5, mechanism="rdp"),
+        lambda: epsilon_for_history(one, delta=1e-6, mechanism="rdp"),
+        lambda: epsilon_for_history(two, delta=1e-5, mechanism="rdp"),
+        lambda: epsilon_for_history(one, delta=1e-5, mechanism="prv"),
+        lambda: epsilon_pld(one, delta=1e-5),
+        lambda: epsilon_pld(one, delta=1e-6),
+        lambda: epsilon_replace_one(one, delta=1e-5),
+        lambda: epsilon_replace_one(two, delta=1e-5),
+    ]
+    fresh = []
+    for call in calls:
+        _opacus_epsilon.cache_clear()
+        _pld_epsilon.cache_clear()
+        fresh.append(call())
+    assert len(set(fresh)) == len(fresh)  # each key its own value
+    for call in calls:
+        call()
+    hits = _opacus_epsilon.cache_info().hits + _pld_epsilon.cache_info().hits
+    assert [call() for call in calls] == fresh
+    assert _opacus_epsilon.cache_info().hits + _pld_epsilon.cache_info().hits == hits + len(calls)
+    state = AccountantState("rdp", 1e-5, tuple(one))  # the budget's two epsilons after one more round
+    assert state.epsilon_after(one[0]) == (fresh[2], fresh[7])
+
+
 @pytest.mark.parametrize(
     "raw,message",
     [
