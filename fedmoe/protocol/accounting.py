@@ -6,7 +6,6 @@ them. Torch-free, so the privacy officer's tool and the server can use it.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Sequence
 
@@ -30,10 +29,7 @@ RDP_ORDERS: tuple[float, ...] = (
 )
 
 
-Merged = tuple[tuple[float, float, int], ...]  # a history as the accountants compose it
-
-
-def _merged(history: Sequence[Sequence[float]]) -> Merged:
+def _merged(history: Sequence[Sequence[float]]) -> list[tuple[float, float, int]]:
     """Consecutive equal (sigma, q) joined: k rounds of (sigma, q, s) are one (sigma, q, k*s)."""
     out: list[tuple[float, float, int]] = []
     for sigma, q, steps in history:
@@ -41,15 +37,15 @@ def _merged(history: Sequence[Sequence[float]]) -> Merged:
             out[-1] = (out[-1][0], out[-1][1], out[-1][2] + int(steps))
         elif steps:
             out.append((float(sigma), float(q), int(steps)))
-    return tuple(out)
+    return out
 
 
-def _dp_event(merged: Merged) -> dp_accounting.DpEvent | None:
+def _dp_event(history: Sequence[Sequence[float]]) -> dp_accounting.DpEvent | None:
     events = [
         dp_accounting.SelfComposedDpEvent(
             dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
         )
-        for sigma, q, steps in merged
+        for sigma, q, steps in _merged(history)
     ]
     if not events:
         return None
@@ -70,7 +66,12 @@ def epsilon_pld(history: Sequence[Sequence[float]], *, delta: float) -> float:
     Returns:
         Epsilon (0.0 for an empty history).
     """
-    return _pld_epsilon(_merged(history), float(delta), dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    event = _dp_event(history)
+    if event is None:
+        return 0.0
+    accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    accountant.compose(event)
+    return float(accountant.get_epsilon(delta))
 
 
 def epsilon_replace_one(history: Sequence[Sequence[float]], *, delta: float) -> float:
@@ -81,18 +82,12 @@ def epsilon_replace_one(history: Sequence[Sequence[float]], *, delta: float) -> 
     is refused) depends on n: for anyone who learns n that way, replace-one is the adjacency that
     counts. Banks enforce their budget under both (issue 26); 0.0 for an empty history.
     """
-    return _pld_epsilon(_merged(history), float(delta), dp_accounting.NeighboringRelation.REPLACE_ONE)
-
-
-@functools.lru_cache(maxsize=256)
-def _pld_epsilon(merged: Merged, delta: float, relation: dp_accounting.NeighboringRelation) -> float:
-    """Memoized (a pure function of plain numbers): a bank evaluates the same history in its
-    pre-flight, its budget check and its ledger entry, each ~0.1-0.5 s (docs/performance.md)."""
-    event = _dp_event(merged)
+    event = _dp_event(history)
     if event is None:
         return 0.0
     accountant = pld_privacy_accountant.PLDAccountant(
-        neighboring_relation=relation, value_discretization_interval=PLD_DISCRETIZATION
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE,
+        value_discretization_interval=PLD_DISCRETIZATION,
     )
     accountant.compose(event)
     return float(accountant.get_epsilon(delta))
@@ -103,7 +98,7 @@ def epsilon_rdp(history: Sequence[Sequence[float]], *, delta: float) -> float:
 
     An upper bound looser than PLD/PRV; independent of Opacus' RDP code.
     """
-    event = _dp_event(_merged(history))
+    event = _dp_event(history)
     if event is None:
         return 0.0
     accountant = rdp_privacy_accountant.RdpAccountant(orders=list(RDP_ORDERS))

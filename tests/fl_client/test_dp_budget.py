@@ -139,33 +139,27 @@ def test_accountant_state_round_trips_through_json(tmp_path):
 def test_memoized_epsilon_answers_only_for_the_same_history_delta_and_adjacency():
     """A bank asks about one history several times a round (pre-flight, budget check, ledger entry):
     the memo answers a repeat with the value a fresh computation gives, never another key's value."""
-    from fedmoe.fl_client.dp.accountant import _opacus_epsilon
-    from fedmoe.protocol.accounting import _pld_epsilon, epsilon_pld
+    from fedmoe.fl_client.dp.accountant import _memo_epsilon, _memo_replace_one
 
-    one, two = [HistoryEntry(1.0, 0.01, 40)], [HistoryEntry(1.0, 0.01, 40), HistoryEntry(1.0, 0.01, 40)]
-    calls = [
-        lambda: epsilon_for_history(one, delta=1e-5, mechanism="rdp"),
-        lambda: epsilon_for_history(one, delta=1e-6, mechanism="rdp"),
-        lambda: epsilon_for_history(two, delta=1e-5, mechanism="rdp"),
-        lambda: epsilon_for_history(one, delta=1e-5, mechanism="prv"),
-        lambda: epsilon_pld(one, delta=1e-5),
-        lambda: epsilon_pld(one, delta=1e-6),
-        lambda: epsilon_replace_one(one, delta=1e-5),
-        lambda: epsilon_replace_one(two, delta=1e-5),
+    one = (HistoryEntry(1.0, 0.01, 40),)
+    states = [
+        AccountantState("rdp", 1e-5, one),
+        AccountantState("rdp", 1e-6, one),
+        AccountantState("rdp", 1e-5, one + one),
+        AccountantState("prv", 1e-5, one),
     ]
-    fresh = []
-    for call in calls:
-        _opacus_epsilon.cache_clear()
-        _pld_epsilon.cache_clear()
-        fresh.append(call())
+    fresh = [epsilon_for_history(s.history, delta=s.delta, mechanism=s.mechanism) for s in states]
+    fresh += [epsilon_replace_one(s.history, delta=s.delta) for s in states[:3]]
     assert len(set(fresh)) == len(fresh)  # each key its own value
-    for call in calls:
-        call()
-    hits = _opacus_epsilon.cache_info().hits + _pld_epsilon.cache_info().hits
-    assert [call() for call in calls] == fresh
-    assert _opacus_epsilon.cache_info().hits + _pld_epsilon.cache_info().hits == hits + len(calls)
-    state = AccountantState("rdp", 1e-5, tuple(one))  # the budget's two epsilons after one more round
-    assert state.epsilon_after(one[0]) == (fresh[2], fresh[7])
+    _memo_epsilon.cache_clear()
+    _memo_replace_one.cache_clear()
+
+    def memo() -> list[float]:
+        return [s.epsilon() for s in states] + [s.epsilon_replace_one() for s in states[:3]]
+
+    assert memo() == fresh and memo() == fresh
+    assert _memo_epsilon.cache_info().hits == 4 and _memo_replace_one.cache_info().hits == 3  # the repeat
+    assert states[0].epsilon_after(one[0]) == (fresh[2], fresh[6])  # the budget's two epsilons after a round
 
 
 @pytest.mark.parametrize(

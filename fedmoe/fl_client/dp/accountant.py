@@ -78,15 +78,8 @@ def epsilon_for_history(
     merged = _merged(history)
     if not merged or all(steps == 0 for _, _, steps in merged):
         return 0.0
-    return _opacus_epsilon(tuple(merged), float(delta), mechanism)
-
-
-@functools.lru_cache(maxsize=256)
-def _opacus_epsilon(merged: tuple[tuple[float, float, int], ...], delta: float, mechanism: str) -> float:
-    """Memoized (a pure function of plain numbers): a bank evaluates the same history in its
-    pre-flight, its budget check and its ledger entry; a PRV evaluation takes ~0.3-0.6 s."""
     accountant = create_accountant(mechanism=mechanism)
-    accountant.history = list(merged)
+    accountant.history = merged
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         if mechanism == "prv":
@@ -269,19 +262,19 @@ class AccountantState:
         return AccountantState(mechanism=cfg.accountant, delta=float(cfg.delta), history=self.history)
 
     def epsilon(self) -> float:
-        return epsilon_for_history(self.history, delta=self.delta, mechanism=self.mechanism)
+        return _memo_epsilon(self.history, self.delta, self.mechanism)
+
+    def epsilon_replace_one(self) -> float:
+        """The same history under replace-one adjacency (n public; `epsilon_replace_one`)."""
+        return _memo_replace_one(self.history, self.delta)
 
     def appended(self, entry: HistoryEntry) -> AccountantState:
         return AccountantState(self.mechanism, self.delta, (*self.history, HistoryEntry(*entry)))
 
     def epsilon_after(self, entry: HistoryEntry) -> tuple[float, float]:
-        """(add/remove, replace-one) epsilon after one more round `entry`: the two a budget holds under.
-
-        Both are memoized by history, so the pre-flight, the budget check and the ledger entry of
-        a round (which all ask about the same plan) compute each once.
-        """
+        """(add/remove, replace-one) epsilon after one more round `entry`: the two a budget holds under."""
         after = self.appended(entry)
-        return after.epsilon(), epsilon_replace_one(after.history, delta=self.delta)
+        return after.epsilon(), after.epsilon_replace_one()
 
     def check_matches(self, cfg: DPConfig) -> None:
         """Raises DPError if this state was built for another accountant or delta than `cfg`."""
@@ -355,6 +348,21 @@ class AccountantState:
         except FileNotFoundError:
             raise DPError(f"{path}: accountant state file not found") from None
         return cls.from_json(text, source=str(path))
+
+
+# A bank asks about the same history several times a round: its pre-flight (at the last round's
+# unmask), its budget check and its ledger entry (each PRV or PLD evaluation ~0.1-0.6 s; before the
+# memo they were most of a steady round's bank time, docs/performance.md). The memo sits here, not in
+# the pure functions: mutation testing forks its mutants from a process that already ran the tests,
+# and a memo inside a mutated function would answer with the unmutated value.
+@functools.lru_cache(maxsize=256)
+def _memo_epsilon(history: tuple[HistoryEntry, ...], delta: float, mechanism: str) -> float:
+    return epsilon_for_history(history, delta=delta, mechanism=mechanism)
+
+
+@functools.lru_cache(maxsize=256)
+def _memo_replace_one(history: tuple[HistoryEntry, ...], delta: float) -> float:
+    return epsilon_replace_one(history, delta=delta)
 
 
 @dataclass(frozen=True)
