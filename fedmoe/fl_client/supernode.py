@@ -1,17 +1,16 @@
 """`fedmoe-supernode`: Flower's `flower-supernode`, polling the SuperLink every 0.5 s instead of 3 s
-(4x as often for 3 s after each reply) and pushing a reply again when the SuperLink fails to store it.
+and pushing a reply again when the SuperLink fails to store it.
 
 An idle SuperNode (flwr 1.42, `start_client_internal`) sleeps a fixed 3 s between pulls and 0.5 s
 while it waits for its ClientApp's reply. A secure-aggregation round is several exchanges, so those
 sleeps were most of a round's framework overhead (docs/architecture.md). Same arguments, same
 behaviour otherwise; flwr is pinned to 1.42.x in pyproject.toml because this reaches into its module.
-An idle SuperNode costs the SuperLink one cheap pull per POLL_SECONDS.
+The poll costs the SuperLink one cheap pull per bank per POLL_SECONDS.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import sys
@@ -37,35 +36,9 @@ PUSH_ATTEMPTS = 5  # a reply the SuperLink could not store ("database is locked"
 LOCAL_WAIT_SECONDS = 0.05
 
 
-# A bank's next message mostly comes within seconds of its last reply: a secure-aggregation round's
-# next exchange goes out once the slowest bank has answered. Polling at POLL_SECONDS, the server waited
-# for the last bank's poll at every exchange (about 0.4 s at 3 banks). So for FAST_WINDOW_SECONDS after
-# a reply the SuperNode pulls FAST_POLL_FACTOR times as often: a bounded burst per reply (24 pulls at
-# 0.5 s), not a steady load on the SuperLink's database (15 banks, polling every 1.5 s in loopback,
-# make at most 40 pulls a second during their bursts; 15 banks at 0.2 s made it answer "locked").
-FAST_WINDOW_SECONDS = 3.0
-FAST_POLL_FACTOR = 4
-
-
-class PollPacer:
-    """The sleeps of Flower's SuperNode loop: its 3 s idle wait between pulls -> POLL_SECONDS (a quarter
-    of it for FAST_WINDOW_SECONDS after a reply); its local 0.5 s waits -> LOCAL_WAIT_SECONDS."""
-
-    def __init__(self, poll: float = POLL_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
-        self.poll, self.clock = poll, clock
-        self.replied_at = -math.inf
-
-    def replied(self) -> None:
-        self.replied_at = self.clock()
-
-    def interval(self, seconds: float) -> float:
-        if seconds < 1:  # Flower's local waits (its executor's reply): no SuperLink involved
-            return min(seconds, LOCAL_WAIT_SECONDS)
-        recent = self.clock() - self.replied_at < FAST_WINDOW_SECONDS
-        return min(seconds, self.poll / FAST_POLL_FACTOR if recent else self.poll)
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(self.interval(seconds))
+def _short_sleep(seconds: float) -> None:
+    """Flower's 3 s idle wait between pulls -> POLL_SECONDS; its local 0.5 s waits -> LOCAL_WAIT_SECONDS."""
+    time.sleep(min(seconds, POLL_SECONDS if seconds >= 1 else LOCAL_WAIT_SECONDS))
 
 
 def retrying(call: Callable, give_up: tuple[type[BaseException], ...] = ()) -> Callable:
@@ -233,14 +206,12 @@ def main() -> None:
     from flwr.supernode.fleet_http_client import FleetHttpClient
 
     # The module's only use of `time` is sleep (checked by tests/deploy/test_supernode_poll.py).
-    pacer = PollPacer()
-    start_client_internal.time = SimpleNamespace(sleep=pacer.sleep)
+    start_client_internal.time = SimpleNamespace(sleep=_short_sleep)
     push_messages = start_client_internal._push_messages
     not_running = start_client_internal.RunNotRunningException
 
     def push_with_retries(state, object_store, send, push_object) -> None:
         push_messages(state, object_store, retrying(send, (not_running,)), retrying(push_object, (not_running,)))
-        pacer.replied()
 
     start_client_internal._push_messages = push_with_retries
     quick_object_pulls()  # a message's objects: retried after 0.02 s, not 1 s (fedmoe/protocol/flower.py)

@@ -28,27 +28,12 @@ def test_flowers_supernode_loop_uses_time_only_to_sleep():
 
 
 def test_sleeps_are_capped_at_the_poll_interval():
-    pacer = supernode.PollPacer()
     started = time.perf_counter()
-    pacer.sleep(3.0)  # Flower's idle wait between pulls
+    supernode._short_sleep(3.0)  # Flower's idle wait between pulls
     assert time.perf_counter() - started < supernode.POLL_SECONDS + 0.15
     started = time.perf_counter()
-    pacer.sleep(0.5)  # Flower's local wait for its executor's reply
+    supernode._short_sleep(0.5)  # Flower's local wait for its executor's reply
     assert time.perf_counter() - started < supernode.LOCAL_WAIT_SECONDS + 0.1
-
-
-def test_the_poll_is_faster_only_for_a_while_after_a_reply():
-    """The round's next exchange follows a reply within seconds; an idle SuperNode keeps its slow poll."""
-    now = [100.0]
-    pacer = supernode.PollPacer(poll=0.5, clock=lambda: now[0])
-    assert pacer.interval(3.0) == 0.5  # no reply yet: idle
-    pacer.replied()
-    now[0] += supernode.FAST_WINDOW_SECONDS - 0.01
-    assert pacer.interval(3.0) == 0.5 / supernode.FAST_POLL_FACTOR
-    assert pacer.interval(0.5) == supernode.LOCAL_WAIT_SECONDS  # local waits stay local
-    now[0] += 0.02
-    assert pacer.interval(3.0) == 0.5  # the burst is over
-    assert pacer.interval(0.01) == 0.01  # never longer than Flower asked for
 
 
 def test_every_bank_runs_the_short_poll_supernode_and_fast_executors():
