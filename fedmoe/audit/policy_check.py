@@ -11,7 +11,7 @@ it, after the node-config overrides it records (which may only tighten the polic
     policy-clip      the clip norm is outside ['clip-norm-min', 'clip-norm-max']
     policy-delta     delta above 'max-delta'
     policy-unit      a privacy unit weaker than 'privacy-unit'
-    policy-budget    the budget or the epsilon spent above the policy's lifetime 'epsilon'
+    policy-budget    the budget, or the epsilon a round spent, above the policy's lifetime 'epsilon'
     policy-noise-source  seeded noise without 'seeded-noise'; a round without DP without 'allow-no-dp'
     policy-releases  the entry releases a plain metric the policy's 'release-metrics' does not
 
@@ -32,6 +32,7 @@ from fedmoe.protocol.accounting import epsilon_pld, epsilon_replace_one
 from fedmoe.protocol.errors import ConfigError
 
 Add = Callable[..., None]  # _Collector.add(severity, check, where, message, entry)
+SPENDING_STATUSES = ("trained", "non-private")  # the entries that spend; every other one carries its epsilon over
 
 
 def load_policies(policies: Mapping[str, str | os.PathLike[str]] | None, add: Add) -> dict[str, tuple[Path, Any]]:
@@ -89,7 +90,10 @@ def check_entry_policy(entry: Mapping[str, Any], where: Any, policy: BankPolicy,
     if UNIT_STRENGTH.get(entry["privacy_unit"], -1) < UNIT_STRENGTH[unit]:
         fail("policy-unit", f"field 'privacy_unit' = {entry['privacy_unit']!r} is weaker than the policy's "
              f"'privacy-unit' = {unit!r}")  # fmt: skip
-    for name in ("budget_epsilon", "epsilon", "epsilon_replace_one"):
+    # An entry that spent nothing carries the epsilon of earlier rounds, each checked where it was spent: a
+    # refusal after the budget was lowered below it is the bank's check working, not an overspend.
+    spent_here = ("epsilon", "epsilon_replace_one") if entry["status"] in SPENDING_STATUSES else ()
+    for name in ("budget_epsilon", *spent_here):
         if isinstance(entry.get(name), (int, float)) and entry[name] > rules.epsilon * (1 + 1e-9):
             fail("policy-budget", f"field '{name}' = {entry[name]:.4g} is above the policy's lifetime "
                  f"'epsilon' = {rules.epsilon:g}")  # fmt: skip

@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedmoe.audit.policy_check import SPENDING_STATUSES
 from fedmoe.audit.verify import AuditResult, BankSummary, Finding, LedgerFile, RoundPoint
 
 REPORT_FILE = "report.html"
@@ -65,8 +66,10 @@ WHAT_TO_DO: dict[str, str] = {
     "bank's ledger is not anchored against deleted or rewritten lines.",
     "cross-check": "The bank's ledger differs from what the server mirrored (lines deleted or rewritten): get the "
     "original ledger from the bank and ask it to explain the difference.",
-    "missing-ledger": "The server mirrored rounds of a bank whose ledger was not given: obtain that bank's "
-    "ledger.jsonl and run the audit again; its ε cannot be checked without it.",
+    "missing-ledger": "The server mirrored rounds a bank trained, but its ledger was not given: obtain that bank's "
+    "ledger.jsonl (fedmoe site officer-bundle) and run the audit again; its ε cannot be checked without it.",
+    "not-trained": "No action needed for this job: the bank trained in none of its rounds. Its lifetime ε is audited "
+    "from its own ledger (fedmoe site officer-bundle).",
     "seeded-noise": "Noise was seeded (predictable): set seeded-noise = false in the bank's policy and treat this "
     "dataset's released updates as not private.",
     "non-private": "A round trained without DP: set allow-no-dp = false in the bank's policy and treat that "
@@ -104,8 +107,8 @@ WHAT_TO_DO: dict[str, str] = {
     "overspend.",
     "policy-noise-source": "Predictable noise or no DP without the policy allowing it: treat those releases as "
     "not private.",
-    "refused-round": "No action needed: the bank's own budget check refused this round and nothing was spent; "
-    "the bank has no budget left for another round like it.",
+    "refused-round": "No action needed: the bank refused this round (its policy or its budget check: the reason "
+    "names the rule) and nothing was spent.",
     "failed-round": "Nothing was spent; if rounds keep failing, ask the bank for its logs.",
     "empirical": "The DP-SGD code leaked more than its accountant claims: stop all private training until "
     "clipping, noise and sampling are fixed.",
@@ -228,7 +231,7 @@ def _round_notes(bank: BankSummary) -> list[Flag]:
             continue
         path, _, line = point.source.rpartition(":")
         reason = str(entry.get("reason") or "no reason recorded")
-        verb = "refused by the bank's own budget check" if point.status == "refused" else "failed at the bank"
+        verb = "refused by the bank" if point.status == "refused" else "failed at the bank"
         notes.append(
             Flag(
                 severity="info",
@@ -312,8 +315,8 @@ def audit_verdict(result: AuditResult, flags: list[Flag]) -> Verdict:
             more = f" (+{len(group) - 1} more)" if len(group) > 1 else ""
             reasons.append(f"{word} [{check}] {group[0].message}{more} — at {where}")
     for check, group in _group_by_check(f for f in flags if f.severity == "info").items():
-        rounds = ", ".join(f"{f.bank} round {f.round}" for f in group)
-        reasons.append(f"note [{check}] {len(group)} round(s) ({rounds}): {group[0].what_to_do}")
+        where = ", ".join(str(f.bank) + ("" if f.round is None else f" round {f.round}") for f in group)
+        reasons.append(f"note [{check}] {len(group)} ({where}): {group[0].what_to_do}")
     if result.ok:
         chains = sum(f.chain.ok for f in result.files)
         reasons.insert(
@@ -363,18 +366,31 @@ def _unbounded(bank: BankSummary) -> str | None:
     return None
 
 
+def _left_text(left: float, digits: int, refused: str) -> str:
+    """A budget left; below 0 an overspend, unless `refused` says why nothing was spent there (the budget
+    was lowered below what earlier rounds spent, and the bank's check refused: that is no overspend)."""
+    text = f"{left:.{digits}f}"
+    return text if left >= 0 else text + f" ({refused or 'overspent'})"
+
+
+def _overspent(bank: BankSummary) -> bool:
+    return bank.remaining < 0 and bank.spent_in_job
+
+
 def remaining_text(bank: BankSummary, result: AuditResult, digits: int = 3) -> str:
     """Budget left, or why no number can be shown (a broken chain, seeded noise, no DP)."""
     if broken_chains(bank, result):
         return CHAIN_BROKEN
-    return _unbounded(bank) or f"{bank.remaining:.{digits}f}" + (" (overspent)" if bank.remaining < 0 else "")
+    refused = "" if bank.spent_in_job else "spent in earlier jobs; this job spent nothing"
+    return _unbounded(bank) or _left_text(bank.remaining, digits, refused)
 
 
 def _round_left(bank: BankSummary, point: RoundPoint, result: AuditResult) -> str:
     if broken_chains(bank, result):
         return CHAIN_BROKEN
     left = bank.budget - max(point.epsilon, point.epsilon_pld)
-    return _unbounded(bank) or f"{left:.3f}" + (" (overspent)" if left < 0 else "")
+    refused = "" if point.status in SPENDING_STATUSES else "spent earlier; this round spent nothing"
+    return _unbounded(bank) or _left_text(left, 3, refused)
 
 
 def _distinct(values: Iterable[Any]) -> str:
@@ -418,12 +434,13 @@ def render_table(result: AuditResult, console: Console) -> None:
         table.add_column(name, justify=justify, no_wrap=name in ("bank", "δ"))
     table.caption = (
         "ε spent: the bank's accountant, as recorded; ε PLD: recomputed here from the histories (the number that "
-        "counts); ε RDP: a looser upper bound, not an overspend when above the budget"
+        "counts); ε RDP: a looser upper bound, not an overspend when above the budget; budget: the bank's policy "
+        "(--policy), * the largest its ledger records"
     )
     for bank in result.banks:
         other = " / ".join(_rounds(r) for r in (bank.rounds_refused, bank.rounds_skipped, bank.rounds_dropped))
         remaining = remaining_text(bank, result)
-        color = "red" if remaining.startswith("n/a") or bank.remaining < 0 else "green"
+        color = "red" if remaining.startswith("n/a") or _overspent(bank) else "green"
         table.add_row(
             _label(bank, result),
             bank.accountant,
@@ -433,7 +450,7 @@ def render_table(result: AuditResult, console: Console) -> None:
             f"{bank.epsilon_recorded:.3f}",
             f"{bank.epsilon_pld:.3f}",
             f"[dim]{bank.epsilon_rdp:.3f}[/]",
-            f"{bank.budget:g}",
+            f"{bank.budget:g}" + ("" if bank.budget_source == "policy" else "*"),
             f"[{color}]{escape(remaining)}[/]",
             "[green]ok[/]" if bank.ok else "[red]FAIL[/]",
         )
@@ -764,7 +781,7 @@ def _html_bank_summary(result: AuditResult) -> str:
         rdp_is_bound = bank.accountant != "rdp"
         rdp = f"{bank.epsilon_rdp:.4f}" + ("†" if rdp_is_bound else "")
         remaining = remaining_text(bank, result, 4)
-        css = "bad" if remaining.startswith("n/a") or bank.remaining < 0 else ""
+        css = "bad" if remaining.startswith("n/a") or _overspent(bank) else ""
         rows.append(
             [
                 _esc(_label(bank, result)),
@@ -773,7 +790,7 @@ def _html_bank_summary(result: AuditResult) -> str:
                 f"{bank.epsilon_recorded:.4f} <span class=muted>({_esc(bank.accountant.upper())})</span>",
                 f"{bank.epsilon_pld:.4f}",
                 f'<span class="muted">{rdp}</span>' if rdp_is_bound else rdp,
-                f"{bank.budget:g}",
+                f"{bank.budget:g}" + ("" if bank.budget_source == "policy" else "*"),
                 f'<span class="{css}">{_esc(remaining)}</span>',
                 _status(bank.ok),
             ]
@@ -786,7 +803,10 @@ def _html_bank_summary(result: AuditResult) -> str:
     return (
         "<h2>Banks</h2>"
         + _table(headers, rows, numeric=(3, 4, 5, 6, 7), names=(0,))
-        + "<p class=small>Budget left = budget − the larger of ε spent and ε recomputed (PLD). "
+        + "<p class=small>Budget ε: the bank's lifetime ε by its policy file (<code>--policy</code>, tightened "
+        "by the node-config its entries record); * without it, the largest budget its ledger records (its "
+        "policy's is at least that). Budget left = budget − the larger of ε spent and ε recomputed (PLD); "
+        "below 0 it is an overspend only for a job that spent: a bank that refused spent nothing. "
         "† RDP is a looser upper bound shown for comparison only: these banks enforce their budget with PRV "
         "(checked here with PLD), so an RDP value above the budget is <em>not</em> an overspend. "
         "“n/a — chain broken”: the ledger could not be verified past a broken line, so no budget left is "
@@ -988,6 +1008,7 @@ def _bank_json(bank: BankSummary, result: AuditResult) -> dict[str, Any]:
         "accountant": bank.accountant,
         "delta": bank.delta,
         "budget_epsilon": bank.budget,
+        "budget_source": bank.budget_source,
         "epsilon_recorded": bank.epsilon_recorded,
         "epsilon_pld": bank.epsilon_pld,
         "epsilon_rdp_upper_bound": bank.epsilon_rdp,

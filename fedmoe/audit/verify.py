@@ -24,6 +24,12 @@ Checks, for every bank entry (in a bank ledger, or wrapped in a mirror line):
                 mirrored entries chain to each other.
     cross-check every entry the server mirrored is in the bank's ledger with the same hash
                 (catches a bank ledger whose last lines were deleted or replaced).
+    missing-ledger  a mirror that shows a round the bank trained (received, or a commitment to a
+                trained entry) without the bank's ledger; a mirror that shows none is an info
+                `not-trained` (nothing of this job is the bank's to verify).
+
+Each bank's budget is its policy's lifetime epsilon where the audit has its policy (`policies`);
+without it, the largest `budget_epsilon` its ledger records (every entry's is at most the policy's).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,10 +46,16 @@ from typing import TYPE_CHECKING, Any, Literal
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from fedmoe.audit.policy_check import check_dataset_identities, check_entry_policy, load_policies
+from fedmoe.audit.policy_check import (
+    SPENDING_STATUSES,
+    check_dataset_identities,
+    check_entry_policy,
+    load_policies,
+)
 from fedmoe.crypto.errors import CryptoError
 from fedmoe.crypto.identity import ConsortiumPins
 from fedmoe.protocol.accounting import epsilon_pld, epsilon_rdp, epsilon_replace_one, epsilon_tolerance
+from fedmoe.protocol.errors import ConfigError
 from fedmoe.protocol.ledger import (
     BANK_SCHEMA,
     MIRROR_SCHEMA,
@@ -61,7 +74,8 @@ from fedmoe.protocol.ledger import (
 if TYPE_CHECKING:
     from fedmoe.audit.canary import CanaryAuditResult
 
-Severity = Literal["error", "warning"]
+Severity = Literal["error", "warning", "info"]  # info: a note, not a failure
+BudgetSource = Literal["policy", "ledger"]  # the bank's policy file, or the largest budget_epsilon its ledger records
 # The bank entry schema, derived from the typed entry the bank's writer fills (fedmoe.protocol.ledger).
 _BANK_FIELDS = bank_entry_fields()
 
@@ -133,6 +147,12 @@ class BankSummary:
     entries: tuple[dict[str, Any], ...] = ()  # the bank's ledger entries of this job, verbatim
     head_hash: str = ""  # hash of the last entry of the bank's ledger file (what a sign-off pins)
     epsilon_replace_one: float = 0.0  # recomputed here (PLD, replace-one: n public)
+    budget_source: BudgetSource = "ledger"
+
+    @property
+    def spent_in_job(self) -> bool:
+        """Whether any round of this job spent privacy (trained, with or without DP)."""
+        return any(p.status in SPENDING_STATUSES for p in self.points)
 
     @property
     def epsilon_spent(self) -> float:
@@ -560,7 +580,8 @@ def _check_epsilons(
             "warning",
             "budget",
             where,
-            f"refused although the next round ({entry['epsilon_next_round']:.4f}) fit the budget ({budget})",
+            f"refused although the next round ({entry['epsilon_next_round']:.4f}) fit the budget ({budget}). What "
+            "to do: nothing was spent (a refusal records no overspend); ask the bank why its budget check refused",
             entry,
         )
     return True
@@ -772,8 +793,45 @@ def _cross_check(bank_view: _BankView, mirror_view: _BankView, out: _Collector) 
         )
 
 
+def _mirror_without_ledger(key: tuple[str, str], mirror: _BankView, out: _Collector) -> None:
+    """A mirror whose bank ledger was not given: an error when the server saw the bank train in the job
+    (the mirror holds commitments only: without the ledger nothing can be recomputed), else a note."""
+    job, bank = key
+    commitments = [w["commitment"] for _, w in mirror.server if w.get("commitment") is not None]
+    received = [w for _, w in mirror.server if w["server_status"] == "received"]
+    if received or any(c["status"] in SPENDING_STATUSES for c in commitments):
+        out.add(
+            "error",
+            "missing-ledger",
+            (mirror.path, None),
+            f"no bank ledger for job {job!r} bank {bank!r}: the server mirrored rounds it trained, but the "
+            "bank's own ledger.jsonl was not given (or is lost). What to do: obtain it from the bank",
+            {"bank_id": bank, "job_id": job},
+        )
+        return
+    rows = ", ".join(
+        f"{n} {status}" for status, n in sorted(Counter(w["server_status"] for _, w in mirror.server).items())
+    )
+    said = ", ".join(f"{n} {status}" for status, n in sorted(Counter(c["status"] for c in commitments).items()))
+    out.add(
+        "info",
+        "not-trained",
+        (mirror.path, None),
+        f"bank {bank!r} never trained in job {job!r} (the server's mirror: {rows}"
+        + (f"; its commitments: {said}" if said else "")
+        + "): none of its updates reached the server, so nothing this job released needs its ledger (its "
+        "lifetime ε, a round whose reply was lost included, is in its own ledger)",
+        {"bank_id": bank, "job_id": job},
+    )
+
+
 def _summarize(
-    key: tuple[str, str], authority: _BankView, mirror: _BankView | None, rec: _Recompute, findings: list[Finding]
+    key: tuple[str, str],
+    authority: _BankView,
+    mirror: _BankView | None,
+    rec: _Recompute,
+    findings: list[Finding],
+    budget: tuple[float, BudgetSource],
 ) -> BankSummary | None:
     entries = [e for _, e in authority.entries]
     if not entries:
@@ -808,7 +866,8 @@ def _summarize(
         bank_id=key[1],
         accountant=accountant,
         delta=delta,
-        budget=float(last["budget_epsilon"]),
+        budget=budget[0],
+        budget_source=budget[1],
         authority=str(authority.path),
         points=points,
         rounds_trained=tuple(sorted(by_status["trained"])),
@@ -823,6 +882,23 @@ def _summarize(
         head_hash=authority.head_hash,
         epsilon_replace_one=rec.replace_one(last["history"], delta),
     )
+
+
+def _largest_budget(entries: list[dict[str, Any]]) -> float:
+    """The largest `budget_epsilon` a bank's ledger records: every entry's is at most the bank's policy."""
+    values = [float(e["budget_epsilon"]) for e in entries if is_json_type(e.get("budget_epsilon"), (int, float))]
+    return max(values, default=0.0)
+
+
+def _policy_budget(view: _BankView, policy: Any) -> tuple[float, BudgetSource] | None:
+    """The bank's lifetime budget by its policy file, tightened by the node-config its last entry records."""
+    if policy is None or not view.entries:
+        return None
+    overrides = view.entries[-1][1].get("policy_overrides") or {}
+    try:
+        return policy.tightened(**{k: float(v) for k, v in overrides.items()}).epsilon, "policy"
+    except (ConfigError, KeyError, TypeError, ValueError):  # a 'policy-overrides' finding says why
+        return policy.epsilon, "policy"
 
 
 def _check_pinned_banks_present(
@@ -921,20 +997,16 @@ def audit_ledgers(
     for key, mirror in mirror_views.items():
         if key in bank_views:
             _cross_check(bank_views[key], mirror, out)
-        else:  # the mirror holds commitments only: without the bank's ledger nothing can be recomputed
-            out.add(
-                "error",
-                "missing-ledger",
-                (mirror.path, None),
-                f"no bank ledger for job {key[0]!r} bank {key[1]!r}: the server mirrored its rounds, but the "
-                "bank's own ledger.jsonl was not given (or is lost). What to do: obtain it from the bank",
-                {"bank_id": key[1], "job_id": key[0]},
-            )
+        else:
+            _mirror_without_ledger(key, mirror, out)
 
     _check_pinned_banks_present(pins, pins_required, bank_views, files, out, scope)
     summaries = []
+    recorded = {path: _largest_budget(entries) for path, entries in bank_files}
     for key in sorted(bank_views):
-        summary = _summarize(key, bank_views[key], mirror_views.get(key), rec, out.findings)
+        view = bank_views[key]
+        budget = _policy_budget(view, loaded.get(key[1], (None, None))[1]) or (recorded.get(view.path, 0.0), "ledger")
+        summary = _summarize(key, view, mirror_views.get(key), rec, out.findings, budget)
         if summary is not None:
             summaries.append(summary)
     return AuditResult(tuple(files), tuple(summaries), tuple(out.findings), pins_checked=pins is not None)

@@ -6,6 +6,7 @@ between rounds lives in its state dir (DESIGN.md, "State on disk"):
 
     <state-root>/jobs/<job-id>/
         state.json             job id, layout hash, start hash, last applied round, rounds trained
+        job.json               the run config the bank took part under (written once, by the bank)
         replica.safetensors    the trainable view of the global model after `applied_round`, and the
                                update rule's optimizer state (fedmoe.fl_client.fedopt): one atomic file
         released/round-NNNN.*  what the bank released for a round (re-sent, never re-trained)
@@ -49,9 +50,9 @@ from fedmoe.fl_client.state import atomic_save_tensors, load_tensors
 from fedmoe.fl_client.task import BankData, build_model, load_bank_data, round_seed
 from fedmoe.fl_client.train import TrainConfig, evaluate, train_local
 from fedmoe.model.trainable import TrainableView
-from fedmoe.protocol.config import JobConfig
+from fedmoe.protocol.config import RESUBMIT_MAY_CHANGE, JobConfig
 from fedmoe.protocol.errors import ConfigError
-from fedmoe.protocol.files import atomic_write_bytes, atomic_write_json, exclusive_lock, read_json
+from fedmoe.protocol.files import atomic_write_bytes, atomic_write_json, exclusive_lock, read_document, read_json
 from fedmoe.protocol.messages import EvalReply, RoundRequest, TrainReply, TrainStatus
 
 logger = logging.getLogger(__name__)
@@ -256,6 +257,55 @@ class Sealer(Protocol):
 # ---- step 1: catch up ------------------------------------------------------------------------------
 def check_job(job: JobConfig, config: BankConfig, request: RoundRequest) -> None:
     request.check_job(job.job_id, config.bank_id)
+    record_job(job, config)
+
+
+# ---- the bank's own record of its job -------------------------------------------------------------
+JOB_RECORD = "job.json"  # in <state-root>/jobs/<job-id>/, beside state.json and the replica
+
+
+def job_record_path(state_root: Path, job_id: str) -> Path:
+    return state_root / "jobs" / job_id / JOB_RECORD
+
+
+def job_changes(recorded: JobConfig, job: JobConfig) -> list[str]:
+    """`key: recorded -> job` for every run-config key but those a resubmission may change."""
+    old, new = recorded.to_run_config(), job.to_run_config()
+    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(old) if k not in RESUBMIT_MAY_CHANGE and old[k] != new[k]]
+
+
+def read_job_record(path: Path) -> JobConfig:
+    """A bank's record of its job (what `record_job` wrote); a missing or bad file raises ConfigError."""
+    raw = read_document(path, ConfigError, missing="no record of this job at the bank (it writes one when it "
+                        "first trains or applies an aggregate of the job)")  # fmt: skip
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object (a run config), got {type(raw).__name__}")
+    try:
+        return JobConfig.from_run_config(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def record_job(job: JobConfig, config: BankConfig) -> Path:
+    """The run config this bank takes part in the job under, written by the bank itself the first time
+    a message of the job reaches its state (what fedmoe-export reads at the bank: no server file needed).
+
+    Written once: every later message must carry the same job (but for RESUBMIT_MAY_CHANGE),
+    so a server can never change what the bank believes it trained.
+
+    Raises:
+        ConfigError: the message's run config differs from the bank's record (names the keys).
+    """
+    path = job_record_path(config.state_root, job.job_id)
+    if not path.exists():
+        return atomic_write_json(path, job.to_run_config())
+    changed = job_changes(read_job_record(path), job)
+    if changed:
+        raise ConfigError(
+            f"{path}: bank {config.bank_id} took part in job {job.job_id!r} under this run config; the message's "
+            f"run config changes {changed}: refused (a job's config cannot change under it; use a new job-id)"
+        )
+    return path
 
 
 def ckks_key(job: JobConfig, config: BankConfig, request: RoundRequest) -> CkksKey:

@@ -7,9 +7,15 @@ for a preset base, the base itself. Beside them, `optimizer.safetensors`: the up
 (fedmoe.fl_client.fedopt: Adam's moments and step count after the last aggregate), so a follow-up
 job can continue the same optimizer from the exported model.
 
-    python -m fedmoe.fl_client.export --job runs/demo/server/demo/job.json \\
+    python -m fedmoe.fl_client.export --job-id demo \\
         --node-config "bank-id='bank-0' state-dir='runs/demo/banks/bank-0'" --out runs/demo/final \\
         [--prompt TEXT ... [--compare-bank NODE-CONFIG ...] [--check-transformers]] [--trace-held-out N]
+
+The job is the bank's own record of it, `<state-dir>/jobs/<job-id>/job.json` (fedmoe.fl_client.bank.
+record_job: written by the bank from the run config it took part under, so no server file is needed).
+`--job FILE` (a job.json or TOML run config) may be given instead; where the bank has a record of that
+job, the file must agree with it (but for the keys a resubmission may change: num-rounds, round-timeout,
+rejoin-grace). `--node-config` defaults to $FEDMOE_NODE_CONFIG, the bank executor's own.
 
 The export always starts from the fp32 base (a job with `base-precision = "int8"` trained over an
 int8 copy of it; the trained factors are the same). The options show what fine-tuning did:
@@ -26,14 +32,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import os
 import sys
 import tomllib
 from pathlib import Path
 
 import torch
 
-from fedmoe.fl_client.bank import Bank
+from fedmoe.fl_client.bank import Bank, job_changes, job_record_path, read_job_record
 from fedmoe.fl_client.config import BankConfig
+from fedmoe.fl_client.executor import NODE_CONFIG_ENV
 from fedmoe.fl_client.state import atomic_save_tensors, load_tensors
 from fedmoe.fl_client.task import load_bank_data
 from fedmoe.model.export import export_job, greedy_continuations, transformers_greedy
@@ -56,10 +64,41 @@ def parse_node_config(text: str) -> dict:
     return tomllib.loads("\n".join(text.split()))
 
 
+def export_job_config(node_config: dict, job_id: str, job_file: Path | None) -> JobConfig:
+    """The job to export: the bank's own record of `job_id`, or `job_file` checked against that record.
+
+    Raises:
+        ConfigError: neither given, no 'state-dir' to find the record in, no record, or a file that
+            differs from the bank's record.
+    """
+    state_dir = node_config.get("state-dir")
+    if job_file is None:
+        if not job_id or not state_dir:
+            raise ConfigError(
+                "the job: give --job-id ID with a node-config that has 'state-dir' (the bank's own record, "
+                f"<state-dir>/jobs/ID/job.json), or --job FILE; got job-id {job_id!r}, state-dir {state_dir!r}"
+            )
+        return read_job_record(job_record_path(Path(state_dir), job_id))
+    job = read_job(job_file)
+    if job_id and job_id != job.job_id:
+        raise ConfigError(f"{job_file}: job-id {job.job_id!r}, but --job-id is {job_id!r}")
+    record = job_record_path(Path(state_dir), job.job_id) if state_dir else None
+    if record is not None and record.exists():
+        changed = job_changes(read_job_record(record), job)
+        if changed:
+            raise ConfigError(f"{job_file}: not the job this bank took part in ({record}): {changed}")
+    return job
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fedmoe.fl_client.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--job", type=Path, required=True, help="the job's run config (job.json or TOML)")
-    parser.add_argument("--node-config", required=True, help="the bank's node-config (bank-id, state-dir, ...)")
+    parser.add_argument("--job-id", default="", help="the job, read from the bank's own record of it")
+    parser.add_argument("--job", type=Path, help="a run config file instead (job.json or TOML)")
+    parser.add_argument(
+        "--node-config",
+        default=os.environ.get(NODE_CONFIG_ENV, ""),
+        help=f"the bank's node-config (bank-id, state-dir, ...) [${NODE_CONFIG_ENV}]",
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder to write merged/, adapter/, base/")
     parser.add_argument("--prompt", action="append", default=[], help="continue TEXT before and after (repeat)")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens per prompt [24]")
@@ -77,8 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        job = dataclasses.replace(read_job(args.job), base_precision="fp32")  # export from the fp32 base
-        bank = Bank(job, BankConfig.from_node_config(parse_node_config(args.node_config), job))
+        if not args.node_config.strip():
+            raise ConfigError(f"the bank: give --node-config (bank-id, state-dir, ...) or set ${NODE_CONFIG_ENV}")
+        node_config = parse_node_config(args.node_config)
+        job = export_job_config(node_config, args.job_id, args.job)
+        job = dataclasses.replace(job, base_precision="fp32")  # export from the fp32 base
+        bank = Bank(job, BankConfig.from_node_config(node_config, job))
         others = [BankConfig.from_node_config(parse_node_config(text), job) for text in args.compare_bank]
     except (ConfigError, OSError, tomllib.TOMLDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -17,7 +17,7 @@ from fedmoe.fl_client.dp.accountant import AccountantState, HistoryEntry, epsilo
 from fedmoe.fl_client.dp.config import DPConfig
 from fedmoe.fl_client.dp.errors import DPError
 from fedmoe.fl_client.dp.trainer import RoundPrivacyReport
-from fedmoe.protocol.accounting import epsilon_pld, epsilon_replace_one
+from fedmoe.protocol.accounting import epsilon_pld
 from fedmoe.protocol.ledger import BANK_SCHEMA, ROUND_STATUSES, BankEntry, LedgerError, RoundStatus
 
 # Packages whose versions go into every entry (distribution names).
@@ -46,8 +46,7 @@ def library_versions() -> dict[str, str]:
 def next_round_epsilon(state: AccountantState, planned: HistoryEntry) -> float:
     """The epsilon the bank would reach after one more round `planned`: the larger of its own
     accountant's (add/remove) and replace-one's, the two its budget check enforces."""
-    after = state.appended(planned)
-    return max(after.epsilon(), epsilon_replace_one(after.history, delta=state.delta))
+    return max(state.epsilon_after(planned))
 
 
 def _history_list(history: Sequence[Sequence[float]]) -> list[list[float | int]]:
@@ -134,7 +133,7 @@ def round_entry(
         ):
             if mine != theirs:
                 raise LedgerError(f"{where}: report.{name} expected {theirs!r}, got {mine!r}")
-        history = report.history
+        history, account = report.history, report.accountant_state
         this = HistoryEntry(report.sigma, report.q, report.steps)
         epsilon, epsilon_before = report.epsilon_total, report.epsilon_before
         if epsilon_next_round is None:
@@ -146,7 +145,7 @@ def round_entry(
             state.check_matches(cfg)
         except DPError as err:
             raise LedgerError(f"{where}: {err}") from None
-        history = state.history
+        history, account = state.history, state
         this = planned
         epsilon = epsilon_before = state.epsilon()
         if epsilon_next_round is None and planned is not None:
@@ -159,7 +158,7 @@ def round_entry(
             logger.warning("%s: PRV epsilon not computed (%s); recording null", where, err)
             eps_prv = None
     try:  # the n-dependent noise level makes replace-one the adjacency that counts once n is known
-        eps_replace: float | None = epsilon_replace_one(history, delta=cfg.delta)
+        eps_replace: float | None = account.epsilon_replace_one()  # (memoized: the budget check asked)
     except (ValueError, ArithmeticError, RuntimeError) as err:
         logger.warning("%s: replace-one epsilon not computed (%s); recording null", where, err)
         eps_replace = None

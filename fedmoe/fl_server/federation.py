@@ -61,6 +61,7 @@ class Federation:
         # this job's identify: a fedmoe.fl_server.secagg_round.Ahead. In memory only: after a restart the
         # round advertises and shares its keys in exchanges of its own.
         self.secagg_ahead: object | None = None
+        self.grace_spent: set[str] = set()  # known banks the server waited rejoin-grace for in vain
 
     def save(self) -> None:
         self.state.node_bank = {str(node): bank for node, bank in self.node_bank.items()}
@@ -90,12 +91,37 @@ class Federation:
 
     # ---- messaging ------------------------------------------------------------------------------
     def wait_for_banks(self) -> list[int]:
+        """The connected nodes once min-banks are, and once the job's known banks are back (a restarted
+        SuperNode), or `rejoin-grace` has passed for those still away: then the round starts without
+        them, and their grace is spent until they return (so a bank gone for good delays one round)."""
         deadline = time.monotonic() + self.job.round_timeout
         nodes = list(self.grid.get_node_ids())
         while len(nodes) < self.job.min_banks and time.monotonic() < deadline:
             time.sleep(1.0)
             nodes = list(self.grid.get_node_ids())
+        away = self.known_banks_away(nodes)
+        if away:
+            self.reporter.note(f"waiting up to {self.job.rejoin_grace:g} s for {', '.join(away)} to reconnect")
+            deadline = time.monotonic() + self.job.rejoin_grace
+            while away and time.monotonic() < deadline:
+                time.sleep(1.0)
+                nodes = list(self.grid.get_node_ids())
+                away = self.known_banks_away(nodes)
+            if away:
+                self.reporter.note(f"{', '.join(away)} not back within rejoin-grace {self.job.rejoin_grace:g} s")
+            self.grace_spent.update(away)
         return nodes
+
+    def known_banks_away(self, nodes: list[int]) -> list[str]:
+        """Banks of this job that are neither connected nor out of it (budget spent, excluded), and whose
+        grace is not spent. A restarted SuperNode without node auth comes back under a new node id,
+        unknown until it identifies: it counts for any one missing bank."""
+        known = {n: b for n, b in self.node_bank.items() if b not in {**self.state.exhausted, **self.state.excluded}}
+        back = {known[n] for n in nodes if n in known}
+        self.grace_spent -= back
+        away = sorted(set(known.values()) - back - self.grace_spent)
+        unknown = sum(1 for n in nodes if n not in self.node_bank)
+        return away[unknown:]
 
     def request(
         self,

@@ -31,6 +31,7 @@ class Outcome(StrEnum):
     ALREADY_RELEASED = "already released"  # released this round under other round keys (a restarted round)
     EXCLUDED = "excluded by secure aggregation"  # left out at a stage with a typed reason (signature, share, ...)
     ABORTED = "aborted by others"  # its masked input was valid; others (named in the reason) broke the round
+    CRASHED = "crashed after ready"  # said ready at the pre-flight, then fell silent or failed (no reply, error)
     NAMED = NAMED_POISONER  # most banks' signed verdicts found its input of a quarantined round out of bound
 
 

@@ -230,6 +230,7 @@ class SecAggRound:
         return ServerSecAgg.make_setup(
             job_id=self.fed.job.job_id, round=round_idx, participants=participants, n_elements=self.fed.n_elements,
             key=self.keys.bfv, layout_hash=self.fed.layout_hash, min_banks=self.fed.job.min_banks,
+            neighbours_k=self.fed.job.secagg_neighbours,
         )  # fmt: skip
 
     def next_setup(self, setup: RoundSetup) -> RoundSetup | None:
@@ -446,6 +447,8 @@ class SecAggRound:
 
     def settle(self, aggregate: SecureAggregate | None, exclusions: list[Exclusion]) -> list[BankOutcome]:
         """One typed outcome per bank: contributed (in the signed contributor list) or why not."""
+        for outcome in [*self.failed.values(), *self.trained.values()]:
+            self.name_crash(outcome)
         contributors = set(aggregate.contributors) if aggregate is not None else set()
         excluded = {}
         for e in exclusions:  # the first exclusion of a bank is why it left
@@ -474,6 +477,16 @@ class SecAggRound:
             else:  # identified, but the round ended before it was asked anything
                 outcomes.append(BankOutcome(who, Outcome.ABORTED, self.abort_text))
         return outcomes
+
+    def name_crash(self, outcome: BankOutcome) -> None:
+        """A bank that said ready at the pre-flight and then went silent or failed crashed (issue 27):
+        everything that could refuse was checked before it trained, so its failure is not a refusal."""
+        if self.preflight.get(outcome.bank) == PREFLIGHT_READY and outcome.status in CRASH_SIGNS:
+            outcome.reason = f"said ready at the pre-flight, then {outcome.status}: {outcome.reason}"
+            outcome.status = Outcome.CRASHED
+
+
+CRASH_SIGNS = (Outcome.NO_REPLY, Outcome.CLIENT_ERROR)  # after "ready": a crash, named as such
 
 
 def _culprit_text(who: str, outcome: BankOutcome | None, excluded: dict[str, str]) -> str:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedmoe.protocol.config import JobConfig
+from fedmoe.protocol.config import RESUBMIT_MAY_CHANGE, JobConfig
 from fedmoe.protocol.errors import ConfigError
 from fedmoe.protocol.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
@@ -85,9 +85,7 @@ class ServerStore:
         config = self.job.to_run_config()
         if job_file.exists():
             saved = read_json(job_file)
-            changed = sorted(
-                k for k in config if k not in ("num-rounds", "round-timeout") and saved.get(k) != config[k]
-            )
+            changed = sorted(k for k in config if k not in RESUBMIT_MAY_CHANGE and saved.get(k) != config[k])
             if changed:
                 raise ConfigError(
                     f"{job_file}: job {self.job.job_id!r} exists with a different config ({changed}); "

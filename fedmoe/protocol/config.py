@@ -74,6 +74,11 @@ def from_mapping(cls: type, raw: Mapping[str, Any], *, source: str, strict: bool
     return cls(**kwargs)
 
 
+# Run-config keys a resubmission of the same job may change: how long the server waits, never what
+# banks train or what their privacy is. The server's state and each bank's record of its job agree on it.
+RESUBMIT_MAY_CHANGE = frozenset({"num-rounds", "round-timeout", "rejoin-grace"})
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """One federated fine-tuning job: identical at the server and every bank."""
@@ -118,9 +123,16 @@ class JobConfig:
     # secagg: pairwise + self masks, then BFV (the server plus one bank cannot read another bank's
     # update); ckks: one shared CKKS key (one institution federating its own silos)
     aggregation: str = "secagg"
+    # secagg: each bank's masking neighbours. 0 = everyone neighbours everyone (the default); an even k =
+    # a k-regular graph (Bell et al. 2020): key shares grow as n k instead of n^2, the guarantees hold per
+    # neighbourhood of k + 1 banks, and every round runs the consent exchange (docs/secagg.md).
+    secagg_neighbours: int = 0
     min_banks: int = 3
     max_banks: int = 64  # banks reject an aggregate whose total weight says more contributed
     round_timeout: float = 900.0
+    # Before a round, how long the server waits for a bank of this job that is not connected (a
+    # restarted SuperNode) before starting the round without it; once per absence, not every round.
+    rejoin_grace: float = 60.0
     evaluate: bool = True
     # paths (server and simulated banks resolve them relative to the working directory)
     key_dir: str = "runs/keys"
@@ -134,6 +146,13 @@ class JobConfig:
             raise ConfigError(f"run config: 'min-banks' expected >= 1, got {self.min_banks}")
         if self.max_banks < self.min_banks:
             raise ConfigError(f"run config: 'max-banks' expected >= min-banks {self.min_banks}, got {self.max_banks}")
+        if self.secagg_neighbours < 0 or self.secagg_neighbours % 2:
+            raise ConfigError(
+                "run config: 'secagg-neighbours' expected 0 (everyone neighbours everyone) or an even number "
+                f">= 2, got {self.secagg_neighbours}"
+            )
+        if self.rejoin_grace < 0:
+            raise ConfigError(f"run config: 'rejoin-grace' expected >= 0 seconds, got {self.rejoin_grace}")
         if not self.job_id or "/" in self.job_id:
             raise ConfigError(f"run config: 'job-id' expected a non-empty name without '/', got {self.job_id!r}")
         if self.privacy_unit not in PRIVACY_UNITS:

@@ -136,6 +136,32 @@ def test_accountant_state_round_trips_through_json(tmp_path):
     assert json.loads(path.read_text())["history"] == [[0.87654321, 0.125, 7], [1.5, 0.1, 3]]
 
 
+def test_memoized_epsilon_answers_only_for_the_same_history_delta_and_adjacency():
+    """A bank asks about one history several times a round (pre-flight, budget check, ledger entry):
+    the memo answers a repeat with the value a fresh computation gives, never another key's value."""
+    from fedmoe.fl_client.dp.accountant import _memo_epsilon, _memo_replace_one
+
+    one = (HistoryEntry(1.0, 0.01, 40),)
+    states = [
+        AccountantState("rdp", 1e-5, one),
+        AccountantState("rdp", 1e-6, one),
+        AccountantState("rdp", 1e-5, one + one),
+        AccountantState("prv", 1e-5, one),
+    ]
+    fresh = [epsilon_for_history(s.history, delta=s.delta, mechanism=s.mechanism) for s in states]
+    fresh += [epsilon_replace_one(s.history, delta=s.delta) for s in states[:3]]
+    assert len(set(fresh)) == len(fresh)  # each key its own value
+    _memo_epsilon.cache_clear()
+    _memo_replace_one.cache_clear()
+
+    def memo() -> list[float]:
+        return [s.epsilon() for s in states] + [s.epsilon_replace_one() for s in states[:3]]
+
+    assert memo() == fresh and memo() == fresh
+    assert _memo_epsilon.cache_info().hits == 4 and _memo_replace_one.cache_info().hits == 3  # the repeat
+    assert states[0].epsilon_after(one[0]) == (fresh[2], fresh[6])  # the budget's two epsilons after a round
+
+
 @pytest.mark.parametrize(
     "raw,message",
     [

@@ -219,7 +219,14 @@ def last_words(deployment, job: JobConfig, lines: int = 4) -> str:
 def test_bank_killed_mid_round_and_server_restart_resume(tmp_path):
     run_config, job = job_config(
         tmp_path,
-        **{"job-id": "chaos", "num-rounds": 2, "min-banks": 2, "round-timeout": 240.0, "evaluate": False},
+        **{
+            "job-id": "chaos",
+            "num-rounds": 2,
+            "min-banks": 2,
+            "round-timeout": 240.0,
+            "evaluate": False,
+            "rejoin-grace": 5.0,
+        },  # bank-2 never comes back: the resumed server waits this long once
     )
     with loopback(3, tmp_path, base_port=free_port_block(), policy_files=policies(3, tmp_path)) as deployment:
         pids = [p.pid for p in deployment.processes.values()]

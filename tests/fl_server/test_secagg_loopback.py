@@ -42,6 +42,7 @@ def test_four_banks_secagg_survives_a_bank_killed_around_its_masked_input(tmp_pa
         "aggregation": "secagg",
         "num-rounds": 2,
         "min-banks": 3,
+        "rejoin-grace": 5.0,  # bank-3 never comes back: the server waits this long once, before round 2
         "model-preset": "tiny",
         "local-steps": 3,
         "records-per-bank": 240,

@@ -195,7 +195,9 @@ def test_banks_dropping_before_and_after_their_masked_input_are_survived(tmp_pat
     assert r1.aggregated and r2.aggregated
     # round 1: bank-3 shared its keys, then went silent: its pairwise masks were removed, it is not in the sum
     assert r1.participants == ["bank-0", "bank-1", "bank-2"]
-    assert r1.outcomes["bank-3"] == "no reply" and "masked_input" in r1.left_out["bank-3"]
+    # it said ready at the pre-flight (with its keys), then fell silent: a crash, named as such (issue 27)
+    assert r1.outcomes["bank-3"] == "crashed after ready" and "masked_input" in r1.left_out["bank-3"]
+    assert "said ready at the pre-flight, then no reply" in r1.left_out["bank-3"]
     assert_mean_of_kept_deltas(tmp_path, 1, ["bank-0", "bank-1", "bank-2"])
     assert (1, "trained") not in ledger_rounds(tmp_path, "bank-3")  # it never trained round 1
     # a bank dropped before unmasking: the survivors consented to the view before any share went out
@@ -223,8 +225,9 @@ def test_fewer_survivors_than_the_threshold_abort_the_round_and_nothing_is_appli
     assert "secure aggregation aborted (too_few)" in r1.no_aggregate and "masked_input" in r1.no_aggregate
     # the honest banks are "aborted by others", and the round's reason names the others (issue 27)
     assert r1.outcomes["bank-0"] == r1.outcomes["bank-1"] == "aborted by others"
-    assert r1.outcomes["bank-2"] == r1.outcomes["bank-3"] == "no reply"
-    assert "caused by: bank-2 no reply" in r1.no_aggregate and "bank-3 no reply" in r1.no_aggregate
+    assert r1.outcomes["bank-2"] == r1.outcomes["bank-3"] == "crashed after ready"
+    assert "caused by: bank-2 crashed after ready (said ready at the pre-flight, then no reply" in r1.no_aggregate
+    assert "bank-3 crashed after ready" in r1.no_aggregate
     assert not (tmp_path / "server" / JOB / "aggregates" / "round-0001.bundle").exists()
     assert 1 not in federation.store.aggregates_after(state, 0)
     # the trained banks' budget is on the record (mirrored as dropped, with their commitment)

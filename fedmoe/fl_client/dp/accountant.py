@@ -262,10 +262,19 @@ class AccountantState:
         return AccountantState(mechanism=cfg.accountant, delta=float(cfg.delta), history=self.history)
 
     def epsilon(self) -> float:
-        return epsilon_for_history(self.history, delta=self.delta, mechanism=self.mechanism)
+        return _memo_epsilon(self.history, self.delta, self.mechanism)
+
+    def epsilon_replace_one(self) -> float:
+        """The same history under replace-one adjacency (n public; `epsilon_replace_one`)."""
+        return _memo_replace_one(self.history, self.delta)
 
     def appended(self, entry: HistoryEntry) -> AccountantState:
         return AccountantState(self.mechanism, self.delta, (*self.history, HistoryEntry(*entry)))
+
+    def epsilon_after(self, entry: HistoryEntry) -> tuple[float, float]:
+        """(add/remove, replace-one) epsilon after one more round `entry`: the two a budget holds under."""
+        after = self.appended(entry)
+        return after.epsilon(), after.epsilon_replace_one()
 
     def check_matches(self, cfg: DPConfig) -> None:
         """Raises DPError if this state was built for another accountant or delta than `cfg`."""
@@ -341,6 +350,21 @@ class AccountantState:
         return cls.from_json(text, source=str(path))
 
 
+# A bank asks about the same history several times a round: its pre-flight (at the last round's
+# unmask), its budget check and its ledger entry (each PRV or PLD evaluation ~0.1-0.6 s; before the
+# memo they were most of a steady round's bank time, docs/performance.md). The memo sits here, not in
+# the pure functions: mutation testing forks its mutants from a process that already ran the tests,
+# and a memo inside a mutated function would answer with the unmutated value.
+@functools.lru_cache(maxsize=256)
+def _memo_epsilon(history: tuple[HistoryEntry, ...], delta: float, mechanism: str) -> float:
+    return epsilon_for_history(history, delta=delta, mechanism=mechanism)
+
+
+@functools.lru_cache(maxsize=256)
+def _memo_replace_one(history: tuple[HistoryEntry, ...], delta: float) -> float:
+    return epsilon_replace_one(history, delta=delta)
+
+
 @dataclass(frozen=True)
 class BudgetCheck:
     """The outcome of checking a planned round against a bank's budget."""
@@ -362,9 +386,7 @@ def check_budget(cfg: DPConfig, state: AccountantState, entry: HistoryEntry) -> 
     """
     state.check_matches(cfg)
     before = state.epsilon()
-    after_state = state.appended(entry)
-    after = after_state.epsilon()
-    after_replace_one = epsilon_replace_one(after_state.history, delta=cfg.delta)
+    after, after_replace_one = state.epsilon_after(entry)
     if max(after, after_replace_one) > cfg.target_epsilon:
         raise BudgetExceeded(
             f"bank {cfg.bank_id!r}: the next round (sigma={entry.noise_multiplier:.4g}, q={entry.sample_rate:.4g}, "
