@@ -137,25 +137,28 @@ def _segment_buckets(
     by_len_S = torch.argsort(counts_S, descending=True, stable=True)  # segment ids, longest first
     rank_S = torch.empty_like(by_len_S)
     rank_S[by_len_S] = torch.arange(n_segments, device=key_N.device)
-    row_rank_N = rank_S[key_N]
-    order_N = torch.argsort(row_rank_N, stable=True)  # rows by segment rank: buckets are row ranges
-    rank_sorted_N = row_rank_N[order_N]
+    order_N = torch.argsort(rank_S[key_N], stable=True)  # rows by segment rank: buckets are row ranges
     len_sorted_S = counts_S[by_len_S]
     start_S = torch.cumsum(len_sorted_S, 0) - len_sorted_S
-    pos_N = torch.arange(key_N.numel(), device=key_N.device) - start_S[rank_sorted_N]
-    x_sorted, g_sorted = x_NI[order_N], grad_NO[order_N]
     n_live = int((len_sorted_S > 0).sum())
-    lengths, starts = len_sorted_S.tolist(), start_S.tolist()
     chunk = max(1, -(-n_live // n_buckets))
     for lo in range(0, n_live, chunk):
         hi = min(lo + chunk, n_live)
-        r0, r1 = starts[lo], starts[hi - 1] + lengths[hi - 1]
-        x_pad = x_NI.new_zeros(hi - lo, lengths[lo], x_NI.shape[1])
-        g_pad = grad_NO.new_zeros(hi - lo, lengths[lo], grad_NO.shape[1])
-        slot, pos = rank_sorted_N[r0:r1] - lo, pos_N[r0:r1]
-        x_pad[slot, pos] = x_sorted[r0:r1]
-        g_pad[slot, pos] = g_sorted[r0:r1]
-        yield by_len_S[lo:hi], x_pad, g_pad
+        # Padded slot (j, p) reads sorted row start_j + p: one index_select per operand (a row
+        # gather; advanced indexing and index_put are several times slower on CPU). Pad slots
+        # read row 0 and are zeroed after.
+        pos_L = torch.arange(int(len_sorted_S[lo]), device=key_N.device)
+        pad_kL = pos_L >= len_sorted_S[lo:hi, None]
+        sorted_kL = (start_S[lo:hi, None] + pos_L).masked_fill_(pad_kL, 0)
+        src = order_N.index_select(0, sorted_kL.view(-1))
+        x_pad = x_NI.index_select(0, src)
+        g_pad = grad_NO.index_select(0, src)
+        pad = pad_kL.view(-1).nonzero().squeeze(1)
+        if pad.numel():
+            x_pad.index_fill_(0, pad, 0)
+            g_pad.index_fill_(0, pad, 0)
+        k, length = pad_kL.shape
+        yield by_len_S[lo:hi], x_pad.view(k, length, -1), g_pad.view(k, length, -1)
 
 
 def _ghost_segments(
@@ -238,13 +241,18 @@ def _norm2_grouped_mm(
         seg_norm2_S[ids] = values.to(acc)
     elif bool(ghost_S.any()):
         rows = align.order_N[ghost_S[seg_sorted_N]]
-        ids, values = _ghost_segments(x_NI[rows], grad_NO[rows], seg_sorted_N[ghost_S[seg_sorted_N]], align.n_segments)
+        ids, values = _ghost_segments(
+            x_NI.index_select(0, rows),
+            grad_NO.index_select(0, rows),
+            seg_sorted_N[ghost_S[seg_sorted_N]],
+            align.n_segments,
+        )
         seg_norm2_S[ids] = values.to(acc)
     inst_S = ~ghost_S
     if bool(inst_S.any()):  # the kept segments' sorted rows stay contiguous runs
         rows = align.order_N[inst_S[seg_sorted_N]]
         ends = torch.cumsum(counts_S[inst_S], 0)
-        seg_norm2_S[inst_S] = _instantiated_norm2(x_NI[rows], grad_NO[rows], ends)
+        seg_norm2_S[inst_S] = _instantiated_norm2(x_NI.index_select(0, rows), grad_NO.index_select(0, rows), ends)
     # The ghost sum is a square norm in exact arithmetic; rounding may leave a -0-ish residue.
     return _per_sample_sum(seg_norm2_S.clamp(min=0), align)
 
@@ -408,7 +416,11 @@ def expert_grad_sample(
     slot_S = align.segment_sample_S * n_experts + align.segment_expert_S
     if chosen == "grouped_mm":
         out = x_NI.new_zeros(n_samples * n_experts, width_out, width_in)
-        out[slot_S] = _grouped_outer(grad_NO[align.order_N], x_NI[align.order_N], align.segment_offsets_S1[1:])
+        order_N = align.order_N
+        outer = _grouped_outer(
+            grad_NO.index_select(0, order_N), x_NI.index_select(0, order_N), align.segment_offsets_S1[1:]
+        )
+        out[slot_S] = outer
         return out.view(n_samples, n_experts, width_out, width_in)
     from fedmoe.kernels.expert_gemm_triton import segment_outer
 
@@ -468,9 +480,15 @@ def expert_weight_grad_clipped(
     alignment.check(op, x_NI.shape[0], n_experts)
     scale_N = clip_factor_B.to(device=x_NI.device, dtype=torch.float32)[sample_ids_N].contiguous()
     if chosen == "grouped_mm":
-        scaled_NO = (grad_NO.float() * scale_N[:, None]).to(grad_NO.dtype)
+        # Gather first, then scale the gathered copy (one pass less than scaling, then gathering).
         order_N = alignment.order_N
-        return _grouped_outer(scaled_NO[order_N], x_NI[order_N], alignment.expert_offsets_E1[1:])
+        g_sorted_NO = grad_NO.index_select(0, order_N)
+        scale_sorted_N1 = scale_N.index_select(0, order_N)[:, None]
+        if g_sorted_NO.dtype == torch.float32:
+            g_sorted_NO.mul_(scale_sorted_N1)
+        else:  # scaled in fp32, rounded once (as the reference)
+            g_sorted_NO = (g_sorted_NO.float() * scale_sorted_N1).to(grad_NO.dtype)
+        return _grouped_outer(g_sorted_NO, x_NI.index_select(0, order_N), alignment.expert_offsets_E1[1:])
     from fedmoe.kernels.expert_gemm_triton import segment_outer
 
     experts_E = torch.arange(n_experts, device=x_NI.device)
