@@ -61,23 +61,36 @@ def expert_linear_reference(x_NI: torch.Tensor, expert_ids_N: torch.Tensor, weig
 # ---------------------------------------------------------------------------------------------
 
 
-class _PermuteRows(torch.autograd.Function):
-    """y = x[index] for a permutation `index` of the rows; the adjoint gathers by `inverse`.
+class _GroupedMmLinear(torch.autograd.Function):
+    """y = unsort(grouped_mm(sort(x), W^T)) with a hand-written backward (grouped_mm path).
 
-    Both directions are row gathers (index_select): on CPU, advanced indexing, index_copy and
-    their backward scatters cost 1.5-5x a gather. The gradient comes out contiguous, which
-    grouped_mm needs (it rejects stride-0 gradients).
+    Why not torch's autograd through x[order], grouped_mm and an unsort: on CPU the row
+    permutations by advanced indexing / index_copy (and their scatter backwards) cost 1.5-5x a
+    gather (index_select), and grouped_mm's own backward returns dW as [E, I, O], so the
+    AccumulateGrad of the [E, O, I] weight copies it once more. Here every permutation is a gather
+    (by `order` one way, by its inverse the other), dW = grouped_mm(dy_sorted^T, x_sorted) lands in
+    the weight's layout, and a gradient nobody asked for (the frozen base of a LoRA bank, the
+    weights under book-keeping DP) is not computed.
     """
 
     @staticmethod
-    def forward(ctx, x_NI: torch.Tensor, index_N: torch.Tensor, inverse_N: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse_N)
-        return x_NI.index_select(0, index_N)
+    def forward(ctx, x_NI, weight_EOI, order_N, inverse_N, offs_E):
+        x_sorted_NI = x_NI.index_select(0, order_N)
+        ctx.save_for_backward(x_sorted_NI, weight_EOI, order_N, inverse_N, offs_E)
+        y_sorted_NO = F.grouped_mm(x_sorted_NI, weight_EOI.transpose(-2, -1), offs=offs_E)
+        return y_sorted_NO.index_select(0, inverse_N)
 
     @staticmethod
-    def backward(ctx, grad_NI: torch.Tensor):
-        (inverse_N,) = ctx.saved_tensors
-        return grad_NI.index_select(0, inverse_N), None, None
+    def backward(ctx, grad_y_NO):
+        x_sorted_NI, weight_EOI, order_N, inverse_N, offs_E = ctx.saved_tensors
+        grad_y_sorted_NO = grad_y_NO.index_select(0, order_N)  # contiguous, as grouped_mm needs
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.grouped_mm(grad_y_sorted_NO, weight_EOI, offs=offs_E).index_select(0, inverse_N)
+        if ctx.needs_input_grad[1]:
+            # G^T as a column-major view: grouped_mm takes it as is (per_sample._grouped_outer).
+            grad_w = F.grouped_mm(grad_y_sorted_NO.t(), x_sorted_NI, offs=offs_E)
+        return grad_x, grad_w, None, None, None
 
 
 def _grouped_mm_linear(x_NI: torch.Tensor, weight_EOI: torch.Tensor, align: ExpertAlignment) -> torch.Tensor:
@@ -86,8 +99,7 @@ def _grouped_mm_linear(x_NI: torch.Tensor, weight_EOI: torch.Tensor, align: Expe
     offs_E = align.expert_offsets_E1[1:].to(torch.int32)
     order_N = align.order_N
     inverse_N = torch.empty_like(order_N).index_copy_(0, order_N, torch.arange(order_N.shape[0], device=order_N.device))
-    y_sorted_NO = F.grouped_mm(_PermuteRows.apply(x_NI, order_N, inverse_N), weight_EOI.transpose(-2, -1), offs=offs_E)
-    return _PermuteRows.apply(y_sorted_NO, inverse_N, order_N)
+    return _GroupedMmLinear.apply(x_NI, weight_EOI, order_N, inverse_N, offs_E)
 
 
 # ---------------------------------------------------------------------------------------------
