@@ -61,6 +61,23 @@ def expert_linear_reference(x_NI: torch.Tensor, expert_ids_N: torch.Tensor, weig
 # ---------------------------------------------------------------------------------------------
 
 
+def _grad_wanted(ctx, i: int) -> bool:
+    """Whether this backward must produce the gradient of input i.
+
+    ctx.needs_input_grad only says the input requires grad; under torch.autograd.grad(outputs,
+    inputs) (book-keeping DP asks for the layers' output gradients only) the weight's
+    AccumulateGrad never runs, and computing dW for it would cost one GEMM per expert for nothing.
+    Torch's own nodes skip it; a custom Function has to ask the engine.
+    """
+    if not ctx.needs_input_grad[i]:
+        return False
+    node = ctx.next_functions[i][0]
+    try:
+        return node is None or torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # a leaf under autograd.grad: the engine cannot tell, so compute it
+        return True
+
+
 class _GroupedMmLinear(torch.autograd.Function):
     """y = unsort(grouped_mm(sort(x), W^T)) with a hand-written backward (grouped_mm path).
 
@@ -85,9 +102,9 @@ class _GroupedMmLinear(torch.autograd.Function):
         x_sorted_NI, weight_EOI, order_N, inverse_N, offs_E = ctx.saved_tensors
         grad_y_sorted_NO = grad_y_NO.index_select(0, order_N)  # contiguous, as grouped_mm needs
         grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
+        if _grad_wanted(ctx, 0):
             grad_x = F.grouped_mm(grad_y_sorted_NO, weight_EOI, offs=offs_E).index_select(0, inverse_N)
-        if ctx.needs_input_grad[1]:
+        if _grad_wanted(ctx, 1):
             # G^T as a column-major view: grouped_mm takes it as is (per_sample._grouped_outer).
             grad_w = F.grouped_mm(grad_y_sorted_NO.t(), x_sorted_NI, offs=offs_E)
         return grad_x, grad_w, None, None, None
@@ -99,7 +116,9 @@ def _grouped_mm_linear(x_NI: torch.Tensor, weight_EOI: torch.Tensor, align: Expe
     offs_E = align.expert_offsets_E1[1:].to(torch.int32)
     order_N = align.order_N
     inverse_N = torch.empty_like(order_N).index_copy_(0, order_N, torch.arange(order_N.shape[0], device=order_N.device))
-    return _GroupedMmLinear.apply(x_NI, weight_EOI, order_N, inverse_N, offs_E)
+    # The weight enters through a view: a non-leaf node, whose execution the engine can report
+    # to _grad_wanted even under autograd.grad (it cannot for a leaf such as a Parameter).
+    return _GroupedMmLinear.apply(x_NI, weight_EOI.view_as(weight_EOI), order_N, inverse_N, offs_E)
 
 
 # ---------------------------------------------------------------------------------------------
