@@ -61,13 +61,64 @@ def expert_linear_reference(x_NI: torch.Tensor, expert_ids_N: torch.Tensor, weig
 # ---------------------------------------------------------------------------------------------
 
 
+def _grad_wanted(ctx, i: int) -> bool:
+    """Whether this backward must produce the gradient of input i.
+
+    ctx.needs_input_grad only says the input requires grad; under torch.autograd.grad(outputs,
+    inputs) (book-keeping DP asks for the layers' output gradients only) the weight's
+    AccumulateGrad never runs, and computing dW for it would cost one GEMM per expert for nothing.
+    Torch's own nodes skip it; a custom Function has to ask the engine.
+    """
+    if not ctx.needs_input_grad[i]:
+        return False
+    node = ctx.next_functions[i][0]
+    try:
+        return node is None or torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # a leaf under autograd.grad: the engine cannot tell, so compute it
+        return True
+
+
+class _GroupedMmLinear(torch.autograd.Function):
+    """y = unsort(grouped_mm(sort(x), W^T)) with a hand-written backward (grouped_mm path).
+
+    Why not torch's autograd through x[order], grouped_mm and an unsort: on CPU the row
+    permutations by advanced indexing / index_copy (and their scatter backwards) cost 1.5-5x a
+    gather (index_select), and grouped_mm's own backward returns dW as [E, I, O], so the
+    AccumulateGrad of the [E, O, I] weight copies it once more. Here every permutation is a gather
+    (by `order` one way, by its inverse the other), dW = grouped_mm(dy_sorted^T, x_sorted) lands in
+    the weight's layout, and a gradient nobody asked for (the frozen base of a LoRA bank, the
+    weights under book-keeping DP) is not computed.
+    """
+
+    @staticmethod
+    def forward(ctx, x_NI, weight_EOI, order_N, inverse_N, offs_E):
+        x_sorted_NI = x_NI.index_select(0, order_N)
+        ctx.save_for_backward(x_sorted_NI, weight_EOI, order_N, inverse_N, offs_E)
+        y_sorted_NO = F.grouped_mm(x_sorted_NI, weight_EOI.transpose(-2, -1), offs=offs_E)
+        return y_sorted_NO.index_select(0, inverse_N)
+
+    @staticmethod
+    def backward(ctx, grad_y_NO):
+        x_sorted_NI, weight_EOI, order_N, inverse_N, offs_E = ctx.saved_tensors
+        grad_y_sorted_NO = grad_y_NO.index_select(0, order_N)  # contiguous, as grouped_mm needs
+        grad_x = grad_w = None
+        if _grad_wanted(ctx, 0):
+            grad_x = F.grouped_mm(grad_y_sorted_NO, weight_EOI, offs=offs_E).index_select(0, inverse_N)
+        if _grad_wanted(ctx, 1):
+            # G^T as a column-major view: grouped_mm takes it as is (per_sample._grouped_outer).
+            grad_w = F.grouped_mm(grad_y_sorted_NO.t(), x_sorted_NI, offs=offs_E)
+        return grad_x, grad_w, None, None, None
+
+
 def _grouped_mm_linear(x_NI: torch.Tensor, weight_EOI: torch.Tensor, align: ExpertAlignment) -> torch.Tensor:
     if x_NI.shape[0] == 0:  # grouped_mm rejects empty operands
         return x_NI.new_zeros(0, weight_EOI.shape[1])
     offs_E = align.expert_offsets_E1[1:].to(torch.int32)
-    y_sorted_NO = F.grouped_mm(x_NI[align.order_N], weight_EOI.transpose(-2, -1), offs=offs_E)
-    # index_copy's backward hands grouped_mm a contiguous gradient (it rejects stride-0 ones).
-    return torch.empty_like(y_sorted_NO).index_copy(0, align.order_N, y_sorted_NO)
+    order_N = align.order_N
+    inverse_N = torch.empty_like(order_N).index_copy_(0, order_N, torch.arange(order_N.shape[0], device=order_N.device))
+    # The weight enters through a view: a non-leaf node, whose execution the engine can report
+    # to _grad_wanted even under autograd.grad (it cannot for a leaf such as a Parameter).
+    return _GroupedMmLinear.apply(x_NI, weight_EOI.view_as(weight_EOI), order_N, inverse_N, offs_E)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,6 +118,23 @@ def test_linear_grouped_mm(case, dtype) -> None:
     )
 
 
+def test_grouped_mm_backward_skips_the_weight_gradient_nobody_asks_for(monkeypatch) -> None:
+    """autograd.grad w.r.t. x only (book-keeping DP): forward + dx, no dW GEMM; .backward(): all three."""
+    x, ids, weight = _linear_inputs(LINEAR_CASES[0], torch.float32, "cpu")
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    calls = []
+    original = torch.nn.functional.grouped_mm
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda *a, **k: calls.append(1) or original(*a, **k))
+    (grad_x,) = torch.autograd.grad(expert_linear(x, ids, weight, backend="grouped_mm").sum(), [x])
+    assert len(calls) == 2 and weight.grad is None
+    want_x, want_w = torch.autograd.grad(expert_linear_reference(x, ids, weight).sum(), [x, weight])
+    assert_close(grad_x, want_x)
+    expert_linear(x, ids, weight, backend="grouped_mm").sum().backward()
+    assert len(calls) == 5
+    assert_close(weight.grad, want_w)
+
+
 # --- dispatch ----------------------------------------------------------------------------------
 
 

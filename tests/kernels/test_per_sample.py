@@ -19,6 +19,7 @@ from fedmoe.kernels import (
     KernelError,
     align_by_expert,
     expert_grad_norm2,
+    expert_grad_norm2_bucketed,
     expert_grad_norm2_reference,
     expert_grad_sample,
     expert_grad_sample_reference,
@@ -26,6 +27,7 @@ from fedmoe.kernels import (
     expert_weight_grad_clipped_reference,
 )
 from fedmoe.kernels.backend import grouped_mm_reason
+from fedmoe.kernels.per_sample import _bucket_bounds
 
 # (rows, experts, samples, in width, out width, expert with no rows)
 CASES = [
@@ -102,6 +104,28 @@ def test_grouped_mm_auto_mixes_ghost_and_instantiated_segments() -> None:
     want = expert_grad_norm2_reference(x.double(), grad.double(), ids, sids, n_samples, n_experts)
     got = expert_grad_norm2(x, grad, ids, sids, n_samples, n_experts, method="auto", backend="grouped_mm")
     assert_close(got, want, torch.float32, 10.0 * want.max().item())
+
+
+def test_bucketed_ghost_norm_on_skewed_segments() -> None:
+    """Segment lengths 1..60 (several buckets, padded lengths rounded up to 8, pad rows) vs the
+    float64 reference; every bucket keeps its lengths within min_fill of its longest."""
+    gen = torch.Generator().manual_seed(7)
+    n_samples, n_experts = 5, 6
+    lengths = torch.randint(1, 61, (n_samples, n_experts), generator=gen)
+    lengths[1, 2] = 0  # a sample that skips an expert
+    sids = torch.arange(n_samples).repeat_interleave(lengths.sum(1))
+    ids = torch.cat([torch.arange(n_experts).repeat_interleave(row) for row in lengths])
+    shuffle = torch.randperm(ids.shape[0], generator=gen)
+    ids, sids = ids[shuffle], sids[shuffle]
+    x = randn(ids.shape[0], 24, dtype=torch.float64, device="cpu", seed=8)
+    grad = randn(ids.shape[0], 40, dtype=torch.float64, device="cpu", seed=9)
+    want = expert_grad_norm2_reference(x, grad, ids, sids, n_samples, n_experts)
+    got = expert_grad_norm2_bucketed(x, grad, ids, sids, n_samples, n_experts)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    desc = sorted(lengths.flatten().tolist(), reverse=True)
+    bounds = _bucket_bounds(desc, 0.9)
+    assert len(bounds) > 4 and bounds[0][0] == 0 and bounds[-1][1] == len(desc) - 1  # the 0 is dropped
+    assert all(desc[hi - 1] >= 0.9 * desc[lo] for lo, hi in bounds)
 
 
 @needs_triton

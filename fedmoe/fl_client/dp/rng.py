@@ -252,7 +252,12 @@ class _Pending:
     @classmethod
     def of(cls, zig: _Ziggurat, slow: np.ndarray, terms: np.ndarray, start: int) -> _Pending:
         m = terms.shape[1]
-        coord, column = np.unique(slow % m, return_inverse=True)
+        # np.unique(slow % m, return_inverse=True) without its sort: a mark per coordinate, then
+        # each slow word's rank among the marked coordinates (~15 % of the noise time otherwise).
+        mark = np.zeros(m, dtype=bool)
+        mark[slow % m] = True
+        coord = np.flatnonzero(mark)
+        column = np.searchsorted(coord, slow % m)
         return cls(start + coord, terms[:, coord], (slow // m, column), *zig.slow_inputs(slow))
 
 
