@@ -9,6 +9,7 @@
     fedmoe site check   --dir SITE                       everything that could refuse a job, before any job
     fedmoe site status  --dir SITE                       lifetime epsilon spent and left, jobs, refusals
     fedmoe site officer-bundle --dir SITE --out F.tar.gz ledgers + pins + policy hash for the audit
+                                                      (manifests/<bank>.json: every file's SHA-256)
 
 A site folder (mode 0700) holds everything the bank's containers mount:
 
@@ -208,6 +209,7 @@ def check_site(site: Site) -> list[Check]:
         _check("policy", lambda: _check_policy(site)),
         _check("data", lambda: _check_data(site)),
         _check("approved-apps", lambda: _check_approved(site)),
+        _check("container-user", lambda: _check_container_user(site)),
     ]
     return checks
 
@@ -272,6 +274,38 @@ def _check_approved(site: Site) -> str:
     return f"{len(hashes)} approved"
 
 
+CONTAINER_UID = 10001  # the image's non-root user (deploy/Dockerfile; fedmoe.fl_server.deploy.UID)
+
+
+def _check_container_user(site: Site) -> str:
+    """The kit's containers run as uid 10001: every file they mount must be theirs to read (state/: to write).
+
+    A site made by root (or any other user) holds 0600 keys the SuperNode and executor cannot open:
+    without this check the bank learns it from a container that restarts with "Permission denied".
+    """
+    mounted = [site.secrets / NODE_KEY, site.secrets / EXEC_SECRET, site.secrets / "ca.crt"]
+    for folder in (site.keys, site.config, site.data, site.state):
+        mounted += [folder, *sorted(folder.rglob("*"))]
+    for path in mounted:
+        if not path.exists():
+            continue
+        st = path.stat()
+        need = 0o7 if path.is_dir() and site.state in (path, *path.parents) else 0o5 if path.is_dir() else 0o4
+        if path.is_file() and site.state in path.parents:
+            need = 0o6
+        if st.st_uid == CONTAINER_UID:
+            ok = (st.st_mode >> 6) & need == need
+        else:
+            ok = st.st_mode & need == need  # "others" bits; the container user is in no group of the host
+        if not ok:
+            raise SiteError(
+                f"{path}: owner uid {st.st_uid}, mode {st.st_mode & 0o777:04o}: the kit's containers run as uid "
+                f"{CONTAINER_UID} and cannot {'write' if need & 0o2 else 'read'} it; run "
+                f"`chown -R {CONTAINER_UID}:{CONTAINER_UID} {site.root}` (as root) before docker-compose up"
+            )
+    return f"every mounted file readable by uid {CONTAINER_UID} (state/ writable)"
+
+
 # ---- status: the bank's own standing ---------------------------------------------------------------
 @dataclass(frozen=True)
 class DatasetStanding:
@@ -320,7 +354,9 @@ def officer_bundle(site: Site, out: str | Path) -> Path:
         "policy_sha256": hashlib.sha256(policy).hexdigest() if policy else "",
         "files": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(members.items())},
     }
-    members["manifest.json"] = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    # One name per bank: the officer untars every bundle into one folder (the runbook's audit-in/), where
+    # a shared "manifest.json" kept only the last bank's (walked with Docker, session 9).
+    members[f"manifests/{site.bank_id}.json"] = json.dumps(manifest, indent=2, sort_keys=True).encode()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(out, "w:gz") as tar:

@@ -380,7 +380,14 @@ def server_services(topo: Topology, *, publish: str, secrets_dir: str, keys: str
                 _secret("superlink-key", "server.key"),
                 _secret("server-exec-secret", "exec-secret"),
             ],
-            networks=["fleet", "server"],
+            # The serverapp and register reach the SuperLink by the name in its certificate (the kit's
+            # --superlink-name, e.g. fl.consortium.example): on the internal server network that name
+            # must be this container, not whatever public DNS says (the internal network has no route out).
+            networks=(
+                ["fleet", "server"]
+                if topo.superlink_host == "superlink"
+                else {"fleet": {}, "server": {"aliases": [topo.superlink_host]}}
+            ),
         ),
         "serverapp": _flower_service(
             commands["serverapp"],

@@ -412,6 +412,7 @@ def provision_consortium(
         _write(server / "supernodes" / f"{bank}.pub", (public / NODE_PUB).read_bytes(), 0o644)
         sites[bank] = _site_kit(ctx, index, bank, pins)
     _write(server / ".env", b"COMPOSE_PROJECT_NAME=fedmoe-server\n", 0o644)
+    _chown_tree(server)  # as root: the server kit's TLS key and secret (0600) to the containers' user
     return sites
 
 

@@ -8,6 +8,7 @@ operator's folder is then walked for anything only a bank may hold.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -95,8 +96,24 @@ def test_every_site_passes_its_start_up_checks(consortium):
         site = consortium["site"][b]
         (site.approved_apps).write_text("# approved\n" + "ab" * 32 + "  release\n")
         checks = {c.name: c for c in sites.check_site(site)}
+        # A site made by this test's user is not the containers' (uid 10001): the next test covers that check.
+        checks.pop("container-user")
         assert all(c.ok for c in checks.values()), [c for c in checks.values() if not c.ok]
         assert "30 records" in checks["data"].detail
+
+
+def test_start_up_checks_name_files_the_containers_user_cannot_read(tmp_path):
+    """Walked with Docker: a site made by root held 0600 keys the kit's uid-10001 containers could not
+    open (the SuperNode restarted with Permission denied); `site check` now names the file and the chown."""
+    site = sites.init_site(tmp_path / "s", "bank-9", policy_example=POLICY_EXAMPLE)
+    check = {c.name: c for c in sites.check_site(site)}["container-user"]
+    if os.geteuid() == sites.CONTAINER_UID:
+        pytest.skip("running as the containers' uid")
+    assert not check.ok and "node.key" in check.detail and "chown -R 10001:10001" in check.detail
+    if os.geteuid() == 0:  # as root, the fix the message names works
+        for path in [site.root, *site.root.rglob("*")]:
+            os.chown(path, sites.CONTAINER_UID, sites.CONTAINER_UID)
+        assert {c.name: c for c in sites.check_site(site)}["container-user"].ok
 
 
 def test_start_up_checks_name_a_policy_typo_and_an_unapproved_site(tmp_path):
@@ -169,7 +186,10 @@ def test_status_and_officer_bundle_read_the_banks_own_ledger(tmp_path):
     bundle = sites.officer_bundle(site, tmp_path / "bundle.tar.gz")
     with tarfile.open(bundle) as tar:
         names = set(tar.getnames())
-        manifest = json.loads(tar.extractfile("manifest.json").read())
+        manifest = json.loads(tar.extractfile("manifests/bank-7.json").read())
     assert {"ledgers/bank-7/abc123.jsonl", "pins/bank-7.identity.json", "policy/bank-7.toml"} <= names
     assert not [n for n in names if "secret" in n or n.endswith(".key")]
     assert manifest["policy_sha256"] and manifest["bank_id"] == "bank-7"
+    # every member but the manifest is named in it; no name two banks' bundles share but the consortium pins
+    assert set(manifest["files"]) == names - {"manifests/bank-7.json"}
+    assert not [n for n in names if n != "pins/pins.json" and "bank-7" not in n]
