@@ -32,6 +32,7 @@ import argparse
 import hashlib
 import io
 import json
+import re
 import shutil
 import sys
 import tarfile
@@ -250,10 +251,33 @@ def _check_policy(site: Site) -> str:
     return f"epsilon {policy.epsilon:g}, max-delta {policy.max_delta:g}, unit {policy.privacy_unit}"
 
 
+def kit_data_file(site: Site) -> Path | None:
+    """The data file the kit's executor reads (node-config data-path /data/NAME -> data/NAME), if a kit is here."""
+    compose = site.root / "docker-compose.yml"
+    if not compose.is_file():
+        return None
+    import yaml
+
+    services = (yaml.safe_load(compose.read_text(encoding="utf-8")) or {}).get("services", {})
+    for service in services.values():
+        text = (service.get("environment") or {}).get("FEDMOE_NODE_CONFIG", "")
+        match = re.search(r"data-path='/data/([^']+)'", text)
+        if match:
+            return site.data / match.group(1)
+    return None
+
+
 def _check_data(site: Site) -> str:
     from fedmoe.fl_client.data.files import load_text_file
 
     files = sorted(p for p in site.data.iterdir() if p.is_file() and not p.name.startswith("."))
+    expected = kit_data_file(site)
+    if expected is not None and not expected.is_file():  # the executor would exit 2: "no such file"
+        found = f"; found {', '.join(p.name for p in files)}" if files else ""
+        raise SiteError(
+            f"the kit's executor reads data-path /data/{expected.name}, i.e. "
+            f"{expected.relative_to(site.root)}: no such file{found}"
+        )
     if not files:
         return "no data file: the bank trains on its slice of the synthetic corpus"
     counts = [f"{p.name}: {len(load_text_file(p))} records" for p in files]

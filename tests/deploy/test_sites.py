@@ -116,6 +116,22 @@ def test_start_up_checks_name_files_the_containers_user_cannot_read(tmp_path):
         assert {c.name: c for c in sites.check_site(site)}["container-user"].ok
 
 
+def test_start_up_checks_name_a_data_file_the_kit_does_not_read(consortium, tmp_path):
+    """Walked with Docker: records saved as data/customers.jsonl passed `site check` ("240 records") while
+    the executor exited 2: "data-path /data/records.jsonl: no such file"; the check reads the kit's path."""
+    root = Path(shutil.copytree(consortium["site"]["bank-1"].root, tmp_path / "site"))
+    shutil.copy(consortium["kits"]["bank-1"] / "docker-compose.yml", root)
+    site = sites.Site.load(root)
+    assert {c.name: c for c in sites.check_site(site)}["data"].ok
+    (site.data / SITE_DATA_FILE).rename(site.data / "customers.jsonl")
+    check = {c.name: c for c in sites.check_site(site)}["data"]
+    assert not check.ok
+    assert check.detail == (
+        "the kit's executor reads data-path /data/records.jsonl, i.e. data/records.jsonl: no such file; "
+        "found customers.jsonl"
+    )
+
+
 def test_start_up_checks_name_a_policy_typo_and_an_unapproved_site(tmp_path):
     site = sites.init_site(tmp_path / "s", "bank-9", policy_example=POLICY_EXAMPLE)
     site.policy_path.write_text("epsillon = 3.0\n")
