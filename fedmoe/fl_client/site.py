@@ -210,6 +210,7 @@ def check_site(site: Site) -> list[Check]:
         _check("policy", lambda: _check_policy(site)),
         _check("data", lambda: _check_data(site)),
         _check("approved-apps", lambda: _check_approved(site)),
+        _check("kit", lambda: _check_kit(site)),
         _check("container-user", lambda: _check_container_user(site)),
     ]
     return checks
@@ -296,6 +297,24 @@ def _check_approved(site: Site) -> str:
     if not hashes:
         raise SiteError(f"{site.approved_apps}: no approved app; add the release's SHA-256 (one per line)")
     return f"{len(hashes)} approved"
+
+
+def _check_kit(site: Site) -> str:
+    """The operator's kit is in the site folder, its .env too (`cp kit/*` leaves the dotfile behind, and
+    without it the compose project is named after the folder: two sites in folders of one name collide)."""
+    if not (site.root / "docker-compose.yml").is_file():
+        raise SiteError(
+            f"{site.root}: no docker-compose.yml; copy the operator's kit in: cp -r banks/{site.bank_id}/. SITE/"
+        )
+    env = site.root / ".env"
+    want = f"COMPOSE_PROJECT_NAME=fedmoe-{site.bank_id}"
+    lines = env.read_text(encoding="utf-8").splitlines() if env.is_file() else []
+    if want not in lines:
+        raise SiteError(
+            f"{env}: missing or without {want!r} (cp kit/* skips the .env; copy with cp -r kit/. SITE/): "
+            f"docker-compose would name the project after the folder {site.root.resolve().name!r}"
+        )
+    return f"docker-compose.yml, .env (project fedmoe-{site.bank_id})"
 
 
 CONTAINER_UID = 10001  # the image's non-root user (deploy/Dockerfile; fedmoe.fl_server.deploy.UID)

@@ -95,6 +95,8 @@ def test_every_site_passes_its_start_up_checks(consortium):
     for b in BANKS:
         site = consortium["site"][b]
         (site.approved_apps).write_text("# approved\n" + "ab" * 32 + "  release\n")
+        for name in ("docker-compose.yml", ".env"):  # the runbook's cp -r banks/<bank>/. SITE/
+            shutil.copy(consortium["kits"][b] / name, site.root / name)
         checks = {c.name: c for c in sites.check_site(site)}
         # A site made by this test's user is not the containers' (uid 10001): the next test covers that check.
         checks.pop("container-user")
@@ -130,6 +132,21 @@ def test_start_up_checks_name_a_data_file_the_kit_does_not_read(consortium, tmp_
         "the kit's executor reads data-path /data/records.jsonl, i.e. data/records.jsonl: no such file; "
         "found customers.jsonl"
     )
+
+
+def test_start_up_checks_name_a_kit_copied_without_its_env(consortium, tmp_path):
+    """Walked with Docker: three bank kits in folders all named `site` on one host ran as projects
+    fedmoe-bank-0..2 from each kit's .env; a kit copied with `cp kit/*` has no .env (project "site")."""
+    root = Path(shutil.copytree(consortium["site"]["bank-2"].root, tmp_path / "site"))
+    for name in ("docker-compose.yml", ".env"):
+        (root / name).unlink(missing_ok=True)
+    site = sites.Site.load(root)
+    assert "no docker-compose.yml" in {c.name: c for c in sites.check_site(site)}["kit"].detail
+    shutil.copy(consortium["kits"]["bank-2"] / "docker-compose.yml", root)
+    check = {c.name: c for c in sites.check_site(site)}["kit"]
+    assert not check.ok and "COMPOSE_PROJECT_NAME=fedmoe-bank-2" in check.detail and "'site'" in check.detail
+    shutil.copy(consortium["kits"]["bank-2"] / ".env", root)
+    assert {c.name: c for c in sites.check_site(site)}["kit"].ok
 
 
 def test_start_up_checks_name_a_policy_typo_and_an_unapproved_site(tmp_path):
