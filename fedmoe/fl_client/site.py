@@ -375,9 +375,16 @@ def standing(site: Site) -> list[DatasetStanding]:
             for e in entries
             if e.get("status") != "trained"
         ][-3:]
-        spent = max((float(e.get("epsilon", 0.0)) for e in trained), default=0.0)
+        # As the audit counts it (fedmoe.audit.verify.BankSummary.epsilon_spent): the largest of the recorded,
+        # the PLD and the replace-one epsilon. The recorded one alone said "left 1.738" of 8 after a job whose
+        # replace-one epsilon was 7.996, and the next job was refused for the lifetime budget (walked with Docker).
+        spent = max((_spent(e) for e in trained), default=0.0)
         out.append(DatasetStanding(ledger.parent.name, spent, policy.epsilon, jobs, refusals, report.ok))
     return out
+
+
+def _spent(entry: dict) -> float:
+    return max(float(entry.get(key) or 0.0) for key in ("epsilon", "epsilon_pld", "epsilon_replace_one"))
 
 
 # ---- the officer's bundle --------------------------------------------------------------------------

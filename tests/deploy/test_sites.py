@@ -215,6 +215,10 @@ def test_status_and_officer_bundle_read_the_banks_own_ledger(tmp_path):
     )
     (row,) = sites.standing(site)
     assert (row.spent, row.budget, row.jobs, row.chain_ok) == (1.25, 3.0, {"j1": 1}, True)
+    # the audit's spent (the largest of recorded, PLD, replace-one), not the recorded epsilon alone
+    later = {**trained, "round": 2, "epsilon": 2.0, "epsilon_pld": 1.9, "epsilon_replace_one": 2.9}
+    ledger.append(later, signer=signer)
+    assert sites.standing(site)[0].spent == 2.9
     assert row.refusals == ["j2 round 1: budget"]
     bundle = sites.officer_bundle(site, tmp_path / "bundle.tar.gz")
     with tarfile.open(bundle) as tar:
