@@ -9,6 +9,7 @@
     fedmoe site check   --dir SITE                       everything that could refuse a job, before any job
     fedmoe site status  --dir SITE                       lifetime epsilon spent and left, jobs, refusals
     fedmoe site officer-bundle --dir SITE --out F.tar.gz ledgers + pins + policy hash for the audit
+                                                      (manifests/<bank>.json: every file's SHA-256)
 
 A site folder (mode 0700) holds everything the bank's containers mount:
 
@@ -31,6 +32,7 @@ import argparse
 import hashlib
 import io
 import json
+import re
 import shutil
 import sys
 import tarfile
@@ -208,6 +210,8 @@ def check_site(site: Site) -> list[Check]:
         _check("policy", lambda: _check_policy(site)),
         _check("data", lambda: _check_data(site)),
         _check("approved-apps", lambda: _check_approved(site)),
+        _check("kit", lambda: _check_kit(site)),
+        _check("container-user", lambda: _check_container_user(site)),
     ]
     return checks
 
@@ -248,10 +252,33 @@ def _check_policy(site: Site) -> str:
     return f"epsilon {policy.epsilon:g}, max-delta {policy.max_delta:g}, unit {policy.privacy_unit}"
 
 
+def kit_data_file(site: Site) -> Path | None:
+    """The data file the kit's executor reads (node-config data-path /data/NAME -> data/NAME), if a kit is here."""
+    compose = site.root / "docker-compose.yml"
+    if not compose.is_file():
+        return None
+    import yaml
+
+    services = (yaml.safe_load(compose.read_text(encoding="utf-8")) or {}).get("services", {})
+    for service in services.values():
+        text = (service.get("environment") or {}).get("FEDMOE_NODE_CONFIG", "")
+        match = re.search(r"data-path='/data/([^']+)'", text)
+        if match:
+            return site.data / match.group(1)
+    return None
+
+
 def _check_data(site: Site) -> str:
     from fedmoe.fl_client.data.files import load_text_file
 
     files = sorted(p for p in site.data.iterdir() if p.is_file() and not p.name.startswith("."))
+    expected = kit_data_file(site)
+    if expected is not None and not expected.is_file():  # the executor would exit 2: "no such file"
+        found = f"; found {', '.join(p.name for p in files)}" if files else ""
+        raise SiteError(
+            f"the kit's executor reads data-path /data/{expected.name}, i.e. "
+            f"{expected.relative_to(site.root)}: no such file{found}"
+        )
     if not files:
         return "no data file: the bank trains on its slice of the synthetic corpus"
     counts = [f"{p.name}: {len(load_text_file(p))} records" for p in files]
@@ -270,6 +297,56 @@ def _check_approved(site: Site) -> str:
     if not hashes:
         raise SiteError(f"{site.approved_apps}: no approved app; add the release's SHA-256 (one per line)")
     return f"{len(hashes)} approved"
+
+
+def _check_kit(site: Site) -> str:
+    """The operator's kit is in the site folder, its .env too (`cp kit/*` leaves the dotfile behind, and
+    without it the compose project is named after the folder: two sites in folders of one name collide)."""
+    if not (site.root / "docker-compose.yml").is_file():
+        raise SiteError(
+            f"{site.root}: no docker-compose.yml; copy the operator's kit in: cp -r banks/{site.bank_id}/. SITE/"
+        )
+    env = site.root / ".env"
+    want = f"COMPOSE_PROJECT_NAME=fedmoe-{site.bank_id}"
+    lines = env.read_text(encoding="utf-8").splitlines() if env.is_file() else []
+    if want not in lines:
+        raise SiteError(
+            f"{env}: missing or without {want!r} (cp kit/* skips the .env; copy with cp -r kit/. SITE/): "
+            f"docker-compose would name the project after the folder {site.root.resolve().name!r}"
+        )
+    return f"docker-compose.yml, .env (project fedmoe-{site.bank_id})"
+
+
+CONTAINER_UID = 10001  # the image's non-root user (deploy/Dockerfile; fedmoe.fl_server.deploy.UID)
+
+
+def _check_container_user(site: Site) -> str:
+    """The kit's containers run as uid 10001: every file they mount must be theirs to read (state/: to write).
+
+    A site made by root (or any other user) holds 0600 keys the SuperNode and executor cannot open:
+    without this check the bank learns it from a container that restarts with "Permission denied".
+    """
+    mounted = [site.secrets / NODE_KEY, site.secrets / EXEC_SECRET, site.secrets / "ca.crt"]
+    for folder in (site.keys, site.config, site.data, site.state):
+        mounted += [folder, *sorted(folder.rglob("*"))]
+    for path in mounted:
+        if not path.exists():
+            continue
+        st = path.stat()
+        need = 0o7 if path.is_dir() and site.state in (path, *path.parents) else 0o5 if path.is_dir() else 0o4
+        if path.is_file() and site.state in path.parents:
+            need = 0o6
+        if st.st_uid == CONTAINER_UID:
+            ok = (st.st_mode >> 6) & need == need
+        else:
+            ok = st.st_mode & need == need  # "others" bits; the container user is in no group of the host
+        if not ok:
+            raise SiteError(
+                f"{path}: owner uid {st.st_uid}, mode {st.st_mode & 0o777:04o}: the kit's containers run as uid "
+                f"{CONTAINER_UID} and cannot {'write' if need & 0o2 else 'read'} it; run "
+                f"`chown -R {CONTAINER_UID}:{CONTAINER_UID} {site.root}` (as root) before docker-compose up"
+            )
+    return f"every mounted file readable by uid {CONTAINER_UID} (state/ writable)"
 
 
 # ---- status: the bank's own standing ---------------------------------------------------------------
@@ -298,9 +375,16 @@ def standing(site: Site) -> list[DatasetStanding]:
             for e in entries
             if e.get("status") != "trained"
         ][-3:]
-        spent = max((float(e.get("epsilon", 0.0)) for e in trained), default=0.0)
+        # As the audit counts it (fedmoe.audit.verify.BankSummary.epsilon_spent): the largest of the recorded,
+        # the PLD and the replace-one epsilon. The recorded one alone said "left 1.738" of 8 after a job whose
+        # replace-one epsilon was 7.996, and the next job was refused for the lifetime budget (walked with Docker).
+        spent = max((_spent(e) for e in trained), default=0.0)
         out.append(DatasetStanding(ledger.parent.name, spent, policy.epsilon, jobs, refusals, report.ok))
     return out
+
+
+def _spent(entry: dict) -> float:
+    return max(float(entry.get(key) or 0.0) for key in ("epsilon", "epsilon_pld", "epsilon_replace_one"))
 
 
 # ---- the officer's bundle --------------------------------------------------------------------------
@@ -320,7 +404,9 @@ def officer_bundle(site: Site, out: str | Path) -> Path:
         "policy_sha256": hashlib.sha256(policy).hexdigest() if policy else "",
         "files": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(members.items())},
     }
-    members["manifest.json"] = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    # One name per bank: the officer untars every bundle into one folder (the runbook's audit-in/), where
+    # a shared "manifest.json" kept only the last bank's (walked with Docker, session 9).
+    members[f"manifests/{site.bank_id}.json"] = json.dumps(manifest, indent=2, sort_keys=True).encode()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(out, "w:gz") as tar:

@@ -380,7 +380,14 @@ def server_services(topo: Topology, *, publish: str, secrets_dir: str, keys: str
                 _secret("superlink-key", "server.key"),
                 _secret("server-exec-secret", "exec-secret"),
             ],
-            networks=["fleet", "server"],
+            # The serverapp and register reach the SuperLink by the name in its certificate (the kit's
+            # --superlink-name, e.g. fl.consortium.example): on the internal server network that name
+            # must be this container, not whatever public DNS says (the internal network has no route out).
+            networks=(
+                ["fleet", "server"]
+                if topo.superlink_host == "superlink"
+                else {"fleet": {}, "server": {"aliases": [topo.superlink_host]}}
+            ),
         ),
         "serverapp": _flower_service(
             commands["serverapp"],
@@ -441,7 +448,10 @@ def bank_services(
         # The ClientApp runs here: it alone reads the bank's secret context, data and state. Its
         # only network is the bank's own (internal: no route out); its SuperNode is found by name
         # there, so a restarted SuperNode is reached again.
-        depends_on={name: {"condition": "service_healthy"}},
+        # Started, not healthy: the SuperNode is healthy only once its pulls reach the SuperLink, and a
+        # bank that came up before the SuperLink had `docker-compose up -d` exit 1 ("Container ... is
+        # unhealthy") with no executor at all, still none after the SuperLink came (walked with Docker).
+        depends_on={name: {"condition": "service_started"}},
         volumes=volumes,
         secrets=[_secret(f"{name}-exec-secret", "exec-secret")],
         networks=[net],

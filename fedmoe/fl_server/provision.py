@@ -412,6 +412,7 @@ def provision_consortium(
         _write(server / "supernodes" / f"{bank}.pub", (public / NODE_PUB).read_bytes(), 0o644)
         sites[bank] = _site_kit(ctx, index, bank, pins)
     _write(server / ".env", b"COMPOSE_PROJECT_NAME=fedmoe-server\n", 0o644)
+    _chown_tree(server)  # as root: the server kit's TLS key and secret (0600) to the containers' user
     return sites
 
 
@@ -455,7 +456,8 @@ then, in the site folder:
    and edit `config/policy.toml` (your privacy policy: nobody else sees it).
 4. Approve the release: add its SHA-256 to `config/approved-apps`:
    {approved.strip() or "(the operator sends the release's SHA-256 with the release)"}
-5. `fedmoe site check --dir .` (must print no FAIL), then `docker-compose up -d` (the project name is
+5. As root: `chown -R 10001:10001 .` (the containers run as uid 10001 and the keys are 0600), then
+   `fedmoe site check --dir .` (must print no FAIL), then `docker-compose up -d` (the project name is
    fedmoe-{bank}, from `.env`; the SuperLink is {superlink}).
 
 `state/` holds your lifetime privacy ledger: it is a folder of the site, not a Docker volume, so

@@ -26,7 +26,12 @@ from pathlib import Path
 from fedmoe.fl_server.deploy import FLOWER_ENV
 
 CONNECTION = "fedmoe"
-KIT_FILE = "kit.json"  # {"superlink": "host:port", "ca": "secrets/ca.crt"} in the server kit
+KIT_FILE = "kit.json"  # {"superlink": "host:port", "ca": "secrets/ca.crt", "run-config": {...}} in the server kit
+# Where the server kit's compose mounts the keys and the state inside the serverapp container: a job
+# that does not say otherwise uses these (the pyproject defaults, runs/keys and runs/server, are the
+# loopback launcher's; under the kit they failed with "public BFV context file runs/keys/...: not found").
+KIT_RUN_CONFIG = {"key-dir": "/keys", "server-state-dir": "/state/server"}
+RUN_CONFIG_KEY = re.compile(r"(?:^|\s)([A-Za-z0-9_.-]+)\s*=")
 RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 FINISHED_OK = "finished:completed"
 
@@ -39,6 +44,7 @@ class SubmitError(RuntimeError):
 class Connection:
     superlink: str  # host:port
     ca_cert: Path  # the CA the SuperLink's certificate chains to
+    run_config: tuple[tuple[str, str], ...] = ()  # the kit's defaults (container paths), key -> TOML value
 
     @classmethod
     def from_kit(cls, kit: Path) -> Connection:
@@ -52,13 +58,23 @@ class Connection:
             raise SubmitError(f"{path}: expected {{'superlink': 'host:port', 'ca': 'path'}}: {e}") from e
         if not ca.is_file():
             raise SubmitError(f"{path}: its CA certificate {ca} is missing")
-        return cls(superlink, ca.resolve())
+        defaults = raw.get("run-config", {})
+        if not isinstance(defaults, dict):
+            raise SubmitError(f"{path}: 'run-config' expected a table of run-config keys, got {defaults!r}")
+        return cls(superlink, ca.resolve(), tuple((str(k), json.dumps(v)) for k, v in sorted(defaults.items())))
+
+    def with_defaults(self, run_config: str) -> str:
+        """The operator's run config, preceded by the kit's defaults for every key it does not set."""
+        given = set(RUN_CONFIG_KEY.findall(run_config))
+        extra = [f"{key}={value}" for key, value in self.run_config if key not in given]
+        return " ".join([*extra, run_config]).strip()
 
 
 def write_kit_file(kit: Path, superlink: str, ca: str = "secrets/ca.crt") -> Path:
-    """What provisioning leaves in the server kit for `fedmoe submit` (public: an address and a path)."""
+    """What provisioning leaves in the server kit for `fedmoe submit` (public: an address, a path, defaults)."""
     path = kit / KIT_FILE
-    path.write_text(json.dumps({"superlink": superlink, "ca": ca}, indent=2) + "\n", encoding="utf-8")
+    raw = {"superlink": superlink, "ca": ca, "run-config": KIT_RUN_CONFIG}
+    path.write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
     return path
 
 
@@ -131,7 +147,7 @@ def submit(kit: Path, app: Path, run_config: str = "") -> int:
     if not (app / "pyproject.toml").is_file():
         raise SubmitError(f"{app}: not an app folder (no pyproject.toml); pass the released app, e.g. <release>/app")
     env = flwr_home(kit, conn)
-    run = start_run(app, run_config, env)
+    run = start_run(app, conn.with_defaults(run_config), env)
     status = wait_for_end(run, env)
     if status.get("status") != FINISHED_OK:
         raise SubmitError(

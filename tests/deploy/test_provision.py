@@ -106,3 +106,14 @@ def test_cli_refuses_unknown_bank(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--banks", "2", "--data", "bank-5=/x"])
     assert "bank-5" in capsys.readouterr().err
+
+
+def test_serverapp_reaches_the_superlink_by_its_certificate_name(kits):
+    """Walked with Docker: a kit provisioned for fl.example.org had the serverapp and register dial
+    fl.example.org:8443 from the internal server network, where no DNS name resolves to the SuperLink
+    (and no route out exists). The SuperLink container answers to that name there (a network alias)."""
+    server = yaml.safe_load((kits / "server" / "docker-compose.yml").read_text())
+    services = server["services"]
+    assert services["superlink"]["networks"]["server"]["aliases"] == ["fl.example.org"]
+    assert "fl.example.org:8443" in services["serverapp"]["command"]
+    assert services["serverapp"]["networks"] == ["server"]

@@ -8,6 +8,7 @@ operator's folder is then walked for anything only a bank may hold.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -94,9 +95,58 @@ def test_every_site_passes_its_start_up_checks(consortium):
     for b in BANKS:
         site = consortium["site"][b]
         (site.approved_apps).write_text("# approved\n" + "ab" * 32 + "  release\n")
+        for name in ("docker-compose.yml", ".env"):  # the runbook's cp -r banks/<bank>/. SITE/
+            shutil.copy(consortium["kits"][b] / name, site.root / name)
         checks = {c.name: c for c in sites.check_site(site)}
+        # A site made by this test's user is not the containers' (uid 10001): the next test covers that check.
+        checks.pop("container-user")
         assert all(c.ok for c in checks.values()), [c for c in checks.values() if not c.ok]
         assert "30 records" in checks["data"].detail
+
+
+def test_start_up_checks_name_files_the_containers_user_cannot_read(tmp_path):
+    """Walked with Docker: a site made by root held 0600 keys the kit's uid-10001 containers could not
+    open (the SuperNode restarted with Permission denied); `site check` now names the file and the chown."""
+    site = sites.init_site(tmp_path / "s", "bank-9", policy_example=POLICY_EXAMPLE)
+    check = {c.name: c for c in sites.check_site(site)}["container-user"]
+    if os.geteuid() == sites.CONTAINER_UID:
+        pytest.skip("running as the containers' uid")
+    assert not check.ok and "node.key" in check.detail and "chown -R 10001:10001" in check.detail
+    if os.geteuid() == 0:  # as root, the fix the message names works
+        for path in [site.root, *site.root.rglob("*")]:
+            os.chown(path, sites.CONTAINER_UID, sites.CONTAINER_UID)
+        assert {c.name: c for c in sites.check_site(site)}["container-user"].ok
+
+
+def test_start_up_checks_name_a_data_file_the_kit_does_not_read(consortium, tmp_path):
+    """Walked with Docker: records saved as data/customers.jsonl passed `site check` ("240 records") while
+    the executor exited 2: "data-path /data/records.jsonl: no such file"; the check reads the kit's path."""
+    root = Path(shutil.copytree(consortium["site"]["bank-1"].root, tmp_path / "site"))
+    shutil.copy(consortium["kits"]["bank-1"] / "docker-compose.yml", root)
+    site = sites.Site.load(root)
+    assert {c.name: c for c in sites.check_site(site)}["data"].ok
+    (site.data / SITE_DATA_FILE).rename(site.data / "customers.jsonl")
+    check = {c.name: c for c in sites.check_site(site)}["data"]
+    assert not check.ok
+    assert check.detail == (
+        "the kit's executor reads data-path /data/records.jsonl, i.e. data/records.jsonl: no such file; "
+        "found customers.jsonl"
+    )
+
+
+def test_start_up_checks_name_a_kit_copied_without_its_env(consortium, tmp_path):
+    """Walked with Docker: three bank kits in folders all named `site` on one host ran as projects
+    fedmoe-bank-0..2 from each kit's .env; a kit copied with `cp kit/*` has no .env (project "site")."""
+    root = Path(shutil.copytree(consortium["site"]["bank-2"].root, tmp_path / "site"))
+    for name in ("docker-compose.yml", ".env"):
+        (root / name).unlink(missing_ok=True)
+    site = sites.Site.load(root)
+    assert "no docker-compose.yml" in {c.name: c for c in sites.check_site(site)}["kit"].detail
+    shutil.copy(consortium["kits"]["bank-2"] / "docker-compose.yml", root)
+    check = {c.name: c for c in sites.check_site(site)}["kit"]
+    assert not check.ok and "COMPOSE_PROJECT_NAME=fedmoe-bank-2" in check.detail and "'site'" in check.detail
+    shutil.copy(consortium["kits"]["bank-2"] / ".env", root)
+    assert {c.name: c for c in sites.check_site(site)}["kit"].ok
 
 
 def test_start_up_checks_name_a_policy_typo_and_an_unapproved_site(tmp_path):
@@ -165,11 +215,18 @@ def test_status_and_officer_bundle_read_the_banks_own_ledger(tmp_path):
     )
     (row,) = sites.standing(site)
     assert (row.spent, row.budget, row.jobs, row.chain_ok) == (1.25, 3.0, {"j1": 1}, True)
+    # the audit's spent (the largest of recorded, PLD, replace-one), not the recorded epsilon alone
+    later = {**trained, "round": 2, "epsilon": 2.0, "epsilon_pld": 1.9, "epsilon_replace_one": 2.9}
+    ledger.append(later, signer=signer)
+    assert sites.standing(site)[0].spent == 2.9
     assert row.refusals == ["j2 round 1: budget"]
     bundle = sites.officer_bundle(site, tmp_path / "bundle.tar.gz")
     with tarfile.open(bundle) as tar:
         names = set(tar.getnames())
-        manifest = json.loads(tar.extractfile("manifest.json").read())
+        manifest = json.loads(tar.extractfile("manifests/bank-7.json").read())
     assert {"ledgers/bank-7/abc123.jsonl", "pins/bank-7.identity.json", "policy/bank-7.toml"} <= names
     assert not [n for n in names if "secret" in n or n.endswith(".key")]
     assert manifest["policy_sha256"] and manifest["bank_id"] == "bank-7"
+    # every member but the manifest is named in it; no name two banks' bundles share but the consortium pins
+    assert set(manifest["files"]) == names - {"manifests/bank-7.json"}
+    assert not [n for n in names if n != "pins/pins.json" and "bank-7" not in n]

@@ -60,3 +60,15 @@ def test_provisioned_server_kits_carry_the_connection(tmp_path):
     kits = provision(tmp_path / "kits", [BankSpec("bank-0")], superlink_names=["fl.example.org"], ckks=False)
     conn = Connection.from_kit(kits["server"])
     assert conn.superlink == "fl.example.org:8000" and conn.ca_cert.is_file()
+
+
+def test_the_kit_gives_the_serverapp_its_container_paths_unless_the_job_sets_them(tmp_path):
+    """Walked with Docker: the runbook's `--run-config 'num-rounds=3'` failed at the ServerApp with
+    "public BFV context file runs/keys/context.public.bfv: not found" (the loopback launcher's default
+    path); kit.json now carries the paths its compose mounts and `fedmoe submit` adds them."""
+    conn = Connection.from_kit(_kit(tmp_path, "127.0.0.1:9"))
+    assert conn.with_defaults("num-rounds=3") == 'key-dir="/keys" server-state-dir="/state/server" num-rounds=3'
+    assert (
+        conn.with_defaults('key-dir="/k" num-rounds=2') == 'server-state-dir="/state/server" key-dir="/k" num-rounds=2'
+    )
+    assert conn.with_defaults("") == 'key-dir="/keys" server-state-dir="/state/server"'

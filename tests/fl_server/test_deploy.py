@@ -142,7 +142,9 @@ def test_hardening():
     for i in range(3):
         apps = services[f"bank-{i}-apps"]
         assert apps["networks"] == [f"bank-{i}-net"]  # the executor's only network is the bank's own
-        assert apps["depends_on"][f"bank-{i}"]["condition"] == "service_healthy"
+        # started, not healthy: a SuperNode is healthy only once connected, and the bank's `up -d` must not
+        # depend on the operator's SuperLink being up (SuperNode before SuperLink, walked with Docker)
+        assert apps["depends_on"][f"bank-{i}"]["condition"] == "service_started"
         assert f"bank-{i}:" in " ".join(apps["command"])  # finds its SuperNode by name after a restart
     assert raw()["networks"]["bank-0-net"]["internal"] is True
     assert FLOWER_ENV["FLWR_TELEMETRY_ENABLED"] == "0"
