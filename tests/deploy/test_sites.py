@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
@@ -230,3 +231,41 @@ def test_status_and_officer_bundle_read_the_banks_own_ledger(tmp_path):
     # every member but the manifest is named in it; no name two banks' bundles share but the consortium pins
     assert set(manifest["files"]) == names - {"manifests/bank-7.json"}
     assert not [n for n in names if n != "pins/pins.json" and "bank-7" not in n]
+
+
+@pytest.mark.slow
+@pytest.mark.federation
+def test_after_a_job_the_operator_folder_still_holds_no_bank_secret_and_no_record(consortium):
+    """A secure-aggregation job over the sites' own keys, data and policies (in process: the wire is
+    LocalGrid, the banks are the real ClientApp reading their site folders), the server's state kept
+    inside the operator's folder; then the operator's folder is walked again."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "fl_server"))  # the in-process grid the round tests use
+    from local_grid import LocalGrid
+
+    from fedmoe.fl_server.console import SilentReporter
+    from fedmoe.fl_server.federation import Federation
+    from fedmoe.protocol.config import JobConfig
+
+    operator, site = consortium["operator"], consortium["site"]
+    run_config = {
+        "job-id": "walk", "num-rounds": 1, "min-banks": 3, "model-preset": "tiny", "local-steps": 1,
+        "batch-size": 4, "seq-len": 32, "evaluate": False, "round-timeout": 5.0,
+        "key-dir": str(consortium["kits"]["server"] / "keys"), "server-state-dir": str(operator / "server-state"),
+    }  # fmt: skip
+    nodes = {
+        100 + i: {
+            "bank-id": b,
+            "partition-id": i,
+            "state-dir": str(site[b].state),
+            "key-path": str(site[b].keys / "context.secret.ckks"),
+            "identity-key": str(site[b].identity_path),
+            "data-path": str(site[b].data / SITE_DATA_FILE),
+            "policy-file": str(site[b].policy_path),
+        }  # fmt: skip
+        for i, b in enumerate(BANKS)
+    }
+    job = JobConfig.from_run_config(run_config)
+    state = Federation(grid=LocalGrid(nodes, run_config), job=job, reporter=SilentReporter()).run()
+    assert state.rounds[0].aggregated, (state.rounds[0].no_aggregate, state.rounds[0].left_out)
+    assert (operator / "server-state" / "walk" / "aggregates" / "round-0001.bundle").exists()
+    test_the_operator_folder_holds_no_bank_secret_and_no_record(consortium)
