@@ -47,7 +47,7 @@ from fedmoe.crypto.secagg.bfv import PUBLIC_FILE as BFV_PUBLIC_FILE
 from fedmoe.crypto.secagg.bfv import SECRET_FILE as BFV_SECRET_FILE
 from fedmoe.fl_client.errors import ConfigError
 from fedmoe.fl_client.policy import BankPolicy
-from fedmoe.protocol.config import PINS_FILE, identity_file_name
+from fedmoe.protocol.config import CONTAINER_UID, PINS_FILE, identity_file_name
 from fedmoe.protocol.files import atomic_write_json, fsync_dir
 from fedmoe.protocol.ledger import read_verified
 
@@ -317,9 +317,6 @@ def _check_kit(site: Site) -> str:
     return f"docker-compose.yml, .env (project fedmoe-{site.bank_id})"
 
 
-CONTAINER_UID = 10001  # the image's non-root user (deploy/Dockerfile; fedmoe.fl_server.deploy.UID)
-
-
 def _check_container_user(site: Site) -> str:
     """The kit's containers run as uid 10001: every file they mount must be theirs to read (state/: to write).
 
@@ -333,9 +330,8 @@ def _check_container_user(site: Site) -> str:
         if not path.exists():
             continue
         st = path.stat()
-        need = 0o7 if path.is_dir() and site.state in (path, *path.parents) else 0o5 if path.is_dir() else 0o4
-        if path.is_file() and site.state in path.parents:
-            need = 0o6
+        writable = site.state in (path, *path.parents)  # state/ and everything in it: read and write
+        need = (0o5 if path.is_dir() else 0o4) | (0o2 if writable else 0)
         if st.st_uid == CONTAINER_UID:
             ok = (st.st_mode >> 6) & need == need
         else:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from fedmoe.protocol.config import CONTAINER_UID
+
 # Every Flower process we start gets these: no telemetry (banks have no internet), no update check;
 # executors look for a message to run every 0.1 s (Flower's default: 1 s).
 FLOWER_ENV = {
@@ -283,8 +285,10 @@ def simulation_command(topo: Topology) -> list[str]:
 
 # ---- docker-compose ---------------------------------------------------------------------------
 IMAGE = "fedmoe:latest"
-UID = 10001  # the image's non-root user (deploy/Dockerfile)
-COMPOSE_RUN_CONFIG = 'key-dir="/keys" server-state-dir="/state/server"'
+UID = CONTAINER_UID  # the image's non-root user (deploy/Dockerfile)
+# Where the kits mount the keys and the server's state in the serverapp container: a job under a kit uses these.
+CONTAINER_RUN_CONFIG = {"key-dir": "/keys", "server-state-dir": "/state/server"}
+COMPOSE_RUN_CONFIG = " ".join(f'{k}="{v}"' for k, v in CONTAINER_RUN_CONFIG.items())
 KITS = "./deploy/kits"  # where `python -m fedmoe.fl_server.provision` writes the kits the one-host file uses
 
 

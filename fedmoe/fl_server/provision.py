@@ -456,7 +456,7 @@ then, in the site folder:
    and edit `config/policy.toml` (your privacy policy: nobody else sees it).
 4. Approve the release: add its SHA-256 to `config/approved-apps`:
    {approved.strip() or "(the operator sends the release's SHA-256 with the release)"}
-5. As root: `chown -R 10001:10001 .` (the containers run as uid 10001 and the keys are 0600), then
+5. As root: `chown -R {UID}:{UID} .` (the containers run as uid {UID} and the keys are 0600), then
    `fedmoe site check --dir .` (must print no FAIL), then `docker-compose up -d` (the project name is
    fedmoe-{bank}, from `.env`; the SuperLink is {superlink}).
 

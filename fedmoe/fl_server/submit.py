@@ -23,14 +23,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmoe.fl_server.deploy import FLOWER_ENV
+from fedmoe.fl_server.deploy import CONTAINER_RUN_CONFIG, FLOWER_ENV
 
 CONNECTION = "fedmoe"
 KIT_FILE = "kit.json"  # {"superlink": "host:port", "ca": "secrets/ca.crt", "run-config": {...}} in the server kit
-# Where the server kit's compose mounts the keys and the state inside the serverapp container: a job
-# that does not say otherwise uses these (the pyproject defaults, runs/keys and runs/server, are the
-# loopback launcher's; under the kit they failed with "public BFV context file runs/keys/...: not found").
-KIT_RUN_CONFIG = {"key-dir": "/keys", "server-state-dir": "/state/server"}
+# A job that does not say otherwise uses the kit's container paths (deploy.CONTAINER_RUN_CONFIG): the
+# pyproject defaults, runs/keys and runs/server, are the loopback launcher's; under the kit they failed
+# with "public BFV context file runs/keys/...: not found".
 RUN_CONFIG_KEY = re.compile(r"(?:^|\s)([A-Za-z0-9_.-]+)\s*=")
 RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 FINISHED_OK = "finished:completed"
@@ -73,7 +72,7 @@ class Connection:
 def write_kit_file(kit: Path, superlink: str, ca: str = "secrets/ca.crt") -> Path:
     """What provisioning leaves in the server kit for `fedmoe submit` (public: an address, a path, defaults)."""
     path = kit / KIT_FILE
-    raw = {"superlink": superlink, "ca": ca, "run-config": KIT_RUN_CONFIG}
+    raw = {"superlink": superlink, "ca": ca, "run-config": CONTAINER_RUN_CONFIG}
     path.write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
     return path
 

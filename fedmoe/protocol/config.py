@@ -74,6 +74,10 @@ def from_mapping(cls: type, raw: Mapping[str, Any], *, source: str, strict: bool
     return cls(**kwargs)
 
 
+# The non-root user every fedmoe container runs as (deploy/Dockerfile): kits hand it their files, and a
+# bank's site check reads their modes for it.
+CONTAINER_UID = 10001
+
 # Run-config keys a resubmission of the same job may change: how long the server waits, never what
 # banks train or what their privacy is. The server's state and each bank's record of its job agree on it.
 RESUBMIT_MAY_CHANGE = frozenset({"num-rounds", "round-timeout", "rejoin-grace"})
