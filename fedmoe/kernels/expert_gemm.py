@@ -105,9 +105,34 @@ class _GroupedMmLinear(torch.autograd.Function):
         if _grad_wanted(ctx, 0):
             grad_x = F.grouped_mm(grad_y_sorted_NO, weight_EOI, offs=offs_E).index_select(0, inverse_N)
         if _grad_wanted(ctx, 1):
-            # G^T as a column-major view: grouped_mm takes it as is (per_sample._grouped_outer).
-            grad_w = F.grouped_mm(grad_y_sorted_NO.t(), x_sorted_NI, offs=offs_E)
+            grad_w = grouped_outer(grad_y_sorted_NO, x_sorted_NI, offs_E)
         return grad_x, grad_w, None, None, None
+
+
+def narrow_input_first(width_in: int, width_out: int, device: torch.device) -> bool:
+    """True where G^T X [O, I] is faster as (X^T G)^T on this device: a rank-wide input (LoRA B).
+
+    CPU GEMMs (torch 2.13, one thread) writing an output only ~8 columns wide run ~2-4x slower
+    than the same product written the other way round: 256 segments of 32 rows, I 8, O 256:
+    grouped_mm 3.1 ms vs 2.2 ms with the transpose (bmm over 16 samples, T 128: 0.61 vs 0.16
+    ms); for I 64 or wider the direct form wins (docs/performance.md, session 10).
+    """
+    return device.type == "cpu" and width_in <= 16 and width_out >= 4 * width_in
+
+
+def grouped_outer(g_sorted_NO: torch.Tensor, x_sorted_NI: torch.Tensor, run_ends_R: torch.Tensor) -> torch.Tensor:
+    """[R, O, I] = G_r^T X_r for consecutive runs of sorted rows ending at run_ends (exclusive).
+
+    A view of an [R, I, O] result where `narrow_input_first` says so (callers copy or reduce it).
+    """
+    n_rows, width_out, width_in = g_sorted_NO.shape[0], g_sorted_NO.shape[1], x_sorted_NI.shape[1]
+    if n_rows == 0:  # grouped_mm rejects empty operands
+        return g_sorted_NO.new_zeros(run_ends_R.shape[0], width_out, width_in)
+    offs = run_ends_R.to(torch.int32)
+    # The transposed operand as a column-major view: grouped_mm takes it as is, whatever N is.
+    if narrow_input_first(width_in, width_out, g_sorted_NO.device):
+        return F.grouped_mm(x_sorted_NI.contiguous().t(), g_sorted_NO.contiguous(), offs=offs).transpose(1, 2)
+    return F.grouped_mm(g_sorted_NO.contiguous().t(), x_sorted_NI.contiguous(), offs=offs)
 
 
 def _grouped_mm_linear(x_NI: torch.Tensor, weight_EOI: torch.Tensor, align: ExpertAlignment) -> torch.Tensor:

@@ -32,11 +32,11 @@ from collections.abc import Iterator
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from fedmoe.kernels.backend import Backend, choose_backend, grouped_mm_reason, triton_reason
 from fedmoe.kernels.errors import KernelError
-from fedmoe.kernels.permute import ExpertAlignment, align_by_expert
+from fedmoe.kernels.expert_gemm import grouped_outer
+from fedmoe.kernels.permute import ExpertAlignment, align_by_expert, check_ids
 
 NormMethod = Literal["auto", "ghost", "instantiate"]
 _GROUPED_MM_CHUNK = 1 << 24  # elements of instantiated [segments, O, I] grads per grouped_mm call
@@ -228,14 +228,6 @@ def expert_grad_norm2_bucketed(
 # ---------------------------------------------------------------------------------------------
 
 
-def _grouped_outer(g_sorted_NO: torch.Tensor, x_sorted_NI: torch.Tensor, run_ends_R: torch.Tensor) -> torch.Tensor:
-    """[R, O, I] = G_r^T X_r for consecutive runs of sorted rows ending at run_ends (exclusive)."""
-    if g_sorted_NO.shape[0] == 0:  # grouped_mm rejects empty operands
-        return g_sorted_NO.new_zeros(run_ends_R.shape[0], g_sorted_NO.shape[1], x_sorted_NI.shape[1])
-    # G^T as a column-major view: grouped_mm takes it as is, whatever N is.
-    return F.grouped_mm(g_sorted_NO.contiguous().t(), x_sorted_NI.contiguous(), offs=run_ends_R.to(torch.int32))
-
-
 def _ghost_is_cheaper(counts_S: torch.Tensor, width_in: int, width_out: int, method: NormMethod) -> torch.Tensor:
     """Per segment: ghost (~n^2 (I + O) / 2 multiply-adds) or instantiate (~n O I), as `method` says."""
     if method == "auto":
@@ -252,7 +244,7 @@ def _instantiated_norm2(x_sorted: torch.Tensor, g_sorted: torch.Tensor, ends_R: 
     for r0 in range(0, len(ends), per_chunk):
         r1 = min(r0 + per_chunk, len(ends))
         row0 = ends[r0 - 1] if r0 else 0
-        outer = _grouped_outer(g_sorted[row0 : ends[r1 - 1]], x_sorted[row0 : ends[r1 - 1]], ends_R[r0:r1] - row0)
+        outer = grouped_outer(g_sorted[row0 : ends[r1 - 1]], x_sorted[row0 : ends[r1 - 1]], ends_R[r0:r1] - row0)
         parts.append(outer.to(acc).square().sum(dim=(1, 2)))
     return torch.cat(parts) if parts else x_sorted.new_zeros(0, dtype=acc)
 
@@ -415,6 +407,29 @@ def expert_grad_norm2(
     return _norm2_triton(x_NI, grad_NO, align, method)
 
 
+def _grad_sample_grouped_mm(
+    x_NI: torch.Tensor,
+    grad_NO: torch.Tensor,
+    expert_ids_N: torch.Tensor,
+    sample_ids_N: torch.Tensor,
+    n_samples: int,
+    n_experts: int,
+) -> torch.Tensor:
+    """[B, E, O, I] as one grouped GEMM over rows sorted by slot (sample, expert), not by
+    (expert, sample) as `align_by_expert` does: the runs come out in the output's order, an empty
+    slot is an empty run, and nothing is scattered (~1.5 ms less per call on FFA-LoRA's experts)."""
+    n_rows = x_NI.shape[0]
+    check_ids("expert_ids", expert_ids_N, n_rows, n_experts)
+    check_ids("sample_ids", sample_ids_N, n_rows, n_samples)
+    slot_N = sample_ids_N.long() * n_experts + expert_ids_N.long()
+    order_N = torch.argsort(slot_N, stable=True)
+    counts_K = torch.bincount(slot_N, minlength=n_samples * n_experts)
+    outer = grouped_outer(grad_NO.index_select(0, order_N), x_NI.index_select(0, order_N), counts_K.cumsum(0))
+    if not outer.is_cpu:  # CPU grouped_mm writes zeros for an empty run; elsewhere we do not rely on it
+        outer = outer.masked_fill((counts_K == 0)[:, None, None], 0)
+    return outer.reshape(n_samples, n_experts, grad_NO.shape[1], x_NI.shape[1]).contiguous()
+
+
 def expert_grad_sample(
     x_NI: torch.Tensor,
     grad_NO: torch.Tensor,
@@ -444,17 +459,11 @@ def expert_grad_sample(
     chosen = _choose(op, backend, x_NI, grad_NO, expert_ids_N, sample_ids_N)
     if chosen == "reference":
         return expert_grad_sample_reference(x_NI, grad_NO, expert_ids_N, sample_ids_N, n_samples, n_experts)
+    if chosen == "grouped_mm":
+        return _grad_sample_grouped_mm(x_NI, grad_NO, expert_ids_N, sample_ids_N, n_samples, n_experts)
     align = _sample_alignment(op, alignment, expert_ids_N, sample_ids_N, n_samples, n_experts, chosen)
     width_out, width_in = grad_NO.shape[1], x_NI.shape[1]
     slot_S = align.segment_sample_S * n_experts + align.segment_expert_S
-    if chosen == "grouped_mm":
-        out = x_NI.new_zeros(n_samples * n_experts, width_out, width_in)
-        order_N = align.order_N
-        outer = _grouped_outer(
-            grad_NO.index_select(0, order_N), x_NI.index_select(0, order_N), align.segment_offsets_S1[1:]
-        )
-        out[slot_S] = outer
-        return out.view(n_samples, n_experts, width_out, width_in)
     from fedmoe.kernels.expert_gemm_triton import segment_outer
 
     out = segment_outer(
@@ -521,7 +530,7 @@ def expert_weight_grad_clipped(
             g_sorted_NO.mul_(scale_sorted_N1)
         else:  # scaled in fp32, rounded once (as the reference)
             g_sorted_NO = (g_sorted_NO.float() * scale_sorted_N1).to(grad_NO.dtype)
-        return _grouped_outer(g_sorted_NO, x_NI.index_select(0, order_N), alignment.expert_offsets_E1[1:])
+        return grouped_outer(g_sorted_NO, x_NI.index_select(0, order_N), alignment.expert_offsets_E1[1:])
     from fedmoe.kernels.expert_gemm_triton import segment_outer
 
     experts_E = torch.arange(n_experts, device=x_NI.device)

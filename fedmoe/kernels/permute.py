@@ -88,7 +88,8 @@ def align_reference(
     return _alignment_from_counts(order_N, counts_K, n_experts, n_samples)
 
 
-def _check_ids(name: str, ids_N: torch.Tensor, n_rows: int, bound: int) -> None:
+def check_ids(name: str, ids_N: torch.Tensor, n_rows: int, bound: int) -> None:
+    """Raises KernelError unless ids_N is int32/int64 [n_rows] with values in [0, bound)."""
     if ids_N.shape != (n_rows,) or ids_N.dtype not in (torch.int32, torch.int64):
         raise KernelError(
             f"align_by_expert: {name} must be int32/int64 [N={n_rows}], got {ids_N.dtype} {tuple(ids_N.shape)}"
@@ -125,11 +126,11 @@ def align_by_expert(
             cannot run here.
     """
     n_rows = expert_ids_N.shape[0] if expert_ids_N.dim() == 1 else -1
-    _check_ids("expert_ids", expert_ids_N, n_rows, n_experts)
+    check_ids("expert_ids", expert_ids_N, n_rows, n_experts)
     if sample_ids_N is None:
         n_samples = 1
     else:
-        _check_ids("sample_ids", sample_ids_N, n_rows, n_samples)
+        check_ids("sample_ids", sample_ids_N, n_rows, n_samples)
     tensors = [expert_ids_N] if sample_ids_N is None else [expert_ids_N, sample_ids_N]
     chosen = choose_backend("align_by_expert", backend, {"triton": triton_reason(*tensors)})
     if chosen == "triton":

@@ -168,3 +168,28 @@ def test_secure_step_noise_is_fresh_and_independent_of_torch_seed(grad_sample_mo
 def test_seeded_step_noise_is_reproducible():
     assert torch.equal(private_noise("mixed", secure=False, seed=7), private_noise("mixed", secure=False, seed=7))
     assert not torch.equal(private_noise("mixed", secure=False, seed=7), private_noise("mixed", secure=False, seed=8))
+
+
+def test_one_step_draws_every_tensor_from_one_fresh_key(monkeypatch):
+    """A DP step's noise: one CSPRNG stream for all its tensors, each N(0, std^2), shaped like its
+    reference; the next step takes a new key."""
+    keys = []
+    real = rng.CipherStream.__init__
+
+    def counting(self):
+        keys.append(1)
+        real(self)
+
+    monkeypatch.setattr(rng.CipherStream, "__init__", counting)
+    refs = [torch.zeros(400_000), torch.zeros(300, 1000, dtype=torch.float64), torch.zeros(7, 3, dtype=torch.bfloat16)]
+    first = rng.secure_gaussian_like_all(refs, 2.0)
+    assert len(keys) == 1
+    assert [(n.shape, n.dtype) for n in first] == [(r.shape, r.dtype) for r in refs]
+    for noise in first[:2]:
+        assert_normal_moments(noise, 2.0)
+    assert abs(float(torch.corrcoef(torch.stack([first[0][:300_000], first[1].flatten().float()]))[0, 1])) < 6 / 548
+    second = rng.secure_gaussian_like_all(refs, 2.0)
+    assert len(keys) == 2 and not torch.equal(first[0], second[0])
+    assert all(
+        torch.equal(n, torch.zeros_like(r)) for n, r in zip(rng.secure_gaussian_like_all(refs, 0.0), refs, strict=True)
+    )

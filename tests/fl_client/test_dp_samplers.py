@@ -39,6 +39,23 @@ def outer_product_loop(x, g, ids, sample_ids, n_samples, n_experts):
     return out
 
 
+@pytest.mark.parametrize(("width_in", "width_out", "positions"), [(4, 24, 5), (24, 4, 5), (4, 24, None), (12, 12, 3)])
+def test_linear_grad_sample_matches_single_sample_backward(width_in, width_out, positions):
+    """Our nn.Linear sampler (bmm, input side first for a rank-wide input) against a loop of
+    single-sample backward passes, with and without a position axis and a bias."""
+    gen = torch.Generator().manual_seed(width_in)
+    layer = torch.nn.Linear(width_in, width_out).double()
+    shape = (3, positions, width_in) if positions else (3, width_in)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    g = torch.randn((*shape[:-1], width_out), generator=gen, dtype=torch.float64)
+    got = GradSampleModule.GRAD_SAMPLERS[torch.nn.Linear](layer, [x], g)
+    for b in range(3):
+        layer.zero_grad()
+        (layer(x[b : b + 1]) * g[b : b + 1]).sum().backward()
+        torch.testing.assert_close(got[layer.weight][b], layer.weight.grad, rtol=0, atol=1e-12)
+        torch.testing.assert_close(got[layer.bias][b], layer.bias.grad, rtol=0, atol=1e-12)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     n_samples=st.integers(1, 4),

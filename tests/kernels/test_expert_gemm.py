@@ -20,6 +20,7 @@ LINEAR_CASES = [
     (1, 3, 20, 12, None),  # a single row
     (50, 4, 19, 33, 0),  # non-power-of-two, unaligned widths (grouped_mm does not qualify)
     (0, 3, 8, 4, None),  # no rows at all
+    (37, 5, 8, 48, 2),  # a rank-wide input (LoRA B): dW by grouped_outer's transposed form
 ]
 
 

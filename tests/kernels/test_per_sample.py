@@ -35,6 +35,7 @@ CASES = [
     (1, 3, 2, 20, 12, None),  # one row: sample 1 has no rows at all
     (80, 2, 1, 19, 13, None),  # 40-row segments: several ghost row blocks; odd widths
     (30, 4, 6, 8, 4, 1),  # many small segments, some samples sparse
+    (64, 4, 4, 8, 48, None),  # a rank-wide input (LoRA B): grouped_outer's transposed form
 ]
 
 

@@ -33,7 +33,7 @@ from fedmoe.fl_client.dp import samplers  # noqa: F401  (registers our samplers 
 from fedmoe.fl_client.dp.bookkeeping import BookKeepingClipper
 from fedmoe.fl_client.dp.config import DPConfig
 from fedmoe.fl_client.dp.errors import DPError
-from fedmoe.fl_client.dp.rng import secure_gaussian_like
+from fedmoe.fl_client.dp.rng import secure_gaussian_like_all
 from fedmoe.fl_client.dp.samplers.common import NORM_METHOD_ATTR, NormMethod, ghost_is_cheaper
 from fedmoe.fl_client.dp.samplers.router import ROUTER_IDS_ATTR, stash_router_ids
 from fedmoe.model.deepseek import ExpertLinear, Router, lm_loss
@@ -134,15 +134,18 @@ def plan_norm_methods(model: nn.Module, *, mode: str, seq_len: int) -> dict[str,
 
 
 class _SecureNoiseMixin:
-    """add_noise with `secure_gaussian_like` instead of Opacus' torch.normal: a fresh AES-256-CTR key
-    from os.urandom per tensor, each coordinate Holohan & Braghin's sum of n = 2 ziggurat draws (rng.py).
-    Never touches torch's generators (Opacus' secure mode without torchcsprng would use the global one)."""
+    """add_noise with `secure_gaussian_like_all` instead of Opacus' torch.normal: a fresh AES-256-CTR
+    key from os.urandom per step, each coordinate Holohan & Braghin's sum of n = 2 ziggurat draws
+    (rng.py). Never touches torch's generators (Opacus' secure mode without torchcsprng would use
+    the global one)."""
 
     def add_noise(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            p.grad = secure_gaussian_like(p.summed_grad, std).add_(p.summed_grad).view_as(p)
+        noises = secure_gaussian_like_all([p.summed_grad for p in self.params], std)
+        for p, noise in zip(self.params, noises, strict=True):
+            p.grad = noise.add_(p.summed_grad).view_as(p)
             _mark_as_processed(p.summed_grad)
 
 

@@ -7,10 +7,11 @@ accountant is told.
 
 secure_mode noise (`secure_gaussian_like`):
     randomness  AES-256-CTR keystream under a fresh 256-bit key from `os.urandom` for every
+                call: one step's noise for all its tensors (`secure_gaussian_like_all`), or one
                 tensor (a stream cipher keyed from the OS CSPRNG is a CSPRNG; AES-NI makes it
-                ~GB/s). Nothing is kept between calls, so two steps, two tensors, two processes
-                (forked or not) never share a key; torch's and numpy's generators, predictable
-                from their outputs, are never used.
+                ~GB/s). Nothing is kept between calls, so two steps, two processes (forked or
+                not) never share a key; torch's and numpy's generators, predictable from their
+                outputs, are never used.
     transform   each N(0, 1) term by the ziggurat method (Marsaglia & Tsang 2000, 256 layers; the
                 layout of numpy's `standard_normal`) from one 64-bit word: 8 bits pick the layer,
                 one the sign, the top 53 the uniform; ~98.5 % of words are accepted at once, the
@@ -237,6 +238,30 @@ def secure_gaussian_like(reference: torch.Tensor, std: float) -> torch.Tensor:
     if pending:
         _finish(stream, pending, out_np, scale)
     return out.view(reference.shape).to(device=reference.device, dtype=reference.dtype)
+
+
+def secure_gaussian_like_all(references: list[torch.Tensor], std: float) -> list[torch.Tensor]:
+    """`secure_gaussian_like` for several tensors from ONE fresh CSPRNG key: one stream, cut in turn.
+
+    The noise of one DP step: a key per step instead of per tensor saves the per-tensor set-up
+    (~2.5 ms of 7 for FFA-LoRA's 18 tensors) and keeps every property above (the coordinates are
+    consecutive draws of one keystream, so independent; nothing is kept after the call).
+
+    Args:
+        references: the tensors whose shapes, dtypes and devices the noises take (any mix).
+        std: the standard deviation; 0 gives zeros.
+
+    Returns:
+        One noise tensor per reference, in order.
+    """
+    wide = any(r.dtype == torch.float64 for r in references)
+    flat = torch.empty(sum(r.numel() for r in references), dtype=torch.float64 if wide else torch.float32)
+    noise, out, start = secure_gaussian_like(flat, std), [], 0
+    for ref in references:
+        part = noise[start : start + ref.numel()].view(ref.shape)
+        out.append(part.to(device=ref.device, dtype=ref.dtype))  # a view of the one draw where it can
+        start += ref.numel()
+    return out
 
 
 @dataclass(frozen=True)
