@@ -11,6 +11,9 @@ Prints ONE JSON line. For each train mode ("lora": FFA-LoRA on attention + exper
     mixed-secure  mixed with secure_mode: noise from the OS CSPRNG (the default of every deployment);
                 `secure_cost_ratio` = mixed-secure / mixed, measured in the same run
 one logical batch = one physical batch of --batch samples of --seq-len tokens, AdamW, noise on.
+Allocator: as a bank's training loops do (fedmoe.fl_client.memory.reused_memory), freed blocks
+are reused instead of faulted in afresh every step, for every variant alike; `--default-malloc`
+measures glibc's default (`"malloc"` in the JSON says which ran).
 
 Timing: all variants of a mode live in one process and run round-robin (--reps rounds after a
 warm-up), so a busy machine slows them alike; `*_ms` is the fastest round, `*_median_ms` the
@@ -39,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedmoe.fl_client.dp import DPConfig, make_private  # noqa: E402
+from fedmoe.fl_client.memory import keep_freed_memory  # noqa: E402
 from fedmoe.model.deepseek import DeepseekForCausalLM, lm_loss, preset  # noqa: E402
 from fedmoe.model.lora import LoraConfig, configure_trainable  # noqa: E402
 from fedmoe.model.trainable import TrainableView  # noqa: E402
@@ -112,6 +116,7 @@ def peak_rss_worker(args: argparse.Namespace) -> None:
 def peak_rss(mode: str, variant: str, args: argparse.Namespace) -> float:
     cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--variant", variant]
     cmd += ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
+    cmd += ["--default-malloc"] if args.default_malloc else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     return round(json.loads(out)["peak_rss_mb"], 1)
 
@@ -155,11 +160,13 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared box)")
     p.add_argument("--no-rss", action="store_true", help="skip the per-variant peak-RSS subprocesses")
+    p.add_argument("--default-malloc", action="store_true", help="glibc's default allocator settings (no reuse)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    reused = not args.default_malloc and keep_freed_memory()
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     if args.worker:
         peak_rss_worker(args)
@@ -174,6 +181,7 @@ def main() -> None:
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
+        "malloc": "reused" if reused else "default",
     }
     rss = {m: {v: peak_rss(m, v, args) for v in VARIANTS} for m in MODES} if not args.no_rss else {}
     for mode in MODES:

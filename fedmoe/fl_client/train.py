@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedmoe.fl_client.memory import reused_memory
 from fedmoe.model.deepseek import DeepseekForCausalLM, lm_loss
 from fedmoe.model.trainable import TrainableView
 
@@ -150,24 +151,25 @@ def train_local(
     start = time.perf_counter()
     order = torch.randperm(n, generator=gen)
     cursor = 0
-    for step in range(cfg.steps):
-        if cursor + cfg.batch_size > n:
-            order, cursor = torch.randperm(n, generator=gen), 0
-        idx = order[cursor : cursor + cfg.batch_size]
-        cursor += cfg.batch_size
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        loss = lm_loss(model(inputs[idx]), targets[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        if cfg.balance_routing:
-            model.update_routing_bias()
-        result.losses.append(loss.item())
-        result.tokens += int((targets[idx] != -100).sum())
-        if on_step is not None:
-            on_step(step, result.losses[-1])
+    with reused_memory():  # no fresh pages per step (fl_client/memory.py)
+        for step in range(cfg.steps):
+            if cursor + cfg.batch_size > n:
+                order, cursor = torch.randperm(n, generator=gen), 0
+            idx = order[cursor : cursor + cfg.batch_size]
+            cursor += cfg.batch_size
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            loss = lm_loss(model(inputs[idx]), targets[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            if cfg.balance_routing:
+                model.update_routing_bias()
+            result.losses.append(loss.item())
+            result.tokens += int((targets[idx] != -100).sum())
+            if on_step is not None:
+                on_step(step, result.losses[-1])
     result.seconds = time.perf_counter() - start
     logger.info("trained %d steps in %.1fs (%.0f tok/s)", cfg.steps, result.seconds, result.tokens / result.seconds)
     return result

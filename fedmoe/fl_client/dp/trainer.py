@@ -34,6 +34,7 @@ from fedmoe.fl_client.dp.config import DPConfig
 from fedmoe.fl_client.dp.engine import make_private
 from fedmoe.fl_client.dp.errors import DPError
 from fedmoe.fl_client.dp.rng import PoissonBatchSampler
+from fedmoe.fl_client.memory import reused_memory
 from fedmoe.model.deepseek import Router
 
 logger = logging.getLogger(__name__)
@@ -310,7 +311,7 @@ def run_dp_steps(
     loss_sum, loss_count, empty = 0.0, 0, 0
     started = time.perf_counter()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), reused_memory():  # no fresh pages per step (fl_client/memory.py)
             # Frozen embeddings: the first hooked layer's inputs need no grad; expected, harmless.
             warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
             with BatchMemoryManager(
