@@ -15,6 +15,8 @@ Entries:
 Timing: entries take turns within each rep (after 2 warm-up reps), median per entry; `ratios`:
 dense_ceiling_over_grouped_mm (the share of the dense ceiling the grouped layer reaches) and
 dp_grouped_mm_over_dp_sorted_loop (< 1: the DP grouped path is the faster).
+Allocator: as a bank's training does (fedmoe.fl_client.memory.reused_memory), freed blocks are reused
+instead of faulted in afresh every rep, for every entry alike; `--default-malloc` keeps glibc's default.
 TFLOP/s counts the expert GEMMs only, forward + backward (3 x 2 N (2FD + FD)), for every entry
 (DP entries do extra norm work on top, so theirs is an effective rate).
 
@@ -38,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a fresh clone runs it without installing
 
+from fedmoe.fl_client.memory import keep_freed_memory  # noqa: E402
 from fedmoe.kernels import (  # noqa: E402
     RoutingSpec,
     align_by_expert,
@@ -71,8 +74,9 @@ def mask_loop_experts(x_TD, ids_TK, weights_TK, gate_up_E2FD, down_EDF):
 
 
 def combine(y_rows_ND, weights_TK):
+    """The model's combine (fedmoe.model.deepseek.MoE): a batched [1, K] @ [K, D] per token."""
     T, K = weights_TK.shape
-    return (y_rows_ND.view(T, K, -1) * weights_TK[..., None].to(y_rows_ND.dtype)).sum(dim=1)
+    return torch.bmm(weights_TK.view(T, 1, K).to(y_rows_ND.dtype), y_rows_ND.view(T, K, -1)).view(T, -1)
 
 
 def make_layer(args, device, dtype):
@@ -170,7 +174,9 @@ def main() -> None:
         parser.add_argument(flag, type=int, default=default)
     parser.add_argument("--reps", type=int, default=20 if on_gpu else 5)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--default-malloc", action="store_true", help="glibc's default allocator settings (no reuse)")
     args = parser.parse_args()
+    reused = not args.default_malloc and keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -225,6 +231,7 @@ def main() -> None:
                 if on_gpu
                 else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
                 "dtype": str(dtype).removeprefix("torch."),
+                "malloc": "reused" if reused else "default",
                 "shape": {
                     "T": args.tokens,
                     "d": args.dim,

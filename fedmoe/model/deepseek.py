@@ -1055,8 +1055,10 @@ class MoE(nn.Module):
         # One row per (token, slot): S = T*K rows per sample, batch dimension kept.
         rows_BSD = x_BTD.unsqueeze(2).expand(B, T, K, D).reshape(B, T * K, D)
         y_BSD = self.experts(rows_BSD, ids_BTK.reshape(B, T * K))
-        # Combine outside the expert bank: weighted sum over the K slots.
-        y_BTD = (y_BSD.view(B, T, K, D) * weights_BTK.unsqueeze(-1).to(y_BSD.dtype)).sum(dim=2)
+        # Combine outside the expert bank: weighted sum over the K slots, as one batched [1, K] @ [K, D]
+        # (forward + backward ~1.5x faster on CPU than multiply-then-sum, which builds a [B, T, K, D] temporary).
+        w_N1K = weights_BTK.reshape(B * T, 1, K).to(y_BSD.dtype)
+        y_BTD = torch.bmm(w_N1K, y_BSD.reshape(B * T, K, D)).view(B, T, D)
         if self.shared_experts is not None:
             shared_BTD = self.shared_experts(x_BTD)
             if self.shared_expert_gate is not None:
