@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ from torch.utils.data import Sampler
 
 _KEY_BYTES = 32  # AES-256
 _CHUNK = 1 << 16  # coordinates per chunk: 2 terms x 8 bytes x 64K = 1 MiB of keystream
-_TERMS = 2  # Holohan & Braghin's n = 2 (no 2n: ziggurat draws share no uniforms)
+_TERMS = 2  # Holohan & Braghin's n = 2 (no 2n: ziggurat draws share no uniforms); the code assumes 2
 
 
 class CipherStream:
@@ -221,22 +221,15 @@ def secure_gaussian_like(reference: torch.Tensor, std: float) -> torch.Tensor:
         return torch.zeros_like(reference)
     out = torch.empty(n, dtype=reference.dtype if reference.dtype in (torch.float32, torch.float64) else torch.float32)
     out_np, scale, stream, chunk = out.numpy(), std / math.sqrt(_TERMS), CipherStream(), min(_CHUNK, n)
-    zig, table, acc = _Ziggurat(_TERMS * chunk), torch.from_numpy(_W * scale), np.empty(chunk)
-    pending: list[_Pending] = []
+    zig, table, slow_words = _Ziggurat(_TERMS * chunk), torch.from_numpy(_W * scale), _SlowWords()
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
         x, slow = zig.fast(stream, _TERMS * m, table)
         terms = x.reshape(_TERMS, m)
         if slow.size:
-            pending.append(_Pending.of(zig, slow, terms, start))
-        total = acc[:m]
-        np.add(terms[0], terms[1], out=out_np[start : start + m] if _TERMS == 2 else total)
-        if _TERMS > 2:
-            for term in terms[2:-1]:
-                total += term
-            np.add(total, terms[-1], out=out_np[start : start + m])  # float64 sum, one rounding
-    if pending:
-        _finish(stream, pending, out_np, scale)
+            slow_words.add(zig, slow, terms, start)
+        np.add(terms[0], terms[1], out=out_np[start : start + m])  # float64 sum, one rounding
+    slow_words.finish(stream, out_np, scale)
     return out.view(reference.shape).to(device=reference.device, dtype=reference.dtype)
 
 
@@ -264,37 +257,49 @@ def secure_gaussian_like_all(references: list[torch.Tensor], std: float) -> list
     return out
 
 
-@dataclass(frozen=True)
-class _Pending:
-    """The coordinates of one chunk with a term on the slow path: all their terms, to sum again."""
+@dataclass
+class _SlowWords:
+    """The words of every chunk that left the fast path, finished in one batch at the end.
 
-    coord: np.ndarray  # [k] coordinates (global), unique
-    terms: np.ndarray  # [T, k] their terms, slow ones still placeholders
-    slot: tuple[np.ndarray, np.ndarray]  # (term, column in `terms`) of each slow word
-    x: np.ndarray  # u X[layer] of each slow word, with its sign
-    index: np.ndarray  # its low 9 bits
+    A chunk's words are laid out term-major (word j < m is term 0 of coordinate j, word m + j its
+    term 1) and its slow positions come ascending, so row-0 words come first. Each slow word keeps
+    its coordinate and the other term of that coordinate; a coordinate whose two terms are both
+    slow is also kept as a pair, since there the "other" term is a placeholder.
+    """
 
-    @classmethod
-    def of(cls, zig: _Ziggurat, slow: np.ndarray, terms: np.ndarray, start: int) -> _Pending:
+    coord: list[np.ndarray] = field(default_factory=list)  # global coordinate of each slow word
+    other: list[np.ndarray] = field(default_factory=list)  # the other term of that coordinate
+    x: list[np.ndarray] = field(default_factory=list)  # u X[layer] of each slow word, with its sign
+    index: list[np.ndarray] = field(default_factory=list)  # its low 9 bits
+    pairs: list[np.ndarray] = field(default_factory=list)  # [2, p] positions of both-slow coordinates
+    count: int = 0
+
+    def add(self, zig: _Ziggurat, slow: np.ndarray, terms: np.ndarray, start: int) -> None:
         m = terms.shape[1]
-        # np.unique(slow % m, return_inverse=True) without its sort: a mark per coordinate, then
-        # each slow word's rank among the marked coordinates (~15 % of the noise time otherwise).
-        mark = np.zeros(m, dtype=bool)
-        mark[slow % m] = True
-        coord = np.flatnonzero(mark)
-        column = np.searchsorted(coord, slow % m)
-        return cls(start + coord, terms[:, coord], (slow // m, column), *zig.slow_inputs(slow))
+        n0 = int(np.searchsorted(slow, m))
+        c0, c1 = slow[:n0], slow[n0:] - m
+        self.coord += [start + c0, start + c1]
+        self.other += [terms[1, c0], terms[0, c1]]
+        x, index = zig.slow_inputs(slow)
+        self.x.append(x)
+        self.index.append(index)
+        if n0 and c1.size:  # both terms slow: c1 also in c0 (both ascending)
+            at = np.minimum(np.searchsorted(c0, c1), n0 - 1)
+            both = c0[at] == c1
+            if both.any():
+                self.pairs.append(np.stack([self.count + at[both], self.count + n0 + np.flatnonzero(both)]))
+        self.count += slow.size
 
-
-def _finish(stream: CipherStream, pending: list[_Pending], out_np: np.ndarray, scale: float) -> None:
-    """Slow-path words of every chunk in one batch; their coordinates summed again and written."""
-    z = scale * _slow_path(stream, np.concatenate([p.x for p in pending]), np.concatenate([p.index for p in pending]))
-    used = 0
-    for p in pending:
-        k = p.x.size
-        p.terms[p.slot] = z[used : used + k]
-        used += k
-        out_np[p.coord] = p.terms.sum(axis=0)  # float64 sum, one rounding
+    def finish(self, stream: CipherStream, out_np: np.ndarray, scale: float) -> None:
+        """Draws the slow words' values and writes their coordinates: z + other, or z0 + z1."""
+        if not self.count:
+            return
+        z = scale * _slow_path(stream, np.concatenate(self.x), np.concatenate(self.index))
+        coord = np.concatenate(self.coord)
+        out_np[coord] = z + np.concatenate(self.other)  # float64 sum, one rounding
+        if self.pairs:
+            first, second = np.concatenate(self.pairs, axis=1)
+            out_np[coord[first]] = z[first] + z[second]
 
 
 # ---------------------------------------------------------------------------------------------
