@@ -69,7 +69,8 @@ UNAUTHORIZED_HELP = (
     "the SuperLink answered 401 Unauthorized: it refused this SuperNode's signed requests. Either this "
     "host's clock differs from the SuperLink's (compare `date -u` on both; Flower accepts only a small "
     "window) or this SuperNode's public key (secrets/node.pub) is not registered with the SuperLink "
-    "(the operator runs `fedmoe provision register`)."
+    "(the operator registers it: `docker-compose run --rm register` in the server kit, or "
+    "`fedmoe provision register`)."
 )
 
 
