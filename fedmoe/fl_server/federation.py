@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 
 from fedmoe.crypto import ExpectedHeader, aggregate, load_public_context
 from fedmoe.crypto.keys import PUBLIC_FILE
+from fedmoe.crypto.secagg.params import BANK_FLOOR
 from fedmoe.fl_server.accountability import Accountability
 from fedmoe.fl_server.layout import trainable_layout
 from fedmoe.fl_server.outcomes import MIRROR_STATUS, BankOutcome, Outcome, Reporter
@@ -91,12 +92,13 @@ class Federation:
 
     # ---- messaging ------------------------------------------------------------------------------
     def wait_for_banks(self) -> list[int]:
-        """The connected nodes once min-banks are, and once the job's known banks are back (a restarted
-        SuperNode), or `rejoin-grace` has passed for those still away: then the round starts without
-        them, and their grace is spent until they return (so a bank gone for good delays one round)."""
-        deadline = time.monotonic() + self.job.round_timeout
+        """The connected nodes once the banks a round needs are (`banks_needed`), and once the job's
+        known banks are back (a restarted SuperNode), or `rejoin-grace` has passed for those still
+        away: then the round starts without them, and their grace is spent until they return (so a
+        bank gone for good delays one round)."""
+        deadline, need = time.monotonic() + self.job.round_timeout, self.banks_needed()[0]
         nodes = list(self.grid.get_node_ids())
-        while len(nodes) < self.job.min_banks and time.monotonic() < deadline:
+        while len(nodes) < need and time.monotonic() < deadline:
             time.sleep(1.0)
             nodes = list(self.grid.get_node_ids())
         away = self.known_banks_away(nodes)
@@ -441,15 +443,26 @@ class Federation:
             self.close(behind, self.state.completed_round)
             self.save()
 
+    def banks_needed(self) -> tuple[int, str]:
+        """(banks a round needs, why more than min-banks): under secure aggregation every bank refuses
+        a round of fewer than BANK_FLOOR, so starting one would only cost the banks a refusal."""
+        if self.job.aggregation == "secagg" and self.job.min_banks < BANK_FLOOR:
+            return BANK_FLOOR, f"; secure aggregation needs {BANK_FLOOR} (every bank refuses fewer)"
+        return self.job.min_banks, ""
+
     def stop_reason(self, nodes: list[int], round_idx: int) -> tuple[str, bool] | None:
         """(why the job cannot run this round, whether a later resubmission can resume it)."""
-        if len(nodes) < self.job.min_banks:
-            return f"only {len(nodes)} bank(s) connected before round {round_idx}, min-banks {self.job.min_banks}", True
+        need, floor = self.banks_needed()
+        if len(nodes) < need:
+            return (
+                f"only {len(nodes)} bank(s) connected before round {round_idx}, min-banks {self.job.min_banks}{floor}",
+                True,
+            )
         selectable = [n for n in nodes if self.node_bank.get(n) not in {**self.state.exhausted, **self.state.excluded}]
-        if len(selectable) < self.job.min_banks:
+        if len(selectable) < need:
             return (
                 f"job ended before round {round_idx}: {len(selectable)} bank(s) with privacy budget left, "
-                f"min-banks {self.job.min_banks} (exhausted: {', '.join(sorted(self.state.exhausted))})"
+                f"min-banks {self.job.min_banks}{floor} (exhausted: {', '.join(sorted(self.state.exhausted))})"
             ), False
         return None
 
