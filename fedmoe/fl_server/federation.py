@@ -36,6 +36,11 @@ logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.1  # between pulls for replies while an exchange is open (10 cheap reads a second)
 MAX_PULL_FAILURES = 50  # consecutive failed pulls (a SuperLink busy with many banks) before giving up
+# A SuperNode that died after it took its message never answers, and the SuperLink makes no error
+# reply for a message already delivered: the wait would last the whole round-timeout. While replies
+# are awaited the server asks which nodes are online; one missing this long is not waited for.
+OFFLINE_CHECK_SECONDS = 5.0
+OFFLINE_AFTER_SECONDS = 15.0  # Flower drops a node 2 heartbeats (fedmoe-supernode: 10 s each) after its last
 
 
 @dataclass
@@ -58,6 +63,7 @@ class Federation:
         self.layout_hash, self.n_elements = trainable_layout(self.job)
         self.node_bank: dict[int, str] = {int(k): v for k, v in self.state.node_bank.items()}
         self.connected: set[int] = set()  # the nodes connected when the current exchange started
+        self.offline: dict[int, str] = {}  # nodes of the last exchange not waited for: why
         # The next secure-aggregation round's keys, advertised (and shared) during the last round or
         # this job's identify: a fedmoe.fl_server.secagg_round.Ahead. In memory only: after a restart the
         # round advertises and shares its keys in exchanges of its own.
@@ -181,7 +187,12 @@ class Federation:
         timeout passes (Flower's send_and_receive sleeps 3 s between pulls: most of a short stage)."""
         waiting, replies = set(node_of), []
         started, failures = time.monotonic(), 0
+        checked, missing_since = started, {}
+        self.offline = {}
         while waiting and time.monotonic() - started < self.job.round_timeout:
+            if time.monotonic() - checked >= OFFLINE_CHECK_SECONDS:
+                checked = time.monotonic()
+                self.stop_waiting_for_offline(waiting, node_of, missing_since, started, what)
             try:
                 pulled = list(self.grid.pull_messages(waiting))
                 failures = 0
@@ -203,6 +214,35 @@ class Federation:
             if waiting:
                 time.sleep(POLL_SECONDS)
         return replies
+
+    def stop_waiting_for_offline(
+        self, waiting: set[str], node_of: dict[str, int], missing_since: dict[str, float], started: float, what: str
+    ) -> None:
+        """Drops from `waiting` the messages whose node the SuperLink has listed offline for
+        OFFLINE_AFTER_SECONDS, and says why in `self.offline`."""
+        try:
+            online = set(self.grid.get_node_ids())
+        except Exception as err:  # noqa: BLE001 - a busy SuperLink: ask again at the next check
+            logger.warning("%s: listing the online nodes failed (%s)", what, err)
+            return
+        now = time.monotonic()
+        for message in sorted(waiting):
+            node = node_of[message]
+            if node in online:
+                missing_since.pop(message, None)
+                continue
+            since = missing_since.setdefault(message, now)
+            if now - since >= OFFLINE_AFTER_SECONDS:
+                waiting.discard(message)
+                self.offline[node] = (
+                    f"went offline (no heartbeat at the SuperLink since ~{since - started:.0f} s into the exchange); "
+                    f"not waited for after {now - started:.0f} s of round-timeout {self.job.round_timeout:g} s"
+                )
+                self.reporter.note(f"{what}: {self.label(node)} went offline; not waiting for its reply")
+
+    def silence(self, node: int) -> str:
+        """Why a node of the last exchange gave no reply."""
+        return self.offline.get(node, f"nothing within round-timeout {self.job.round_timeout:g} s")
 
     # ---- one round: select -> send -> collect -> aggregate -> record ----------------------------
     def select(self, nodes: list[int]) -> tuple[list[int], list[BankOutcome]]:
@@ -288,10 +328,7 @@ class Federation:
         replies, silent = self.send(selected, round_idx, MessageType.TRAIN)
         record.seconds["round-trip"] = time.perf_counter() - started
         outcomes += [self.read_train_reply(node, reply, round_idx) for node, reply in replies]
-        outcomes += [
-            BankOutcome(self.label(n), Outcome.NO_REPLY, f"nothing within round-timeout {self.job.round_timeout:g} s")
-            for n in silent
-        ]
+        outcomes += [BankOutcome(self.label(n), Outcome.NO_REPLY, self.silence(n)) for n in silent]
         self.check_start(outcomes)
         self.quarantine_rejected(outcomes, record)
         bundle = self.aggregate(round_idx, outcomes, record)

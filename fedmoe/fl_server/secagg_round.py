@@ -320,7 +320,7 @@ class SecAggRound:
             for node, reply in pairs:
                 self.bind_signed(node, reply)
             for node in silent:
-                self.fail(f"node-{node}", Outcome.NO_REPLY, self.silence(SecAggStage.IDENTIFY))
+                self.fail(f"node-{node}", Outcome.NO_REPLY, self.silence(SecAggStage.IDENTIFY, node))
             if guess is not None:  # the banks' round keys are now the guess's: an older set ahead is stale
                 complete = set(self.ahead) == set(guess.participants)
                 self.fed.secagg_ahead = Ahead(guess, advertisements=dict(self.ahead)) if complete else None
@@ -380,7 +380,7 @@ class SecAggRound:
                 self.bytes_received += len(payload)
                 out[bank_of[node]] = payload
         for node in silent:
-            self.fail(bank_of[node], Outcome.NO_REPLY, self.silence(stage))
+            self.fail(bank_of[node], Outcome.NO_REPLY, self.silence(stage, node))
         if stage is SecAggStage.MASKED_INPUT:  # every bank must start from the model most banks report
             self.fed.check_start(list(self.trained.values()))
             out = {b: p for b, p in out.items() if self.trained[b].status is Outcome.CONTRIBUTED}
@@ -430,7 +430,10 @@ class SecAggRound:
     def fail(self, who: str, status: Outcome, reason: str) -> None:
         self.failed.setdefault(who, BankOutcome(who, status, reason))
 
-    def silence(self, stage: SecAggStage) -> str:
+    def silence(self, stage: SecAggStage, node: int) -> str:
+        offline = self.fed.offline.get(node)
+        if offline is not None:
+            return f"nothing at stage {stage}: {offline}"
         return f"nothing at stage {stage} within round-timeout {self.fed.job.round_timeout:g} s"
 
     # ---- outcomes ---------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from fedmoe.crypto.secagg.bfv import SECRET_FILE as BFV_SECRET_FILE
 from fedmoe.crypto.secagg.bfv_secret import load_bfv_secret
 from fedmoe.crypto.secagg.messages import RoundSetup, SecureAggregate
 from fedmoe.fl_client.state import load_tensors
+from fedmoe.fl_server import federation as federation_module
 from fedmoe.fl_server.ceremony import loopback_ceremony
 from fedmoe.fl_server.console import SilentReporter
 from fedmoe.fl_server.federation import Federation
@@ -211,6 +213,39 @@ def test_banks_dropping_before_and_after_their_masked_input_are_survived(tmp_pat
     assert_mean_of_kept_deltas(tmp_path, 2, ["bank-0", "bank-1", "bank-2", "bank-3"])
     # bank-3 caught up with round 1 before training round 2; everyone ends on round 2's model
     assert all(bank_state(tmp_path, f"bank-{i}")["applied_round"] == 2 for i in range(4))
+
+
+class VanishingGrid(DroppingGrid):
+    """A dropped bank's node also leaves the SuperLink's online list: a SuperNode that died after
+    it took its message (the SuperLink then makes no error reply; only the heartbeat stops)."""
+
+    def __init__(self, node_configs, run_config, drops) -> None:
+        super().__init__(node_configs, run_config, drops)
+        self.gone: set[int] = set()
+
+    def silent(self, msg) -> bool:
+        if super().silent(msg):
+            self.gone.add(msg.metadata.dst_node_id)
+            return True
+        return False
+
+    def get_node_ids(self):
+        return [n for n in super().get_node_ids() if n not in self.gone]
+
+
+def test_a_bank_gone_offline_is_not_waited_for_until_the_round_timeout(tmp_path, keys, monkeypatch):
+    """Issue 27's leftover: a crash after "ready" cost the whole round-timeout (619 s in a compose
+    test). A node the SuperLink lists offline is waited for OFFLINE_AFTER_SECONDS, then named."""
+    monkeypatch.setattr(federation_module, "OFFLINE_CHECK_SECONDS", 0.2)
+    monkeypatch.setattr(federation_module, "OFFLINE_AFTER_SECONDS", 1.0)
+    config = run_config(tmp_path, **{"num-rounds": 1, "round-timeout": 120.0, "rejoin-grace": 0})
+    grid = VanishingGrid(banks(4), config, {(1, 103): SecAggStage.MASKED_INPUT})
+    started = time.monotonic()
+    [r1] = run_job(tmp_path, grid, config).rounds
+    assert time.monotonic() - started < 90, "waited for the offline bank until the round-timeout"
+    assert r1.aggregated and r1.participants == ["bank-0", "bank-1", "bank-2"]
+    assert r1.outcomes["bank-3"] == "crashed after ready"
+    assert "nothing at stage masked_input: went offline (no heartbeat at the SuperLink" in r1.left_out["bank-3"]
 
 
 def test_fewer_survivors_than_the_threshold_abort_the_round_and_nothing_is_applied(tmp_path, keys):
