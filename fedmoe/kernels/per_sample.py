@@ -445,7 +445,8 @@ def expert_grad_sample(
 
     Args:
         x_NI, grad_NO, expert_ids_N, sample_ids_N, n_samples, n_experts, alignment, backend:
-            as in `expert_grad_norm2`.
+            as in `expert_grad_norm2` (grouped_mm sorts the rows by (sample, expert) itself and
+            does not use `alignment`).
 
     Returns:
         grad_sample [B, E, O, I] in x's dtype; grad_sample[b, e] = sum_{n in (b, e)} g_n x_n^T,
