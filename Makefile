@@ -131,6 +131,7 @@ experiment: $(STAMP)
 # function. A fresh run each time (mutants/ removed); report and summary in $(RUNS)/mutation/.
 MUTATION_SCOPE := \
 	'fedmoe.fl_client.dp.engine.xǁ_SecureNoiseMixinǁ*' 'fedmoe.fl_client.dp.rng.xǁPoissonBatchSamplerǁ*' \
+	'fedmoe.fl_client.dp.rng.x_secure_gaussian_like_all__*' 'fedmoe.fl_client.dp.rng.xǁ_SlowWordsǁ*' \
 	'fedmoe.fl_client.dp.accountant.x__merged__*' 'fedmoe.fl_client.dp.accountant.x_sample_rate_for__*' \
 	'fedmoe.fl_client.dp.accountant.x_check_budget__*' \
 	'fedmoe.protocol.accounting.x__merged__*' 'fedmoe.protocol.accounting.x__dp_event__*' \
