@@ -1,6 +1,7 @@
 """CLI: verify privacy ledgers, write a self-contained report, sign it off.
 
-    python -m fedmoe.audit [--out DIR] (--pins FILE | --no-pins) [--policy BANK=FILE] [--empirical ...] LEDGER...
+    python -m fedmoe.audit [--out DIR] (--pins FILE | --no-pins) [--policy BANK=FILE | --policy-dir DIR]
+        [--empirical ...] LEDGER...
     python -m fedmoe.audit --sign-off NAME [--officer-key PATH] [--sign-off-failed] --out DIR LEDGER...
     python -m fedmoe.audit --verify-sign-off DIR [--officer-public-key HEX] [LEDGER...]
 
@@ -84,6 +85,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="BANK=FILE",
         help="a bank's policy file (repeat per bank): every entry of that bank must carry its hash and comply with it",
     )
+    parser.add_argument(
+        "--policy-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="every DIR/<bank>.toml is that bank's policy (the officer bundles' policy/ folder, untarred together); "
+        "--policy wins for a bank named in both",
+    )
     _add_sign_off_args(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     args = parser.parse_args(argv)
@@ -100,8 +109,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [p for p in args.policy if "=" not in p or not p.split("=", 1)[0] or not p.split("=", 1)[1]]
     if bad:
         parser.error(f"--policy expected BANK=FILE, got {bad[0]!r}")
-    args.policies = dict(p.split("=", 1) for p in args.policy)
+    args.policies = {**policies_in(args.policy_dir, parser), **dict(p.split("=", 1) for p in args.policy)}
     return args
+
+
+def policies_in(folder: Path | None, parser: argparse.ArgumentParser) -> dict[str, str]:
+    """{bank: path} of every <bank>.toml in `folder` (an officer bundle's policy/ folder); {} without one."""
+    if folder is None:
+        return {}
+    if not folder.is_dir():
+        parser.error(f"--policy-dir {folder}: not a folder")
+    found = {path.stem: str(path) for path in sorted(folder.glob("*.toml"))}
+    if not found:
+        parser.error(f"--policy-dir {folder}: no <bank>.toml in it")
+    return found
 
 
 def merged_pins(files: list[Path]) -> ConsortiumPins | None:

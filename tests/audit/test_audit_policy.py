@@ -151,3 +151,24 @@ def test_a_round_over_budget_only_under_replace_one_fails_the_audit(tmp_path, id
     found = [f for f in result.errors if f.check == "budget"]
     assert found and "replace-one" in found[0].message, [str(f) for f in result.errors]
     assert not [f for f in result.errors if f.check == "epsilon"]  # the recorded values are the true ones
+
+
+def test_the_cli_reads_every_banks_policy_from_the_bundles_policy_folder(tmp_path, identity, policy_file):
+    """The officer untars every bank's bundle into one folder: policy/<bank>.toml is each bank's
+    policy, no `--policy` per bank by hand (issue 31's leftover). An explicit --policy still wins."""
+    _, pins = identity
+    policy_hash = BankPolicy.from_file(policy_file).content_hash()
+    bundles = tmp_path / "audit-in" / "policy"
+    bundles.mkdir(parents=True)
+    (bundles / "bank-0.toml").write_bytes(policy_file.read_bytes())
+    out = ["--pins", str(pins), "--out", str(tmp_path / "out")]
+    good = plant(tmp_path / "good.jsonl", identity, policy_hash=policy_hash)
+    bad = plant(tmp_path / "bad.jsonl", identity, clip=100.0, policy_hash=policy_hash)
+    assert main([*out, str(bad)]) == 0  # without a policy nothing is wrong with it
+    assert main(["--policy-dir", str(bundles), *out, str(bad)]) == 1  # clip 100 against the policy's 10
+    assert main(["--policy-dir", str(bundles), *out, str(good)]) == 0
+    other = tmp_path / "other.toml"
+    other.write_text(POLICY.replace("3.0", "30.0"), encoding="utf-8")
+    assert main(["--policy-dir", str(bundles), "--policy", f"bank-0={other}", *out, str(good)]) == 1  # its hash
+    with pytest.raises(SystemExit):
+        main(["--policy-dir", str(tmp_path / "none"), *out, str(good)])
